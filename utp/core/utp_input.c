@@ -1,0 +1,218 @@
+/*
+ * utp_input.c -- the receive side: per-packet processing for a known
+ * connection, the reorder buffer, in-order delivery, FIN and the SACK bitmap.
+ */
+#include "utp_internal.h"
+
+void utp_in_free_all(utp_socket *s)
+{
+	uint32 i;
+	if (s->inbuf.slots)
+		for (i = 0; i <= s->inbuf.mask; i++)
+			free(s->inbuf.slots[i]);
+	utp_ring_free(&s->inbuf);
+	s->reorder_count = 0;
+	s->reorder_bytes = 0;
+}
+
+/* Advertised window: what the application and the reorder buffer leave free
+ * of the receive buffer (GET_READ_BUFFER_SIZE reports what the application
+ * still holds), so a slow reader slows the sender. */
+uint32 utp_in_window(utp_socket *s)
+{
+	uint64 used = utp_cb(s->ctx, UTP_GET_READ_BUFFER_SIZE, s, NULL, 0) + s->reorder_bytes;
+	return used >= s->rcvbuf ? 0 : (uint32)(s->rcvbuf - used);
+}
+
+uint32 utp_in_build_sack(utp_socket *s, byte *out)
+{
+	uint32 bits, bytes, k;
+	if (s->reorder_count == 0)
+		return 0;
+	bits = (uint32)seq_dist((uint16)(s->ack_nr + 2), s->reorder_top) + 1;
+	bytes = ((bits + 31) / 32) * 4;
+	if (bytes > UTP_SACK_MAX_BYTES)
+		bytes = UTP_SACK_MAX_BYTES;
+	memset(out, 0, bytes);
+	for (k = 0; k < bytes * 8; k++)
+		if (utp_ring_get(&s->inbuf, (uint16)(s->ack_nr + 2 + k)))
+			out[k / 8] |= (byte)(1u << (k % 8));
+	return bytes;
+}
+
+static void deliver(utp_socket *s, const byte *data, size_t len)
+{
+	s->stats.nbytes_recv += len;
+	if (len == 0 || s->app_closed || s->shut_rd || s->zombie)
+		return;
+	utp_cb(s->ctx, UTP_ON_READ, s, data, len);
+}
+
+static void check_eof(utp_socket *s)
+{
+	if (s->got_fin && s->ack_nr == s->eof_seq && !s->eof_reported && !s->zombie) {
+		s->eof_reported = 1;
+		if (!s->app_closed)
+			utp_state_change(s, UTP_STATE_EOF);
+	}
+}
+
+/* Delivers everything now in order from the reorder buffer. */
+static void drain_reorder(utp_socket *s)
+{
+	while (s->reorder_count > 0 && !s->zombie) {
+		uint16 next = (uint16)(s->ack_nr + 1);
+		utp_inpkt *q = utp_ring_get(&s->inbuf, next);
+		if (q == NULL)
+			break;
+		utp_ring_put(&s->inbuf, next, NULL);
+		s->reorder_count--;
+		s->reorder_bytes -= q->len;
+		s->ack_nr = next;
+		if (!q->is_fin)
+			deliver(s, q->data, q->len);
+		free(q);
+	}
+	if (s->reorder_count == 0)
+		s->reorder_top = s->ack_nr;
+}
+
+static void on_data(utp_socket *s, const utp_packet *pk)
+{
+	utp_context *ctx = s->ctx;
+	uint16 d = seq_dist((uint16)(s->ack_nr + 1), pk->seq_nr);
+	int is_fin = pk->type == ST_FIN;
+	size_t len = is_fin ? 0 : pk->payload_len;
+
+	if (d >= 0x8000) {
+		/* Already received: our ACK was lost, or this is a keepalive probe. */
+		s->stats.nduprecv++;
+		utp_ack_defer(s);
+		return;
+	}
+	if (d >= UTP_REORDER_MAX || (s->got_fin && seq_lt(s->eof_seq, pk->seq_nr)) ||
+	    (is_fin && s->got_fin && s->eof_seq != pk->seq_nr)) {
+		ctx->counters.drop_invalid++;
+		return;
+	}
+	/* Flow control: a peer that ignores our window could make us buffer
+	 * without bound; past the window (plus one packet of slack for probes)
+	 * its data is dropped, and the ACK tells it the window again. */
+	if (len > 0 && utp_in_window(s) + 2 * s->mtu_cur < len) {
+		ctx->counters.drop_invalid++;
+		utp_ack_defer(s);
+		return;
+	}
+	if (is_fin) {
+		s->got_fin = 1;
+		s->eof_seq = pk->seq_nr;
+	}
+	s->bytes_since_ack += (uint32)len;
+
+	if (d == 0) {
+		s->ack_nr = pk->seq_nr;
+		if (!is_fin)
+			deliver(s, pk->payload, len);
+		drain_reorder(s);
+		check_eof(s);
+	} else {
+		utp_inpkt *q;
+		if (utp_ring_get(&s->inbuf, pk->seq_nr) != NULL) {
+			s->stats.nduprecv++;
+			utp_ack_defer(s);
+			return;
+		}
+		if (utp_ring_reserve(&s->inbuf, (uint16)(s->ack_nr + 1), (uint32)d + 1, 2 * UTP_REORDER_MAX) != 0 ||
+		    (q = malloc(sizeof *q + len)) == NULL) {
+			ctx->counters.drop_invalid++;
+			return;
+		}
+		q->len = (uint32)len;
+		q->is_fin = (uint8)is_fin;
+		memcpy(q->data, pk->payload, len);
+		utp_ring_put(&s->inbuf, pk->seq_nr, q);
+		if (s->reorder_count == 0 || seq_lt(s->reorder_top, pk->seq_nr))
+			s->reorder_top = pk->seq_nr;
+		s->reorder_count++;
+		s->reorder_bytes += (uint32)len;
+	}
+	if (s->zombie)
+		return;
+	/* ACK at once after a few full packets; otherwise defer it to
+	 * utp_issue_deferred_acks (one ACK per received batch) or the ACK timer. */
+	if (s->bytes_since_ack >= 4 * utp_out_payload_max(s) || is_fin)
+		utp_out_send_ack(s);
+	else
+		utp_ack_defer(s);
+}
+
+static void on_connected(utp_socket *s, const utp_packet *pk)
+{
+	utp_context *ctx = s->ctx;
+	s->state = UTPKIT_SOCK_CONNECTED;
+	s->ack_nr = (uint16)(pk->seq_nr - 1);
+	s->syn_deadline = 0;
+	if (s->syn_tries == 0)
+		utp_rtt_sample(s, (uint32)(ctx->now - s->syn_sent));  /* Karn: only if sent once */
+	s->want_writable = 0;
+	if (ctx->callbacks[UTP_ON_CONNECT])
+		utp_cb(ctx, UTP_ON_CONNECT, s, NULL, 0);
+	if (!s->zombie)
+		utp_state_change(s, UTP_STATE_CONNECT);
+}
+
+void utp_in_on_packet(utp_socket *s, const utp_packet *pk)
+{
+	utp_context *ctx = s->ctx;
+
+	if (s->zombie || s->state == UTPKIT_SOCK_ERROR || s->state == UTPKIT_SOCK_IDLE) {
+		ctx->counters.drop_invalid++;
+		return;
+	}
+	if (pk->type == ST_RESET) {
+		if (s->state == UTPKIT_SOCK_SYN_SENT) {
+			/* A RESET answering our SYN means nobody accepts here. */
+			if (pk->ack_nr == s->syn_seq)
+				utp_socket_fail(s, UTP_ECONNREFUSED);
+			else
+				ctx->counters.drop_invalid++;
+		} else {
+			utp_socket_fail(s, UTP_ECONNRESET);
+		}
+		return;
+	}
+	if (s->state == UTPKIT_SOCK_SYN_SENT && (pk->ack_nr != s->syn_seq || pk->type == ST_SYN)) {
+		ctx->counters.drop_invalid++;
+		return;
+	}
+
+	s->stats.nrecv++;
+	s->last_recv = ctx->now;
+	s->probes_unanswered = 0;
+	s->consecutive_timeouts = 0;
+	if (pk->ts != 0) {
+		/* One-way delay of the peer's packets (plus clock offset); sent back
+		 * in our timestamp_difference field for the peer's LEDBAT. */
+		s->reply_micro = (uint32)ctx->now - pk->ts;
+		utp_delay_add(&s->their_hist, s->reply_micro, ctx->now);
+	}
+
+	if (s->state == UTPKIT_SOCK_SYN_SENT) {
+		s->peer_wnd = pk->wnd;
+		on_connected(s, pk);
+		if (s->zombie || s->state == UTPKIT_SOCK_ERROR)
+			return;
+	}
+
+	utp_out_on_ack(s, pk);
+	if (s->zombie || s->state == UTPKIT_SOCK_ERROR)
+		return;
+	if (pk->type == ST_DATA || pk->type == ST_FIN)
+		on_data(s, pk);
+	if (s->zombie || s->state == UTPKIT_SOCK_ERROR)
+		return;
+	utp_out_flush(s);
+	utp_out_maybe_writable(s);
+	if (!s->zombie)
+		utp_timer_update(s);
+}

@@ -1,0 +1,352 @@
+/*
+ * utp_internal.h -- structures and module interfaces shared inside the engine.
+ *
+ * Modules (one concern each):
+ *   utp_packet.c   header/extension codec, SACK bitmaps, datagram classifier
+ *   utp_context.c  context, callbacks, options, socket table, timer heap,
+ *                  dispatch of incoming datagrams, RESETs, ICMP
+ *   utp_socket.c   public socket calls and the connection state machine
+ *   utp_output.c   retransmission buffer, packetisation, sending, ACK/SACK
+ *                  processing and loss recovery
+ *   utp_input.c    receive path: reorder buffer, delivery, FIN, SACK building
+ *   utp_ledbat.c   RTT/RTO estimation and LEDBAT congestion control
+ *   utp_mtu.c      packet size, DONTFRAG probing, ICMP fragmentation-needed
+ *
+ * Internal functions return 0 on success or a negative UTP_ERR_* code.
+ */
+#ifndef UTP_INTERNAL_H
+#define UTP_INTERNAL_H
+
+#include "utp.h"
+
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+
+/* ---- wire format (BEP 29) ---------------------------------------------- */
+
+enum { ST_DATA = 0, ST_FIN = 1, ST_STATE = 2, ST_RESET = 3, ST_SYN = 4, ST_NUM_TYPES = 5 };
+
+#define UTP_VERSION 1
+#define UTP_HEADER_SIZE 20
+#define UTP_EXT_NONE 0
+#define UTP_EXT_SACK 1
+
+/* How far ahead of ack_nr we accept data, and how many packets we keep in
+ * flight.  libutp's reorder buffer and our SACK bitmap both cover 1024
+ * packets past the first hole, so sending further would only be dropped. */
+#define UTP_REORDER_MAX 1024
+#define UTP_WINDOW_PACKETS_MAX 1023
+#define UTP_SACK_MAX_BYTES (UTP_REORDER_MAX / 8)
+/* Retransmission buffer entries (in flight plus queued, not yet sent). */
+#define UTP_OUTBUF_MAX 4096
+
+/* Errors of internal functions. */
+enum {
+	UTP_ERR_MALFORMED = -1,  /* peer sent bytes that fail validation */
+	UTP_ERR_NOMEM = -2,      /* allocation failed */
+	UTP_ERR_STATE = -3,      /* call not valid in this state */
+	UTP_ERR_INVALID = -4     /* bad argument from the application */
+};
+
+/* A parsed, validated packet header.  Pointers point into the datagram. */
+typedef struct {
+	uint8 type;
+	uint16 conn_id;
+	uint32 ts;          /* sender's timestamp, microseconds */
+	uint32 ts_diff;     /* sender's last measured delay of our packets */
+	uint32 wnd;         /* sender's advertised receive window, bytes */
+	uint16 seq_nr;
+	uint16 ack_nr;
+	const byte *sack;   /* SACK bitmap or NULL */
+	uint32 sack_len;
+	const byte *payload;
+	size_t payload_len;
+} utp_packet;
+
+/* Parses attacker-controlled bytes.  0, or UTP_ERR_MALFORMED. */
+int utp_packet_parse_untrusted(const byte *buf, size_t len, utp_packet *pk);
+/* Writes a header (and SACK extension when sack_len > 0) into out, which has
+ * room for UTP_HEADER_SIZE + 2 + sack_len bytes.  Returns bytes written. */
+size_t utp_packet_write_header(byte *out, int type, uint16 conn_id, uint32 ts,
+                               uint32 ts_diff, uint32 wnd, uint16 seq_nr,
+                               uint16 ack_nr, const byte *sack, uint32 sack_len);
+int utp_sack_bit(const byte *sack, uint32 sack_len, uint32 bit);
+
+/* Wrap-around sequence arithmetic (16 bits). */
+static inline int seq_lt(uint16 a, uint16 b) { return (int16)(uint16)(a - b) < 0; }
+static inline int seq_le(uint16 a, uint16 b) { return (int16)(uint16)(a - b) <= 0; }
+static inline uint16 seq_dist(uint16 from, uint16 to) { return (uint16)(to - from); }
+
+/* ---- buffers -------------------------------------------------------------- */
+
+/* One packet in the retransmission buffer. */
+typedef struct {
+	uint64 time_sent;      /* microseconds, last transmission */
+	uint32 payload;        /* bytes used */
+	uint32 cap;            /* bytes allocated for payload */
+	uint16 seq_nr;
+	uint16 transmissions;  /* 0: queued, not sent yet */
+	uint8 in_flight;       /* counted in cur_window */
+	uint8 lost;            /* marked lost, waiting for retransmission */
+	uint8 lost_by_timeout; /* the mark came from a retransmission timeout */
+	uint8 sacked;          /* selectively acknowledged */
+	uint8 is_fin;
+	uint8 is_probe;        /* MTU probe: first transmission uses DONTFRAG */
+	byte data[];
+} utp_outpkt;
+
+/* One out-of-order packet held for reassembly. */
+typedef struct {
+	uint32 len;
+	uint8 is_fin;
+	byte data[];
+} utp_inpkt;
+
+/* A ring of pointers indexed by sequence number; capacity is a power of two
+ * and grows on demand up to a limit, so an idle socket costs little. */
+typedef struct {
+	void **slots;
+	uint32 mask;           /* capacity - 1; capacity 0 means slots == NULL */
+} utp_ring;
+
+int utp_ring_reserve(utp_ring *r, uint16 base, uint32 span, uint32 limit);
+static inline void *utp_ring_get(const utp_ring *r, uint16 seq)
+{
+	return r->slots ? r->slots[seq & r->mask] : NULL;
+}
+static inline void utp_ring_put(utp_ring *r, uint16 seq, void *p) { r->slots[seq & r->mask] = p; }
+void utp_ring_free(utp_ring *r);
+
+/* LEDBAT delay history: a rolling minimum over whole minutes for the base
+ * delay and a short window of recent samples for the current delay. */
+#define UTP_DELAY_BASE_MINUTES 3
+#define UTP_DELAY_CUR_SAMPLES 4
+typedef struct {
+	uint32 base_min[UTP_DELAY_BASE_MINUTES];
+	uint64 minute_start;
+	uint32 minute_idx;
+	uint32 cur[UTP_DELAY_CUR_SAMPLES];
+	uint32 cur_idx;
+	uint32 nsamples;
+	uint64 last_sample_time;
+} utp_delay_hist;
+
+/* ---- socket ---------------------------------------------------------------- */
+
+struct UTPSocket {
+	utp_context *ctx;
+	void *userdata;
+
+	struct sockaddr_storage addr;
+	socklen_t addrlen;
+	uint16 recv_id;
+	uint16 send_id;
+
+	int state;                 /* UTPKIT_SOCK_* */
+	unsigned is_acceptor : 1;
+	unsigned in_table : 1;     /* present in the (addr, recv_id) table */
+	unsigned fin_queued : 1;   /* FIN is in the outbuf */
+	unsigned fin_acked : 1;
+	unsigned got_fin : 1;      /* peer's FIN seen; eof_seq valid */
+	unsigned eof_reported : 1;
+	unsigned app_closed : 1;   /* utp_close called */
+	unsigned shut_wr : 1;
+	unsigned shut_rd : 1;      /* utp_shutdown(SHUT_RD): incoming data is acked and dropped */
+	unsigned want_writable : 1;
+	unsigned ack_pending : 1;
+	unsigned in_ack_list : 1;
+	unsigned zombie : 1;       /* waiting in the context's free list */
+	unsigned slow_start : 1;
+	unsigned rtt_valid : 1;
+	unsigned tlp_sent : 1;     /* tail loss probe sent since the last ACK progress */
+	unsigned in_recovery : 1;
+
+	/* lists: all sockets, hash chain, deferred ACKs, zombies */
+	utp_socket *next, *prev;
+	utp_socket *hnext;
+	utp_socket *ack_next;
+	utp_socket *zombie_next;
+
+	/* timer heap */
+	int heap_idx;              /* -1 when not in the heap */
+	uint64 deadline;
+
+	/* ---- send side ---- */
+	uint16 seq_nr;             /* next sequence number to assign */
+	uint16 next_send;          /* first never-transmitted sequence number */
+	uint16 acked_seq;          /* everything up to here is acknowledged */
+	uint16 recovery_seq;       /* no new window cut until acked past this */
+	uint16 syn_seq;            /* our SYN (initiator) or the peer's (acceptor) */
+	utp_ring outbuf;
+	uint32 out_count;          /* packets in outbuf */
+	uint32 cur_window;         /* bytes in flight */
+	uint32 queued_bytes;       /* payload bytes in outbuf, sent or not */
+	uint32 lost_count;         /* packets marked lost, not yet resent */
+	uint32 sacked_count;       /* packets selectively acknowledged */
+	uint32 small_in_flight;    /* partial packets in flight (Nagle-style coalescing) */
+	uint32 cwnd;
+	uint32 ssthresh;
+	uint32 peer_wnd;
+	uint32 dup_acks;
+
+	/* timing, microseconds */
+	uint32 srtt, rttvar, rto;
+	uint64 rto_deadline;       /* 0: not armed */
+	uint64 tlp_deadline;       /* 0: not armed */
+	uint64 reorder_deadline;   /* 0: not armed (time-based loss detection) */
+	uint64 zwp_deadline;       /* 0: not armed (zero-window probe) */
+	uint64 syn_deadline;       /* 0: not armed */
+	uint64 keepalive_deadline; /* 0: not armed */
+	uint64 ack_due;            /* deferred ACK must go by then; 0: none */
+	uint64 last_recv;
+	uint64 last_send;
+	uint32 consecutive_timeouts;
+	uint32 probes_unanswered;
+	uint32 syn_tries;
+	uint64 syn_sent;           /* first SYN transmission, for the first RTT sample */
+
+	/* LEDBAT */
+	utp_delay_hist our_hist;   /* delay of our packets to the peer */
+	utp_delay_hist their_hist; /* delay of the peer's packets to us */
+	uint32 reply_micro;        /* last delay of the peer's packets, sent back */
+	uint32 timeouts;
+	uint32 loss_events;
+
+	/* MTU */
+	uint32 mtu_ceiling;        /* largest UDP payload we may try */
+	uint32 mtu_floor;          /* never go below */
+	uint32 mtu_cur;            /* UDP payload size of a full packet now */
+	uint16 mtu_probe_seq;
+	uint32 mtu_probe_size;     /* 0: no probe outstanding */
+
+	/* ---- receive side ---- */
+	uint16 ack_nr;             /* last in-order sequence number received */
+	uint16 eof_seq;
+	utp_ring inbuf;
+	uint32 reorder_count;
+	uint32 reorder_bytes;
+	uint16 reorder_top;        /* highest sequence number held in inbuf */
+	uint32 bytes_since_ack;
+	uint32 last_adv_wnd;       /* window we advertised last */
+
+	/* options */
+	uint32 sndbuf, rcvbuf, target_delay;
+
+	utp_socket_stats stats;
+};
+
+/* ---- context --------------------------------------------------------------- */
+
+struct struct_utp_context {
+	void *userdata;
+	utp_callback_t *callbacks[UTP_ARRAY_SIZE];
+
+	int log_normal, log_mtu, log_debug;
+	uint32 opt_sndbuf, opt_rcvbuf, opt_target_delay;
+	uint32 min_rto_ms, max_rto_ms, max_sockets, syn_timeout_ms, syn_retries;
+	uint32 ack_delay_ms, keepalive_ms, dead_retries, reset_rate, mtu_probing;
+
+	utp_context_stats stats;
+	utpkit_counters counters;
+
+	/* (addr, recv_id) -> socket */
+	utp_socket **buckets;
+	uint32 nbuckets;           /* power of two */
+	uint32 ntable;
+
+	utp_socket *all;           /* every live socket */
+	utp_socket *ack_list;      /* sockets with a deferred ACK */
+	utp_socket *zombies;       /* to be freed when the outermost call returns */
+
+	utp_socket **heap;
+	uint32 heap_len, heap_cap;
+
+	int depth;                 /* nesting of public calls (callbacks re-enter) */
+	uint64 now;                /* microseconds, read once per outermost call */
+
+	uint64 reset_refill;       /* token bucket for RESETs */
+	uint32 reset_tokens;
+
+	byte scratch[65536 + 256]; /* one outgoing datagram */
+};
+
+/* ---- utp_context.c --------------------------------------------------------- */
+void utp_ctx_enter(utp_context *ctx);
+void utp_ctx_leave(utp_context *ctx);
+uint32 utp_random32(utp_context *ctx);
+uint64 utp_cb(utp_context *ctx, int id, utp_socket *s, const byte *buf, size_t len);
+uint64 utp_cb_args(utp_context *ctx, utp_callback_arguments *a);
+void utp_log(utp_context *ctx, utp_socket *s, int level, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+void utp_state_change(utp_socket *s, int state);
+void utp_report_error(utp_socket *s, int code);
+int utp_table_insert(utp_context *ctx, utp_socket *s);
+void utp_table_remove(utp_context *ctx, utp_socket *s);
+utp_socket *utp_table_find(utp_context *ctx, const struct sockaddr *addr, socklen_t len, uint16 recv_id);
+int utp_addr_equal(const struct sockaddr *a, socklen_t alen, const struct sockaddr *b, socklen_t blen);
+void utp_timer_update(utp_socket *s);   /* recompute s->deadline and fix the heap */
+void utp_ack_defer(utp_socket *s);      /* queue for utp_issue_deferred_acks */
+void utp_send_datagram(utp_context *ctx, const struct sockaddr *to, socklen_t tolen,
+                       const byte *buf, size_t len, uint32 flags);
+void utp_send_reset_to(utp_context *ctx, const struct sockaddr *to, socklen_t tolen,
+                       uint16 conn_id, uint16 ack_nr, int rate_limited);
+void utp_socket_destroy_later(utp_socket *s);
+
+/* ---- utp_socket.c ---------------------------------------------------------- */
+utp_socket *utp_socket_new(utp_context *ctx);
+void utp_socket_free(utp_socket *s);
+void utp_socket_accept(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from,
+                       socklen_t fromlen);
+void utp_socket_on_timer(utp_socket *s);
+void utp_socket_fail(utp_socket *s, int code);
+void utp_socket_maybe_finish(utp_socket *s);
+uint64 utp_socket_next_deadline(const utp_socket *s);
+
+/* ---- utp_output.c ---------------------------------------------------------- */
+void utp_out_free_all(utp_socket *s);
+size_t utp_out_queue(utp_socket *s, const struct utp_iovec *iov, size_t n);
+int utp_out_queue_fin(utp_socket *s);
+void utp_out_flush(utp_socket *s);
+void utp_out_flush_probe(utp_socket *s);
+void utp_out_send_ack(utp_socket *s);
+void utp_out_send_syn(utp_socket *s);
+void utp_out_send_keepalive(utp_socket *s);
+void utp_out_on_ack(utp_socket *s, const utp_packet *pk);
+void utp_out_on_rto(utp_socket *s);
+void utp_out_on_tlp(utp_socket *s);
+void utp_out_detect_losses(utp_socket *s);
+void utp_out_mark_lost(utp_socket *s, utp_outpkt *p, int by_timeout);
+void utp_out_maybe_writable(utp_socket *s);
+uint32 utp_out_payload_max(const utp_socket *s);
+
+/* ---- utp_input.c ----------------------------------------------------------- */
+void utp_in_free_all(utp_socket *s);
+void utp_in_on_packet(utp_socket *s, const utp_packet *pk);
+uint32 utp_in_build_sack(utp_socket *s, byte *out);
+uint32 utp_in_window(utp_socket *s);
+
+/* ---- utp_ledbat.c ---------------------------------------------------------- */
+void utp_cc_init(utp_socket *s);
+void utp_rtt_sample(utp_socket *s, uint32 rtt_us);
+uint32 utp_rto_base(const utp_socket *s);
+void utp_rto_backoff(utp_socket *s);
+void utp_delay_add(utp_delay_hist *h, uint32 sample, uint64 now);
+uint32 utp_delay_base(const utp_delay_hist *h);
+uint32 utp_delay_queueing(const utp_delay_hist *h);
+void utp_cc_on_ack(utp_socket *s, uint32 bytes_acked, uint32 flight_before);
+void utp_cc_on_loss(utp_socket *s);
+void utp_cc_on_timeout(utp_socket *s);
+
+/* ---- utp_mtu.c ------------------------------------------------------------- */
+void utp_mtu_init(utp_socket *s);
+uint32 utp_mtu_probe_size(utp_socket *s);
+void utp_mtu_probe_acked(utp_socket *s, uint32 size);
+void utp_mtu_probe_lost(utp_socket *s, uint32 size);
+void utp_mtu_on_icmp(utp_socket *s, uint16 next_hop_mtu, uint16 seq_nr, int have_seq);
+void utp_mtu_on_blackhole(utp_socket *s);
+
+#define UTP_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define UTP_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#endif /* UTP_INTERNAL_H */

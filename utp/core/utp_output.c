@@ -1,0 +1,546 @@
+/*
+ * utp_output.c -- the send side: retransmission buffer, packetisation,
+ * transmission, ACK/SACK processing and loss recovery.
+ *
+ * Sequence space of the send side:
+ *
+ *     acked_seq | in flight or lost ... | next_send | queued ... | seq_nr
+ *
+ * Loss is detected three ways, so several holes are repaired per round trip
+ * instead of waiting for a timeout (libutp repairs only on SACK evidence and
+ * otherwise waits its 1 s timeout):
+ *   - SACK: a packet with three later packets selectively acknowledged;
+ *   - time (RACK, RFC 8985): a packet sent more than srtt + srtt/4 before a
+ *     packet that has since been delivered;
+ *   - three duplicate ACKs without SACK (RFC 5681), for peers without SACK.
+ * A tail loss probe (RFC 8985) and the retransmission timeout (RFC 6298)
+ * cover the rest.
+ */
+#include "utp_internal.h"
+
+uint32 utp_out_payload_max(const utp_socket *s)
+{
+	return s->mtu_cur > UTP_HEADER_SIZE ? s->mtu_cur - UTP_HEADER_SIZE : 1;
+}
+
+static utp_outpkt *out_get(const utp_socket *s, uint16 seq) { return utp_ring_get(&s->outbuf, seq); }
+
+static void out_release(utp_socket *s, utp_outpkt *p)
+{
+	utp_ring_put(&s->outbuf, p->seq_nr, NULL);
+	if (p->in_flight)
+		s->cur_window -= p->payload;
+	if (p->lost)
+		s->lost_count--;
+	if (p->sacked)
+		s->sacked_count--;
+	if (p->in_flight && p->payload < p->cap && !p->is_fin)
+		s->small_in_flight--;
+	s->queued_bytes -= p->payload;
+	s->out_count--;
+	free(p);
+}
+
+void utp_out_free_all(utp_socket *s)
+{
+	uint32 i;
+	if (s->outbuf.slots)
+		for (i = 0; i <= s->outbuf.mask; i++)
+			free(s->outbuf.slots[i]);
+	utp_ring_free(&s->outbuf);
+	s->out_count = 0;
+}
+
+/* Drops a packet from the flight without forgetting it. */
+static void leave_flight(utp_socket *s, utp_outpkt *p)
+{
+	if (!p->in_flight)
+		return;
+	p->in_flight = 0;
+	s->cur_window -= p->payload;
+	if (p->payload < p->cap && !p->is_fin)
+		s->small_in_flight--;
+}
+
+static utp_outpkt *out_append(utp_socket *s, uint32 cap)
+{
+	utp_outpkt *p;
+	uint32 span = (uint32)seq_dist(s->acked_seq, s->seq_nr) + 1;
+	if (s->out_count + 1 >= UTP_OUTBUF_MAX ||
+	    utp_ring_reserve(&s->outbuf, (uint16)(s->acked_seq + 1), span, UTP_OUTBUF_MAX) != 0)
+		return NULL;
+	p = malloc(sizeof *p + cap);
+	if (p == NULL)
+		return NULL;
+	memset(p, 0, sizeof *p);
+	p->cap = cap;
+	p->seq_nr = s->seq_nr++;
+	utp_ring_put(&s->outbuf, p->seq_nr, p);
+	s->out_count++;
+	return p;
+}
+
+/* Copies application bytes into packets: small writes fill the last packet
+ * not yet sent, so they leave as full packets.  Returns bytes accepted. */
+size_t utp_out_queue(utp_socket *s, const struct utp_iovec *iov, size_t n)
+{
+	size_t total = 0, i;
+	for (i = 0; i < n; i++) {
+		const byte *src = iov[i].iov_base;
+		size_t left = iov[i].iov_len;
+		while (left > 0) {
+			utp_outpkt *p = NULL;
+			size_t take;
+			if (s->queued_bytes >= s->sndbuf) {
+				s->want_writable = 1;
+				return total;
+			}
+			if (s->seq_nr != s->next_send) {
+				p = out_get(s, (uint16)(s->seq_nr - 1));
+				if (p && (p->is_fin || p->payload >= p->cap))
+					p = NULL;
+			}
+			if (p == NULL) {
+				uint32 probe = utp_mtu_probe_size(s);
+				uint32 cap = probe ? probe - UTP_HEADER_SIZE : utp_out_payload_max(s);
+				p = out_append(s, cap);
+				if (p == NULL) {
+					s->want_writable = 1;
+					return total;
+				}
+				if (probe) {
+					p->is_probe = 1;
+					s->mtu_probe_size = probe;
+					s->mtu_probe_seq = p->seq_nr;
+				}
+			}
+			take = UTP_MIN(left, (size_t)(p->cap - p->payload));
+			take = UTP_MIN(take, (size_t)(s->sndbuf - s->queued_bytes));
+			memcpy(p->data + p->payload, src, take);
+			p->payload += (uint32)take;
+			s->queued_bytes += (uint32)take;
+			src += take;
+			left -= take;
+			total += take;
+		}
+	}
+	return total;
+}
+
+int utp_out_queue_fin(utp_socket *s)
+{
+	utp_outpkt *p;
+	if (s->fin_queued)
+		return 0;
+	p = out_append(s, 0);
+	if (p == NULL)
+		return UTP_ERR_NOMEM;
+	p->is_fin = 1;
+	s->fin_queued = 1;
+	return 0;
+}
+
+/* ---- transmission ---------------------------------------------------------------- */
+
+static uint32 pto_us(const utp_socket *s)
+{
+	/* RFC 8985 7.2: two round trips, plus the peer's ACK delay allowance. */
+	return 2 * s->srtt + s->ctx->ack_delay_ms * 1000u;
+}
+
+/* Sends a STATE, SYN or DATA/FIN packet.  For STATE and SYN p is NULL. */
+static void transmit(utp_socket *s, int type, utp_outpkt *p, uint16 seq)
+{
+	utp_context *ctx = s->ctx;
+	byte *buf = ctx->scratch;
+	byte sack[UTP_SACK_MAX_BYTES];
+	uint32 sack_len = 0, wnd = utp_in_window(s), payload = p ? p->payload : 0, flags = 0;
+	uint16 conn_id = type == ST_SYN ? s->recv_id : s->send_id;
+	size_t hlen;
+
+	if (type != ST_SYN && s->reorder_count > 0) {
+		sack_len = utp_in_build_sack(s, sack);
+		/* A full data packet has no room for a long bitmap; the ACK stays
+		 * pending and a STATE packet carries it. */
+		if (p && UTP_HEADER_SIZE + 2 + sack_len + payload > UTP_MAX(s->mtu_cur, p->cap + UTP_HEADER_SIZE))
+			sack_len = 0;
+	}
+	hlen = utp_packet_write_header(buf, type, conn_id, (uint32)ctx->now, s->reply_micro, wnd, seq,
+	                               type == ST_SYN ? 0 : s->ack_nr, sack, sack_len);
+	if (payload)
+		memcpy(buf + hlen, p->data, payload);
+	if (p && p->is_probe && p->transmissions == 1)
+		flags = UTP_UDP_DONTFRAG;
+	s->last_send = ctx->now;
+	s->stats.nxmit++;
+	s->stats.nbytes_xmit += payload;
+	if (type != ST_SYN && (s->reorder_count == 0 || sack_len > 0)) {
+		/* This packet carries our complete ACK state. */
+		s->ack_pending = 0;
+		s->ack_due = 0;
+		s->bytes_since_ack = 0;
+		s->last_adv_wnd = wnd;
+	}
+	utp_send_datagram(ctx, (struct sockaddr *)&s->addr, s->addrlen, buf, hlen + payload, flags);
+}
+
+static void send_data(utp_socket *s, utp_outpkt *p)
+{
+	utp_context *ctx = s->ctx;
+	if (p->transmissions == 0) {
+		s->next_send = (uint16)(p->seq_nr + 1);
+	} else {
+		if (p->lost_by_timeout)
+			s->stats.rexmit++;
+		else
+			s->stats.fastrexmit++;
+	}
+	if (p->lost) {
+		p->lost = 0;
+		s->lost_count--;
+	}
+	p->lost_by_timeout = 0;
+	p->transmissions++;
+	p->time_sent = ctx->now;
+	if (!p->in_flight) {
+		p->in_flight = 1;
+		s->cur_window += p->payload;
+		if (p->payload < p->cap && !p->is_fin)
+			s->small_in_flight++;
+	}
+	transmit(s, p->is_fin ? ST_FIN : ST_DATA, p, p->seq_nr);
+	if (s->rto_deadline == 0)
+		s->rto_deadline = ctx->now + s->rto;
+	if (s->rtt_valid && !s->tlp_sent && s->tlp_deadline == 0)
+		s->tlp_deadline = ctx->now + pto_us(s);
+	s->zwp_deadline = 0;
+}
+
+static utp_outpkt *first_lost(const utp_socket *s)
+{
+	uint16 seq;
+	if (s->lost_count == 0)
+		return NULL;
+	for (seq = (uint16)(s->acked_seq + 1); seq != s->next_send; seq++) {
+		utp_outpkt *p = out_get(s, seq);
+		if (p && p->lost)
+			return p;
+	}
+	return NULL;
+}
+
+/* Sends what the windows allow: retransmissions first, then new packets. */
+void utp_out_flush(utp_socket *s)
+{
+	if (s->state != UTPKIT_SOCK_CONNECTED && s->state != UTPKIT_SOCK_CLOSING)
+		return;
+	while (!s->zombie) {
+		utp_outpkt *p = first_lost(s);
+		if (p == NULL) {
+			if (s->next_send == s->seq_nr)
+				break;
+			p = out_get(s, s->next_send);
+			if (p == NULL)
+				break;
+			if (seq_dist(s->acked_seq, p->seq_nr) > UTP_WINDOW_PACKETS_MAX)
+				break;  /* beyond the peer's reorder buffer */
+			/* Coalescing: a partial packet that is still the last one waits
+			 * while another partial packet is in flight (Nagle, with
+			 * Minshall's refinement), so a stream of small writes leaves as
+			 * full packets while a lone request still goes at once. */
+			if (!p->is_fin && p->payload < p->cap && p->seq_nr == (uint16)(s->seq_nr - 1) &&
+			    s->small_in_flight > 0 && !s->shut_wr && !s->app_closed)
+				break;
+		}
+		/* The congestion window always admits one packet. */
+		if (s->cur_window > 0 && s->cur_window + p->payload > s->cwnd)
+			break;
+		if (s->cur_window + p->payload > s->peer_wnd) {
+			if (s->cur_window == 0 && s->zwp_deadline == 0)
+				s->zwp_deadline = s->ctx->now + s->rto;  /* zero window: probe later */
+			break;
+		}
+		send_data(s, p);
+	}
+}
+
+/* Zero-window probe: one packet regardless of the receiver's window; its
+ * ACK brings the current window. */
+void utp_out_flush_probe(utp_socket *s)
+{
+	utp_outpkt *p;
+	if (s->state != UTPKIT_SOCK_CONNECTED && s->state != UTPKIT_SOCK_CLOSING)
+		return;
+	if (s->cur_window > 0)
+		return;
+	p = first_lost(s);
+	if (p == NULL && s->next_send != s->seq_nr)
+		p = out_get(s, s->next_send);
+	if (p)
+		send_data(s, p);
+}
+
+void utp_out_send_ack(utp_socket *s)
+{
+	if (s->state != UTPKIT_SOCK_CONNECTED && s->state != UTPKIT_SOCK_CLOSING) {
+		s->ack_pending = 0;
+		s->ack_due = 0;
+		return;
+	}
+	s->ack_pending = 0;
+	transmit(s, ST_STATE, NULL, s->next_send);
+	s->ack_pending = 0;
+	s->ack_due = 0;
+	utp_timer_update(s);
+}
+
+void utp_out_send_syn(utp_socket *s)
+{
+	utp_context *ctx = s->ctx;
+	uint64 wait = (uint64)ctx->syn_timeout_ms * 1000u << UTP_MIN(s->syn_tries, 20u);
+	transmit(s, ST_SYN, NULL, s->syn_seq);
+	s->syn_deadline = ctx->now + wait;
+}
+
+/* A zero-length DATA packet carrying an old, acknowledged sequence number:
+ * peers answer duplicates with an ACK, and it consumes no sequence space. */
+void utp_out_send_keepalive(utp_socket *s)
+{
+	transmit(s, ST_DATA, NULL, (uint16)(s->next_send - 1));
+}
+
+void utp_out_maybe_writable(utp_socket *s)
+{
+	if (!s->want_writable || s->state != UTPKIT_SOCK_CONNECTED || s->shut_wr || s->app_closed)
+		return;
+	if (s->queued_bytes + utp_out_payload_max(s) > s->sndbuf || s->out_count + 2 >= UTP_OUTBUF_MAX)
+		return;
+	s->want_writable = 0;
+	utp_state_change(s, UTP_STATE_WRITABLE);
+}
+
+/* ---- loss detection -------------------------------------------------------------- */
+
+void utp_out_mark_lost(utp_socket *s, utp_outpkt *p, int by_timeout)
+{
+	if (p->lost || p->sacked || p->transmissions == 0)
+		return;
+	leave_flight(s, p);
+	p->lost = 1;
+	p->lost_by_timeout = (uint8)by_timeout;
+	s->lost_count++;
+	if (p->is_probe && p->transmissions == 1 && s->mtu_probe_size && p->seq_nr == s->mtu_probe_seq)
+		utp_mtu_probe_lost(s, s->mtu_probe_size);
+}
+
+void utp_out_detect_losses(utp_socket *s)
+{
+	uint16 seq;
+	uint32 sacked_above = 0, reo;
+	uint64 newest_delivered = 0, now = s->ctx->now;
+	int lost = 0;
+
+	s->reorder_deadline = 0;
+	if (s->sacked_count == 0 || !s->rtt_valid)
+		return;
+	reo = UTP_MAX(s->srtt / 4, 1000u);
+	for (seq = (uint16)(s->next_send - 1); seq != s->acked_seq; seq--) {
+		utp_outpkt *p = out_get(s, seq);
+		if (p == NULL)
+			continue;
+		if (p->sacked) {
+			sacked_above++;
+			if (p->time_sent > newest_delivered)
+				newest_delivered = p->time_sent;
+			continue;
+		}
+		if (sacked_above == 0 || p->lost || p->time_sent >= newest_delivered)
+			continue;
+		if ((p->transmissions == 1 && sacked_above >= 3) || now >= p->time_sent + s->srtt + reo) {
+			utp_out_mark_lost(s, p, 0);
+			lost = 1;
+		} else {
+			uint64 due = p->time_sent + s->srtt + reo;
+			if (s->reorder_deadline == 0 || due < s->reorder_deadline)
+				s->reorder_deadline = due;
+		}
+	}
+	if (lost)
+		utp_cc_on_loss(s);
+}
+
+/* ---- ACK processing -------------------------------------------------------------- */
+
+void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
+{
+	utp_context *ctx = s->ctx;
+	uint64 now = ctx->now;
+	uint32 outstanding = (uint32)seq_dist(s->acked_seq, s->next_send) - 1;
+	uint32 acked_new = seq_dist(s->acked_seq, pk->ack_nr);
+	uint32 flight_before = s->cur_window, bytes_acked = 0, rtt = 0, i;
+	int have_rtt = 0;
+
+	s->peer_wnd = pk->wnd;
+	if (acked_new > outstanding) {
+		/* Acknowledges something we never sent, or an old ACK overtaken by
+		 * newer ones: nothing in it can be trusted for the send side. */
+		if (acked_new < 0x8000)
+			ctx->counters.drop_invalid++;
+		return;
+	}
+
+	for (i = 0; i < acked_new; i++) {
+		utp_outpkt *p = out_get(s, (uint16)(s->acked_seq + 1));
+		s->acked_seq++;
+		if (p == NULL)
+			continue;
+		if (!p->sacked)
+			bytes_acked += p->payload;
+		if (p->transmissions == 1) {
+			rtt = (uint32)(now - p->time_sent);
+			have_rtt = 1;
+		}
+		if (p->is_fin)
+			s->fin_acked = 1;
+		if (p->is_probe && s->mtu_probe_size && p->seq_nr == s->mtu_probe_seq)
+			utp_mtu_probe_acked(s, s->mtu_probe_size);
+		out_release(s, p);
+	}
+
+	if (pk->sack) {
+		uint32 nbits = pk->sack_len * 8, k;
+		for (k = 0; k < nbits; k++) {
+			uint16 seq = (uint16)(pk->ack_nr + 2 + k);
+			utp_outpkt *p;
+			if (!seq_lt(seq, s->next_send))
+				break;  /* bits past what we sent are ignored */
+			if (!utp_sack_bit(pk->sack, pk->sack_len, k) || !seq_lt(s->acked_seq, seq))
+				continue;
+			p = out_get(s, seq);
+			if (p == NULL || p->sacked)
+				continue;
+			p->sacked = 1;
+			s->sacked_count++;
+			leave_flight(s, p);
+			if (p->lost) {
+				p->lost = 0;  /* it arrived after all */
+				s->lost_count--;
+			}
+			bytes_acked += p->payload;
+			if (p->transmissions == 1) {
+				rtt = (uint32)(now - p->time_sent);
+				have_rtt = 1;
+			}
+		}
+	}
+
+	if (have_rtt)
+		utp_rtt_sample(s, rtt);
+	if (pk->ts_diff != 0 && (acked_new > 0 || bytes_acked > 0)) {
+		utp_delay_add(&s->our_hist, pk->ts_diff, now);
+		if (ctx->callbacks[UTP_ON_DELAY_SAMPLE]) {
+			utp_callback_arguments a;
+			memset(&a, 0, sizeof a);
+			a.callback_type = UTP_ON_DELAY_SAMPLE;
+			a.socket = s;
+			a.sample_ms = (int)(pk->ts_diff / 1000u);
+			utp_cb_args(ctx, &a);
+		}
+	}
+
+	if (acked_new > 0) {
+		s->dup_acks = 0;
+		s->consecutive_timeouts = 0;
+		s->rto = utp_rto_base(s);
+		s->tlp_sent = 0;
+		if (s->next_send == (uint16)(s->acked_seq + 1)) {
+			s->rto_deadline = 0;
+			s->tlp_deadline = 0;
+		} else {
+			s->rto_deadline = now + s->rto;
+			s->tlp_deadline = s->rtt_valid ? now + pto_us(s) : 0;
+		}
+		if (s->in_recovery && !seq_lt(s->acked_seq, s->recovery_seq))
+			s->in_recovery = 0;
+	} else if (pk->type == ST_STATE && pk->sack == NULL && outstanding > 0 && pk->ack_nr == s->acked_seq) {
+		/* RFC 5681 duplicate ACK, for peers that send no SACK. */
+		if (++s->dup_acks == 3) {
+			utp_outpkt *p = out_get(s, (uint16)(s->acked_seq + 1));
+			if (p) {
+				utp_out_mark_lost(s, p, 0);
+				utp_cc_on_loss(s);
+			}
+		}
+	}
+
+	if (s->sacked_count > 0)
+		utp_out_detect_losses(s);
+	if (bytes_acked > 0)
+		utp_cc_on_ack(s, bytes_acked, flight_before);
+	if (s->fin_acked)
+		utp_socket_maybe_finish(s);
+}
+
+/* ---- timers ------------------------------------------------------------------------ */
+
+void utp_out_on_rto(utp_socket *s)
+{
+	utp_context *ctx = s->ctx;
+	uint16 seq;
+
+	s->rto_deadline = 0;
+	s->tlp_deadline = 0;
+	if (s->next_send == (uint16)(s->acked_seq + 1))
+		return;
+	s->timeouts++;
+	/* Dead peer: timeouts in a row with nothing at all heard in between
+	 * (any packet from the peer resets the count). */
+	if (++s->consecutive_timeouts > ctx->dead_retries) {
+		utp_socket_fail(s, UTP_ETIMEDOUT);
+		return;
+	}
+	if (s->consecutive_timeouts >= 2)
+		utp_mtu_on_blackhole(s);
+	utp_cc_on_timeout(s);
+	for (seq = (uint16)(s->acked_seq + 1); seq != s->next_send; seq++) {
+		utp_outpkt *p = out_get(s, seq);
+		if (p)
+			utp_out_mark_lost(s, p, 1);
+	}
+	utp_rto_backoff(s);
+	s->dup_acks = 0;
+	utp_out_flush(s);
+	if (s->rto_deadline == 0 && s->next_send != (uint16)(s->acked_seq + 1))
+		s->rto_deadline = ctx->now + s->rto;
+}
+
+/* Tail loss probe: no ACK for two round trips.  Send new data if there is
+ * some, else resend the last packet, so the peer's ACK (with SACK) shows
+ * what was lost without waiting for the retransmission timeout. */
+void utp_out_on_tlp(utp_socket *s)
+{
+	uint16 seq;
+	s->tlp_deadline = 0;
+	if (s->tlp_sent || s->next_send == (uint16)(s->acked_seq + 1))
+		return;
+	s->tlp_sent = 1;
+	if (s->next_send != s->seq_nr && s->cur_window + utp_out_payload_max(s) <= s->peer_wnd) {
+		utp_outpkt *p = out_get(s, s->next_send);
+		if (p) {
+			send_data(s, p);
+			return;
+		}
+	}
+	for (seq = (uint16)(s->next_send - 1); seq != s->acked_seq; seq--) {
+		utp_outpkt *p = out_get(s, seq);
+		if (p && !p->sacked) {
+			leave_flight(s, p);
+			if (!p->lost) {
+				p->lost = 1;
+				s->lost_count++;
+			}
+			send_data(s, p);
+			return;
+		}
+	}
+}
