@@ -4,6 +4,12 @@
  */
 #include "utp_internal.h"
 
+static utp_inpkt *in_get(const utp_socket *s, uint16 seq)
+{
+	utp_inpkt *q = utp_ring_slot(&s->inbuf, seq);
+	return q && q->seq_nr == seq ? q : NULL;
+}
+
 void utp_in_free_all(utp_socket *s)
 {
 	uint32 i;
@@ -34,8 +40,8 @@ uint32 utp_in_build_sack(utp_socket *s, byte *out)
 	if (bytes > UTP_SACK_MAX_BYTES)
 		bytes = UTP_SACK_MAX_BYTES;
 	memset(out, 0, bytes);
-	for (k = 0; k < bytes * 8; k++)
-		if (utp_ring_get(&s->inbuf, (uint16)(s->ack_nr + 2 + k)))
+	for (k = 0; k < bits && k < bytes * 8; k++)
+		if (in_get(s, (uint16)(s->ack_nr + 2 + k)))
 			out[k / 8] |= (byte)(1u << (k % 8));
 	return bytes;
 }
@@ -62,7 +68,7 @@ static void drain_reorder(utp_socket *s)
 {
 	while (s->reorder_count > 0 && !s->zombie) {
 		uint16 next = (uint16)(s->ack_nr + 1);
-		utp_inpkt *q = utp_ring_get(&s->inbuf, next);
+		utp_inpkt *q = in_get(s, next);
 		if (q == NULL)
 			break;
 		utp_ring_put(&s->inbuf, next, NULL);
@@ -75,6 +81,14 @@ static void drain_reorder(utp_socket *s)
 	}
 	if (s->reorder_count == 0)
 		s->reorder_top = s->ack_nr;
+}
+
+static int over_budget(utp_socket *s, uint16 d, size_t len)
+{
+	uint64 slack = 2 * (uint64)s->mtu_cur;
+	if (d == 0)
+		return utp_cb(s->ctx, UTP_GET_READ_BUFFER_SIZE, s, NULL, 0) > s->rcvbuf + slack;
+	return (uint64)s->reorder_bytes + len > s->rcvbuf + slack;
 }
 
 static void on_data(utp_socket *s, const utp_packet *pk)
@@ -96,9 +110,11 @@ static void on_data(utp_socket *s, const utp_packet *pk)
 		return;
 	}
 	/* Flow control: a peer that ignores our window could make us buffer
-	 * without bound; past the window (plus one packet of slack for probes)
-	 * its data is dropped, and the ACK tells it the window again. */
-	if (len > 0 && utp_in_window(s) + 2 * s->mtu_cur < len) {
+	 * without bound.  The application's unread bytes and the reorder buffer
+	 * are each held to the receive buffer size (plus slack for probes); the
+	 * packet that fills the first hole is always taken, since it lets the
+	 * reorder buffer drain. */
+	if (len > 0 && over_budget(s, d, len)) {
 		ctx->counters.drop_invalid++;
 		utp_ack_defer(s);
 		return;
@@ -117,7 +133,7 @@ static void on_data(utp_socket *s, const utp_packet *pk)
 		check_eof(s);
 	} else {
 		utp_inpkt *q;
-		if (utp_ring_get(&s->inbuf, pk->seq_nr) != NULL) {
+		if (in_get(s, pk->seq_nr) != NULL) {
 			s->stats.nduprecv++;
 			utp_ack_defer(s);
 			return;
@@ -128,6 +144,7 @@ static void on_data(utp_socket *s, const utp_packet *pk)
 			return;
 		}
 		q->len = (uint32)len;
+		q->seq_nr = pk->seq_nr;
 		q->is_fin = (uint8)is_fin;
 		memcpy(q->data, pk->payload, len);
 		utp_ring_put(&s->inbuf, pk->seq_nr, q);

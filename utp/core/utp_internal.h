@@ -99,6 +99,7 @@ typedef struct {
 /* One out-of-order packet held for reassembly. */
 typedef struct {
 	uint32 len;
+	uint16 seq_nr;
 	uint8 is_fin;
 	byte data[];
 } utp_inpkt;
@@ -111,7 +112,10 @@ typedef struct {
 } utp_ring;
 
 int utp_ring_reserve(utp_ring *r, uint16 base, uint32 span, uint32 limit);
-static inline void *utp_ring_get(const utp_ring *r, uint16 seq)
+/* The slot a sequence number maps to; the caller checks that what it finds
+ * there carries that sequence number (a slot is shared by every number that
+ * is equal modulo the capacity). */
+static inline void *utp_ring_slot(const utp_ring *r, uint16 seq)
 {
 	return r->slots ? r->slots[seq & r->mask] : NULL;
 }

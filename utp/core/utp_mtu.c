@@ -94,8 +94,8 @@ void utp_mtu_on_icmp(utp_socket *s, uint16 next_hop_mtu, uint16 seq_nr, int have
 	/* The packet the router refused is resent at once, without DONTFRAG. */
 	if (have_seq && (s->state == UTPKIT_SOCK_CONNECTED || s->state == UTPKIT_SOCK_CLOSING) &&
 	    seq_lt(s->acked_seq, seq_nr) && seq_lt(seq_nr, s->next_send)) {
-		p = utp_ring_get(&s->outbuf, seq_nr);
-		if (p) {
+		p = utp_ring_slot(&s->outbuf, seq_nr);
+		if (p && p->seq_nr == seq_nr) {
 			utp_out_mark_lost(s, p, 0);
 			utp_out_flush(s);
 			utp_timer_update(s);

@@ -23,7 +23,11 @@ uint32 utp_out_payload_max(const utp_socket *s)
 	return s->mtu_cur > UTP_HEADER_SIZE ? s->mtu_cur - UTP_HEADER_SIZE : 1;
 }
 
-static utp_outpkt *out_get(const utp_socket *s, uint16 seq) { return utp_ring_get(&s->outbuf, seq); }
+static utp_outpkt *out_get(const utp_socket *s, uint16 seq)
+{
+	utp_outpkt *p = utp_ring_slot(&s->outbuf, seq);
+	return p && p->seq_nr == seq ? p : NULL;
+}
 
 static void out_release(utp_socket *s, utp_outpkt *p)
 {
@@ -394,11 +398,14 @@ void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 		s->acked_seq++;
 		if (p == NULL)
 			continue;
-		if (!p->sacked)
+		/* Karn: only packets sent once give a sample, and not those already
+		 * SACKed (their ACK waited for a hole to be repaired). */
+		if (!p->sacked) {
 			bytes_acked += p->payload;
-		if (p->transmissions == 1) {
-			rtt = (uint32)(now - p->time_sent);
-			have_rtt = 1;
+			if (p->transmissions == 1) {
+				rtt = (uint32)(now - p->time_sent);
+				have_rtt = 1;
+			}
 		}
 		if (p->is_fin)
 			s->fin_acked = 1;
@@ -499,7 +506,7 @@ void utp_out_on_rto(utp_socket *s)
 		utp_socket_fail(s, UTP_ETIMEDOUT);
 		return;
 	}
-	if (s->consecutive_timeouts >= 2)
+	if (s->consecutive_timeouts >= 4)
 		utp_mtu_on_blackhole(s);
 	utp_cc_on_timeout(s);
 	for (seq = (uint16)(s->acked_seq + 1); seq != s->next_send; seq++) {
