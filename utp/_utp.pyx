@@ -1,0 +1,1339 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Cython binding of the utpkit uTP engine (utp/core).
+
+Python never runs inside an engine call.  The callbacks registered with the
+engine are plain C: they record what happened (outgoing datagrams, socket
+events, received payload) in C arrays owned by the context, and Python drains
+those arrays after the engine call has returned (``take_datagrams()``,
+``take_events()``, ``Socket.read()``).  So an exception can never be lost in
+a callback, the engine can never be re-entered from Python, and no Python
+object is created per packet while the engine runs.
+
+Lifetimes (the uvloop pattern): every engine socket has a small malloc'd C
+record as its userdata.  The record outlives the engine socket: it is freed
+only once the engine has destroyed the socket, no Python ``Socket`` refers to
+it any more and no undrained event names it.  So a queued event never points
+at freed memory, even when one engine call accepts and destroys a socket.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.ref cimport PyObject
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy, memmove, memcmp, memset, strlen
+from libc.stdint cimport uint64_t, int64_t, uint32_t
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+import os as _os
+import warnings as _warnings
+
+# --------------------------------------------------------------------------
+# Constants of utp.h, as module attributes.
+# --------------------------------------------------------------------------
+
+# Every constant of utp.h under its C name (UTP_* and UTPKIT_*).  Cython
+# cannot bind a module global to the name of a C constant, hence the dict.
+globals().update({
+    "UTP_UDP_DONTFRAG": UTP_UDP_DONTFRAG,
+    "UTP_STATE_CONNECT": UTP_STATE_CONNECT,
+    "UTP_STATE_WRITABLE": UTP_STATE_WRITABLE,
+    "UTP_STATE_EOF": UTP_STATE_EOF,
+    "UTP_STATE_DESTROYING": UTP_STATE_DESTROYING,
+    "UTP_ECONNREFUSED": UTP_ECONNREFUSED,
+    "UTP_ECONNRESET": UTP_ECONNRESET,
+    "UTP_ETIMEDOUT": UTP_ETIMEDOUT,
+    "UTP_ON_FIREWALL": UTP_ON_FIREWALL,
+    "UTP_ON_ACCEPT": UTP_ON_ACCEPT,
+    "UTP_ON_CONNECT": UTP_ON_CONNECT,
+    "UTP_ON_ERROR": UTP_ON_ERROR,
+    "UTP_ON_READ": UTP_ON_READ,
+    "UTP_ON_OVERHEAD_STATISTICS": UTP_ON_OVERHEAD_STATISTICS,
+    "UTP_ON_STATE_CHANGE": UTP_ON_STATE_CHANGE,
+    "UTP_GET_READ_BUFFER_SIZE": UTP_GET_READ_BUFFER_SIZE,
+    "UTP_ON_DELAY_SAMPLE": UTP_ON_DELAY_SAMPLE,
+    "UTP_GET_UDP_MTU": UTP_GET_UDP_MTU,
+    "UTP_GET_UDP_OVERHEAD": UTP_GET_UDP_OVERHEAD,
+    "UTP_GET_MILLISECONDS": UTP_GET_MILLISECONDS,
+    "UTP_GET_MICROSECONDS": UTP_GET_MICROSECONDS,
+    "UTP_GET_RANDOM": UTP_GET_RANDOM,
+    "UTP_LOG": UTP_LOG,
+    "UTP_SENDTO": UTP_SENDTO,
+    "UTP_LOG_NORMAL": UTP_LOG_NORMAL,
+    "UTP_LOG_MTU": UTP_LOG_MTU,
+    "UTP_LOG_DEBUG": UTP_LOG_DEBUG,
+    "UTP_SNDBUF": UTP_SNDBUF,
+    "UTP_RCVBUF": UTP_RCVBUF,
+    "UTP_TARGET_DELAY": UTP_TARGET_DELAY,
+    "UTP_ARRAY_SIZE": UTP_ARRAY_SIZE,
+    "UTP_IOV_MAX": UTP_IOV_MAX,
+    "UTPKIT_MIN_RTO": UTPKIT_MIN_RTO,
+    "UTPKIT_MAX_RTO": UTPKIT_MAX_RTO,
+    "UTPKIT_MAX_SOCKETS": UTPKIT_MAX_SOCKETS,
+    "UTPKIT_SYN_TIMEOUT": UTPKIT_SYN_TIMEOUT,
+    "UTPKIT_SYN_RETRIES": UTPKIT_SYN_RETRIES,
+    "UTPKIT_ACK_DELAY": UTPKIT_ACK_DELAY,
+    "UTPKIT_KEEPALIVE": UTPKIT_KEEPALIVE,
+    "UTPKIT_DEAD_RETRIES": UTPKIT_DEAD_RETRIES,
+    "UTPKIT_RESET_RATE": UTPKIT_RESET_RATE,
+    "UTPKIT_MTU_PROBING": UTPKIT_MTU_PROBING,
+    "UTPKIT_OPTION_END": UTPKIT_OPTION_END,
+    "UTPKIT_SOCK_IDLE": UTPKIT_SOCK_IDLE,
+    "UTPKIT_SOCK_SYN_SENT": UTPKIT_SOCK_SYN_SENT,
+    "UTPKIT_SOCK_CONNECTED": UTPKIT_SOCK_CONNECTED,
+    "UTPKIT_SOCK_ERROR": UTPKIT_SOCK_ERROR,
+    "UTPKIT_SOCK_CLOSING": UTPKIT_SOCK_CLOSING,
+    "UTPKIT_SOCK_DESTROYED": UTPKIT_SOCK_DESTROYED,
+    "UTPKIT_CLASS_OTHER": UTPKIT_CLASS_OTHER,
+    "UTPKIT_CLASS_UTP": UTPKIT_CLASS_UTP,
+    "UTPKIT_CLASS_DHT": UTPKIT_CLASS_DHT,
+    "UTPKIT_CLASS_TRACKER": UTPKIT_CLASS_TRACKER,
+})
+
+__all__ = [  # the public names; utp/__init__.py re-exports them
+    "Context",
+    "Socket",
+    "ClosedError",
+    "classify",
+    "ERROR_NAMES",
+    "DEFAULT_MTU_IPV4",
+    "DEFAULT_MTU_IPV6",
+    "UTP_UDP_DONTFRAG",
+    "UTP_STATE_CONNECT",
+    "UTP_STATE_WRITABLE",
+    "UTP_STATE_EOF",
+    "UTP_STATE_DESTROYING",
+    "UTP_ECONNREFUSED",
+    "UTP_ECONNRESET",
+    "UTP_ETIMEDOUT",
+    "UTP_ON_FIREWALL",
+    "UTP_ON_ACCEPT",
+    "UTP_ON_CONNECT",
+    "UTP_ON_ERROR",
+    "UTP_ON_READ",
+    "UTP_ON_OVERHEAD_STATISTICS",
+    "UTP_ON_STATE_CHANGE",
+    "UTP_GET_READ_BUFFER_SIZE",
+    "UTP_ON_DELAY_SAMPLE",
+    "UTP_GET_UDP_MTU",
+    "UTP_GET_UDP_OVERHEAD",
+    "UTP_GET_MILLISECONDS",
+    "UTP_GET_MICROSECONDS",
+    "UTP_GET_RANDOM",
+    "UTP_LOG",
+    "UTP_SENDTO",
+    "UTP_LOG_NORMAL",
+    "UTP_LOG_MTU",
+    "UTP_LOG_DEBUG",
+    "UTP_SNDBUF",
+    "UTP_RCVBUF",
+    "UTP_TARGET_DELAY",
+    "UTP_ARRAY_SIZE",
+    "UTP_IOV_MAX",
+    "UTPKIT_MIN_RTO",
+    "UTPKIT_MAX_RTO",
+    "UTPKIT_MAX_SOCKETS",
+    "UTPKIT_SYN_TIMEOUT",
+    "UTPKIT_SYN_RETRIES",
+    "UTPKIT_ACK_DELAY",
+    "UTPKIT_KEEPALIVE",
+    "UTPKIT_DEAD_RETRIES",
+    "UTPKIT_RESET_RATE",
+    "UTPKIT_MTU_PROBING",
+    "UTPKIT_OPTION_END",
+    "UTPKIT_SOCK_IDLE",
+    "UTPKIT_SOCK_SYN_SENT",
+    "UTPKIT_SOCK_CONNECTED",
+    "UTPKIT_SOCK_ERROR",
+    "UTPKIT_SOCK_CLOSING",
+    "UTPKIT_SOCK_DESTROYED",
+    "UTPKIT_CLASS_OTHER",
+    "UTPKIT_CLASS_UTP",
+    "UTPKIT_CLASS_DHT",
+    "UTPKIT_CLASS_TRACKER",
+]
+
+# The engine's names of the error codes (utp_error_code_names).
+ERROR_NAMES = tuple(
+    (<bytes>utp_error_code_names[i]).decode("ascii") for i in range(3)
+)
+
+# Default packet budget per destination family when the caller gives none:
+# 1402 is libutp's IPv4 default (fits 1500-byte Ethernet behind PPPoE and
+# common tunnels); 1232 is the usual safe IPv6 UDP payload (1280-byte IPv6
+# minimum MTU less 40 bytes of IPv6 and 8 of UDP).
+cdef enum:
+    MTU_IPV4 = 1402
+    MTU_IPV6 = 1232
+
+DEFAULT_MTU_IPV4 = MTU_IPV4
+DEFAULT_MTU_IPV6 = MTU_IPV6
+
+
+class ClosedError(RuntimeError):
+    """Operation on a closed Context, a closed Socket, or a Socket whose
+    engine socket has been destroyed."""
+
+
+# --------------------------------------------------------------------------
+# C-level state: written by the engine callbacks, drained by Python.
+# --------------------------------------------------------------------------
+
+# Event kinds recorded by the callbacks.
+cdef enum:
+    EV_ACCEPT = 1
+    EV_CONNECT
+    EV_WRITABLE
+    EV_READABLE
+    EV_EOF
+    EV_ERROR
+    EV_DESTROYED
+
+_EVENT_NAMES = (None, "accept", "connect", "writable", "readable", "eof",
+                "error", "destroyed")
+
+cdef struct Rec
+cdef struct CtxState
+
+cdef struct Event:
+    int kind
+    int arg
+    Rec *rec
+
+# One outgoing datagram.  Payloads are stored back to back in one byte
+# buffer (CtxState.dg_data) and each entry carries its own destination, so
+# the array maps one to one onto struct mmsghdr/iovec for sendmmsg().
+cdef struct Datagram:
+    size_t offset
+    size_t length
+    uint32_t flags
+    socklen_t addrlen
+    sockaddr_storage addr
+
+cdef struct Rec:
+    utp_socket *sock           # NULL once the engine destroyed it (or the context closed)
+    CtxState *cs
+    PyObject *owner            # borrowed: the Python Socket, or NULL
+    uint64_t serial
+    Rec *prev
+    Rec *next
+    # receive buffer: bytes [rstart, rend) of rbuf are unread
+    unsigned char *rbuf
+    size_t rstart
+    size_t rend
+    size_t rcap
+    size_t extra               # application-held bytes (Socket.extra_buffered)
+    uint32_t pending           # queued events that point at this record
+    int error                  # UTP_E* or -1
+    bint connected
+    bint eof
+    bint destroyed
+    bint user_closed
+    bint orphaned              # its Python Socket has been deallocated
+    bint readable_queued
+    bint writable_queued
+    bint have_final
+    socklen_t peerlen
+    sockaddr_storage peer
+    utp_socket_stats final_stats
+    utpkit_socket_info final_info
+
+cdef struct CtxState:
+    utp_context *ctx
+    PyObject *owner            # borrowed: the Python Context, NULL after close
+    int refs                   # the Context plus one per record
+    bint closed
+    bint oom                   # a callback failed to allocate; raised on the next drain
+    bint virtual_time
+    bint listening
+    int64_t now_us
+    uint64_t rng
+    int udp_mtu                # 0: per-family default
+    uint32_t max_sockets
+    uint32_t live              # records whose engine socket is alive
+    uint64_t next_serial
+    uint64_t dg_dropped        # datagrams lost to allocation failure
+    Rec *recs
+    Datagram *dg
+    size_t dg_n
+    size_t dg_cap
+    unsigned char *dg_data
+    size_t dg_len
+    size_t dg_data_cap
+    Event *ev
+    size_t ev_n
+    size_t ev_cap
+
+
+cdef inline int64_t _mono_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
+
+cdef inline int64_t _now(CtxState *cs) noexcept nogil:
+    if cs.virtual_time:
+        return cs.now_us
+    return _mono_us()
+
+
+cdef inline uint64_t _splitmix64(uint64_t *state) noexcept nogil:
+    # splitmix64 (Steele, Lea, Flood 2014): a full-period 64-bit generator
+    # whose output is good enough for connection ids and jitter.
+    state[0] += 0x9E3779B97F4A7C15ULL
+    cdef uint64_t z = state[0]
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef int _grow(void **ptr, size_t *cap, size_t need, size_t item, size_t minimum) noexcept nogil:
+    """Make *ptr hold at least `need` items of `item` bytes; 0 or -1."""
+    cdef size_t ncap = cap[0]
+    cdef void *p
+    if need <= ncap:
+        return 0
+    if ncap < minimum:
+        ncap = minimum
+    while ncap < need:
+        ncap *= 2
+    p = realloc(ptr[0], ncap * item)
+    if p == NULL:
+        return -1
+    ptr[0] = p
+    cap[0] = ncap
+    return 0
+
+
+cdef int _push_event(CtxState *cs, Rec *rec, int kind, int arg) noexcept nogil:
+    if cs.ev_n == cs.ev_cap:
+        if _grow(<void **>&cs.ev, &cs.ev_cap, cs.ev_n + 1, sizeof(Event), 64) < 0:
+            cs.oom = True
+            return -1
+    cs.ev[cs.ev_n].kind = kind
+    cs.ev[cs.ev_n].arg = arg
+    cs.ev[cs.ev_n].rec = rec
+    cs.ev_n += 1
+    rec.pending += 1
+    return 0
+
+
+cdef Rec *_rec_new(CtxState *cs, utp_socket *sock) noexcept nogil:
+    cdef Rec *rec = <Rec *>calloc(1, sizeof(Rec))
+    if rec == NULL:
+        return NULL
+    rec.sock = sock
+    rec.cs = cs
+    rec.error = -1
+    cs.next_serial += 1
+    rec.serial = cs.next_serial
+    rec.next = cs.recs
+    if cs.recs != NULL:
+        cs.recs.prev = rec
+    cs.recs = rec
+    cs.refs += 1
+    cs.live += 1
+    utp_set_userdata(sock, rec)
+    return rec
+
+
+cdef void _cs_release(CtxState *cs) noexcept nogil:
+    cs.refs -= 1
+    if cs.refs > 0:
+        return
+    free(cs.dg)
+    free(cs.dg_data)
+    free(cs.ev)
+    free(cs)
+
+
+cdef void _rec_maybe_free(Rec *rec) noexcept nogil:
+    """Free the record once nothing can reach it any more."""
+    cdef CtxState *cs = rec.cs
+    if rec.sock != NULL or rec.owner != NULL or rec.pending != 0:
+        return
+    if rec.prev != NULL:
+        rec.prev.next = rec.next
+    else:
+        cs.recs = rec.next
+    if rec.next != NULL:
+        rec.next.prev = rec.prev
+    free(rec.rbuf)
+    free(rec)
+    _cs_release(cs)
+
+
+cdef inline CtxState *_cs_of(utp_callback_arguments *a) noexcept nogil:
+    return <CtxState *>utp_context_get_userdata(a.context)
+
+
+cdef inline Rec *_rec_of(utp_callback_arguments *a) noexcept nogil:
+    if a.socket == NULL:
+        return NULL
+    return <Rec *>utp_get_userdata(a.socket)
+
+
+# ---- the callbacks: C only, no Python, no GIL -----------------------------
+
+cdef uint64 _cb_sendto(utp_callback_arguments *a) noexcept nogil:
+    cdef CtxState *cs = _cs_of(a)
+    cdef Datagram *d
+    cdef socklen_t alen = a.address_len
+    if cs == NULL or a.address == NULL:
+        return 0
+    if alen > sizeof(sockaddr_storage):
+        alen = sizeof(sockaddr_storage)
+    if (_grow(<void **>&cs.dg, &cs.dg_cap, cs.dg_n + 1, sizeof(Datagram), 64) < 0
+            or _grow(<void **>&cs.dg_data, &cs.dg_data_cap, cs.dg_len + a.len, 1, 65536) < 0):
+        # Behaves like a full socket buffer: the datagram is lost and the
+        # protocol recovers it; counted so it shows up in stats().
+        cs.dg_dropped += 1
+        return 0
+    d = &cs.dg[cs.dg_n]
+    d.offset = cs.dg_len
+    d.length = a.len
+    d.flags = a.flags
+    d.addrlen = alen
+    memcpy(&d.addr, a.address, alen)
+    if a.len:
+        memcpy(cs.dg_data + cs.dg_len, a.buf, a.len)
+    cs.dg_len += a.len
+    cs.dg_n += 1
+    return 0
+
+
+cdef uint64 _cb_firewall(utp_callback_arguments *a) noexcept nogil:
+    cdef CtxState *cs = _cs_of(a)
+    if cs == NULL or not cs.listening or cs.live >= cs.max_sockets:
+        return 1
+    return 0
+
+
+cdef uint64 _cb_accept(utp_callback_arguments *a) noexcept nogil:
+    cdef CtxState *cs = _cs_of(a)
+    cdef Rec *rec
+    cdef socklen_t alen
+    if cs == NULL or a.socket == NULL:
+        return 0
+    rec = _rec_new(cs, a.socket)
+    if rec == NULL:
+        cs.oom = True
+        utp_close(a.socket)
+        return 0
+    rec.connected = True
+    if a.address != NULL:
+        alen = a.address_len
+        if alen > sizeof(sockaddr_storage):
+            alen = sizeof(sockaddr_storage)
+        memcpy(&rec.peer, a.address, alen)
+        rec.peerlen = alen
+    _push_event(cs, rec, EV_ACCEPT, 0)
+    return 0
+
+
+cdef void _on_connected(CtxState *cs, Rec *rec) noexcept nogil:
+    if not rec.connected:
+        rec.connected = True
+        _push_event(cs, rec, EV_CONNECT, 0)
+
+
+cdef uint64 _cb_connect(utp_callback_arguments *a) noexcept nogil:
+    cdef Rec *rec = _rec_of(a)
+    if rec != NULL:
+        _on_connected(rec.cs, rec)
+    return 0
+
+
+cdef uint64 _cb_state(utp_callback_arguments *a) noexcept nogil:
+    cdef Rec *rec = _rec_of(a)
+    cdef CtxState *cs
+    if rec == NULL:
+        return 0
+    cs = rec.cs
+    if a.state == UTP_STATE_CONNECT:
+        _on_connected(cs, rec)
+    elif a.state == UTP_STATE_WRITABLE:
+        if not rec.writable_queued:
+            if _push_event(cs, rec, EV_WRITABLE, 0) == 0:
+                rec.writable_queued = True
+    elif a.state == UTP_STATE_EOF:
+        if not rec.eof:
+            rec.eof = True
+            _push_event(cs, rec, EV_EOF, 0)
+    elif a.state == UTP_STATE_DESTROYING:
+        # The last callback for this socket: keep what Python may still ask
+        # for (stats, info), then forget the engine pointer for good.
+        memcpy(&rec.final_stats, utp_get_stats(a.socket), sizeof(utp_socket_stats))
+        if utpkit_get_socket_info(a.socket, &rec.final_info) == 0:
+            rec.have_final = True
+        rec.final_info.state = UTPKIT_SOCK_DESTROYED
+        utp_set_userdata(a.socket, NULL)
+        rec.sock = NULL
+        rec.destroyed = True
+        cs.live -= 1
+        _push_event(cs, rec, EV_DESTROYED, 0)
+    return 0
+
+
+cdef uint64 _cb_error(utp_callback_arguments *a) noexcept nogil:
+    cdef Rec *rec = _rec_of(a)
+    if rec != NULL and rec.error < 0:
+        rec.error = a.error_code
+        _push_event(rec.cs, rec, EV_ERROR, a.error_code)
+    return 0
+
+
+cdef uint64 _cb_read(utp_callback_arguments *a) noexcept nogil:
+    cdef Rec *rec = _rec_of(a)
+    cdef size_t unread
+    if rec == NULL or a.len == 0:
+        return 0
+    if rec.rend + a.len > rec.rcap and rec.rstart > 0:
+        unread = rec.rend - rec.rstart
+        memmove(rec.rbuf, rec.rbuf + rec.rstart, unread)
+        rec.rstart = 0
+        rec.rend = unread
+    if _grow(<void **>&rec.rbuf, &rec.rcap, rec.rend + a.len, 1, 16384) < 0:
+        rec.cs.oom = True
+        return 0
+    memcpy(rec.rbuf + rec.rend, a.buf, a.len)
+    rec.rend += a.len
+    if not rec.readable_queued:
+        if _push_event(rec.cs, rec, EV_READABLE, 0) == 0:
+            rec.readable_queued = True
+    return 0
+
+
+cdef uint64 _cb_read_buffer_size(utp_callback_arguments *a) noexcept nogil:
+    cdef Rec *rec = _rec_of(a)
+    if rec == NULL:
+        return 0
+    return rec.rend - rec.rstart + rec.extra
+
+
+cdef uint64 _cb_udp_mtu(utp_callback_arguments *a) noexcept nogil:
+    cdef CtxState *cs = _cs_of(a)
+    if cs != NULL and cs.udp_mtu > 0:
+        return cs.udp_mtu
+    if a.address != NULL and a.address.sa_family == AF_INET6:
+        return MTU_IPV6
+    return MTU_IPV4
+
+
+cdef uint64 _cb_microseconds(utp_callback_arguments *a) noexcept nogil:
+    return <uint64>_now(_cs_of(a))
+
+
+cdef uint64 _cb_milliseconds(utp_callback_arguments *a) noexcept nogil:
+    return <uint64>(_now(_cs_of(a)) // 1000)
+
+
+cdef uint64 _cb_random(utp_callback_arguments *a) noexcept nogil:
+    cdef CtxState *cs = _cs_of(a)
+    return _splitmix64(&cs.rng)
+
+
+# --------------------------------------------------------------------------
+# Addresses: Python tuples as the socket module spells them <-> sockaddr.
+# --------------------------------------------------------------------------
+
+cdef int _parse_addr(object addr, sockaddr_storage *ss, socklen_t *sslen) except -1:
+    cdef sockaddr_in *sin
+    cdef sockaddr_in6 *sin6
+    cdef bytes hostb
+    cdef long port
+    cdef unsigned long flowinfo = 0, scope_id = 0
+    if not isinstance(addr, tuple) or len(addr) not in (2, 4):
+        raise ValueError(
+            f"invalid address {addr!r}: expected (host, port) or "
+            f"(host, port, flowinfo, scope_id)")
+    host = addr[0]
+    if not isinstance(host, str):
+        raise ValueError(f"invalid address {addr!r}: host must be a str holding a literal IP address")
+    if "\0" in host:
+        raise ValueError(f"invalid address {addr!r}: NUL in host")
+    try:
+        port = addr[1]
+    except (TypeError, OverflowError):
+        raise ValueError(f"invalid address {addr!r}: port must be an int") from None
+    if not (0 <= port <= 65535):
+        raise ValueError(f"invalid address {addr!r}: port out of range 0..65535")
+    hostb = (<str>host).encode("ascii", "replace")
+    memset(ss, 0, sizeof(sockaddr_storage))
+    if len(addr) == 4 or ":" in host:
+        if len(addr) == 4:
+            try:
+                flowinfo = addr[2]
+                scope_id = addr[3]
+            except (TypeError, OverflowError):
+                raise ValueError(
+                    f"invalid address {addr!r}: flowinfo and scope_id must be "
+                    f"32-bit unsigned ints") from None
+            if flowinfo > 0xFFFFFFFF or scope_id > 0xFFFFFFFF:
+                raise ValueError(f"invalid address {addr!r}: flowinfo or scope_id out of range")
+        sin6 = <sockaddr_in6 *>ss
+        if inet_pton(AF_INET6, hostb, &sin6.sin6_addr) != 1:
+            raise ValueError(f"invalid address {addr!r}: {host!r} is not a literal IPv6 address")
+        sin6.sin6_family = AF_INET6
+        sin6.sin6_port = htons(<unsigned short>port)
+        sin6.sin6_flowinfo = htonl(<unsigned int>flowinfo)
+        sin6.sin6_scope_id = <unsigned int>scope_id
+        sslen[0] = sizeof(sockaddr_in6)
+    else:
+        sin = <sockaddr_in *>ss
+        if inet_pton(AF_INET, hostb, &sin.sin_addr) != 1:
+            raise ValueError(
+                f"invalid address {addr!r}: {host!r} is not a literal IPv4 or IPv6 "
+                f"address (host names are not resolved here)")
+        sin.sin_family = AF_INET
+        sin.sin_port = htons(<unsigned short>port)
+        sslen[0] = sizeof(sockaddr_in)
+    return 0
+
+
+cdef object _format_addr(const sockaddr *sa, socklen_t salen):
+    cdef char buf[64]
+    cdef const sockaddr_in *sin
+    cdef const sockaddr_in6 *sin6
+    if sa == NULL or salen == 0:
+        return None
+    if sa.sa_family == AF_INET and salen >= sizeof(sockaddr_in):
+        sin = <const sockaddr_in *>sa
+        inet_ntop(AF_INET, &sin.sin_addr, buf, sizeof(buf))
+        return ((<bytes>buf).decode("ascii"), ntohs(sin.sin_port))
+    if sa.sa_family == AF_INET6 and salen >= sizeof(sockaddr_in6):
+        sin6 = <const sockaddr_in6 *>sa
+        inet_ntop(AF_INET6, &sin6.sin6_addr, buf, sizeof(buf))
+        return ((<bytes>buf).decode("ascii"), ntohs(sin6.sin6_port),
+                ntohl(sin6.sin6_flowinfo), sin6.sin6_scope_id)
+    return None
+
+
+def classify(data) -> int:
+    """Which protocol a datagram belongs to: CLASS_UTP, CLASS_DHT,
+    CLASS_TRACKER or CLASS_OTHER (utpkit_classify; looks at the first bytes)."""
+    cdef Py_buffer view
+    cdef int r
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        r = utpkit_classify(<const byte *>view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return r
+
+
+# --------------------------------------------------------------------------
+# Context
+# --------------------------------------------------------------------------
+
+@cython.no_gc_clear
+@cython.final
+cdef class Context:
+    """One uTP engine context (utp_init(2)): the sockets of one UDP port.
+
+    Sans-I/O: feed received datagrams to ``process_udp()``, send what
+    ``take_datagrams()`` returns, call ``check_timeouts()`` when
+    ``next_timeout()`` says so and ``issue_deferred_acks()`` after each batch
+    of received datagrams, and act on ``take_events()``.  Nothing is sent or
+    read by the Context itself.
+
+    ``virtual_time=True`` makes the engine's clock the settable attribute
+    ``now_us`` (integer microseconds, never moving backwards); otherwise the
+    engine reads CLOCK_MONOTONIC.  ``seed`` makes the engine's random numbers
+    (connection ids, initial sequence numbers) reproducible.  ``udp_mtu``
+    overrides the packet budget the engine is told for every destination
+    (default: DEFAULT_MTU_IPV4 / DEFAULT_MTU_IPV6 by address family).
+
+    Resource handling: ``close()`` destroys the engine and every socket in
+    it; a Context dropped without ``close()`` warns (ResourceWarning) and
+    closes itself.  A Socket that the application closed is kept alive by
+    its Context until its "destroyed" event has been drained.
+    """
+
+    cdef CtxState *_cs
+    cdef dict _keep
+    # One-entry caches: a peer usually sends many datagrams in a row.
+    cdef object _in_addr_obj
+    cdef sockaddr_storage _in_addr
+    cdef socklen_t _in_addrlen
+    cdef object _out_addr_obj
+    cdef sockaddr_storage _out_addr
+    cdef socklen_t _out_addrlen
+
+    def __cinit__(self, *, bint virtual_time=False, seed=None, udp_mtu=None):
+        cdef CtxState *cs
+        cdef utp_context *ctx
+        cdef int mtu = 0
+        if udp_mtu is not None:
+            mtu = udp_mtu
+            if not (68 <= mtu <= 65507):
+                raise ValueError(f"udp_mtu {udp_mtu!r} out of range 68..65507")
+        if seed is None:
+            seed = int.from_bytes(_os.urandom(8), "little")
+        elif not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
+        self._keep = {}
+        cs = <CtxState *>calloc(1, sizeof(CtxState))
+        if cs == NULL:
+            raise MemoryError()
+        ctx = utp_init(2)
+        if ctx == NULL:
+            free(cs)
+            raise MemoryError("utp_init failed")
+        cs.ctx = ctx
+        cs.refs = 1
+        cs.virtual_time = virtual_time
+        cs.udp_mtu = mtu
+        cs.rng = <uint64_t>(seed & 0xFFFFFFFFFFFFFFFF)
+        cs.owner = <PyObject *>self
+        self._cs = cs
+        utp_context_set_userdata(ctx, cs)
+        utp_set_callback(ctx, UTP_SENDTO, _cb_sendto)
+        utp_set_callback(ctx, UTP_ON_FIREWALL, _cb_firewall)
+        utp_set_callback(ctx, UTP_ON_ACCEPT, _cb_accept)
+        utp_set_callback(ctx, UTP_ON_CONNECT, _cb_connect)
+        utp_set_callback(ctx, UTP_ON_STATE_CHANGE, _cb_state)
+        utp_set_callback(ctx, UTP_ON_ERROR, _cb_error)
+        utp_set_callback(ctx, UTP_ON_READ, _cb_read)
+        utp_set_callback(ctx, UTP_GET_READ_BUFFER_SIZE, _cb_read_buffer_size)
+        utp_set_callback(ctx, UTP_GET_UDP_MTU, _cb_udp_mtu)
+        utp_set_callback(ctx, UTP_GET_MICROSECONDS, _cb_microseconds)
+        utp_set_callback(ctx, UTP_GET_MILLISECONDS, _cb_milliseconds)
+        utp_set_callback(ctx, UTP_GET_RANDOM, _cb_random)
+        cs.max_sockets = <uint32_t>utp_context_get_option(ctx, UTPKIT_MAX_SOCKETS)
+
+    def __dealloc__(self):
+        if self._cs == NULL:
+            return
+        self._close()
+        try:
+            _warnings.warn("unclosed utp.Context (call close())", ResourceWarning)
+        except BaseException:
+            pass
+
+    cdef inline CtxState *_live(self) except NULL:
+        if self._cs == NULL:
+            raise ClosedError("the Context is closed")
+        if self._cs.oom:
+            self._cs.oom = False
+            raise MemoryError("an engine callback failed to allocate memory; "
+                              "events or received data were lost")
+        return self._cs
+
+    cdef void _close(self) noexcept:
+        cdef CtxState *cs = self._cs
+        cdef Rec *rec
+        cdef Rec *nxt
+        if cs == NULL:
+            return
+        self._cs = NULL
+        cs.closed = True
+        # DESTROYING callbacks fired by utp_destroy are recorded like any
+        # other and then dropped with the rest of the queue.
+        utp_destroy(cs.ctx)
+        cs.ctx = NULL
+        cs.owner = NULL
+        cs.ev_n = 0
+        cs.dg_n = 0
+        cs.dg_len = 0
+        rec = cs.recs
+        while rec != NULL:
+            nxt = rec.next
+            rec.pending = 0
+            if rec.sock != NULL:
+                rec.sock = NULL
+                cs.live -= 1
+            rec.readable_queued = False
+            rec.writable_queued = False
+            _rec_maybe_free(rec)
+            rec = nxt
+        keep = self._keep
+        self._keep = {}
+        if keep:
+            keep.clear()  # may free the records of closed Sockets
+        _cs_release(cs)
+
+    def close(self) -> None:
+        """Destroy the engine and all its sockets (utp_destroy).  Idempotent.
+        Queued datagrams and events are discarded; every Socket of this
+        Context raises ClosedError from then on."""
+        self._close()
+
+    @property
+    def closed(self) -> bool:
+        return self._cs == NULL
+
+    # ---- clock ----------------------------------------------------------
+
+    @property
+    def virtual_time(self) -> bool:
+        return self._live().virtual_time
+
+    @property
+    def now_us(self) -> int:
+        """The engine's clock in microseconds.  Settable (forward only) when
+        the Context was made with virtual_time=True."""
+        return _now(self._live())
+
+    @now_us.setter
+    def now_us(self, value):
+        cdef CtxState *cs = self._live()
+        cdef int64_t v = value
+        if not cs.virtual_time:
+            raise ValueError("now_us is settable only with virtual_time=True")
+        if v < cs.now_us:
+            raise ValueError(f"now_us must not move backwards ({v} < {cs.now_us})")
+        cs.now_us = v
+
+    # ---- accepting --------------------------------------------------------
+
+    @property
+    def listening(self) -> bool:
+        """Accept incoming connections?  False (the default) refuses every
+        SYN; True accepts while fewer than max_sockets sockets are alive."""
+        return self._live().listening
+
+    @listening.setter
+    def listening(self, bint value):
+        self._live().listening = value
+
+    @property
+    def max_sockets(self) -> int:
+        """Live sockets above which incoming SYNs are refused (the
+        UTPKIT_MAX_SOCKETS option; setting one sets the other)."""
+        return self._live().max_sockets
+
+    @max_sockets.setter
+    def max_sockets(self, int value):
+        self.set_option(UTPKIT_MAX_SOCKETS, value)
+
+    # ---- options ----------------------------------------------------------
+
+    def set_option(self, int opt, int value) -> None:
+        """utp_context_set_option; ValueError if the engine rejects it."""
+        cdef CtxState *cs = self._live()
+        if utp_context_set_option(cs.ctx, opt, value) < 0:
+            raise ValueError(f"engine rejected context option {opt} = {value}")
+        if opt == UTPKIT_MAX_SOCKETS:
+            cs.max_sockets = <uint32_t>value
+
+    def get_option(self, int opt) -> int:
+        """utp_context_get_option; ValueError for an unknown option."""
+        cdef CtxState *cs = self._live()
+        cdef int r = utp_context_get_option(cs.ctx, opt)
+        if r < 0:
+            raise ValueError(f"unknown context option {opt}")
+        return r
+
+    # ---- input ------------------------------------------------------------
+
+    cdef int _in_address(self, object addr) except -1:
+        if addr is self._in_addr_obj or (self._in_addr_obj is not None
+                                         and addr == self._in_addr_obj):
+            return 0
+        self._in_addr_obj = None
+        _parse_addr(addr, &self._in_addr, &self._in_addrlen)
+        self._in_addr_obj = addr
+        return 0
+
+    def process_udp(self, data, addr) -> bool:
+        """Hand one received datagram to the engine (utp_process_udp).
+        True if it was uTP (consumed), False if not: the caller keeps it."""
+        cdef CtxState *cs = self._live()
+        cdef Py_buffer view
+        cdef int r
+        self._in_address(addr)
+        if type(data) is bytes:
+            r = utp_process_udp(cs.ctx, <const byte *>PyBytes_AS_STRING(data),
+                                <size_t>PyBytes_GET_SIZE(data),
+                                <const sockaddr *>&self._in_addr, self._in_addrlen)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                r = utp_process_udp(cs.ctx, <const byte *>view.buf, <size_t>view.len,
+                                    <const sockaddr *>&self._in_addr, self._in_addrlen)
+            finally:
+                PyBuffer_Release(&view)
+        return r != 0
+
+    def process_icmp_error(self, data, addr) -> bool:
+        """An ICMP error quoting `data`, a datagram we sent to `addr`
+        (utp_process_icmp_error).  True if it matched a socket."""
+        cdef CtxState *cs = self._live()
+        cdef Py_buffer view
+        cdef int r
+        cdef sockaddr_storage ss
+        cdef socklen_t sslen
+        _parse_addr(addr, &ss, &sslen)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            r = utp_process_icmp_error(cs.ctx, <const byte *>view.buf, <size_t>view.len,
+                                       <const sockaddr *>&ss, sslen)
+        finally:
+            PyBuffer_Release(&view)
+        return r != 0
+
+    def process_icmp_fragmentation(self, data, addr, int next_hop_mtu) -> bool:
+        """ICMP "fragmentation needed" quoting `data`, sent to `addr`, with the
+        path's next-hop MTU (utp_process_icmp_fragmentation)."""
+        cdef CtxState *cs = self._live()
+        cdef Py_buffer view
+        cdef int r
+        cdef sockaddr_storage ss
+        cdef socklen_t sslen
+        if not (0 <= next_hop_mtu <= 65535):
+            raise ValueError(f"next_hop_mtu {next_hop_mtu} out of range 0..65535")
+        _parse_addr(addr, &ss, &sslen)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            r = utp_process_icmp_fragmentation(cs.ctx, <const byte *>view.buf,
+                                               <size_t>view.len, <const sockaddr *>&ss,
+                                               sslen, <uint16>next_hop_mtu)
+        finally:
+            PyBuffer_Release(&view)
+        return r != 0
+
+    def check_timeouts(self) -> None:
+        """Run the engine's timers (utp_check_timeouts)."""
+        utp_check_timeouts(self._live().ctx)
+
+    def issue_deferred_acks(self) -> None:
+        """Send the ACKs held back while a batch of datagrams was processed
+        (utp_issue_deferred_acks); call after each receive batch."""
+        utp_issue_deferred_acks(self._live().ctx)
+
+    def next_timeout(self):
+        """Microseconds until check_timeouts() is due (0: now), or None when
+        no timer is armed (utpkit_next_timeout)."""
+        cdef int64_t t = utpkit_next_timeout(self._live().ctx)
+        if t < 0:
+            return None
+        return t
+
+    # ---- sockets ----------------------------------------------------------
+
+    def create_socket(self) -> Socket:
+        """A new, unconnected engine socket (utp_create_socket)."""
+        cdef CtxState *cs = self._live()
+        cdef utp_socket *s = utp_create_socket(cs.ctx)
+        cdef Rec *rec
+        if s == NULL:
+            raise RuntimeError("the engine refused to create a socket "
+                               "(UTPKIT_MAX_SOCKETS reached?)")
+        rec = _rec_new(cs, s)
+        if rec == NULL:
+            utp_close(s)
+            raise MemoryError()
+        return _wrap(rec)
+
+    def connect(self, addr) -> Socket:
+        """create_socket() and connect(addr) in one step."""
+        cdef Socket sock = self.create_socket()
+        try:
+            sock.connect(addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    # ---- output -----------------------------------------------------------
+
+    @property
+    def pending_datagrams(self) -> int:
+        """Datagrams waiting in the outgoing array."""
+        return self._live().dg_n
+
+    def take_datagrams(self) -> list:
+        """Remove and return every datagram the engine sent since the last
+        call, in order, as (data, address, flags) tuples; flags may contain
+        UDP_DONTFRAG."""
+        cdef CtxState *cs = self._live()
+        cdef size_t i, n = cs.dg_n
+        cdef Datagram *d
+        cdef list out = []
+        if n == 0:
+            return out
+        for i in range(n):
+            d = &cs.dg[i]
+            if not (self._out_addr_obj is not None and d.addrlen == self._out_addrlen
+                    and memcmp(&d.addr, &self._out_addr, d.addrlen) == 0):
+                self._out_addr_obj = _format_addr(<const sockaddr *>&d.addr, d.addrlen)
+                memcpy(&self._out_addr, &d.addr, d.addrlen)
+                self._out_addrlen = d.addrlen
+            out.append((PyBytes_FromStringAndSize(<char *>cs.dg_data + d.offset, d.length),
+                        self._out_addr_obj, d.flags))
+        cs.dg_n = 0
+        cs.dg_len = 0
+        return out
+
+    def take_events(self) -> list:
+        """Remove and return what happened since the last call, in order, as
+        (kind, socket, arg) tuples:
+
+        - ("accept", sock, peer_address): a new incoming connection (it is
+          connected and writable at once; no "connect" follows)
+        - ("connect", sock, None): an outgoing connection completed (writable)
+        - ("writable", sock, None): the socket takes more data again
+        - ("readable", sock, None): new data was added to the socket's receive
+          buffer (once per drain per socket)
+        - ("eof", sock, None): the peer finished sending; everything before
+          its FIN is in the buffer
+        - ("error", sock, code): ECONNREFUSED, ECONNRESET or ETIMEDOUT
+        - ("destroyed", sock, None): the engine freed the socket; the last
+          event for it
+
+        Events of a Socket the application already dropped are discarded.
+        """
+        cdef CtxState *cs = self._live()
+        cdef Event *ev
+        cdef size_t i, cap, n = cs.ev_n
+        cdef Rec *rec
+        cdef int kind
+        cdef list out = []
+        cdef Socket sock
+        if n == 0:
+            return out
+        # Detach the queue first: dropping a Python reference below can run a
+        # Socket's __dealloc__, which calls into the engine and so may record
+        # new events; those go to a fresh queue, not to the one being read.
+        ev = cs.ev
+        cap = cs.ev_cap
+        cs.ev = NULL
+        cs.ev_n = 0
+        cs.ev_cap = 0
+        try:
+            for i in range(n):
+                rec = ev[i].rec
+                kind = ev[i].kind
+                rec.pending -= 1
+                if kind == EV_READABLE:
+                    rec.readable_queued = False
+                elif kind == EV_WRITABLE:
+                    rec.writable_queued = False
+                if rec.owner == NULL:
+                    if kind != EV_ACCEPT or rec.orphaned:
+                        _rec_maybe_free(rec)
+                        continue
+                    sock = _wrap(rec)
+                else:
+                    sock = <Socket>rec.owner
+                if kind == EV_ACCEPT:
+                    arg = _format_addr(<const sockaddr *>&rec.peer, rec.peerlen)
+                elif kind == EV_ERROR:
+                    arg = ev[i].arg
+                else:
+                    arg = None
+                out.append((_EVENT_NAMES[kind], sock, arg))
+                if kind == EV_DESTROYED:
+                    self._keep.pop(rec.serial, None)
+        finally:
+            if cs.ev == NULL:
+                cs.ev = ev
+                cs.ev_cap = cap
+            else:
+                free(ev)
+        return out
+
+    # ---- statistics -------------------------------------------------------
+
+    def stats(self) -> dict:
+        """utp_context_stats (packet counts by size bucket, as lists
+        "nraw_recv" and "nraw_send") and every utpkit_counters field, plus
+        "sendto_dropped" (datagrams lost because the binding ran out of
+        memory) and "live_sockets" (the binding's count)."""
+        cdef CtxState *cs = self._live()
+        cdef utp_context_stats *st = utp_get_context_stats(cs.ctx)
+        cdef const utpkit_counters *c = utpkit_get_counters(cs.ctx)
+        d = {
+            "nraw_recv": [st._nraw_recv[i] for i in range(5)],
+            "nraw_send": [st._nraw_send[i] for i in range(5)],
+        }
+        if c != NULL:
+            d.update(c[0])
+        d["sendto_dropped"] = cs.dg_dropped
+        d["live_sockets"] = cs.live
+        return d
+
+    def __repr__(self):
+        if self._cs == NULL:
+            return "<utp.Context closed>"
+        return (f"<utp.Context sockets={self._cs.live}"
+                f"{' listening' if self._cs.listening else ''}"
+                f"{' virtual_time' if self._cs.virtual_time else ''}>")
+
+
+# --------------------------------------------------------------------------
+# Socket
+# --------------------------------------------------------------------------
+
+cdef Socket _wrap(Rec *rec):
+    cdef Socket sock = Socket.__new__(Socket)
+    sock._rec = rec
+    rec.owner = <PyObject *>sock
+    return sock
+
+
+@cython.final
+cdef class Socket:
+    """One uTP connection of a Context.  Made by Context.create_socket(),
+    Context.connect() or an "accept" event; never instantiated directly.
+
+    Received payload collects in a C buffer until ``read()``; the engine
+    advertises a window shrunk by ``readable + extra_buffered``, so a slow
+    reader slows the sender.
+
+    Resource handling: ``close()`` starts the orderly close (utp_close); the
+    Socket stays usable for ``stats()``/``info()`` and reading leftover data
+    until its "destroyed" event.  A Socket garbage-collected without
+    ``close()`` warns (ResourceWarning) and is closed.
+    """
+
+    cdef Rec *_rec
+    cdef public object userdata
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("utp.Socket cannot be created directly; "
+                        "use Context.create_socket() or Context.connect()")
+
+    def __dealloc__(self):
+        cdef Rec *rec = self._rec
+        cdef bint warn = False
+        cdef uint64_t serial
+        if rec == NULL:
+            return
+        self._rec = NULL
+        rec.owner = NULL
+        rec.orphaned = True
+        serial = rec.serial
+        if rec.sock != NULL and not rec.user_closed and not rec.cs.closed:
+            warn = True
+            rec.user_closed = True
+            utp_close(rec.sock)
+        _rec_maybe_free(rec)
+        if warn:
+            try:
+                _warnings.warn(f"unclosed utp.Socket #{serial} (call close())",
+                               ResourceWarning)
+            except BaseException:
+                pass
+
+    cdef inline Rec *_usable(self) except NULL:
+        """The record of a socket whose engine socket is alive and open."""
+        cdef Rec *rec = self._rec
+        if rec == NULL:
+            raise ClosedError("uninitialised utp.Socket")
+        if rec.cs.closed:
+            raise ClosedError("the socket's Context is closed")
+        if rec.user_closed:
+            raise ClosedError("the socket is closed")
+        if rec.sock == NULL:
+            raise ClosedError("the socket was destroyed by the engine")
+        return rec
+
+    cdef inline Rec *_any(self) except NULL:
+        cdef Rec *rec = self._rec
+        if rec == NULL:
+            raise ClosedError("uninitialised utp.Socket")
+        if rec.cs.closed:
+            raise ClosedError("the socket's Context is closed")
+        return rec
+
+    # ---- connection -------------------------------------------------------
+
+    def connect(self, addr) -> None:
+        """Start connecting to addr (utp_connect sends the SYN); a "connect"
+        or "error" event follows."""
+        cdef Rec *rec = self._usable()
+        cdef sockaddr_storage ss
+        cdef socklen_t sslen
+        _parse_addr(addr, &ss, &sslen)
+        if utp_connect(rec.sock, <const sockaddr *>&ss, sslen) < 0:
+            raise ValueError(f"engine refused to connect to {addr!r} "
+                             f"(socket already connected?)")
+        memcpy(&rec.peer, &ss, sslen)
+        rec.peerlen = sslen
+
+    def write(self, data) -> int:
+        """Queue bytes for sending (utp_write).  Returns how many the engine
+        accepted: 0 when its send buffer is full; a "writable" event follows
+        when it takes more."""
+        cdef Rec *rec = self._usable()
+        cdef Py_buffer view
+        cdef ssize_t r
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len == 0:
+                return 0
+            r = utp_write(rec.sock, view.buf, <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+        if r < 0:
+            raise ClosedError("the engine refused the write (socket not "
+                              "connected, shut down or failed)")
+        return r
+
+    def read(self, Py_ssize_t max=-1) -> bytes:
+        """Take up to `max` (all if negative) buffered bytes; b"" when none.
+        Tells the engine (utp_read_drained) so the advertised window reopens."""
+        cdef Rec *rec = self._any()
+        cdef size_t avail, n
+        cdef bytes out
+        if rec.user_closed:
+            raise ClosedError("the socket is closed")
+        avail = rec.rend - rec.rstart
+        n = avail if (max < 0 or <size_t>max > avail) else <size_t>max
+        if n == 0:
+            return b""
+        out = PyBytes_FromStringAndSize(<char *>rec.rbuf + rec.rstart, n)
+        rec.rstart += n
+        if rec.rstart == rec.rend:
+            rec.rstart = rec.rend = 0
+            if rec.rcap > (1 << 20):
+                # Do not keep a burst's worth of memory per idle connection.
+                free(rec.rbuf)
+                rec.rbuf = NULL
+                rec.rcap = 0
+        if rec.sock != NULL:
+            utp_read_drained(rec.sock)
+        return out
+
+    @property
+    def readable(self) -> int:
+        """Bytes in the receive buffer."""
+        cdef Rec *rec = self._rec
+        if rec == NULL:
+            return 0
+        return rec.rend - rec.rstart
+
+    @property
+    def extra_buffered(self) -> int:
+        """Bytes the application holds elsewhere; counted against the
+        advertised receive window (GET_READ_BUFFER_SIZE)."""
+        return self._any().extra
+
+    @extra_buffered.setter
+    def extra_buffered(self, Py_ssize_t value):
+        if value < 0:
+            raise ValueError("extra_buffered must be >= 0")
+        self._any().extra = <size_t>value
+
+    def shutdown_write(self) -> None:
+        """Send FIN after the queued data (utp_shutdown SHUT_WR)."""
+        utp_shutdown(self._usable().sock, SHUT_WR)
+
+    def close(self) -> None:
+        """Close (utp_close): the engine finishes the FIN exchange, then a
+        "destroyed" event follows.  Idempotent."""
+        cdef Rec *rec = self._rec
+        if rec == NULL or rec.user_closed:
+            return
+        rec.user_closed = True
+        if rec.cs.closed or rec.sock == NULL:
+            return
+        if rec.cs.owner != NULL:
+            (<Context>rec.cs.owner)._keep[rec.serial] = self
+        utp_close(rec.sock)
+
+    # ---- state ------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """The handshake completed (outgoing) or the socket was accepted."""
+        return self._rec != NULL and self._rec.connected
+
+    @property
+    def eof(self) -> bool:
+        """The peer's FIN arrived."""
+        return self._rec != NULL and self._rec.eof
+
+    @property
+    def closed(self) -> bool:
+        """close() was called (or the Context was closed)."""
+        return self._rec == NULL or self._rec.user_closed or self._rec.cs.closed
+
+    @property
+    def destroyed(self) -> bool:
+        """The engine socket is gone (destroyed, or the Context closed)."""
+        return self._rec == NULL or self._rec.sock == NULL
+
+    @property
+    def error(self):
+        """None, or the UTP_E* code of the first error."""
+        if self._rec == NULL or self._rec.error < 0:
+            return None
+        return self._rec.error
+
+    @property
+    def peername(self):
+        """The peer's address tuple, or None before connect."""
+        if self._rec == NULL:
+            return None
+        return _format_addr(<const sockaddr *>&self._rec.peer, self._rec.peerlen)
+
+    # ---- introspection ----------------------------------------------------
+
+    def stats(self) -> dict:
+        """utp_socket_stats as a dict.  After "destroyed", the values the
+        socket had when it was destroyed."""
+        cdef Rec *rec = self._any()
+        cdef utp_socket_stats st
+        if rec.sock != NULL:
+            st = utp_get_stats(rec.sock)[0]
+        elif rec.have_final:
+            st = rec.final_stats
+        else:
+            raise ClosedError("the socket was destroyed and no statistics were kept")
+        return st
+
+    def info(self) -> dict:
+        """utpkit_get_socket_info as a dict (state is a SOCK_* value).  After
+        "destroyed", the last snapshot with state SOCK_DESTROYED."""
+        cdef Rec *rec = self._any()
+        cdef utpkit_socket_info inf
+        if rec.sock != NULL:
+            if utpkit_get_socket_info(rec.sock, &inf) < 0:
+                raise RuntimeError("utpkit_get_socket_info failed")
+        elif rec.have_final:
+            inf = rec.final_info
+        else:
+            raise ClosedError("the socket was destroyed and no snapshot was kept")
+        return inf
+
+    def get_delays(self) -> tuple:
+        """(ours, theirs, age) from utp_get_delays: our and the peer's
+        measured queuing delay and how old the peer's figure is."""
+        cdef Rec *rec = self._usable()
+        cdef uint32 ours = 0, theirs = 0, age = 0
+        utp_get_delays(rec.sock, &ours, &theirs, &age)
+        return (ours, theirs, age)
+
+    def set_option(self, int opt, int value) -> None:
+        """utp_setsockopt (SNDBUF, RCVBUF, TARGET_DELAY); ValueError if
+        the engine rejects it."""
+        if utp_setsockopt(self._usable().sock, opt, value) < 0:
+            raise ValueError(f"engine rejected socket option {opt} = {value}")
+
+    def get_option(self, int opt) -> int:
+        """utp_getsockopt; ValueError for an unknown option."""
+        cdef int r = utp_getsockopt(self._usable().sock, opt)
+        if r < 0:
+            raise ValueError(f"unknown socket option {opt}")
+        return r
+
+    def __repr__(self):
+        cdef Rec *rec = self._rec
+        if rec == NULL:
+            return "<utp.Socket uninitialised>"
+        flags = []
+        if rec.connected:
+            flags.append("connected")
+        if rec.eof:
+            flags.append("eof")
+        if rec.error >= 0:
+            flags.append(f"error={ERROR_NAMES[rec.error] if rec.error < 3 else rec.error}")
+        if rec.user_closed:
+            flags.append("closed")
+        if rec.sock == NULL:
+            flags.append("destroyed")
+        return (f"<utp.Socket #{rec.serial} peer={self.peername!r}"
+                f"{' ' if flags else ''}{' '.join(flags)}>")
