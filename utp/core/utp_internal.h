@@ -189,7 +189,8 @@ struct UTPSocket {
 	uint32 lost_count;         /* packets marked lost, not yet resent */
 	uint32 sacked_count;       /* packets selectively acknowledged */
 	uint32 small_in_flight;    /* partial packets in flight (Nagle-style coalescing) */
-	uint32 cwnd;
+	uint32 cwnd;               /* congestion window, bytes (cwnd_exact rounded down) */
+	double cwnd_exact;         /* keeps the fractions of a byte per-ACK gains add up to */
 	uint32 ssthresh;
 	uint32 peer_wnd;
 	uint32 dup_acks;

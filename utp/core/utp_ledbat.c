@@ -22,6 +22,7 @@ static uint32 mss(const utp_socket *s) { return utp_out_payload_max(s); }
 void utp_cc_init(utp_socket *s)
 {
 	s->cwnd = 4 * mss(s);
+	s->cwnd_exact = s->cwnd;
 	s->ssthresh = 0x7fffffffu;
 	s->slow_start = 1;
 	s->rtt_valid = 0;
@@ -115,6 +116,17 @@ static uint32 cwnd_cap(const utp_socket *s)
 	return (uint32)UTP_WINDOW_PACKETS_MAX * mss(s);
 }
 
+/* Never below one packet, never beyond what the peer's reorder buffer takes. */
+static void set_cwnd(utp_socket *s, double cwnd)
+{
+	if (cwnd < mss(s))
+		cwnd = mss(s);
+	if (cwnd > cwnd_cap(s))
+		cwnd = cwnd_cap(s);
+	s->cwnd_exact = cwnd;
+	s->cwnd = (uint32)cwnd;
+}
+
 void utp_cc_on_ack(utp_socket *s, uint32 bytes_acked, uint32 flight_before)
 {
 	uint32 q = utp_delay_queueing(&s->our_hist);
@@ -122,13 +134,13 @@ void utp_cc_on_ack(utp_socket *s, uint32 bytes_acked, uint32 flight_before)
 	/* Grow only while the window is what limits us (RFC 7661): an
 	 * application that sends little must not build a window it never used. */
 	int cwnd_limited = flight_before + mss(s) >= s->cwnd;
-	double cwnd = s->cwnd;
+	double cwnd = s->cwnd_exact;
 
 	if (s->slow_start) {
 		/* Slow start ends before the queue reaches the target: the window
 		 * doubles per round trip, so the queue would overshoot by as much
 		 * again before the delay signal came back. */
-		if ((s->our_hist.nsamples > 0 && q > target / 2) || s->cwnd >= s->ssthresh) {
+		if ((s->our_hist.nsamples > 0 && q > target / 4) || s->cwnd >= s->ssthresh) {
 			s->slow_start = 0;
 			s->ssthresh = s->cwnd;
 		} else if (cwnd_limited) {
@@ -138,16 +150,27 @@ void utp_cc_on_ack(utp_socket *s, uint32 bytes_acked, uint32 flight_before)
 	if (!s->slow_start) {
 		double off_target = ((double)target - (double)q) / (double)target;
 		double window_factor = (double)UTP_MIN(bytes_acked, s->cwnd) / (double)UTP_MAX(s->cwnd, bytes_acked);
-		double gain = MAX_CWND_INCREASE_BYTES_PER_RTT * window_factor * off_target;
+		/* Below the target the increase never falls under a fifth of the
+		 * maximum: the queue then crosses the target now and again, and the
+		 * multiplicative decrease above it evens out competing flows. */
+		double up = off_target > 0 && off_target < 0.2 ? 0.2 : off_target;
+		double gain = MAX_CWND_INCREASE_BYTES_PER_RTT * window_factor * up;
 		if (gain > 0 && !cwnd_limited)
 			gain = 0;
+		if (off_target < 0) {
+			/* Above the target, also shrink in proportion to the window
+			 * (LEDBAT++, draft-irtf-iccrg-ledbat-plus-plus 4.2): with only
+			 * additive changes two flows keep whatever split they started
+			 * with; a multiplicative part makes them converge to equal
+			 * shares.  At most half the window per round trip. */
+			double md = 4.0 * (double)bytes_acked * (-off_target);
+			if (md > bytes_acked / 2.0)
+				md = bytes_acked / 2.0;
+			gain -= md;
+		}
 		cwnd += gain;
 	}
-	if (cwnd < mss(s))
-		cwnd = mss(s);
-	if (cwnd > cwnd_cap(s))
-		cwnd = cwnd_cap(s);
-	s->cwnd = (uint32)cwnd;
+	set_cwnd(s, cwnd);
 }
 
 /* Loss: halve the window, at most once per round trip (until everything
@@ -158,7 +181,7 @@ void utp_cc_on_loss(utp_socket *s)
 		return;
 	s->in_recovery = 1;
 	s->recovery_seq = (uint16)(s->next_send - 1);
-	s->cwnd = UTP_MAX(s->cwnd / 2, mss(s));
+	set_cwnd(s, s->cwnd_exact / 2);
 	s->ssthresh = s->cwnd;
 	s->slow_start = 0;
 	s->loss_events++;
@@ -167,7 +190,7 @@ void utp_cc_on_loss(utp_socket *s)
 void utp_cc_on_timeout(utp_socket *s)
 {
 	s->ssthresh = UTP_MAX(s->cwnd / 2, 2 * mss(s));
-	s->cwnd = mss(s);
+	set_cwnd(s, mss(s));
 	s->slow_start = 1;
 	s->in_recovery = 1;
 	s->recovery_seq = (uint16)(s->next_send - 1);

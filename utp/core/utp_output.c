@@ -443,7 +443,10 @@ void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 
 	if (have_rtt)
 		utp_rtt_sample(s, rtt);
-	if (pk->ts_diff != 0 && (acked_new > 0 || bytes_acked > 0)) {
+	/* Every packet's timestamp_difference is a delay sample of our packets,
+	 * including the reply to our SYN, sent before any data could queue:
+	 * flows started together all see the empty queue for their base. */
+	if (pk->ts_diff != 0) {
 		utp_delay_add(&s->our_hist, pk->ts_diff, now);
 		if (ctx->callbacks[UTP_ON_DELAY_SAMPLE]) {
 			utp_callback_arguments a;
