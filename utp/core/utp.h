@@ -195,7 +195,7 @@ enum {
 	UTPKIT_SYN_RETRIES,     /* SYN retransmissions before ETIMEDOUT (3); each wait doubles */
 	UTPKIT_ACK_DELAY,       /* ms a deferred ACK may wait for utp_issue_deferred_acks (20) */
 	UTPKIT_KEEPALIVE,       /* ms of silence before a keepalive probe (29000) */
-	UTPKIT_DEAD_RETRIES,    /* unanswered timeouts in a row before ETIMEDOUT (6) */
+	UTPKIT_DEAD_RETRIES,    /* unanswered timeouts in a row before ETIMEDOUT (5) */
 	UTPKIT_RESET_RATE,      /* RESETs per second to unknown connections (100) */
 	UTPKIT_MTU_PROBING,     /* 1: probe for a larger packet size with DONTFRAG (1) */
 	UTPKIT_OPTION_END

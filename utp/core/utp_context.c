@@ -73,7 +73,7 @@ utp_context *utp_init(int version)
 	ctx->syn_retries = 3;
 	ctx->ack_delay_ms = 20;
 	ctx->keepalive_ms = 29000;  /* home NATs drop idle UDP mappings after ~30 s */
-	ctx->dead_retries = 6;
+	ctx->dead_retries = 5;
 	ctx->reset_rate = 100;
 	ctx->mtu_probing = 1;
 	ctx->nbuckets = 64;
