@@ -507,3 +507,69 @@ def test_connect_twice_is_refused(pair):
     s, bs = connect(pair)
     with pytest.raises(ValueError):
         s.connect(pair.b_addr)
+
+
+def test_write_on_unconnected_socket():
+    ctx = Context(virtual_time=True)
+    try:
+        s = ctx.create_socket()
+        with pytest.raises(ValueError, match="never connected"):
+            s.write(b"x")
+        assert s.write(b"") == 0
+        s.close()
+    finally:
+        ctx.close()
+
+
+def test_socket_keeps_its_context_alive():
+    s = Context(virtual_time=True).connect(B4)
+    gc.collect()
+    assert not s.closed
+    assert s.write(b"queued before the handshake") > 0
+    s.close()
+    with pytest.warns(ResourceWarning, match="unclosed utp.Context"):
+        del s
+        gc.collect()
+
+
+def test_dropped_socket_with_queued_events():
+    """A Socket dropped while the engine still has undrained events for it:
+    the events are discarded, its C record lives on until the engine is
+    done with it, and nothing is touched after it was freed."""
+    p = Pair()
+    try:
+        s, bs = connect(p)
+        p.events[p.a].clear()
+        bs.write(b"data for a socket nobody reads" * 100)
+        for data, _, _ in p.b.take_datagrams():
+            p.a.process_udp(data, p.b_addr)  # queues "readable" on a, not drained
+        with pytest.warns(ResourceWarning):
+            del s
+            gc.collect()
+        evs = p.a.take_events()
+        assert evs == []  # the orphan's events are dropped
+        for _ in range(100):
+            p.pump(10_000)
+        assert [k for k, _, _ in p.events[p.a]] == []
+        assert p.a.stats()["live_sockets"] == 0
+        bs.close()
+        for _ in range(100):
+            p.pump(10_000)
+        assert bs.destroyed
+    finally:
+        p.close()
+
+
+def test_accepted_socket_dropped_before_the_context_closes():
+    p = Pair()
+    try:
+        p.b.listening = True
+        s = p.a.connect(p.b_addr)
+        for data, _, _ in p.a.take_datagrams():
+            p.b.process_udp(data, p.a_addr)  # "accept" queued on b, never drained
+        p.b.close()  # frees the accepted socket's record with the engine
+        with pytest.raises(ClosedError):
+            p.b.take_events()
+        s.close()
+    finally:
+        p.close()

@@ -240,7 +240,6 @@ cdef struct Rec:
 
 cdef struct CtxState:
     utp_context *ctx
-    PyObject *owner            # borrowed: the Python Context, NULL after close
     int refs                   # the Context plus one per record
     bint closed
     bint oom                   # a callback failed to allocate; raised on the next drain
@@ -685,7 +684,6 @@ cdef class Context:
         cs.virtual_time = virtual_time
         cs.udp_mtu = mtu
         cs.rng = <uint64_t>(seed & 0xFFFFFFFFFFFFFFFF)
-        cs.owner = <PyObject *>self
         self._cs = cs
         utp_context_set_userdata(ctx, cs)
         utp_set_callback(ctx, UTP_SENDTO, _cb_sendto)
@@ -732,7 +730,6 @@ cdef class Context:
         # other and then dropped with the rest of the queue.
         utp_destroy(cs.ctx)
         cs.ctx = NULL
-        cs.owner = NULL
         cs.ev_n = 0
         cs.dg_n = 0
         cs.dg_len = 0
@@ -924,7 +921,7 @@ cdef class Context:
         if rec == NULL:
             utp_close(s)
             raise MemoryError()
-        return _wrap(rec)
+        return _wrap(rec, self)
 
     def connect(self, addr) -> Socket:
         """create_socket() and connect(addr) in one step."""
@@ -1014,7 +1011,7 @@ cdef class Context:
                     if kind != EV_ACCEPT or rec.orphaned:
                         _rec_maybe_free(rec)
                         continue
-                    sock = _wrap(rec)
+                    sock = _wrap(rec, self)
                 else:
                     sock = <Socket>rec.owner
                 if kind == EV_ACCEPT:
@@ -1066,9 +1063,10 @@ cdef class Context:
 # Socket
 # --------------------------------------------------------------------------
 
-cdef Socket _wrap(Rec *rec):
+cdef Socket _wrap(Rec *rec, Context ctx):
     cdef Socket sock = Socket.__new__(Socket)
     sock._rec = rec
+    sock._ctx = ctx
     rec.owner = <PyObject *>sock
     return sock
 
@@ -1089,6 +1087,10 @@ cdef class Socket:
     """
 
     cdef Rec *_rec
+    # A strong reference, so a Context lives as long as any of its Sockets.
+    # Nothing below needs it to free the C record: records are reference
+    # counted in C, so the order in which the GC breaks a cycle is harmless.
+    cdef Context _ctx
     cdef public object userdata
 
     def __init__(self, *args, **kwargs):
@@ -1160,6 +1162,7 @@ cdef class Socket:
         cdef Rec *rec = self._usable()
         cdef Py_buffer view
         cdef ssize_t r
+        cdef utpkit_socket_info inf
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             if view.len == 0:
@@ -1168,8 +1171,10 @@ cdef class Socket:
         finally:
             PyBuffer_Release(&view)
         if r < 0:
-            raise ClosedError("the engine refused the write (socket not "
-                              "connected, shut down or failed)")
+            if utpkit_get_socket_info(rec.sock, &inf) == 0 and inf.state == UTPKIT_SOCK_IDLE:
+                raise ValueError("write on a socket that was never connected")
+            raise ClosedError("the engine refused the write (the socket is shut "
+                              "down for writing, failed or closing)")
         return r
 
     def read(self, Py_ssize_t max=-1) -> bytes:
@@ -1230,8 +1235,8 @@ cdef class Socket:
         rec.user_closed = True
         if rec.cs.closed or rec.sock == NULL:
             return
-        if rec.cs.owner != NULL:
-            (<Context>rec.cs.owner)._keep[rec.serial] = self
+        if self._ctx is not None and self._ctx._cs != NULL:
+            self._ctx._keep[rec.serial] = self
         utp_close(rec.sock)
 
     # ---- state ------------------------------------------------------------
