@@ -1,14 +1,14 @@
 """Type stubs of the compiled binding utp._utp (see utp/_utp.pyx)."""
 
-from typing import Any, Final, Literal, TypeAlias, TypedDict, Union
+from typing import Any, Final, Literal, TypeAlias, Union, final
 
 
-IPv4Address: TypeAlias = tuple[str, int]
-IPv6Address: TypeAlias = tuple[str, int, int, int]
-Address: TypeAlias = Union[IPv4Address, IPv6Address]
-Buffer: TypeAlias = Union[bytes, bytearray, memoryview]
+_IPv4Address: TypeAlias = tuple[str, int]
+_IPv6Address: TypeAlias = tuple[str, int, int, int]
+_Address: TypeAlias = Union[_IPv4Address, _IPv6Address]
+_Buffer: TypeAlias = Union[bytes, bytearray, memoryview]
 
-EventKind: TypeAlias = Literal[
+_EventKind: TypeAlias = Literal[
     "accept", "connect", "writable", "readable", "eof", "error", "destroyed"
 ]
 
@@ -136,64 +136,12 @@ UTPKIT_CLASS_TRACKER: Final = 3
 class ClosedError(RuntimeError):
     """Use of a closed Context, a closed Socket, or a destroyed Socket."""
 
-class SocketStats(TypedDict):
-    nbytes_recv: int
-    nbytes_xmit: int
-    rexmit: int
-    fastrexmit: int
-    nxmit: int
-    nrecv: int
-    nduprecv: int
-    mtu_guess: int
+_Datagram: TypeAlias = tuple[bytes, _Address, int]
+_Event: TypeAlias = tuple[_EventKind, "Socket", Any]
 
-class SocketInfo(TypedDict):
-    state: int
-    srtt_us: int
-    rttvar_us: int
-    rto_ms: int
-    cwnd: int
-    ssthresh: int
-    in_flight: int
-    peer_wnd: int
-    send_queue: int
-    reorder_bytes: int
-    packet_size: int
-    our_delay_us: int
-    base_delay_us: int
-    timeouts: int
-    loss_events: int
-    slow_start: int
-    seq_nr: int
-    ack_nr: int
+def classify(data: _Buffer) -> int: ...
 
-class ContextStats(TypedDict):
-    nraw_recv: list[int]
-    nraw_send: list[int]
-    packets_in: int
-    packets_out: int
-    bytes_in: int
-    bytes_out: int
-    not_utp: int
-    drop_malformed: int
-    drop_unknown: int
-    drop_invalid: int
-    resets_sent: int
-    resets_limited: int
-    syn_refused: int
-    syn_duplicate: int
-    icmp_handled: int
-    sockets_created: int
-    sockets_freed: int
-    sockets_live: int
-    sockets_peak: int
-    sendto_dropped: int
-    live_sockets: int
-
-Datagram: TypeAlias = tuple[bytes, Address, int]
-Event: TypeAlias = tuple[EventKind, "Socket", Any]
-
-def classify(data: Buffer) -> int: ...
-
+@final
 class Context:
     def __init__(
         self,
@@ -221,26 +169,27 @@ class Context:
     def max_sockets(self, value: int) -> None: ...
     def set_option(self, opt: int, value: int) -> None: ...
     def get_option(self, opt: int) -> int: ...
-    def process_udp(self, data: Buffer, addr: Address) -> bool: ...
-    def process_icmp_error(self, data: Buffer, addr: Address) -> bool: ...
+    def process_udp(self, data: _Buffer, addr: _Address) -> bool: ...
+    def process_icmp_error(self, data: _Buffer, addr: _Address) -> bool: ...
     def process_icmp_fragmentation(
-        self, data: Buffer, addr: Address, next_hop_mtu: int
+        self, data: _Buffer, addr: _Address, next_hop_mtu: int
     ) -> bool: ...
     def check_timeouts(self) -> None: ...
     def issue_deferred_acks(self) -> None: ...
     def next_timeout(self) -> int | None: ...
     def create_socket(self) -> Socket: ...
-    def connect(self, addr: Address) -> Socket: ...
+    def connect(self, addr: _Address) -> Socket: ...
     @property
     def pending_datagrams(self) -> int: ...
-    def take_datagrams(self) -> list[Datagram]: ...
-    def take_events(self) -> list[Event]: ...
-    def stats(self) -> ContextStats: ...
+    def take_datagrams(self) -> list[_Datagram]: ...
+    def take_events(self) -> list[_Event]: ...
+    def stats(self) -> dict[str, Any]: ...
 
+@final
 class Socket:
     userdata: Any
-    def connect(self, addr: Address) -> None: ...
-    def write(self, data: Buffer) -> int: ...
+    def connect(self, addr: _Address) -> None: ...
+    def write(self, data: _Buffer) -> int: ...
     def read(self, max: int = -1) -> bytes: ...
     @property
     def readable(self) -> int: ...
@@ -261,9 +210,9 @@ class Socket:
     @property
     def error(self) -> int | None: ...
     @property
-    def peername(self) -> Address | None: ...
-    def stats(self) -> SocketStats: ...
-    def info(self) -> SocketInfo: ...
+    def peername(self) -> _Address | None: ...
+    def stats(self) -> dict[str, int]: ...
+    def info(self) -> dict[str, int]: ...
     def get_delays(self) -> tuple[int, int, int]: ...
     def set_option(self, opt: int, value: int) -> None: ...
     def get_option(self, opt: int) -> int: ...

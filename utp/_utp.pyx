@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, binding=True, embedsignature=True
 """Cython binding of the utpkit uTP engine (utp/core).
 
 Python never runs inside an engine call.  The callbacks registered with the

@@ -91,6 +91,9 @@ __all__ = [
 
 _CHUNK = 65536
 
+# (host, port) or (host, port, flowinfo, scope_id), as utp.Context spells them.
+Address = tuple[Any, ...]
+
 # Bytes of IP + UDP header charged against a link's bandwidth and queue for
 # every datagram, when the link does not say otherwise.
 _OVERHEAD_V4 = 28
@@ -354,7 +357,7 @@ class Node:
     arguments for accepted SimConnections).
     """
 
-    def __init__(self, net: Network, name: str, addr: tuple, ctx: Context) -> None:
+    def __init__(self, net: Network, name: str, addr: Address, ctx: Context) -> None:
         self.net = net
         self.name = name
         self.addr = addr
@@ -364,10 +367,10 @@ class Node:
         self.connections: list[SimConnection] = []
         self.accepted: list[SimConnection] = []
         self.on_accept: Callable[[SimConnection], None] | None = None
-        self.on_raw: Callable[[bytes, tuple], None] | None = None
-        self.not_utp: list[tuple[int, bytes, tuple]] = []
+        self.on_raw: Callable[[bytes, Address], None] | None = None
+        self.not_utp: list[tuple[int, bytes, Address]] = []
         self.conn_defaults: dict[str, Any] = {}
-        self._links: dict[tuple, Link] = {}
+        self._links: dict[Address, Link] = {}
         self._timer_at: int | None = None  # time of the earliest live timer event
         self._ack_pending = False
         self._draining = False
@@ -388,7 +391,7 @@ class Node:
             self.on_accept = on_accept
         self.conn_defaults.update(conn_defaults)
 
-    def connect(self, addr: tuple | Node, **kwargs: Any) -> SimConnection:
+    def connect(self, addr: Address | Node, **kwargs: Any) -> SimConnection:
         """Open a connection to `addr` (an address or a Node).  Keyword
         arguments go to SimConnection (auto_read, keep_data,
         close_when_done, close_on_error, on_event)."""
@@ -414,7 +417,7 @@ class Node:
         self._enter()
         self._drain()
 
-    def send_raw(self, data: bytes, dst: tuple | Node, flags: int = 0) -> None:
+    def send_raw(self, data: bytes, dst: Address | Node, flags: int = 0) -> None:
         """Send an arbitrary datagram over the link to `dst`, as if this
         node's engine had sent it (for malformed-packet tests)."""
         if isinstance(dst, Node):
@@ -511,7 +514,7 @@ class Node:
             ctx.check_timeouts()
         self._drain()
 
-    def _receive(self, data: bytes, src: tuple) -> None:
+    def _receive(self, data: bytes, src: Address) -> None:
         ctx = self.ctx
         if ctx.closed:
             return
@@ -536,7 +539,7 @@ class Node:
         self.ctx.issue_deferred_acks()
         self._drain()
 
-    def _icmp_fragmentation(self, arg: tuple) -> None:
+    def _icmp_fragmentation(self, arg: Address) -> None:
         data, dst, mtu = arg
         if self.ctx.closed:
             return
@@ -612,8 +615,8 @@ class SimConnection:
         self.error_at: int | None = None
         self.destroyed_at: int | None = None
         self.closed = False
-        self.final_stats: dict | None = None
-        self.final_info: dict | None = None
+        self.final_stats: dict[str, Any] | None = None
+        self.final_info: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (f"<SimConnection {self.node.name}{' accepted' if self.accepted else ''} "
@@ -683,7 +686,7 @@ class SimConnection:
     def read(self, max: int = -1) -> bytes:
         """Read from the socket's buffer (for ``auto_read=False``); the bytes
         are counted and hashed like automatically read ones."""
-        data = self.node.call(self.sock.read, max)
+        data: bytes = self.node.call(self.sock.read, max)
         self._consume(data)
         return data
 
@@ -755,11 +758,11 @@ class SimConnection:
         if self.on_event is not None:
             self.on_event(self, kind, arg)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         """The socket's stats() (live, or as it was when destroyed)."""
         return self.sock.stats()
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, int]:
         """The socket's info() (live, or as it was when destroyed)."""
         return self.sock.info()
 
@@ -790,7 +793,7 @@ class Network:
         self.link_defaults.update(link_defaults)
         self.nodes: dict[str, Node] = {}
         self.links: dict[tuple[str, str], Link] = {}
-        self._by_addr: dict[tuple, Node] = {}
+        self._by_addr: dict[Address, Node] = {}
         self._heap: list[tuple[int, int, Callable[[Any], None], Any]] = []
         self._seq = itertools.count()
         self._ack_nodes: list[Node] = []
@@ -814,7 +817,7 @@ class Network:
     # ---- topology ---------------------------------------------------------
 
     def add_node(self, name: str | None = None, *, ipv6: bool = False,
-                 addr: tuple | None = None, udp_mtu: int | None = None,
+                 addr: Address | None = None, udp_mtu: int | None = None,
                  options: dict[int, int] | None = None, listen: bool = False) -> Node:
         """Add a node with its own engine.  `addr` defaults to the next free
         documentation address of the family; `options` are context options
@@ -878,7 +881,7 @@ class Network:
         """``call_at(now + delay_us, fn)``."""
         self.call_at(self.now + delay_us, fn)
 
-    def _route(self, src: Node, data: bytes, dst: tuple, flags: int) -> None:
+    def _route(self, src: Node, data: bytes, dst: Address, flags: int) -> None:
         link = src._links.get(dst)
         if link is None:
             node = self._by_addr.get(dst)
@@ -946,7 +949,7 @@ class Network:
         return {k: v.counters() for k, v in self.links.items()}
 
 
-def _canonical(addr: tuple) -> tuple:
+def _canonical(addr: Address) -> Address:
     """The address as the binding reports it (inet_ntop spelling)."""
     host = str(ipaddress.ip_address(addr[0]))
     if len(addr) == 4 or ":" in host:
@@ -981,15 +984,15 @@ class TransferResult:
     fastrexmit: int
     lost: int
     srtt_us: int
-    a_stats: dict
-    b_stats: dict
-    a_to_b: dict
-    b_to_a: dict
+    a_stats: dict[str, Any]
+    b_stats: dict[str, Any]
+    a_to_b: dict[str, Any]
+    b_to_a: dict[str, Any]
     conn_a: SimConnection
     conn_b: SimConnection | None
 
 
-def _delta(after: dict, before: dict) -> dict:
+def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return {k: after[k] - before.get(k, 0) for k in after}
 
 
@@ -1045,7 +1048,7 @@ def transfer(net: Network, a: Node, b: Node, nbytes: int, *, both_directions: bo
         end = net.now
         snap_a = ca.sock.stats()
         info_a = ca.sock.info()
-        snap_b = cb.sock.stats() if cb is not None else {}
+        snap_b: dict[str, int] = cb.sock.stats() if cb is not None else {}
         net.run(net.now + settle_us,
                 condition=lambda: ca.destroyed_at is not None
                 and (cb is None or cb.destroyed_at is not None))
