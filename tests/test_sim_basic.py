@@ -199,3 +199,25 @@ def test_node_addresses_unique():
         assert len({n.addr for n in nodes}) == 300
         with pytest.raises(ValueError, match="taken"):
             net.add_node(addr=nodes[0].addr)
+
+
+def test_link_mtu_fragments_and_icmp():
+    net, a, b = make(delay_us=1_000, mtu=500)
+    with net:
+        ab = net.links[("a", "b")]
+        a.send_raw(b"d" + b"x" * 599, b)  # too big, no DF: "fragmented", delivered
+        a.send_raw(b"d" + b"x" * 399, b)
+        a.send_raw(b"d" + b"x" * 599, b, flags=utp.UTP_UDP_DONTFRAG)  # dropped
+        net.run()
+        assert (ab.fragmented, ab.dropped_mtu, ab.delivered) == (1, 1, 2)
+        ab.configure(drop_fragments=True, icmp=True)
+        a.send_raw(b"d" + b"x" * 599, b)
+        a.send_raw(b"d" + b"x" * 599, b, flags=utp.UTP_UDP_DONTFRAG)
+        net.run()
+        # The ICMP reaches a's engine, which matches it to no socket.
+        assert (ab.fragmented, ab.dropped_mtu, ab.delivered) == (1, 3, 2)
+        assert_counters_add_up(ab)
+        with pytest.raises(TypeError, match="unknown link parameter"):
+            ab.configure(bandwith_bps=1)
+        with pytest.raises(ValueError, match="probability"):
+            ab.configure(loss=1.5)

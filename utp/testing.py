@@ -164,7 +164,9 @@ class Link:
         ``icmp`` is true the sender's engine gets an ICMP "fragmentation
         needed" (process_icmp_fragmentation) one ``delay_us`` later; a larger
         datagram without the flag is delivered (fragmented by the "network")
-        and counted in ``fragmented``.
+        and counted in ``fragmented`` -- unless ``drop_fragments`` is true
+        (a path whose middleboxes drop IP fragments, an MTU black hole): then
+        it is dropped and counted in ``dropped_mtu`` too.
     overhead
         Bytes per datagram charged to bandwidth and queue on top of the UDP
         payload (IP and UDP headers); None: 28 for IPv4, 48 for IPv6.
@@ -179,7 +181,7 @@ class Link:
 
     _PARAMS = ("delay_us", "bandwidth_bps", "queue_bytes", "loss", "duplicate",
                "reorder", "reorder_delay_us", "jitter_us", "mtu", "icmp",
-               "overhead", "filter", "record_queue_delays")
+               "drop_fragments", "overhead", "filter", "record_queue_delays")
 
     def __init__(self, net: Network, src: Node, dst: Node, **params: Any) -> None:
         self.net = net
@@ -195,6 +197,7 @@ class Link:
         self.jitter_us: int = 0
         self.mtu: int | None = None
         self.icmp: bool = False
+        self.drop_fragments: bool = False
         self.overhead: int | None = None
         self.filter: Callable[[int, bytes, int], Any] | None = None
         self.record_queue_delays: bool = True
@@ -294,6 +297,9 @@ class Link:
                 if self.icmp:
                     net._schedule(now + self.delay_us, self.src._icmp_fragmentation,
                                   (data, self.dst.addr, self.mtu))
+                return
+            if self.drop_fragments:
+                self.dropped_mtu += 1
                 return
             self.fragmented += 1
         rng = net.rng
@@ -490,8 +496,15 @@ class Node:
             if self._ack_pending:
                 return  # the end-of-instant ACK flush comes first
             if self._checked_at == net.now:
-                # The engine says "due now" right after check_timeouts ran at
-                # this very instant; do not spin in place.
+                # "Due now" although the timers just ran at this instant: what
+                # is left is a deferred ACK (utpkit_next_timeout reports those
+                # as due at once).  A real loop would issue it; so does the
+                # simulation, unless it was told to leave ACKs to the engine's
+                # timer -- then it looks again 1 ms later rather than spin.
+                if net.deferred_acks:
+                    self._ack_pending = True
+                    net._ack_nodes.append(self)
+                    return
                 net.timer_spins += 1
                 due = net.now + 1000
         if self._timer_at is None or due < self._timer_at or self._timer_at < net.now:
