@@ -221,3 +221,15 @@ def test_link_mtu_fragments_and_icmp():
             ab.configure(bandwith_bps=1)
         with pytest.raises(ValueError, match="probability"):
             ab.configure(loss=1.5)
+
+
+def test_every_samples_the_queue():
+    net, a, b = make(delay_us=10_000, bandwidth_bps=10e6, queue_bytes=40_000)
+    samples = []
+    with net:
+        link = net.links[("a", "b")]
+        net.every(10_000, lambda: samples.append(link.queued_bytes), until=2_000_000)
+        r = transfer(net, a, b, MiB // 2)
+        assert r.ok
+        assert 0 < max(samples) <= 40_000
+        assert len(samples) <= 2_000_000 // 10_000 + 1

@@ -47,6 +47,20 @@ Model
   ``issue_deferred_acks()`` -- unless the network was made with
   ``deferred_acks=False``, which leaves ACKs to the engine's own ACK timer.
 
+Scripting a test
+----------------
+- ``net.run(until=..., condition=..., max_events=...)`` runs the heap;
+  ``net.run_for(duration_us)`` is relative.
+- ``net.call_at(t, fn)`` / ``net.call_later(dt, fn)`` run a function at a
+  virtual time (change a link, close a connection); ``net.every(dt, fn)``
+  samples (return False from fn to stop).
+- ``link.configure(loss=..., ...)`` changes a link at any time;
+  ``link.filter`` sees (and may drop or rewrite) every datagram.
+- ``node.call(fn, *args)`` calls into an engine (``node.ctx`` or
+  ``conn.sock``) and then lets the results reach the network.
+- Connections between the same two nodes share their links, so several
+  flows over one node pair compete for one bottleneck queue.
+
 Measurements
 ------------
 Each ``Link`` counts ``sent``, ``delivered``, ``duplicated``,
@@ -893,6 +907,23 @@ class Network:
     def call_later(self, delay_us: int, fn: Callable[[], Any]) -> None:
         """``call_at(now + delay_us, fn)``."""
         self.call_at(self.now + delay_us, fn)
+
+    def every(self, interval_us: int, fn: Callable[[], Any], *, until: int | None = None) -> None:
+        """Run ``fn()`` now and then every `interval_us` until it returns
+        False or the clock passes `until` -- for sampling cwnd, queue
+        occupancy and the like over a run.  While it is active the event
+        heap never empties, so give ``run()`` an `until` or a `condition`."""
+        if interval_us <= 0:
+            raise ValueError("interval_us must be > 0")
+
+        def tick(_arg: Any) -> None:
+            if until is not None and self.now > until:
+                return
+            if fn() is False:
+                return
+            self._schedule(self.now + interval_us, tick, None)
+
+        self._schedule(self.now, tick, None)
 
     def _route(self, src: Node, data: bytes, dst: Address, flags: int) -> None:
         link = src._links.get(dst)
