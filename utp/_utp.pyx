@@ -446,6 +446,7 @@ cdef uint64 _cb_connect(utp_callback_arguments *a) noexcept nogil:
 cdef uint64 _cb_state(utp_callback_arguments *a) noexcept nogil:
     cdef Rec *rec = _rec_of(a)
     cdef CtxState *cs
+    cdef utp_socket_stats *st
     if rec == NULL:
         return 0
     cs = rec.cs
@@ -462,10 +463,11 @@ cdef uint64 _cb_state(utp_callback_arguments *a) noexcept nogil:
     elif a.state == UTP_STATE_DESTROYING:
         # The last callback for this socket: keep what Python may still ask
         # for (stats, info), then forget the engine pointer for good.
-        memcpy(&rec.final_stats, utp_get_stats(a.socket), sizeof(utp_socket_stats))
-        if utpkit_get_socket_info(a.socket, &rec.final_info) == 0:
+        st = utp_get_stats(a.socket)
+        if st != NULL and utpkit_get_socket_info(a.socket, &rec.final_info) == 0:
+            memcpy(&rec.final_stats, st, sizeof(utp_socket_stats))
+            rec.final_info.state = UTPKIT_SOCK_DESTROYED
             rec.have_final = True
-        rec.final_info.state = UTPKIT_SOCK_DESTROYED
         utp_set_userdata(a.socket, NULL)
         rec.sock = NULL
         rec.destroyed = True
@@ -485,7 +487,8 @@ cdef uint64 _cb_error(utp_callback_arguments *a) noexcept nogil:
 cdef uint64 _cb_read(utp_callback_arguments *a) noexcept nogil:
     cdef Rec *rec = _rec_of(a)
     cdef size_t unread
-    if rec == NULL or a.len == 0:
+    if rec == NULL or a.len == 0 or rec.user_closed:
+        # After close() nobody can read it: do not hold it in memory.
         return 0
     if rec.rend + a.len > rec.rcap and rec.rstart > 0:
         unread = rec.rend - rec.rstart
