@@ -649,7 +649,11 @@ cdef class Context:
     Resource handling: ``close()`` destroys the engine and every socket in
     it; a Context dropped without ``close()`` warns (ResourceWarning) and
     closes itself.  A Socket that the application closed is kept alive by
-    its Context until its "destroyed" event has been drained.
+    its Context until its "destroyed" event has been drained, and every
+    Socket keeps its Context alive.
+
+    Threads: the GIL is held through every engine call and nothing here
+    locks; use one Context (and its Sockets) from one thread at a time.
     """
 
     cdef CtxState *_cs
