@@ -5,8 +5,12 @@ nothing here opens a real socket.
 """
 
 import gc
+import ipaddress
+import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import utp
 from utp import ClosedError, Context
@@ -573,3 +577,27 @@ def test_accepted_socket_dropped_before_the_context_closes():
         s.close()
     finally:
         p.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(ip=st.ip_addresses(), port=st.integers(0, 65535),
+       flow=st.integers(0, 0xFFFFF), scope=st.integers(0, 0xFFFFFFFF))
+def test_addresses_round_trip(ip, port, flow, scope):
+    ctx = Context(virtual_time=True)
+    try:
+        # Spelled the way the socket module spells it (inet_ntop), which for
+        # IPv4-mapped IPv6 addresses is not str(ipaddress.ip_address()).
+        if ip.version == 4:
+            addr = (str(ip), port)
+            want = addr
+        else:
+            addr = (ip.exploded, port, flow, scope)
+            want = (socket.inet_ntop(socket.AF_INET6, ip.packed), port, flow, scope)
+        s = ctx.connect(addr)
+        assert s.peername == want
+        (data, to, flags), = ctx.take_datagrams()
+        assert to == want
+        assert ipaddress.ip_address(to[0]) == ip
+        s.close()
+    finally:
+        ctx.close()

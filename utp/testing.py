@@ -84,6 +84,7 @@ import ipaddress
 import itertools
 import math
 import random
+import socket
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -994,12 +995,14 @@ class Network:
 
 
 def _canonical(addr: Address) -> Address:
-    """The address as the binding reports it (inet_ntop spelling)."""
-    host = str(ipaddress.ip_address(addr[0]))
-    if len(addr) == 4 or ":" in host:
+    """The address as the binding reports it (inet_ntop's spelling, which is
+    the socket module's too)."""
+    ip = ipaddress.ip_address(addr[0])
+    if len(addr) == 4 or ip.version == 6:
         flow, scope = (addr[2], addr[3]) if len(addr) == 4 else (0, 0)
+        host = socket.inet_ntop(socket.AF_INET6, ip.packed)
         return (host, int(addr[1]), int(flow), int(scope))
-    return (host, int(addr[1]))
+    return (str(ip), int(addr[1]))
 
 
 @dataclasses.dataclass
