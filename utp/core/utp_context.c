@@ -474,8 +474,6 @@ int64 utpkit_next_timeout(utp_context *ctx)
 	uint64 now;
 	if (ctx == NULL)
 		return -1;
-	if (ctx->ack_list != NULL)
-		return 0;
 	if (ctx->heap_len == 0)
 		return -1;
 	now = UTP_MAX(read_clock(ctx), ctx->now);
@@ -639,7 +637,7 @@ int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct 
 		} else if (s->is_acceptor && s->syn_seq == pk.seq_nr && s->state != UTPKIT_SOCK_DESTROYED) {
 			/* Our reply was lost: answer again, create nothing. */
 			ctx->counters.syn_duplicate++;
-			utp_out_send_ack(s);
+			utp_out_send_synack(s);
 		} else {
 			ctx->counters.drop_invalid++;
 		}

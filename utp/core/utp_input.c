@@ -198,15 +198,24 @@ void utp_in_on_packet(utp_socket *s, const utp_packet *pk)
 		}
 		return;
 	}
-	if (s->state == UTPKIT_SOCK_SYN_SENT && (pk->ack_nr != s->syn_seq || pk->type == ST_SYN)) {
+	/* Only the STATE reply to our SYN says where the acceptor's data starts:
+	 * its DATA may overtake it, and is dropped (it will be resent) rather
+	 * than guessed at. */
+	if (s->state == UTPKIT_SOCK_SYN_SENT && (pk->ack_nr != s->syn_seq || pk->type != ST_STATE)) {
 		ctx->counters.drop_invalid++;
 		return;
 	}
+	s->confirmed = 1;
 
 	s->stats.nrecv++;
 	s->last_recv = ctx->now;
 	s->probes_unanswered = 0;
-	s->consecutive_timeouts = 0;
+	/* A peer that answers but never acknowledges new data (say, a path that
+	 * loses our full-size packets) is as good as dead: the timeout count
+	 * resets only on progress (utp_out_on_ack) or when the peer's window
+	 * explains the silence. */
+	if (pk->wnd < utp_out_payload_max(s))
+		s->consecutive_timeouts = 0;
 	if (pk->ts != 0) {
 		/* One-way delay of the peer's packets (plus clock offset); sent back
 		 * in our timestamp_difference field for the peer's LEDBAT. */

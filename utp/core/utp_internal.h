@@ -165,6 +165,7 @@ struct UTPSocket {
 	unsigned rtt_valid : 1;
 	unsigned tlp_sent : 1;     /* tail loss probe sent since the last ACK progress */
 	unsigned in_recovery : 1;
+	unsigned confirmed : 1;    /* acceptor: the initiator has sent something after its SYN */
 
 	/* lists: all sockets, hash chain, deferred ACKs, zombies */
 	utp_socket *next, *prev;
@@ -182,6 +183,7 @@ struct UTPSocket {
 	uint16 acked_seq;          /* everything up to here is acknowledged */
 	uint16 recovery_seq;       /* no new window cut until acked past this */
 	uint16 syn_seq;            /* our SYN (initiator) or the peer's (acceptor) */
+	uint16 isn;                /* our first sequence number (acceptor: its SYN-ACK's seq_nr) */
 	utp_ring outbuf;
 	uint32 out_count;          /* packets in outbuf */
 	uint32 cur_window;         /* bytes in flight */
@@ -315,6 +317,7 @@ int utp_out_queue_fin(utp_socket *s);
 void utp_out_flush(utp_socket *s);
 void utp_out_flush_probe(utp_socket *s);
 void utp_out_send_ack(utp_socket *s);
+void utp_out_send_synack(utp_socket *s);
 void utp_out_send_syn(utp_socket *s);
 void utp_out_send_keepalive(utp_socket *s);
 void utp_out_on_ack(utp_socket *s, const utp_packet *pk);

@@ -298,6 +298,21 @@ void utp_out_send_ack(utp_socket *s)
 	utp_timer_update(s);
 }
 
+/* The acceptor's reply to a SYN.  Its seq_nr tells the initiator where our
+ * data starts; until the initiator has confirmed, a repeated reply (to a
+ * repeated SYN) must say the same even if data has been sent since. */
+void utp_out_send_synack(utp_socket *s)
+{
+	if (s->confirmed) {
+		utp_out_send_ack(s);
+		return;
+	}
+	s->ack_pending = 0;
+	transmit(s, ST_STATE, NULL, s->isn);
+	s->ack_due = 0;
+	utp_timer_update(s);
+}
+
 void utp_out_send_syn(utp_socket *s)
 {
 	utp_context *ctx = s->ctx;

@@ -172,6 +172,7 @@ void utp_socket_accept(utp_context *ctx, const utp_packet *pk, const struct sock
 	s->syn_seq = pk->seq_nr;
 	s->ack_nr = pk->seq_nr;
 	isn = (uint16)utp_random32(ctx);
+	s->isn = isn;
 	s->seq_nr = s->next_send = isn;
 	s->acked_seq = (uint16)(isn - 1);
 	s->peer_wnd = pk->wnd;
@@ -188,7 +189,7 @@ void utp_socket_accept(utp_context *ctx, const utp_packet *pk, const struct sock
 	 * send before the initiator has sent anything. */
 	s->state = UTPKIT_SOCK_CONNECTED;
 	s->stats.nrecv++;
-	utp_out_send_ack(s);
+	utp_out_send_synack(s);
 	a.callback_type = UTP_ON_ACCEPT;
 	a.socket = s;
 	utp_cb_args(ctx, &a);
