@@ -260,6 +260,11 @@ typedef struct {
 UTP_EXPORT int64 utpkit_next_timeout(utp_context *ctx);
 UTP_EXPORT const utpkit_counters *utpkit_get_counters(utp_context *ctx);
 UTP_EXPORT int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info);
+/* Abortive close: a connected socket sends RESET to its peer (which sees
+ * UTP_ECONNRESET), queued data is discarded, and the socket is destroyed
+ * (UTP_STATE_DESTROYING follows).  For refusing a peer after accepting it
+ * and for closes that must not wait.  Valid in every state. */
+UTP_EXPORT void utpkit_abort(utp_socket *s);
 
 /* What kind of datagram is this?  Used by the demultiplexer in front of the
  * engine so one UDP socket can carry uTP, the DHT and UDP tracker traffic. */

@@ -332,7 +332,9 @@ void utp_out_maybe_writable(utp_socket *s)
 {
 	if (!s->want_writable || s->state != UTPKIT_SOCK_CONNECTED || s->shut_wr || s->app_closed)
 		return;
-	if (s->queued_bytes + utp_out_payload_max(s) > s->sndbuf || s->out_count + 2 >= UTP_OUTBUF_MAX)
+	/* Hysteresis: WRITABLE once half the send buffer is free, so a writer
+	 * is woken once per half buffer rather than once per packet acked. */
+	if (s->queued_bytes > s->sndbuf / 2 || s->out_count + 2 >= UTP_OUTBUF_MAX / 2)
 		return;
 	s->want_writable = 0;
 	utp_state_change(s, UTP_STATE_WRITABLE);

@@ -390,6 +390,18 @@ void utp_close(utp_socket *s)
 	utp_ctx_leave(s->ctx);
 }
 
+void utpkit_abort(utp_socket *s)
+{
+	if (s == NULL || s->zombie)
+		return;
+	utp_ctx_enter(s->ctx);
+	if (s->state == UTPKIT_SOCK_CONNECTED || s->state == UTPKIT_SOCK_CLOSING)
+		utp_send_reset_to(s->ctx, (struct sockaddr *)&s->addr, s->addrlen, s->send_id, s->ack_nr, 0);
+	s->app_closed = 1;
+	utp_socket_destroy_later(s);
+	utp_ctx_leave(s->ctx);
+}
+
 void utp_read_drained(utp_socket *s)
 {
 	uint32 wnd, mss;
