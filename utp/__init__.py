@@ -1,20 +1,39 @@
-"""utp -- uTP (BEP 29, the Micro Transport Protocol) for Python.
+"""utp -- uTP (BEP 29, the Micro Transport Protocol) for trio.
 
-What it is: the sans-I/O uTP engine written in C for this project
-(utp/core), and its Cython binding: a ``Context`` holds the connections of one
-UDP port and a ``Socket`` is one connection.  The caller moves the datagrams
-(``process_udp()`` in, ``take_datagrams()`` out), drives the timers
-(``next_timeout()``, ``check_timeouts()``, ``issue_deferred_acks()``) and acts
-on ``take_events()``.  ``utp.testing`` runs several engines over a seeded,
-simulated network on a virtual clock; ``python -m utp.demo`` shows it.
+What it is:
 
-What it is not (yet): it opens no sockets and runs no event loop.  The trio
-layer -- an ``Endpoint`` that owns one UDP socket shared with the DHT and
-tracker traffic, trio streams and listeners, NAT hole punching -- comes later
-on top of this binding.
+- a trio transport: :func:`open_endpoint` binds one UDP socket and runs an
+  :class:`Endpoint` on it; :meth:`Endpoint.connect` (with timeout-retry) and
+  :meth:`Endpoint.listen` give :class:`UTPStream` objects, which are
+  :class:`trio.abc.HalfCloseableStream`; :func:`open_utp_stream` and
+  :func:`serve_utp` mirror :func:`trio.open_tcp_stream` and
+  :func:`trio.serve_tcp`.  The same socket carries DHT and UDP tracker
+  datagrams for other packages (:meth:`Endpoint.datagram_queue`,
+  :meth:`Endpoint.sendto`).
+- underneath, the sans-I/O uTP engine written in C for this project
+  (``utp/core``, with a libutp-compatible C API) and its Cython binding:
+  :class:`Context` holds the connections of one UDP port, :class:`Socket` is
+  one connection.
+- :mod:`utp.testing`: several engines over a seeded, simulated network on a
+  virtual clock.
+
+What it is not (yet): NAT hole punching (``punch``, rendezvous) comes with
+the NAT lab.
 """
 
 # Context, Socket, ClosedError, classify, ERROR_NAMES, DEFAULT_MTU_IPV4/6 and
 # every UTP_* / UTPKIT_* constant of utp.h (see utp/_utp.pyi).
 from utp._utp import *  # noqa: F401,F403
-from utp._utp import __all__  # noqa: F401
+from utp._utp import __all__ as _binding_all
+
+from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
+from ._endpoint import DatagramQueue, Endpoint
+from ._errors import UTPError
+from ._stream import UTPListener, UTPStream
+
+__version__ = "0.1.0"
+
+__all__ = list(_binding_all) + [
+    "open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "Endpoint",
+    "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "__version__",
+]

@@ -98,6 +98,14 @@ static void on_data(utp_socket *s, const utp_packet *pk)
 	int is_fin = pk->type == ST_FIN;
 	size_t len = is_fin ? 0 : pk->payload_len;
 
+	if (s->app_closed && len > 0 && d < 0x8000) {
+		/* New data for a socket the application closed can never be read:
+		 * like TCP, answer with RESET so the sender learns at once
+		 * (UTP_ECONNRESET) instead of filling a buffer nobody drains. */
+		utp_send_reset_to(ctx, (struct sockaddr *)&s->addr, s->addrlen, s->send_id, s->ack_nr, 0);
+		utp_socket_destroy_later(s);
+		return;
+	}
 	if (d >= 0x8000) {
 		/* Already received: our ACK was lost, or this is a keepalive probe. */
 		s->stats.nduprecv++;

@@ -1,0 +1,522 @@
+"""The Endpoint: one UDP socket, one receive task, a demultiplexer, the timers.
+
+Everything utpkit does shares one UDP port.  Each datagram has one owner,
+decided in C from its first bytes (DESIGN.md, "The demultiplexer"): uTP
+packets go straight into the engine without creating Python objects; DHT
+(bencoded ``d...``) and UDP tracker datagrams go to bounded queues that other
+packages register; anything else is counted and dropped, or handed to a
+registered fallback queue.
+
+Python runs once per received batch, not per packet: the receive task wakes
+when the socket is readable, the binding drains it with ``recvmmsg`` and
+feeds the engine, and only then does Python look at what changed (events
+for streams, datagrams for other owners) and flush the engine's output with
+``sendmmsg``.  A timer task sleeps exactly until the engine's next deadline.
+
+The same Endpoint runs over a simulated network (:mod:`utp.testing`) under
+trio's ``MockClock``: the I/O sits behind a small driver interface, and in
+that mode the engine's clock is trio's.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import math
+import socket as _socket
+from typing import TYPE_CHECKING, Any, Callable, Deque, Protocol
+
+import trio
+
+from . import _utp
+from ._errors import UTPError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._stream import UTPListener, UTPStream
+
+__all__ = ["Endpoint", "DatagramQueue", "Driver", "UDPDriver", "OWNER_DHT", "OWNER_TRACKER",
+           "OWNER_OTHER"]
+
+OWNER_DHT = "dht"
+OWNER_TRACKER = "tracker"
+OWNER_OTHER = "other"
+_CLASS_OWNER = {
+    _utp.UTPKIT_CLASS_DHT: OWNER_DHT,
+    _utp.UTPKIT_CLASS_TRACKER: OWNER_TRACKER,
+    _utp.UTPKIT_CLASS_OTHER: OWNER_OTHER,
+}
+
+
+class Driver(Protocol):
+    """Moves datagrams between the engine and a network.
+
+    ``UDPDriver`` is the real one (a non-blocking UDP socket and the
+    binding's batched syscalls); :mod:`utp.testing` provides a simulated one.
+    """
+
+    local_address: tuple[Any, ...]
+    virtual_time: bool
+
+    async def wait_readable(self) -> None: ...
+    def receive(self, ctx: _utp.Context) -> int: ...
+    def flush(self, ctx: _utp.Context) -> int: ...
+    async def wait_writable(self) -> None: ...
+    def sendto(self, ctx: _utp.Context, data: bytes, addr: Any) -> None: ...
+    def statistics(self, ctx: _utp.Context) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+class UDPDriver:
+    """A real, non-blocking UDP socket driven by the binding's batched
+    ``recvmmsg`` / ``sendmmsg`` hot path."""
+
+    virtual_time = False
+
+    def __init__(self, sock: trio.socket.SocketType, ctx: _utp.Context, *,
+                 socket_buffer: int | None = None) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buffers = ctx.setup_socket(self.fd, rcvbuf=socket_buffer, sndbuf=socket_buffer)
+        self.local_address = sock.getsockname()
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
+
+    def receive(self, ctx: _utp.Context) -> int:
+        return ctx.recv_batch(self.fd)
+
+    def flush(self, ctx: _utp.Context) -> int:
+        return ctx.send_batch(self.fd)
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self.sock)
+
+    def sendto(self, ctx: _utp.Context, data: bytes, addr: Any) -> None:
+        ctx.sendto(self.fd, data, addr)
+
+    def statistics(self, ctx: _utp.Context) -> dict[str, Any]:
+        return {"socket_buffers": dict(self.buffers), "io": ctx.io_stats()}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DatagramQueue:
+    """A bounded queue of ``(data, address)`` datagrams for one owner of the
+    shared socket (the DHT, the tracker client, a fallback).  When it is full
+    new datagrams are dropped and counted, never buffered without bound.
+
+    Async-iterable; ``await receive()`` waits for the next datagram.
+    """
+
+    def __init__(self, owner: str, maxlen: int) -> None:
+        if maxlen < 1:
+            raise ValueError("maxlen must be at least 1")
+        self.owner = owner
+        self.maxlen = maxlen
+        self._items: Deque[tuple[bytes, Any]] = collections.deque()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self.received = 0
+        self.dropped = 0
+        self.bytes = 0
+
+    def _put(self, data: bytes, addr: Any) -> None:
+        if self._closed or len(self._items) >= self.maxlen:
+            self.dropped += 1
+            return
+        self.received += 1
+        self.bytes += len(data)
+        self._items.append((data, addr))
+        self._lot.unpark()
+
+    def receive_nowait(self) -> tuple[bytes, Any]:
+        """The next datagram; raises trio.WouldBlock when there is none."""
+        if self._items:
+            return self._items.popleft()
+        if self._closed:
+            raise trio.ClosedResourceError(f"the {self.owner} queue is closed")
+        raise trio.WouldBlock
+
+    async def receive(self) -> tuple[bytes, Any]:
+        """Wait for the next ``(data, address)``.
+
+        Raises ClosedResourceError once the queue (or its Endpoint) is closed
+        and empty."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                item = self.receive_nowait()
+            except trio.WouldBlock:
+                await self._lot.park()
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
+
+    def close(self) -> None:
+        self._closed = True
+        self._lot.unpark_all()
+
+    def __aiter__(self) -> DatagramQueue:
+        return self
+
+    async def __anext__(self) -> tuple[bytes, Any]:
+        try:
+            return await self.receive()
+        except trio.ClosedResourceError:
+            raise StopAsyncIteration from None
+
+    def statistics(self) -> dict[str, int]:
+        return {"queued": len(self._items), "maxlen": self.maxlen, "received": self.received,
+                "dropped": self.dropped, "bytes": self.bytes}
+
+
+class Endpoint:
+    """One UDP socket carrying uTP connections and other datagram traffic.
+
+    Create it with :func:`utp.open_endpoint`.  Connections come from
+    :meth:`connect` (outgoing) and :meth:`listen` (incoming); other packages
+    register for their datagrams with :meth:`datagram_queue` and send with
+    :meth:`sendto`.
+
+    Resource handling: the Endpoint's tasks live in the nursery that
+    :func:`utp.open_endpoint` opens; leaving that block closes every
+    connection (gracefully, up to ``linger`` seconds) and the socket.
+    """
+
+    def __init__(self, driver: Driver, ctx: _utp.Context, *, recv_buffer: int | None,
+                 send_buffer: int | None, linger: float) -> None:
+        self._driver = driver
+        self._ctx = ctx
+        self._virtual = driver.virtual_time
+        self.recv_buffer = recv_buffer
+        self.send_buffer = send_buffer
+        self.linger = linger
+        self._streams: dict[_utp.Socket, UTPStream] = {}
+        self._listener: UTPListener | None = None
+        self._queues: dict[str, DatagramQueue] = {}
+        self._unowned: dict[str, int] = collections.defaultdict(int)
+        self._timer_scope: trio.CancelScope | None = None
+        self._send_blocked = False
+        self._send_unblocked = trio.lowlevel.ParkingLot()
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._batches = 0
+
+    # ---- public -----------------------------------------------------------------
+
+    @property
+    def local_address(self) -> tuple[Any, ...]:
+        """The address the UDP socket is bound to."""
+        return self._driver.local_address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def connect(self, addr: tuple[Any, ...], *, attempt_timeout: float = 2.0,
+                      timeout: float | None = 10.0,
+                      deadline: float | None = None) -> UTPStream:
+        """Open a uTP connection to ``addr`` (a ``(host, port)`` tuple with a
+        literal IP address), retrying with fresh connections.
+
+        Each attempt is a new uTP connection (new connection id) that lives
+        ``attempt_timeout`` seconds; the engine resends its SYN within the
+        attempt.  An attempt that times out is replaced by a new one until
+        ``deadline`` (absolute, trio clock) or ``timeout`` (seconds from now)
+        passes.  Behind a NAT the first SYNs open our own mapping and later
+        ones get through.
+
+        Raises ConnectionRefusedError when the peer answers with RESET (no
+        listener there), TimeoutError when nothing answered in time, OSError
+        for an unusable address.
+
+        Cancellation: cancelling leaves no half-open connection behind.
+        """
+        from ._connect import connect_with_retry
+        return await connect_with_retry(self, addr, attempt_timeout=attempt_timeout,
+                                        timeout=timeout, deadline=deadline)
+
+    def listen(self, *, backlog: int = 128) -> UTPListener:
+        """Accept incoming connections on this Endpoint (one listener per
+        Endpoint).  See :class:`UTPListener`."""
+        from ._stream import UTPListener
+        self._check_open()
+        if self._listener is not None and not self._listener.closed:
+            raise RuntimeError("this Endpoint already has a listener")
+        self._listener = UTPListener(self, backlog)
+        self._ctx.listening = True
+        return self._listener
+
+    def datagram_queue(self, owner: str, *, maxlen: int = 1024) -> DatagramQueue:
+        """Register for the datagrams of one owner: ``"dht"`` (bencoded
+        dictionaries), ``"tracker"`` (BEP 15), or ``"other"`` (anything that
+        is not uTP, DHT or tracker traffic).  Without a queue such datagrams
+        are counted and dropped."""
+        if owner not in (OWNER_DHT, OWNER_TRACKER, OWNER_OTHER):
+            raise ValueError(f"unknown owner {owner!r}; expected 'dht', 'tracker' or 'other'")
+        self._check_open()
+        if owner in self._queues:
+            raise RuntimeError(f"the {owner!r} datagrams already have a queue")
+        q = DatagramQueue(owner, maxlen)
+        self._queues[owner] = q
+        return q
+
+    async def sendto(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Send one datagram from the shared socket (for the DHT and tracker
+        clients).  It leaves in order with the engine's own packets."""
+        self._check_open()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._driver.sendto(self._ctx, bytes(data), addr)
+        self._flush()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def statistics(self) -> dict[str, Any]:
+        """Per-owner datagram counts and drops, engine counters, socket
+        buffers and syscall counts."""
+        owners = {name: q.statistics() for name, q in self._queues.items()}
+        for name, n in self._unowned.items():
+            owners.setdefault(name, {"received": 0, "dropped": 0})["unowned_dropped"] = n
+        stats: dict[str, Any] = {
+            "connections": len(self._streams),
+            "batches": self._batches,
+            "owners": owners,
+            "engine": self._ctx.stats() if not self._ctx.closed else {},
+        }
+        if self._listener is not None:
+            stats["listener"] = self._listener.statistics()
+        if not self._ctx.closed:
+            stats.update(self._driver.statistics(self._ctx))
+        return stats
+
+    # ---- engine plumbing (used by streams, listener, connect) -------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the Endpoint is closed")
+
+    def _sync_time(self) -> None:
+        """In simulated mode the engine's clock is trio's; call before every
+        engine call."""
+        if self._virtual:
+            now = int(trio.current_time() * 1_000_000)
+            if now > self._ctx.now_us:
+                self._ctx.now_us = now
+
+    def _open_socket(self, addr: tuple[Any, ...]) -> _utp.Socket:
+        self._check_open()
+        self._sync_time()
+        sock = self._ctx.create_socket()
+        self._configure(sock)
+        sock.connect(addr)
+        return sock
+
+    def _configure(self, sock: _utp.Socket) -> None:
+        if self.recv_buffer:
+            sock.set_option(_utp.UTP_RCVBUF, self.recv_buffer)
+        if self.send_buffer:
+            sock.set_option(_utp.UTP_SNDBUF, self.send_buffer)
+
+    def _register(self, sock: _utp.Socket, stream: UTPStream) -> None:
+        self._streams[sock] = stream
+
+    def _kick(self) -> None:
+        """After an engine call from outside the receive task: deliver the
+        events it caused, send what it queued, and re-arm the timer."""
+        self._after_engine()
+
+    def _after_engine(self) -> None:
+        ctx = self._ctx
+        if ctx.closed:
+            return
+        for kind, sock, arg in ctx.take_events():
+            self._dispatch(kind, sock, arg)
+        self._flush()
+        self._rearm_timer()
+
+    def _dispatch(self, kind: str, sock: _utp.Socket, arg: Any) -> None:
+        if kind == "accept":
+            if self._listener is None or self._listener.closed:
+                sock.close()  # the engine only accepts while we listen; a race
+                return
+            self._listener._on_accept(sock, arg)
+            return
+        stream = self._streams.get(sock)
+        if stream is None:
+            waiter = sock.userdata
+            if waiter is not None:
+                waiter(kind, arg)  # a connection attempt in progress
+            return
+        if kind == "destroyed":
+            del self._streams[sock]
+        stream._on_event(kind, arg)
+
+    def _flush(self) -> None:
+        if self._send_blocked or self._ctx.closed:
+            return
+        try:
+            remaining = self._driver.flush(self._ctx)
+        except OSError as exc:  # the socket itself is unusable
+            self._fail(exc)
+            return
+        if remaining:
+            # The kernel's send buffer is full: a writer task waits for
+            # writability; nothing is lost and the engine is not told.
+            self._send_blocked = True
+            self._writer_lot.unpark()
+
+    def _rearm_timer(self) -> None:
+        scope = self._timer_scope
+        if scope is None:
+            return
+        t = self._ctx.next_timeout()
+        if t is None:
+            return
+        deadline = trio.current_time() + t / 1_000_000
+        if deadline < scope.deadline:
+            scope.deadline = deadline
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+
+    # ---- tasks -------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        driver, ctx = self._driver, self._ctx
+        while True:
+            await driver.wait_readable()
+            self._sync_time()
+            if driver.receive(ctx):
+                self._batches += 1
+                ctx.issue_deferred_acks()
+                self._deliver_others()
+            self._after_engine()
+
+    def _deliver_others(self) -> None:
+        for cls, data, addr in self._ctx.take_other():
+            owner = _CLASS_OWNER.get(cls, OWNER_OTHER)
+            q = self._queues.get(owner) or (self._queues.get(OWNER_OTHER) if owner != OWNER_OTHER else None)
+            if q is None:
+                self._unowned[owner] += 1
+            else:
+                q._put(data, addr)
+
+    async def _timer_loop(self) -> None:
+        ctx = self._ctx
+        while True:
+            with trio.CancelScope() as scope:
+                self._timer_scope = scope
+                t = ctx.next_timeout()
+                scope.deadline = math.inf if t is None else trio.current_time() + t / 1_000_000
+                await trio.sleep_forever()
+            self._timer_scope = None
+            self._sync_time()
+            ctx.check_timeouts()
+            self._after_engine()
+
+    async def _writer_loop(self) -> None:
+        while True:
+            while not self._send_blocked:
+                await self._writer_lot.park()
+            await self._driver.wait_writable()
+            self._send_blocked = False
+            self._flush()
+
+    async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_loop)
+            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._writer_loop)
+            task_status.started(nursery.cancel_scope)
+
+    # ---- shutdown -----------------------------------------------------------------
+
+    async def _graceful_close(self) -> None:
+        """Close every connection and wait (at most ``linger`` seconds) for
+        the engine to finish their FIN exchanges, so data written just before
+        the Endpoint closes still arrives."""
+        if self._listener is not None:
+            self._listener._shutdown()
+        for stream in list(self._streams.values()):
+            stream._close_engine_socket()
+        self._kick()
+        with trio.move_on_after(self.linger):
+            while self._streams:
+                await trio.sleep(0.01)
+
+    def _close_now(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._streams.values()):
+            stream._on_endpoint_closed()
+        self._streams.clear()
+        for q in self._queues.values():
+            q.close()
+        if self._listener is not None:
+            self._listener._shutdown()
+        try:
+            if not self._ctx.closed:
+                self._flush()
+        finally:
+            self._ctx.close()
+            self._driver.close()
+
+
+def _bind_udp(host: str | None, port: int, family: int | None) -> trio.socket.SocketType:
+    """A non-blocking UDP socket bound to (host, port); host None binds the
+    dual-stack wildcard when the machine has IPv6, else 0.0.0.0."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, not {port}")
+    if family is None:
+        if host is None:
+            family = _socket.AF_INET6 if _socket.has_ipv6 else _socket.AF_INET
+        else:
+            family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+    sock = trio.socket.socket(family, _socket.SOCK_DGRAM)
+    try:
+        if family == _socket.AF_INET6:
+            sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0 if host in (None, "::") else 1)
+        bind_host = host if host is not None else ("::" if family == _socket.AF_INET6 else "0.0.0.0")
+        try:
+            sock._sock.bind((bind_host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"UDP port {port} on {bind_host} is already in use") from None
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise OSError(exc.errno, f"cannot bind to {bind_host}: {exc.strerror}") from None
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def make_udp_endpoint(host: str | None, port: int, *, family: int | None,
+                      recv_buffer: int | None, send_buffer: int | None,
+                      socket_buffer: int | None, linger: float,
+                      udp_mtu: int | None, options: dict[int, int] | None) -> Endpoint:
+    sock = _bind_udp(host, port, family)
+    try:
+        ctx = _utp.Context(udp_mtu=udp_mtu)
+        try:
+            for opt, value in (options or {}).items():
+                ctx.set_option(opt, value)
+            driver = UDPDriver(sock, ctx, socket_buffer=socket_buffer)
+        except BaseException:
+            ctx.close()
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return Endpoint(driver, ctx, recv_buffer=recv_buffer, send_buffer=send_buffer, linger=linger)
+
+
+def check_positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be positive, not {value!r}")
+
+
+Callback = Callable[[str, Any], None]
