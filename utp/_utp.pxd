@@ -232,6 +232,7 @@ cdef extern from "utp.h" nogil:
     int64 utpkit_next_timeout(utp_context *ctx)
     const utpkit_counters *utpkit_get_counters(utp_context *ctx)
     int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info)
+    void utpkit_abort(utp_socket *s)
 
     enum:
         UTPKIT_CLASS_OTHER

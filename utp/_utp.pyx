@@ -1246,6 +1246,19 @@ cdef class Socket:
             self._ctx._keep[rec.serial] = self
         utp_close(rec.sock)
 
+    def abort(self) -> None:
+        """Abortive close (utpkit_abort): a connected socket sends RESET (the
+        peer sees ECONNRESET), queued data is discarded and the socket is
+        destroyed at once; its "destroyed" event follows.  Also ends a
+        close() that is still finishing.  Idempotent."""
+        cdef Rec *rec = self._rec
+        if rec == NULL or rec.cs.closed or rec.sock == NULL:
+            return
+        rec.user_closed = True
+        if self._ctx is not None and self._ctx._cs != NULL:
+            self._ctx._keep[rec.serial] = self
+        utpkit_abort(rec.sock)
+
     # ---- state ------------------------------------------------------------
 
     @property
