@@ -168,7 +168,8 @@ def test_half_close():
         ca.close()
         cb.close()
         assert net.run(net.now + 10 * S,
-                       condition=lambda: ca.destroyed_at is not None and cb.destroyed_at is not None)
+                       condition=lambda: ca.destroyed_at is not None
+                       and cb.destroyed_at is not None)
         assert [k for _, k, _ in ca.events] == ["connect", "eof", "destroyed"]
         assert [k for _, k, _ in cb.events] == ["accept", "eof", "destroyed"]
         assert a.ctx.stats()["sockets_live"] == 0 and b.ctx.stats()["sockets_live"] == 0
@@ -255,7 +256,8 @@ def test_data_to_a_forgotten_connection_is_reset():
         st = b.ctx.stats()
         assert st["drop_unknown"] > before["drop_unknown"]
         # One RESET per packet that reached the forgotten connection.
-        assert st["resets_sent"] - before["resets_sent"] == st["drop_unknown"] - before["drop_unknown"]
+        assert (st["resets_sent"] - before["resets_sent"]
+                == st["drop_unknown"] - before["drop_unknown"])
         assert net.run(net.now + S, condition=lambda: ca.destroyed_at is not None)
 
 
@@ -358,7 +360,6 @@ def test_duplicated_syn_makes_one_connection():
     ab.configure(duplicate=1.0)
     with net:
         b.listen()
-        r_box = {}
         ca = a.connect(b)
         ab.configure(duplicate=0.0)  # only the SYN went out duplicated
         assert ab.duplicated == 1
@@ -369,7 +370,6 @@ def test_duplicated_syn_makes_one_connection():
         assert len(b.accepted) == 1 and st["sockets_live"] == 1
         # Two SYN-ACKs came back; the connection is one and works.
         assert net.links[("b", "a")].sent >= 2
-        r_box["c"] = ca
         ca.send(100_000, shutdown=True)
         cb = b.accepted[0]
         cb.close_when_done = True
