@@ -1,0 +1,39 @@
+"""``python -m utp.bench <benchmark> [options]``: pick a benchmark by name."""
+
+from __future__ import annotations
+
+import sys
+
+BENCHMARKS = {
+    "sim": ("utp.bench.sim",
+            "the engine over the simulated network: goodput, retransmissions "
+            "vs losses, queueing delay (virtual time, ~10 s of real time)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m utp.bench <benchmark> [options]", "", "benchmarks:"]
+    for name, (_, text) in BENCHMARKS.items():
+        lines.append(f"  {name:8} {text}")
+    lines.append("")
+    lines.append("python -m utp.bench <benchmark> --help shows a benchmark's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in BENCHMARKS:
+        print(f"utp.bench: unknown benchmark {name!r}\n", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    import importlib
+    module = importlib.import_module(BENCHMARKS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
