@@ -1,0 +1,852 @@
+"""ucat's command line: arguments, stdin/stdout plumbing, error reporting.
+
+The flags are libutp's ucat's (-h -d -l -p -s -B -n, same letters, same
+meanings; -B sizes the engine's socket buffers), plus -w and --version.  What
+differs is the behaviour at the edges, where libutp's ucat hangs, spins or
+loses data:
+
+- EOF is a half-close in each direction: stdin's EOF sends FIN, the peer's
+  FIN closes stdout (so a reader downstream sees EOF at once), and ucat exits
+  when both directions are finished.  Status 0 means exactly that.
+- stdin and stdout can be pipes, terminals, sockets, regular files or
+  /dev/null.  epoll refuses regular files and some character devices, so
+  those are read and written in a worker thread; everything else goes
+  through trio's FdStream.
+- Every failure ends with one line ``ucat: <what went wrong>`` on stderr and
+  a non-zero status, never a traceback (unless it is a bug in ucat).
+
+Exit statuses: 0 both directions finished; 1 the connection or a local
+resource failed; 2 bad arguments; 130 interrupted (SIGINT); 141 the reader of
+stdout went away (EPIPE, the status SIGPIPE would give); 143 SIGTERM.
+
+Importing this module imports neither trio nor utp, so ``ucat -h`` and
+``ucat --version`` work without the compiled engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import sys
+import time
+import traceback
+
+PROG = "ucat"
+
+# Reads from stdin and from the stream ask for this much at once: large
+# enough that per-chunk overhead (a thread hop for regular files, a Python
+# loop turn) is noise next to the copy, small enough to stay in L2.
+CHUNK = 256 * 1024
+
+# How long a connect may take when -w is not given: the default deadline of
+# Endpoint.connect, so both layers agree.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C (SIGTERM: 143)
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head -1` gives `yes`
+
+
+class Failure(Exception):
+    """Ends ucat with the one line ``ucat: <message>`` and ``status``."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: exit quietly with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StdoutGone(Exception):
+    """Whoever read our stdout went away (EPIPE).  Like a process killed by
+    SIGPIPE, ucat then exits quietly with 141."""
+
+
+# --- messages ------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    """One line on stderr.  A broken or non-blocking stderr must not turn
+    into a second error, so failures to write are dropped."""
+    try:
+        sys.stderr.write(f"{PROG}: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class _Log:
+    """The -d output: ``ucat: +SECONDS message``, seconds since start."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self._start = time.monotonic()
+
+    def __call__(self, message: str, level: int = 1) -> None:
+        if self.level >= level:
+            _say(f"+{time.monotonic() - self._start:.3f}s {message}")
+
+
+def _why(exc: BaseException) -> str:
+    """The human part of an OSError: its strerror, else its text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def format_address(address) -> str:
+    """HOST:PORT, with brackets around an IPv6 host ([::1]:4000)."""
+    host, port = address[0], address[1]
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+# --- arguments -----------------------------------------------------------
+
+_USAGE = """\
+ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] host port
+       ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout]
+       ucat --version"""
+
+_DESCRIPTION = """\
+netcat over uTP (BEP 29): copy stdin to a uTP stream and the stream to stdout.
+The first form connects to host:port; with -l, ucat accepts one connection
+and then behaves exactly like the connecting side."""
+
+_EPILOG = """\
+behaviour:
+  At EOF on stdin ucat sends FIN; the peer's FIN closes stdout.  ucat exits
+  once both directions are finished.  stdin and stdout may be pipes,
+  terminals, regular files or /dev/null.
+  With -l, ucat prints "ucat: listening on HOST:PORT" to stderr when -d is
+  given or the system chose the port (no -p, or -p 0).
+  -w bounds the connect and, after it, any stretch in which no data moves in
+  either direction; it does not bound the wait for a connection under -l.
+
+exit status:
+  0    both directions finished cleanly
+  1    the connection failed (refused, timed out, reset, idle past -w) or a
+       local error (bind, resolve, reading stdin, writing stdout)
+  2    bad arguments
+  130  interrupted (Ctrl-C); 143 for SIGTERM
+  141  the reader of stdout went away"""
+
+
+def _version() -> str:
+    """utpkit's installed version, else utp.__version__, else "unknown"."""
+    try:
+        from importlib.metadata import version
+
+        return version("utpkit")
+    except Exception:
+        pass
+    try:
+        import utp
+
+        found = getattr(utp, "__version__", None)
+        if found:
+            return str(found)
+    except Exception:
+        pass
+    return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked for (it may import utp)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"{PROG} (utpkit) {_version()}\n")
+        sys.stdout.flush()
+        parser.exit(0)
+
+
+def _size(text: str) -> int:
+    """-B: bytes, optionally with a binary suffix k, m or g (256k, 4m)."""
+    match = re.fullmatch(r"([0-9]{1,12})([kKmMgG]?)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad buffer size {text!r}: want bytes, e.g. 4194304 or 4m")
+    value = int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2).lower()]
+    if not 1 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"bad buffer size {text!r}: want 1 byte to 2 GiB")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """-w: positive seconds, fractions allowed."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"bad timeout {text!r}: want a positive number of seconds")
+    return value
+
+
+def parse_port(text: str, *, allow_zero: bool = False) -> int:
+    """A decimal port number; service names are not looked up."""
+    low = 0 if allow_zero else 1
+    if text.isascii() and text.isdigit() and len(text) <= 6 and low <= int(text) <= 65535:
+        return int(text)
+    raise Failure(f"bad port {text!r}: want a number from {low} to 65535", EXIT_USAGE)
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def check_host_name(host: str) -> None:
+    """Refuse, before any resolver is asked, a host that is neither an IP
+    literal nor a syntactically valid DNS name (RFC 1123 labels; underscores
+    allowed, as /etc/hosts files have them).  A typo then fails at once and
+    locally, with a message saying what is wrong with the name."""
+    if ":" in host:
+        return  # an IPv6 literal (maybe with %scope); getaddrinfo judges it
+    name = host[:-1] if host.endswith(".") else host
+    if name and not name.isascii():
+        try:
+            import idna  # trio's dependency: IDNA 2008, as trio resolves
+
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except (ImportError, UnicodeError, ValueError):
+            raise Failure(f"bad host name {host!r}", EXIT_USAGE) from None
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise Failure(f"bad host name {host!r}", EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=_USAGE,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-d", dest="debug", action="count", default=0,
+        help="debug output on stderr: state changes with timestamps, and the "
+        "connection statistics at the end; -dd also logs every chunk",
+    )
+    parser.add_argument("-l", dest="listen", action="store_true", help="listen for one connection")
+    parser.add_argument("-p", dest="local_port", metavar="port", help="local port (with -l: the port to listen on)")
+    parser.add_argument("-s", dest="local_address", metavar="local-address", help="local address to bind")
+    parser.add_argument(
+        "-B", dest="bufsize", metavar="bufsize", type=_size,
+        help="uTP receive and send buffer size in bytes (k, m, g suffixes allowed)",
+    )
+    parser.add_argument("-n", dest="numeric", action="store_true", help="numeric addresses only: no DNS")
+    parser.add_argument(
+        "-w", dest="timeout", metavar="timeout", type=_seconds,
+        help="connect timeout, then idle timeout, in seconds "
+        f"(default: {DEFAULT_CONNECT_TIMEOUT:g} s to connect, no idle timeout)",
+    )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    parser.add_argument("host", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("port", nargs="?", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line.  Flag syntax errors exit 2 through
+    argparse (usage plus a message); the checks argparse cannot express
+    raise Failure(..., EXIT_USAGE) with a one-line message."""
+    opts = _parser().parse_args(argv)
+    if opts.listen:
+        if opts.host is not None:
+            raise Failure(
+                "-l takes no host or port; listen with: ucat -l [-p port] [-s local-address]", EXIT_USAGE
+            )
+    elif opts.host is None or opts.port is None:
+        raise Failure("need a host and a port to connect to, or -l to listen (see ucat -h)", EXIT_USAGE)
+    if opts.host is not None:
+        opts.port = parse_port(opts.port)
+        check_host_name(opts.host)
+    opts.local_port = 0 if opts.local_port is None else parse_port(opts.local_port, allow_zero=True)
+    if opts.local_address is not None:
+        check_host_name(opts.local_address)
+    return opts
+
+
+# --- name resolution -----------------------------------------------------
+
+
+async def _resolve(host: str, port: int, *, numeric: bool, family: int = 0, passive: bool = False):
+    """[(family, (host, port))] for host, in getaddrinfo's order, without
+    duplicates.  With -n (numeric) no resolver is asked at all."""
+    import trio
+
+    flags = (socket.AI_NUMERICHOST if numeric else 0) | (socket.AI_PASSIVE if passive else 0)
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM, 0, flags)
+    except socket.gaierror as exc:
+        if numeric and exc.errno == socket.EAI_NONAME:
+            raise Failure(f"-n: {host!r} is not a numeric address") from None
+        raise Failure(f"cannot resolve {host!r}: {_why(exc)}") from None
+    except (UnicodeError, ValueError) as exc:
+        raise Failure(f"bad host name {host!r}: {exc}") from None
+    found = []
+    for fam, _type, _proto, _canon, sockaddr in infos:
+        if fam not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        entry = (fam, (sockaddr[0], sockaddr[1]))
+        if entry not in found:
+            found.append(entry)
+    if not found:
+        raise Failure(f"cannot resolve {host!r}: no IPv4 or IPv6 address")
+    return found
+
+
+async def _local(opts):
+    """(family, host) to bind: -s resolved, else (0, None) for the default."""
+    if opts.local_address is None:
+        return 0, None
+    found = await _resolve(opts.local_address, opts.local_port, numeric=opts.numeric, passive=True)
+    return found[0][0], found[0][1][0]
+
+
+# --- stdin and stdout ----------------------------------------------------
+
+
+def _pollable(fd: int, st: os.stat_result) -> bool:
+    """Whether epoll accepts fd.  It refuses regular files and directories,
+    and some character devices (/dev/null, /dev/zero) with EPERM."""
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return False
+    if not hasattr(select, "epoll"):
+        return True
+    poller = select.epoll()
+    try:
+        poller.register(fd, select.EPOLLIN | select.EPOLLOUT)
+    except OSError:
+        return False
+    finally:
+        poller.close()
+    return True
+
+
+def _write_all(fd: int, data) -> None:
+    """Blocking write of all of data (run in a worker thread)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class StdFds:
+    """Guards fds 0, 1 and 2 for the run.
+
+    A closed standard fd is reopened on /dev/null before any socket exists,
+    or the UDP socket could land on fd 1 and receive what we "print".  The
+    blocking mode of 0 and 1 is restored at the end: FdStream makes the
+    file description non-blocking, and a terminal is shared with the shell
+    that ucat returns to."""
+
+    def __init__(self) -> None:
+        self.closed = set()
+        for fd in (0, 1, 2):
+            try:
+                os.fstat(fd)
+            except OSError:
+                self.closed.add(fd)
+        for fd in sorted(self.closed):
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+        self._blocking = {}
+        for fd in (0, 1):
+            try:
+                self._blocking[fd] = os.get_blocking(fd)
+            except OSError:
+                pass
+        self.same_file = self._same_file()
+
+    @staticmethod
+    def _same_file() -> bool:
+        # A terminal on both, or one socket (inetd style): closing one
+        # direction early must not touch the other's file description.
+        try:
+            a, b = os.fstat(0), os.fstat(1)
+        except OSError:
+            return True
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or os.isatty(0) or os.isatty(1)
+
+    def restore(self) -> None:
+        for fd, blocking in self._blocking.items():
+            try:
+                os.set_blocking(fd, blocking)
+            except OSError:
+                pass
+
+
+class Input:
+    """stdin as an async source of chunks; b"" at EOF."""
+
+    def __init__(self, fds: StdFds, log: _Log) -> None:
+        import trio
+
+        self._trio = trio
+        self._stream = None
+        self._fd = None
+        self._log = log
+        self.kind = "closed"
+        if 0 in fds.closed:
+            return
+        st = os.fstat(0)
+        if _pollable(0, st):
+            # Our own dup: FdStream closes its fd, and fd 0 must stay open so
+            # its blocking mode can be restored.
+            self._stream = trio.lowlevel.FdStream(os.dup(0))
+            self.kind = "a terminal" if os.isatty(0) else "a pipe or socket"
+        else:
+            self._fd = os.dup(0)
+            self.kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not pollable (read in a thread)"
+
+    async def read(self) -> bytes:
+        trio = self._trio
+        try:
+            if self._stream is not None:
+                return await self._stream.receive_some(CHUNK)
+            if self._fd is not None:
+                return await trio.to_thread.run_sync(os.read, self._fd, CHUNK)
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise Failure(f"cannot read stdin: {_why(exc.__cause__ or exc)}") from None
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.aclose()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+class Output:
+    """stdout as an async sink.  finish() closes it, so whoever reads it
+    sees EOF as soon as the peer's FIN arrives, even while ucat still sends."""
+
+    def __init__(self, fds: StdFds, log: _Log) -> None:
+        import trio
+
+        self._trio = trio
+        self._stream = None
+        self._fd = None
+        self._log = log
+        self._keep_open = fds.same_file
+        self.closed_at_start = 1 in fds.closed
+        if self.closed_at_start:
+            return
+        st = os.fstat(1)
+        if _pollable(1, st):
+            self._stream = trio.lowlevel.FdStream(os.dup(1))
+        else:
+            self._fd = os.dup(1)
+
+    async def write(self, data) -> None:
+        trio = self._trio
+        if self.closed_at_start:
+            raise Failure("stdout is closed: nowhere to put the peer's data")
+        try:
+            if self._stream is not None:
+                await self._stream.send_all(data)
+            else:
+                await trio.to_thread.run_sync(_write_all, self._fd, data)
+        except (trio.BrokenResourceError, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if isinstance(cause, BrokenPipeError):
+                raise StdoutGone() from None
+            raise Failure(f"cannot write stdout: {_why(cause or exc)}") from None
+
+    async def finish(self) -> None:
+        """The peer's FIN: close stdout now.  A terminal (or a description
+        shared with stdin) stays open until the end instead."""
+        if self._keep_open:
+            return
+        await self.aclose()
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+        except OSError:
+            pass
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.aclose()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+# --- the connection ------------------------------------------------------
+
+_ERROR_MESSAGES = {
+    "UTP_ECONNRESET": "connection reset by {peer}",
+    "UTP_ETIMEDOUT": "connection to {peer} timed out: the peer stopped answering",
+    "UTP_ECONNREFUSED": "connection refused by {peer}",
+}
+
+
+def _broken(exc: BaseException, peer: str) -> Failure:
+    """The Failure for a stream that broke (BrokenResourceError from utp,
+    whose __cause__ is a utp.UTPError with .name)."""
+    cause = exc.__cause__
+    template = _ERROR_MESSAGES.get(getattr(cause, "name", None))
+    if template:
+        return Failure(template.format(peer=peer))
+    detail = cause if cause is not None else exc
+    return Failure(f"connection to {peer} failed: {_why(detail)}")
+
+
+def _log_statistics(log: _Log, stream, elapsed: float, moved: dict) -> None:
+    try:
+        s = stream.statistics()
+    except Exception as exc:  # statistics are a courtesy; never fail on them
+        log(f"statistics: unavailable ({exc!r})")
+        return
+
+    def g(key):
+        value = s.get(key, "?")
+        return f"{value:g}" if isinstance(value, float) else value
+
+    total = moved["in"] + moved["out"]
+    rate = total / elapsed / 1e6 if elapsed > 0 else 0.0
+    log(f"statistics after {elapsed:.3f} s:")
+    log(f"  stdin->peer {moved['out']} bytes, peer->stdout {moved['in']} bytes, {rate:.1f} MB/s together")
+    log(f"  bytes: sent {g('bytes_sent')}, received {g('bytes_received')}")
+    log(f"  packets: sent {g('packets_sent')}, received {g('packets_received')}")
+    log(f"  retransmits {g('retransmits')} (fast {g('fast_retransmits')}), "
+        f"duplicates received {g('duplicates_received')}")
+    log(f"  rtt {g('rtt_ms')} ms, rto {g('rto_ms')} ms, cwnd {g('cwnd')} bytes, mtu {g('mtu')}")
+
+
+async def _wait_delivered(stream, peer: str) -> None:
+    """Return once the peer has acknowledged every byte we sent: what makes
+    exit status 0 mean "delivered", not just "handed to the engine"."""
+    import trio
+
+    try:
+        await stream.wait_send_complete()
+        return
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        # The connection ended (the peer closed or reset it after its FIN).
+        # That is only a failure if something we sent is still unacknowledged.
+        try:
+            stats = stream.statistics()
+        except Exception:
+            stats = {}
+        if stats.get("send_queue", 1) == 0 and stats.get("in_flight", 1) == 0:
+            return
+        if isinstance(exc, trio.BrokenResourceError):
+            raise _broken(exc, peer) from None
+        raise Failure(f"connection to {peer} ended before the peer acknowledged all data") from None
+
+
+async def run_session(stream, opts, fds: StdFds, log: _Log) -> None:
+    """Copy stdin to stream and stream to stdout until both directions are
+    finished, then close the stream.  Raises Failure or StdoutGone."""
+    import trio
+
+    peer = format_address(stream.peer_address)
+    if log.level:
+        try:
+            stream.on_state_change = lambda state: log(f"state: {state}")
+        except AttributeError:
+            pass
+    stdin = Input(fds, log)
+    stdout = Output(fds, log)
+    log(f"stdin is {stdin.kind}")
+    moved = {"in": 0, "out": 0}
+    idle = trio.CancelScope()
+    start = trio.current_time()
+
+    def progress():
+        if opts.timeout:
+            idle.deadline = trio.current_time() + opts.timeout
+
+    async def upstream():
+        while True:
+            data = await stdin.read()
+            if not data:
+                break
+            progress()
+            try:
+                await stream.send_all(data)
+            except trio.BrokenResourceError as exc:
+                raise _broken(exc, peer) from None
+            moved["out"] += len(data)
+            log(f"sent {len(data)} bytes", 2)
+            progress()
+        log(f"stdin: EOF after {moved['out']} bytes; sending FIN")
+        await stdin.aclose()
+        try:
+            await stream.send_eof()
+        except trio.BrokenResourceError as exc:
+            raise _broken(exc, peer) from None
+
+    async def downstream():
+        while True:
+            try:
+                data = await stream.receive_some(CHUNK)
+            except trio.BrokenResourceError as exc:
+                raise _broken(exc, peer) from None
+            if not data:
+                break
+            progress()
+            await stdout.write(data)
+            moved["in"] += len(data)
+            log(f"received {len(data)} bytes", 2)
+        log(f"peer: EOF after {moved['in']} bytes; closing stdout")
+        await stdout.finish()
+
+    closed = False
+    try:
+        progress()
+        with idle:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upstream)
+                nursery.start_soon(downstream)
+            log("both directions finished; waiting for the peer to acknowledge everything")
+            await _wait_delivered(stream, peer)
+            await stream.aclose()
+            closed = True
+        if idle.cancelled_caught:
+            raise Failure(f"no data moved for {opts.timeout:g} s (-w); giving up on {peer}")
+        log("closed")
+    finally:
+        if log.level:
+            _log_statistics(log, stream, trio.current_time() - start, moved)
+        if not closed:
+            # Failing or cancelled: an abortive close, so the peer hears of
+            # it at once instead of waiting for its own timeout.
+            with trio.CancelScope() as abort:
+                abort.cancel()
+                await stream.aclose()
+        with trio.CancelScope(shield=True):
+            await stdout.aclose()
+            await stdin.aclose()
+
+
+def _utp_module():
+    try:
+        import utp
+    except ImportError as exc:
+        raise Failure(f"cannot load the uTP library: {exc}") from None
+    if not hasattr(utp, "open_endpoint"):
+        raise Failure("this utp package has no trio layer (utp.open_endpoint is missing)")
+    return utp
+
+
+async def _with_endpoint(utp, opts, host, port, family, body):
+    """Run body(ep) inside utp.open_endpoint(...); a failure to open the
+    endpoint (bind) becomes a Failure, errors of the body pass through."""
+    entered = False
+    kwargs = {}
+    if opts.timeout:
+        # On the way out the Endpoint lingers for the FIN exchange; -w bounds
+        # that wait too (the data itself was acknowledged before).
+        kwargs["linger"] = min(opts.timeout, 10.0)
+    if family:
+        kwargs["family"] = family
+    if opts.bufsize:
+        kwargs["recv_buffer"] = opts.bufsize
+        kwargs["send_buffer"] = opts.bufsize
+    try:
+        async with utp.open_endpoint(host, port, **kwargs) as ep:
+            entered = True
+            return await body(ep)
+    except BaseException as exc:
+        if entered:
+            raise
+        leaf = _sole_leaf(exc)
+        if isinstance(leaf, OSError):
+            where = format_address((host or "the default address", port))
+            why = _why(leaf)
+            if leaf.errno is None or why == os.strerror(leaf.errno):
+                why = f"cannot bind to {where}: {why}"
+            raise Failure(why) from None
+        raise
+
+
+async def _connect_mode(opts, fds: StdFds, log: _Log) -> None:
+    import trio
+
+    utp = _utp_module()
+    local_family, local_host = await _local(opts)
+    candidates = await _resolve(opts.host, opts.port, numeric=opts.numeric, family=local_family)
+    budget = opts.timeout or DEFAULT_CONNECT_TIMEOUT
+    deadline = trio.current_time() + budget
+    failure = None
+    for family, address in candidates:
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            break
+        peer = format_address(address)
+        bind_host = local_host or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+
+        async def body(ep, address=address, peer=peer, remaining=remaining):
+            log(f"bound to {format_address(ep.local_address)}")
+            log(f"connecting to {peer}")
+            stream = None
+            try:
+                # A backstop in case connect overran its own deadline.
+                with trio.move_on_after(remaining + 1.0):
+                    stream = await ep.connect(address, timeout=remaining)
+            except ConnectionRefusedError:
+                return f"connection refused by {peer}"
+            except TimeoutError:
+                return f"timed out connecting to {peer} after {budget:g} s"
+            except OSError as exc:
+                return f"cannot connect to {peer}: {_why(exc)}"
+            if stream is None:
+                return f"timed out connecting to {peer} after {budget:g} s"
+            log(f"connected to {peer} from {format_address(stream.local_address)}")
+            await run_session(stream, opts, fds, log)
+            return None
+
+        failure = await _with_endpoint(utp, opts, bind_host, opts.local_port, family, body)
+        if failure is None:
+            return
+        log(failure)
+    raise Failure(failure or f"timed out connecting to {opts.host} after {budget:g} s")
+
+
+async def _listen_mode(opts, fds: StdFds, log: _Log) -> None:
+    utp = _utp_module()
+    family, host = await _local(opts)
+
+    async def body(ep):
+        listener = ep.listen()
+        where = f"listening on {format_address(ep.local_address)}"
+        if log.level:
+            log(where)
+        elif opts.local_port == 0:
+            _say(where)
+        # One connection, as in libutp's ucat: close the listener once it is
+        # accepted, so later SYNs are refused rather than left waiting.
+        try:
+            stream = await listener.accept()
+        finally:
+            await listener.aclose()
+        log(f"accepted a connection from {format_address(stream.peer_address)}")
+        await run_session(stream, opts, fds, log)
+
+    await _with_endpoint(utp, opts, host, opts.local_port, family, body)
+
+
+async def _amain(opts, fds: StdFds) -> None:
+    """Run one ucat session.  SIGINT and SIGTERM cancel it at the next
+    checkpoint, so cleanup (closing the connection, restoring the terminal)
+    runs instead of a KeyboardInterrupt landing in the middle of anything."""
+    import trio
+
+    log = _Log(opts.debug)
+    caught = []
+
+    async def watch_signals(scope, task_status=trio.TASK_STATUS_IGNORED):
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                caught.append(signum)
+                scope.cancel()
+                return
+
+    with trio.CancelScope() as work:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch_signals, work)
+            try:
+                if opts.listen:
+                    await _listen_mode(opts, fds, log)
+                else:
+                    await _connect_mode(opts, fds, log)
+            finally:
+                nursery.cancel_scope.cancel()
+    if caught:
+        raise Interrupted(caught[0])
+
+
+# --- exceptions to exit statuses ---------------------------------------
+
+
+def _leaves(exc: BaseException):
+    """The exceptions inside (nested) exception groups, in order."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, (list, tuple)) and isinstance(exc, BaseException) and type(exc).__name__.endswith(
+        "ExceptionGroup"
+    ):
+        for item in inner:
+            yield from _leaves(item)
+    else:
+        yield exc
+
+
+def _sole_leaf(exc: BaseException) -> BaseException:
+    """The one exception that matters in exc: trio's Cancelled aside, the
+    only leaf; with several, exc itself."""
+    leaves = [e for e in _leaves(exc) if type(e).__name__ != "Cancelled"]
+    return leaves[0] if len(leaves) == 1 else exc
+
+
+def exit_status(exc: BaseException, debug: int) -> int:
+    """Report exc (one line, or nothing) and return the exit status."""
+    leaves = list(_leaves(exc))
+    for e in leaves:
+        if isinstance(e, Interrupted):
+            return 128 + e.signum
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        return EXIT_INTERRUPTED
+    if any(isinstance(e, StdoutGone) for e in leaves):
+        return EXIT_BROKEN_PIPE
+    for e in leaves:
+        if isinstance(e, SystemExit):
+            raise e
+    for e in leaves:
+        if isinstance(e, Failure):
+            _say(e.message)
+            return e.status
+    # A bug in ucat or below: still one line, the traceback only under -d.
+    real = [e for e in leaves if type(e).__name__ != "Cancelled"] or leaves
+    first = real[0]
+    _say(f"internal error: {type(first).__name__}: {first}")
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def main(argv=None) -> int:
+    """The ``ucat`` console script; returns the exit status."""
+    try:
+        opts = parse_args(argv)
+    except Failure as failure:
+        _say(failure.message)
+        return failure.status
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    fds = StdFds()
+    try:
+        import trio
+
+        trio.run(_amain, opts, fds)
+        return EXIT_OK
+    except BaseException as exc:
+        return exit_status(exc, opts.debug)
+    finally:
+        fds.restore()
