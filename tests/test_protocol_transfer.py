@@ -227,9 +227,10 @@ def test_five_percent_loss_efficiency(seed):
     assert lost > 500
     assert lost <= rx <= 1.3 * lost
     assert lossy.goodput_bps >= 0.30 * clean.goodput_bps
-    # Measured: 86-88% of loss-free, retransmissions == losses exactly.
-    assert lossy.goodput_bps >= 0.75 * clean.goodput_bps
-    assert rx <= 1.05 * lost
+    # Measured: 86-88% of loss-free, retransmissions == losses exactly;
+    # these looser bounds catch a regression well before the do.
+    assert lossy.goodput_bps >= 0.6 * clean.goodput_bps
+    assert rx <= 1.1 * lost
 
 
 def test_five_percent_loss_at_50ms_rtt_recovers_every_loss_once():
