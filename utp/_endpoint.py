@@ -61,6 +61,7 @@ class Driver(Protocol):
     def receive(self, ctx: _utp.Context) -> int: ...
     def flush(self, ctx: _utp.Context) -> int: ...
     async def wait_writable(self) -> None: ...
+    def take_other(self, ctx: _utp.Context) -> list[tuple[int, bytes, Any]]: ...
     def sendto(self, ctx: _utp.Context, data: bytes, addr: Any) -> None: ...
     def statistics(self, ctx: _utp.Context) -> dict[str, Any]: ...
     def close(self) -> None: ...
@@ -90,6 +91,9 @@ class UDPDriver:
 
     async def wait_writable(self) -> None:
         await trio.lowlevel.wait_writable(self.sock)
+
+    def take_other(self, ctx: _utp.Context) -> list[tuple[int, bytes, Any]]:
+        return ctx.take_other()
 
     def sendto(self, ctx: _utp.Context, data: bytes, addr: Any) -> None:
         ctx.sendto(self.fd, data, addr)
@@ -191,6 +195,12 @@ class Endpoint:
         self._virtual = driver.virtual_time
         self.recv_buffer = recv_buffer
         self.send_buffer = send_buffer
+        # Context-wide defaults: accepted sockets get them at creation, so
+        # even the SYN-ACK advertises the right window.
+        if recv_buffer is not None:
+            ctx.set_option(_utp.UTP_RCVBUF, recv_buffer)
+        if send_buffer is not None:
+            ctx.set_option(_utp.UTP_SNDBUF, send_buffer)
         self.linger = linger
         self._streams: dict[_utp.Socket, UTPStream] = {}
         self._listener: UTPListener | None = None
@@ -308,15 +318,8 @@ class Endpoint:
         self._check_open()
         self._sync_time()
         sock = self._ctx.create_socket()
-        self._configure(sock)
         sock.connect(addr)
         return sock
-
-    def _configure(self, sock: _utp.Socket) -> None:
-        if self.recv_buffer:
-            sock.set_option(_utp.UTP_RCVBUF, self.recv_buffer)
-        if self.send_buffer:
-            sock.set_option(_utp.UTP_SNDBUF, self.send_buffer)
 
     def _register(self, sock: _utp.Socket, stream: UTPStream) -> None:
         self._streams[sock] = stream
@@ -395,7 +398,7 @@ class Endpoint:
             self._after_engine()
 
     def _deliver_others(self) -> None:
-        for cls, data, addr in self._ctx.take_other():
+        for cls, data, addr in self._driver.take_other(self._ctx):
             owner = _CLASS_OWNER.get(cls, OWNER_OTHER)
             q = self._queues.get(owner) or (self._queues.get(OWNER_OTHER) if owner != OWNER_OTHER else None)
             if q is None:

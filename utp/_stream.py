@@ -16,6 +16,7 @@ queued; a writer blocked on a full buffer is woken when half of it is free
 from __future__ import annotations
 
 import collections
+import operator
 from typing import TYPE_CHECKING, Any, Callable, Deque
 
 import trio
@@ -184,8 +185,10 @@ class UTPStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
         with self._recv_conflict:
             if self._closed:
                 raise trio.ClosedResourceError("the stream is closed")

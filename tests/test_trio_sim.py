@@ -1,0 +1,416 @@
+"""The trio layer over a simulated lossy network on trio's virtual clock.
+
+Every test here takes ``autojump_clock``: time only moves when all tasks
+wait, so timeouts and retry schedules are exact and minutes of protocol time
+take milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import trio
+import trio.testing
+
+import utp
+from utp.simnet import SimNetwork
+
+A, B = "10.0.0.1", "10.0.0.2"
+PORT = 6881
+
+
+def _type(data: bytes) -> int:
+    return data[0] >> 4
+
+
+ST_DATA, ST_FIN, ST_STATE, ST_RESET, ST_SYN = range(5)
+
+
+# ---- trio's own conformance checks -------------------------------------------------
+
+
+def _stream_maker(**link):
+    async def make():
+        net = SimNetwork(seed=random.getrandbits(32), **link)
+        # The network and endpoints must outlive the check's use of the
+        # streams; trio's checkers call the maker inside their own nursery,
+        # so run everything in a system-owned nursery of this test.
+        holder = _stream_maker.nursery
+        ready = trio.Event()
+        box: dict = {}
+
+        async def run():
+            async with net, net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+                listener = b.listen()
+                async with trio.open_nursery() as n:
+                    async def acc():
+                        box["b"] = await listener.accept()
+                    n.start_soon(acc)
+                    box["a"] = await a.connect((B, PORT))
+                ready.set()
+                await trio.sleep_forever()
+
+        holder.start_soon(run)
+        await ready.wait()
+        return box["a"], box["b"]
+    return make
+
+
+@pytest.mark.parametrize("link", [
+    {"delay": 0.010},
+    {"delay": 0.020, "loss": 0.03, "duplicate": 0.02, "reorder": 0.05, "jitter": 0.005},
+], ids=["clean", "lossy"])
+async def test_check_half_closeable_stream_simulated(autojump_clock, nursery, link):
+    random.seed(7)
+    _stream_maker.nursery = nursery
+    make = _stream_maker(**link)
+    await trio.testing.check_half_closeable_stream(make, None)
+    nursery.cancel_scope.cancel()
+
+
+# ---- connect with timeout-retry -------------------------------------------------------
+
+
+async def test_connect_attempt_schedule_is_exact(autojump_clock):
+    async with SimNetwork(seed=1, trace=True, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a:
+            t0 = trio.current_time()
+            with pytest.raises(TimeoutError, match=r"4 attempts in 7\.5 s"):
+                await a.connect(("10.9.9.9", PORT), attempt_timeout=2.0, timeout=7.5)
+            assert trio.current_time() - t0 == pytest.approx(7.5)
+            syns = [(round(t - t0, 6), data[2:4]) for t, _, _, data in net.trace
+                    if _type(data) == ST_SYN]
+            # Engine SYN schedule inside each attempt: 0 and +1 s (SYN_TIMEOUT
+            # 1 s); every attempt is a new connection with a new id.
+            assert [t for t, _ in syns] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+            ids = [cid for _, cid in syns]
+            assert ids[0] == ids[1] and ids[2] == ids[3] and ids[4] == ids[5] and ids[6] == ids[7]
+            assert len({ids[0], ids[2], ids[4], ids[6]}) == 4
+            # Nothing left behind: every attempt's socket was closed.
+            assert a.statistics()["engine"]["sockets_live"] == 0
+
+
+async def test_connect_deadline_is_absolute(autojump_clock):
+    async with SimNetwork(seed=1) as net:
+        async with net.endpoint(A, PORT) as a:
+            t0 = trio.current_time()
+            with pytest.raises(TimeoutError):
+                await a.connect(("10.9.9.9", PORT), attempt_timeout=1.5, timeout=None,
+                                deadline=t0 + 4.0)
+            assert trio.current_time() - t0 == pytest.approx(4.0)
+
+
+async def test_connect_gets_through_after_the_path_opens(autojump_clock):
+    """The NAT case: the first attempts are lost, a later one connects."""
+    async with SimNetwork(seed=3, delay=0.02) as net:
+        net.set_link(A, B, up=False)
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            listener = b.listen()
+            t0 = trio.current_time()
+
+            async def open_path():
+                await trio.sleep(5.0)
+                net.set_link(A, B, up=True)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(open_path)
+                stream = await a.connect((B, PORT), attempt_timeout=2.0, timeout=30.0)
+                peer = await listener.accept()
+            # Attempts start at 0, 2, 4, 6: the one at 6 s is the first after
+            # the path opened at 5 s (the SYN of the 4 s attempt at 5 s races
+            # the opening and may win).
+            assert 5.0 <= trio.current_time() - t0 <= 6.1
+            await stream.send_all(b"hello")
+            assert await peer.receive_some() == b"hello"
+            # Only one connection exists on the listening side.
+            assert b.statistics()["engine"]["sockets_live"] == 1
+
+
+async def test_connect_refused_is_quick(autojump_clock):
+    async with SimNetwork(seed=1, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT):
+            t0 = trio.current_time()
+            with pytest.raises(ConnectionRefusedError, match="refused"):
+                await a.connect((B, PORT))
+            assert trio.current_time() - t0 < 0.1
+
+
+async def test_connect_cancelled_leaves_nothing_half_open(autojump_clock):
+    async with SimNetwork(seed=1, delay=0.01, trace=True) as net:
+        net.set_link(A, B, up=False)
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            b.listen()
+            with trio.move_on_after(1.5):
+                await a.connect((B, PORT), attempt_timeout=5.0, timeout=10.0)
+            assert a.statistics()["engine"]["sockets_live"] == 0
+            sent = len(net.trace)
+            await trio.sleep(10)
+            assert len(net.trace) == sent  # no SYN after the cancel
+
+
+@pytest.mark.parametrize("addr, message", [
+    (("example.org", 80), "not a literal IP"),
+    ((A, 0), "bad port"),
+    ((A, 70000), "bad port"),
+    ("10.0.0.2:80", "expected a"),
+])
+async def test_connect_rejects_bad_addresses(autojump_clock, addr, message):
+    async with SimNetwork(seed=1) as net:
+        async with net.endpoint(A, PORT) as a:
+            with pytest.raises(OSError, match=message):
+                await a.connect(addr)
+
+
+# ---- streams: errors, flow control ------------------------------------------------------
+
+
+async def _pair(net, **kw):
+    a_cm = net.endpoint(A, PORT, **kw)
+    b_cm = net.endpoint(B, PORT, **kw)
+    return a_cm, b_cm
+
+
+async def test_peer_reset_breaks_the_stream_with_cause(autojump_clock):
+    async with SimNetwork(seed=1, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            listener = b.listen()
+            async with trio.open_nursery() as n:
+                box = {}
+                n.start_soon(lambda: _accept_into(listener, box))
+                s = await a.connect((B, PORT))
+            peer = box["s"]
+            peer._abort()  # the peer resets the connection
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await s.receive_some()
+            assert isinstance(info.value.__cause__, utp.UTPError)
+            assert info.value.__cause__.code == utp.UTP_ECONNRESET
+            with pytest.raises(trio.BrokenResourceError):
+                await s.send_all(b"x")
+            await s.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                await s.send_all(b"x")
+
+
+async def _accept_into(listener, box):
+    box["s"] = await listener.accept()
+
+
+async def test_dead_peer_breaks_a_waiting_receiver(autojump_clock):
+    async with SimNetwork(seed=1, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            listener = b.listen()
+            async with trio.open_nursery() as n:
+                box = {}
+                n.start_soon(lambda: _accept_into(listener, box))
+                s = await a.connect((B, PORT))
+            net.set_link(A, B, up=False)
+            t0 = trio.current_time()
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await s.receive_some()
+            assert info.value.__cause__.code == utp.UTP_ETIMEDOUT
+            # 29 s keepalive, then probes backing off from the 500 ms RTO floor.
+            assert 29 < trio.current_time() - t0 < 120
+
+
+async def test_slow_reader_bounds_memory_and_slows_sender(autojump_clock):
+    rcv = 64 * 1024
+    async with SimNetwork(seed=1, delay=0.005) as net:
+        async with net.endpoint(A, PORT, recv_buffer=rcv) as a, \
+                net.endpoint(B, PORT, recv_buffer=rcv) as b:
+            listener = b.listen()
+            async with trio.open_nursery() as n:
+                box = {}
+                n.start_soon(lambda: _accept_into(listener, box))
+                s = await a.connect((B, PORT))
+            peer = box["s"]
+            sent = 0
+
+            async def writer():
+                nonlocal sent
+                chunk = b"z" * 16384
+                while True:
+                    await s.send_all(chunk)
+                    sent += len(chunk)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(writer)
+                await trio.sleep(30)  # the reader reads nothing for 30 s
+                # The receiver holds at most its window (+ slack for probes).
+                assert peer._sock.readable <= rcv + 3 * 1500
+                # The sender is blocked: its engine buffer is full, nothing more.
+                sent_at_stall = sent
+                await trio.sleep(10)
+                assert sent == sent_at_stall
+                got = 0
+                while got < 4 * 1024 * 1024:
+                    got += len(await peer.receive_some())
+                n.cancel_scope.cancel()
+            assert sent > sent_at_stall
+
+
+async def test_concurrent_senders_are_busy(autojump_clock):
+    async with SimNetwork(seed=1, delay=0.01) as net:
+        async with net.endpoint(A, PORT, send_buffer=16384) as a, net.endpoint(B, PORT) as b:
+            listener = b.listen()
+            async with trio.open_nursery() as n:
+                box = {}
+                n.start_soon(lambda: _accept_into(listener, box))
+                s = await a.connect((B, PORT))
+            with pytest.raises(trio.BusyResourceError):
+                async with trio.open_nursery() as n:
+                    n.start_soon(s.send_all, b"x" * 1_000_000)
+                    n.start_soon(s.send_all, b"y" * 1_000_000)
+
+
+# ---- listener ---------------------------------------------------------------------------
+
+
+async def test_serve_listeners_echo_and_pause_refuses(autojump_clock):
+    async with SimNetwork(seed=2, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            listener = b.listen()
+
+            async def echo(stream):
+                async for chunk in stream:
+                    await stream.send_all(chunk)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(trio.serve_listeners, echo, [listener])
+                s = await a.connect((B, PORT))
+                data = random.Random(1).randbytes(300_000)
+                async with trio.open_nursery() as n2:
+                    n2.start_soon(s.send_all, data)
+                    got = bytearray()
+                    while len(got) < len(data):
+                        got += await s.receive_some()
+                assert got == data
+                await s.aclose()
+
+                listener.pause()
+                t0 = trio.current_time()
+                with pytest.raises(ConnectionRefusedError):
+                    await a.connect((B, PORT))
+                assert trio.current_time() - t0 < 0.1
+                listener.resume()
+                s2 = await a.connect((B, PORT))
+                await s2.send_all(b"again")
+                assert await s2.receive_some() == b"again"
+                await s2.aclose()
+                n.cancel_scope.cancel()
+
+
+async def test_backlog_overflow_is_refused_and_counted(autojump_clock):
+    async with SimNetwork(seed=2, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            listener = b.listen(backlog=2)
+            streams = [await a.connect((B, PORT)) for _ in range(4)]
+            await trio.sleep(1)
+            assert listener.statistics()["refused_backlog"] == 2
+            broken = 0
+            for s in streams:
+                try:
+                    with trio.fail_after(5):
+                        await s.receive_some()
+                except trio.BrokenResourceError:
+                    broken += 1
+                except trio.TooSlowError:
+                    pass
+            assert broken == 2
+
+
+async def test_firewall_refuses_and_errors_reach_accept(autojump_clock):
+    async with SimNetwork(seed=2, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b, \
+                net.endpoint("10.0.0.3", PORT) as c:
+            listener = b.listen()
+            listener.firewall = lambda addr: addr[0] != A
+            s = await a.connect((B, PORT))
+            with pytest.raises(trio.BrokenResourceError):
+                with trio.fail_after(5):
+                    await s.receive_some()
+            assert listener.statistics()["refused_firewall"] == 1
+            s3 = await c.connect((B, PORT))
+            peer = await listener.accept()
+            assert peer.peer_address[0] == "10.0.0.3"
+            await s3.aclose()
+
+            def boom(addr):
+                raise RuntimeError("firewall broke")
+            listener.firewall = boom
+            await a.connect((B, PORT))
+            with pytest.raises(RuntimeError, match="firewall broke"):
+                with trio.fail_after(5):
+                    await listener.accept()
+
+
+# ---- the shared socket --------------------------------------------------------------------
+
+
+async def test_datagrams_of_other_owners_share_the_socket(autojump_clock):
+    async with SimNetwork(seed=4, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            dht = b.datagram_queue("dht", maxlen=4)
+            tracker = b.datagram_queue("tracker")
+            listener = b.listen()
+            ping = b"d1:ad2:id20:" + b"x" * 20 + b"e1:q4:ping1:t2:aa1:y1:qe"
+            connect_req = (0x41727101980).to_bytes(8, "big") + (0).to_bytes(4, "big") + b"tran"
+
+            async with trio.open_nursery() as n:
+                box = {}
+                n.start_soon(lambda: _accept_into(listener, box))
+                s = await a.connect((B, PORT))
+            payload = random.Random(2).randbytes(2_000_000)
+            async with trio.open_nursery() as n:
+                n.start_soon(s.send_all, payload)
+                for _ in range(3):
+                    await a.sendto(ping, (B, PORT))
+                    await a.sendto(connect_req, (B, PORT))
+                    await a.sendto(b"\xff garbage", (B, PORT))
+                h = hashlib.sha256()
+                got = 0
+                while got < len(payload):
+                    chunk = await box["s"].receive_some()
+                    h.update(chunk)
+                    got += len(chunk)
+            assert h.digest() == hashlib.sha256(payload).digest()
+            data, src = await dht.receive()
+            assert data == ping and src == (A, PORT)
+            assert (await tracker.receive())[0] == connect_req
+            stats = b.statistics()
+            assert stats["owners"]["dht"]["received"] == 3
+            assert stats["owners"]["tracker"]["received"] == 3
+            assert stats["owners"]["other"]["unowned_dropped"] == 3
+            assert stats["engine"]["packets_in"] > 1000
+            # A full queue drops and counts.
+            for _ in range(10):
+                await a.sendto(ping, (B, PORT))
+            await trio.sleep(1)
+            assert b.statistics()["owners"]["dht"]["dropped"] > 0
+            with pytest.raises(ValueError):
+                b.datagram_queue("bogus")
+            with pytest.raises(RuntimeError):
+                b.datagram_queue("dht")
+
+
+async def test_endpoint_close_lingers_until_data_is_acknowledged(autojump_clock):
+    async with SimNetwork(seed=5, delay=0.05, loss=0.02) as net:
+        payload = random.Random(3).randbytes(1_000_000)
+        got = bytearray()
+        async with net.endpoint(B, PORT) as b:
+            listener = b.listen()
+
+            async def reader():
+                s = await listener.accept()
+                async for chunk in s:
+                    got.extend(chunk)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                async with net.endpoint(A, PORT) as a:
+                    s = await a.connect((B, PORT))
+                    await s.send_all(payload)
+                    await s.send_eof()
+                # Leaving the block waited for the data to be acknowledged.
+                assert bytes(got) == payload
