@@ -340,16 +340,16 @@ def test_bind_address_in_use(procs):
 
 
 def test_nothing_listening(procs):
-    """A port where nothing listens: a non-zero exit with one line, within
-    the connect timeout."""
+    """A port where nothing listens: the ICMP port-unreachable makes it a
+    refusal within a fraction of a second, reported in one line."""
     port = _free_udp_port()
-    proc = procs.start(ucat("-n", "-w", "3", "127.0.0.1", port), "connector",
+    proc = procs.start(ucat("-n", "127.0.0.1", port), "connector",
                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert proc.wait(QUICK) == 1
     elapsed = time.monotonic() - proc.started
-    line = _assert_one_line_error(proc, r"(refused|timed out).*127\.0\.0\.1:%d" % port)
+    line = _assert_one_line_error(proc, r"refused by 127\.0\.0\.1:%d" % port)
     print(f"\nnothing listening: {line!r} after {elapsed:.2f} s")
-    assert elapsed < 3 + 10
+    assert elapsed < 5, f"took {elapsed:.1f} s"
 
 
 def test_second_connection_refused(procs, tmp_path):
@@ -519,6 +519,8 @@ def test_listener_killed_mid_transfer(procs, tmp_path):
     status = connector.wait(DEAD_PEER_TIMEOUT)
     elapsed = time.monotonic() - killed
     assert status == 1, connector.err()
+    # ICMP port-unreachable makes it a reset at once; without ICMP (a
+    # firewall eating it) the engine gives up after about 31 s.
     line = _assert_one_line_error(connector, r"127\.0\.0\.1:%d" % port)
     print(f"\nlistener killed: connector said {line!r} {elapsed:.1f} s later")
 
@@ -531,24 +533,30 @@ def test_idle_timeout(procs):
     procs.wait_for(listener, r"accepted a connection")
     assert connector.wait(QUICK) == 1
     _assert_one_line_error(connector, r"no data moved for 1 s")
-    # The listener is not left waiting: it hears of the close and ends too
-    # (with a one-line error if ucat's abortive close reached it as a reset).
-    listener.popen.stdin.close()
-    if listener.wait(DEAD_PEER_TIMEOUT) != 0:
-        _assert_one_line_error(listener)
+    # The listener is not left waiting, nor fooled into a clean exit: the
+    # connector gave up, so it resets the connection.
+    assert listener.wait(QUICK) == 1, listener.err()
+    _assert_one_line_error(listener, r"reset")
 
 
 def test_ctrl_c(procs):
-    """SIGINT: exit 130, quietly (no traceback, no error line)."""
-    listener, port = procs.listener("127.0.0.1", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    connector = procs.start(ucat("-d", "-n", "127.0.0.1", port), "connector", stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
+    """SIGINT mid-transfer: exit 130 quietly (no traceback, no error line),
+    and the peer is told with a reset: it must not mistake the cut-off
+    stream for a complete one and exit 0."""
+    listener, port = procs.listener("127.0.0.1", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    with open("/dev/zero", "rb") as zero:
+        connector = procs.start(ucat("-d", "-n", "127.0.0.1", port), "connector", stdin=zero,
+                                stdout=subprocess.DEVNULL)
     procs.wait_for(connector, r"connected to")
+    time.sleep(0.3)
     connector.popen.send_signal(signal.SIGINT)
     assert connector.wait(QUICK) == 130, connector.err()
     text = connector.err()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "internal error" not in text, text
+    assert not re.search(r"^ucat: [^+]", text, re.M), text
+    assert listener.wait(QUICK) == 1, listener.err()
+    _assert_one_line_error(listener, r"reset")
 
 
 def test_stdout_reader_goes_away(procs):

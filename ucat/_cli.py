@@ -538,6 +538,26 @@ def _log_statistics(log: _Log, stream, elapsed: float, moved: dict) -> None:
     log(f"  rtt {g('rtt_ms')} ms, rto {g('rto_ms')} ms, cwnd {g('cwnd')} bytes, mtu {g('mtu')}")
 
 
+async def _abort(stream) -> None:
+    """Close a failing or interrupted session with a RESET.  A graceful
+    close would send FIN, and the peer would take a transfer we gave up on
+    halfway for a complete one (and exit 0 with truncated data)."""
+    import trio
+
+    abort = getattr(stream, "abort", None)
+    if abort is None:
+        # Stopgap until UTPStream has a public abort(): the trio layer's own
+        # abortive close (what its Endpoint uses for refused connections).
+        abort = getattr(stream, "_abort", None)
+    try:
+        if abort is not None:
+            abort()
+    except Exception:
+        pass  # the graceful close below still releases everything
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
+
+
 async def _wait_delivered(stream, peer: str) -> None:
     """Return once the peer has acknowledged every byte we sent: what makes
     exit status 0 mean "delivered", not just "handed to the engine"."""
@@ -568,7 +588,9 @@ async def run_session(stream, opts, fds: StdFds, log: _Log) -> None:
     peer = format_address(stream.peer_address)
     if log.level:
         try:
-            stream.on_state_change = lambda state: log(f"state: {state}")
+            # "writable" comes every time the send buffer drains to half:
+            # noise at -d, so it waits for -dd.
+            stream.on_state_change = lambda state: log(f"state: {state}", 2 if state == "writable" else 1)
         except AttributeError:
             pass
     stdin = Input(fds, log)
@@ -635,11 +657,7 @@ async def run_session(stream, opts, fds: StdFds, log: _Log) -> None:
         if log.level:
             _log_statistics(log, stream, trio.current_time() - start, moved)
         if not closed:
-            # Failing or cancelled: an abortive close, so the peer hears of
-            # it at once instead of waiting for its own timeout.
-            with trio.CancelScope() as abort:
-                abort.cancel()
-                await stream.aclose()
+            await _abort(stream)
         with trio.CancelScope(shield=True):
             await stdout.aclose()
             await stdin.aclose()
