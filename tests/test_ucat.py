@@ -315,6 +315,7 @@ def test_console_script():
         (["bad..host", "4000"], 2, r"bad host name"),
         (["-s", "not an address", "127.0.0.1", "4000"], 2, r"bad host name"),
         (["-n", "localhost", "4000"], 1, r"-n: 'localhost' is not a numeric address"),
+        (["-n", "-s", "::1", "127.0.0.1", "4000"], 1, r"'127\.0\.0\.1' has no IPv6 address"),
     ],
 )
 def test_bad_arguments(procs, args, status, pattern):

@@ -295,6 +295,9 @@ async def _resolve(host: str, port: int, *, numeric: bool, family: int = 0, pass
     try:
         infos = await trio.socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM, 0, flags)
     except socket.gaierror as exc:
+        if family and exc.errno in (socket.EAI_FAMILY, getattr(socket, "EAI_ADDRFAMILY", None)):
+            other = "IPv6" if family == socket.AF_INET6 else "IPv4"
+            raise Failure(f"{host!r} has no {other} address, and -s binds an {other} address") from None
         if numeric and exc.errno == socket.EAI_NONAME:
             raise Failure(f"-n: {host!r} is not a numeric address") from None
         raise Failure(f"cannot resolve {host!r}: {_why(exc)}") from None
