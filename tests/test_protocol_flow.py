@@ -88,7 +88,9 @@ def test_zero_window_while_the_reader_stalls():
         # The sender probes the closed window, backing off: a few packets a
         # minute, not a flood and not silence.
         stall_sent = [t for t, ty, n in log if 5 * S <= t <= 60 * S and ty == ST_DATA]
-        assert 1 <= len(stall_sent) <= 10
+        # Probes back off to one every 4 s: a lost window update costs at
+        # most that, and a stalled reader gets no flood.
+        assert 1 <= len(stall_sent) <= 55 // 4 + 1
         # The reader resumes: everything arrives, intact.
         resumed = net.now
         drain_every(net, cb)
@@ -101,10 +103,6 @@ def test_zero_window_while_the_reader_stalls():
         assert net.now - resumed < 30 * S
 
 
-@pytest.mark.xfail(reason="engine: the data probing a zero window is backed off like an "
-                          "RTO and the window update that reopens it does not resend it, "
-                          "so the sender waits up to the backed-off timeout (28 s here); "
-                          "reported to the lead", strict=False)
 @pytest.mark.parametrize("stall_s", [35, 61])
 def test_zero_window_reopens_promptly(stall_s):
     """When the reader drains its buffer, the window update it sends must
@@ -120,6 +118,7 @@ def test_zero_window_reopens_promptly(stall_s):
         resumed = net.now
         drain_every(net, cb)
         net.run(net.now + 200 * S, condition=lambda: cb.eof_at is not None)
+        cb.read()  # what arrived with the FIN, before the next 10 ms drain
         assert cb.received == 8 * MiB and cb.received_sha256 == ca.sent_sha256
         first = min(t for t, ty, n in log if t >= resumed and ty == ST_DATA)
         assert first - resumed <= 100 * MS

@@ -182,10 +182,6 @@ def test_icmp_for_unknown_or_garbled_datagrams_is_ignored():
         assert b.accepted[0].received == 100_000
 
 
-@pytest.mark.xfail(reason="engine: a lost MTU probe is retransmitted at its own size "
-                          "without DONTFRAG, so on a path that drops fragments it can "
-                          "never arrive and the connection dies (ETIMEDOUT at 31.5 s); "
-                          "reported to the lead", strict=False)
 @pytest.mark.parametrize("icmp", [False, True])
 def test_probe_lost_on_a_path_that_drops_fragments(icmp):
     """An MTU black hole: the path carries 1500-byte datagrams and drops

@@ -238,7 +238,8 @@ void utp_in_on_packet(utp_socket *s, const utp_packet *pk)
 			return;
 	}
 
-	utp_out_on_ack(s, pk);
+	if (utp_out_on_ack(s, pk) != 0)
+		return;
 	if (s->zombie || s->state == UTPKIT_SOCK_ERROR)
 		return;
 	if (pk->type == ST_DATA || pk->type == ST_FIN)

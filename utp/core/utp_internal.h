@@ -31,6 +31,9 @@ enum { ST_DATA = 0, ST_FIN = 1, ST_STATE = 2, ST_RESET = 3, ST_SYN = 4, ST_NUM_T
 #define UTP_HEADER_SIZE 20
 #define UTP_EXT_NONE 0
 #define UTP_EXT_SACK 1
+/* Padding that makes an MTU probe out of an ordinary full packet; receivers
+ * skip extensions they do not know (BEP 29), so its bytes are never data. */
+#define UTP_EXT_PAD 0x7e
 
 /* How far ahead of ack_nr we accept data, and how many packets we keep in
  * flight.  libutp's reorder buffer and our SACK bitmap both cover 1024
@@ -71,6 +74,9 @@ int utp_packet_parse_untrusted(const byte *buf, size_t len, utp_packet *pk);
 size_t utp_packet_write_header(byte *out, int type, uint16 conn_id, uint32 ts,
                                uint32 ts_diff, uint32 wnd, uint16 seq_nr,
                                uint16 ack_nr, const byte *sack, uint32 sack_len);
+/* Appends padding extensions of pad bytes in all (at least 2) to a header
+ * just written by utp_packet_write_header; returns the new header length. */
+size_t utp_packet_add_padding(byte *out, size_t hlen, size_t pad);
 int utp_sack_bit(const byte *sack, uint32 sack_len, uint32 bit);
 
 /* Wrap-around sequence arithmetic (16 bits). */
@@ -92,7 +98,8 @@ typedef struct {
 	uint8 lost_by_timeout; /* the mark came from a retransmission timeout */
 	uint8 sacked;          /* selectively acknowledged */
 	uint8 is_fin;
-	uint8 is_probe;        /* MTU probe: first transmission uses DONTFRAG */
+	uint8 is_probe;        /* its first transmission was a padded MTU probe */
+	uint8 zwp;             /* sent as a zero-window probe, not yet acknowledged */
 	byte data[];
 } utp_outpkt;
 
@@ -199,6 +206,17 @@ struct UTPSocket {
 
 	/* timing, microseconds */
 	uint32 srtt, rttvar, rto;
+	uint32 min_rtt;            /* smallest RTT sample (0: none yet) */
+	uint32 dupthresh;          /* SACKed packets above a hole that make it lost (3, grows on reordering) */
+	uint32 reo_wnd_mult;       /* RACK reordering window in quarters of srtt (1, grows on reordering) */
+	uint32 prior_cwnd;         /* window before the last loss cut, for undo */
+	uint32 prior_ssthresh;
+	uint32 spurious;           /* retransmissions found unnecessary */
+	uint32 reordered;          /* packets seen arriving behind later ones */
+	uint16 highest_sacked;     /* highest sequence number SACKed (valid while sacked_count > 0) */
+	uint32 zwp_interval;       /* microseconds between zero-window probes */
+	uint16 zwp_seq;            /* the zero-window probe in flight, if zwp_pending */
+	uint8 zwp_pending;
 	uint64 rto_deadline;       /* 0: not armed */
 	uint64 tlp_deadline;       /* 0: not armed */
 	uint64 reorder_deadline;   /* 0: not armed (time-based loss detection) */
@@ -320,7 +338,8 @@ void utp_out_send_ack(utp_socket *s);
 void utp_out_send_synack(utp_socket *s);
 void utp_out_send_syn(utp_socket *s);
 void utp_out_send_keepalive(utp_socket *s);
-void utp_out_on_ack(utp_socket *s, const utp_packet *pk);
+int utp_out_on_ack(utp_socket *s, const utp_packet *pk);
+void utp_out_repacketize(utp_socket *s);
 void utp_out_on_rto(utp_socket *s);
 void utp_out_on_tlp(utp_socket *s);
 void utp_out_detect_losses(utp_socket *s);
@@ -345,10 +364,11 @@ uint32 utp_delay_queueing(const utp_delay_hist *h);
 void utp_cc_on_ack(utp_socket *s, uint32 bytes_acked, uint32 flight_before);
 void utp_cc_on_loss(utp_socket *s);
 void utp_cc_on_timeout(utp_socket *s);
+void utp_cc_undo(utp_socket *s);
 
 /* ---- utp_mtu.c ------------------------------------------------------------- */
 void utp_mtu_init(utp_socket *s);
-uint32 utp_mtu_probe_size(utp_socket *s);
+uint32 utp_mtu_probe_size(const utp_socket *s);
 void utp_mtu_probe_acked(utp_socket *s, uint32 size);
 void utp_mtu_probe_lost(utp_socket *s, uint32 size);
 void utp_mtu_on_icmp(utp_socket *s, uint16 next_hop_mtu, uint16 seq_nr, int have_seq);

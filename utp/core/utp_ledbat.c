@@ -26,6 +26,8 @@ void utp_cc_init(utp_socket *s)
 	s->ssthresh = 0x7fffffffu;
 	s->slow_start = 1;
 	s->rtt_valid = 0;
+	s->dupthresh = 3;
+	s->reo_wnd_mult = 1;
 	s->rto = utp_rto_base(s);
 }
 
@@ -48,6 +50,8 @@ void utp_rto_backoff(utp_socket *s)
 
 void utp_rtt_sample(utp_socket *s, uint32 r)
 {
+	if (s->min_rtt == 0 || r < s->min_rtt)
+		s->min_rtt = r ? r : 1;
 	if (!s->rtt_valid) {
 		s->srtt = r;
 		s->rttvar = r / 2;
@@ -181,14 +185,32 @@ void utp_cc_on_loss(utp_socket *s)
 		return;
 	s->in_recovery = 1;
 	s->recovery_seq = (uint16)(s->next_send - 1);
+	s->prior_cwnd = s->cwnd;
+	s->prior_ssthresh = s->ssthresh;
 	set_cwnd(s, s->cwnd_exact / 2);
 	s->ssthresh = s->cwnd;
 	s->slow_start = 0;
 	s->loss_events++;
 }
 
+/* The loss that cut the window was reordering after all (utp_output.c
+ * check_spurious): go back to the window from before the cut. */
+void utp_cc_undo(utp_socket *s)
+{
+	if (s->prior_cwnd == 0)
+		return;
+	if (s->prior_cwnd > s->cwnd)
+		set_cwnd(s, s->prior_cwnd);
+	if (s->prior_ssthresh > s->ssthresh)
+		s->ssthresh = s->prior_ssthresh;
+	s->prior_cwnd = 0;
+	s->in_recovery = 0;
+}
+
 void utp_cc_on_timeout(utp_socket *s)
 {
+	s->prior_cwnd = s->cwnd;
+	s->prior_ssthresh = s->ssthresh;
 	s->ssthresh = UTP_MAX(s->cwnd / 2, 2 * mss(s));
 	set_cwnd(s, mss(s));
 	s->slow_start = 1;

@@ -34,7 +34,7 @@ void utp_mtu_init(utp_socket *s)
 	s->stats.mtu_guess = s->mtu_cur;
 }
 
-uint32 utp_mtu_probe_size(utp_socket *s)
+uint32 utp_mtu_probe_size(const utp_socket *s)
 {
 	if (!s->ctx->mtu_probing || s->mtu_probe_size != 0 || s->state != UTPKIT_SOCK_CONNECTED)
 		return 0;
@@ -63,6 +63,7 @@ void utp_mtu_probe_lost(utp_socket *s, uint32 size)
 
 static void lower_ceiling(utp_socket *s, uint32 ceiling)
 {
+	uint32 before = s->mtu_cur;
 	ceiling = UTP_MAX(ceiling, (uint32)UTP_MIN_MTU);
 	if (ceiling < s->mtu_ceiling)
 		s->mtu_ceiling = ceiling;
@@ -71,6 +72,8 @@ static void lower_ceiling(utp_socket *s, uint32 ceiling)
 	if (s->mtu_floor > s->mtu_cur)
 		s->mtu_floor = s->mtu_cur;
 	s->stats.mtu_guess = s->mtu_cur;
+	if (s->mtu_cur < before)
+		utp_out_repacketize(s);
 }
 
 void utp_mtu_on_icmp(utp_socket *s, uint16 next_hop_mtu, uint16 seq_nr, int have_seq)
@@ -114,4 +117,5 @@ void utp_mtu_on_blackhole(utp_socket *s)
 	s->mtu_cur = s->mtu_floor;
 	s->mtu_probe_size = 0;
 	s->stats.mtu_guess = s->mtu_cur;
+	utp_out_repacketize(s);
 }

@@ -105,17 +105,10 @@ size_t utp_out_queue(utp_socket *s, const struct utp_iovec *iov, size_t n)
 					p = NULL;
 			}
 			if (p == NULL) {
-				uint32 probe = utp_mtu_probe_size(s);
-				uint32 cap = probe ? probe - UTP_HEADER_SIZE : utp_out_payload_max(s);
-				p = out_append(s, cap);
+				p = out_append(s, utp_out_payload_max(s));
 				if (p == NULL) {
 					s->want_writable = 1;
 					return total;
-				}
-				if (probe) {
-					p->is_probe = 1;
-					s->mtu_probe_size = probe;
-					s->mtu_probe_seq = p->seq_nr;
 				}
 			}
 			take = UTP_MIN(left, (size_t)(p->cap - p->payload));
@@ -129,6 +122,62 @@ size_t utp_out_queue(utp_socket *s, const struct utp_iovec *iov, size_t n)
 		}
 	}
 	return total;
+}
+
+/* The packet size went down: cut again what was queued but never sent.
+ * Its sequence numbers were never on the wire, so they can be reassigned;
+ * packets already sent keep their size (and go without DONTFRAG). */
+void utp_out_repacketize(utp_socket *s)
+{
+	uint32 cap = utp_out_payload_max(s), bytes = 0, n, off;
+	uint16 seq;
+	int fin = 0;
+	byte *all;
+	if (s->next_send == s->seq_nr)
+		return;
+	/* Nothing larger than the new size waiting: leave the queue alone. */
+	n = 0;
+	for (seq = s->next_send; seq != s->seq_nr; seq++) {
+		utp_outpkt *p = out_get(s, seq);
+		if (p && p->cap > cap)
+			n++;
+	}
+	if (n == 0)
+		return;
+	for (seq = s->next_send; seq != s->seq_nr; seq++) {
+		utp_outpkt *p = out_get(s, seq);
+		if (p)
+			bytes += p->payload;
+	}
+	all = malloc(bytes ? bytes : 1);
+	if (all == NULL)
+		return;  /* keep the old packets; they still go, just fragmented */
+	off = 0;
+	for (seq = s->next_send; seq != s->seq_nr; seq++) {
+		utp_outpkt *p = out_get(s, seq);
+		if (p == NULL)
+			continue;
+		if (p->is_fin)
+			fin = 1;
+		memcpy(all + off, p->data, p->payload);
+		off += p->payload;
+		out_release(s, p);
+	}
+	s->seq_nr = s->next_send;
+	s->fin_queued = 0;
+	for (off = 0; off < bytes;) {
+		uint32 take = UTP_MIN(cap, bytes - off);
+		utp_outpkt *p = out_append(s, cap);
+		if (p == NULL)
+			break;  /* cannot happen: we only freed entries */
+		memcpy(p->data, all + off, take);
+		p->payload = take;
+		s->queued_bytes += take;
+		off += take;
+	}
+	free(all);
+	if (fin)
+		utp_out_queue_fin(s);
 }
 
 int utp_out_queue_fin(utp_socket *s)
@@ -152,8 +201,10 @@ static uint32 pto_us(const utp_socket *s)
 	return 2 * s->srtt + s->ctx->ack_delay_ms * 1000u;
 }
 
-/* Sends a STATE, SYN or DATA/FIN packet.  For STATE and SYN p is NULL. */
-static void transmit(utp_socket *s, int type, utp_outpkt *p, uint16 seq)
+/* Sends a STATE, SYN or DATA/FIN packet.  For STATE and SYN p is NULL.
+ * probe > 0 pads the datagram to that many bytes and sends it with
+ * DONTFRAG (an MTU probe). */
+static void transmit_probe(utp_socket *s, int type, utp_outpkt *p, uint16 seq, uint32 probe)
 {
 	utp_context *ctx = s->ctx;
 	byte *buf = ctx->scratch;
@@ -171,10 +222,12 @@ static void transmit(utp_socket *s, int type, utp_outpkt *p, uint16 seq)
 	}
 	hlen = utp_packet_write_header(buf, type, conn_id, (uint32)ctx->now, s->reply_micro, wnd, seq,
 	                               type == ST_SYN ? 0 : s->ack_nr, sack, sack_len);
+	if (probe > hlen + payload + 1 && probe <= sizeof ctx->scratch) {
+		hlen = utp_packet_add_padding(buf, hlen, probe - hlen - payload);
+		flags = UTP_UDP_DONTFRAG;
+	}
 	if (payload)
 		memcpy(buf + hlen, p->data, payload);
-	if (p && p->is_probe && p->transmissions == 1)
-		flags = UTP_UDP_DONTFRAG;
 	s->last_send = ctx->now;
 	s->stats.nxmit++;
 	s->stats.nbytes_xmit += payload;
@@ -188,11 +241,25 @@ static void transmit(utp_socket *s, int type, utp_outpkt *p, uint16 seq)
 	utp_send_datagram(ctx, (struct sockaddr *)&s->addr, s->addrlen, buf, hlen + payload, flags);
 }
 
-static void send_data(utp_socket *s, utp_outpkt *p)
+static void transmit(utp_socket *s, int type, utp_outpkt *p, uint16 seq)
+{
+	transmit_probe(s, type, p, seq, 0);
+}
+
+static void send_data_as(utp_socket *s, utp_outpkt *p, int zwp)
 {
 	utp_context *ctx = s->ctx;
+	uint32 probe = 0;
 	if (p->transmissions == 0) {
 		s->next_send = (uint16)(p->seq_nr + 1);
+		/* An MTU probe is an ordinary full packet padded up to the size
+		 * being tried: if it is lost, the same packet goes again unpadded,
+		 * so a path that eats big datagrams costs one retransmission. */
+		if (!zwp && p->payload == p->cap && !p->is_fin && (probe = utp_mtu_probe_size(s)) != 0) {
+			p->is_probe = 1;
+			s->mtu_probe_size = probe;
+			s->mtu_probe_seq = p->seq_nr;
+		}
 	} else {
 		if (p->lost_by_timeout)
 			s->stats.rexmit++;
@@ -212,12 +279,23 @@ static void send_data(utp_socket *s, utp_outpkt *p)
 		if (p->payload < p->cap && !p->is_fin)
 			s->small_in_flight++;
 	}
-	transmit(s, p->is_fin ? ST_FIN : ST_DATA, p, p->seq_nr);
+	p->zwp = (uint8)zwp;
+	if (zwp) {
+		s->zwp_pending = 1;
+		s->zwp_seq = p->seq_nr;
+	}
+	transmit_probe(s, p->is_fin ? ST_FIN : ST_DATA, p, p->seq_nr, probe);
 	if (s->rto_deadline == 0)
 		s->rto_deadline = ctx->now + s->rto;
-	if (s->rtt_valid && !s->tlp_sent && s->tlp_deadline == 0)
+	if (s->rtt_valid && !s->tlp_sent && s->tlp_deadline == 0 && !zwp)
 		s->tlp_deadline = ctx->now + pto_us(s);
-	s->zwp_deadline = 0;
+	if (!zwp)
+		s->zwp_deadline = 0;
+}
+
+static void send_data(utp_socket *s, utp_outpkt *p)
+{
+	send_data_as(s, p, 0);
 }
 
 static utp_outpkt *first_lost(const utp_socket *s)
@@ -260,8 +338,13 @@ void utp_out_flush(utp_socket *s)
 		if (s->cur_window > 0 && s->cur_window + p->payload > s->cwnd)
 			break;
 		if (s->cur_window + p->payload > s->peer_wnd) {
-			if (s->cur_window == 0 && s->zwp_deadline == 0)
-				s->zwp_deadline = s->ctx->now + s->rto;  /* zero window: probe later */
+			if (s->cur_window == 0 && s->zwp_deadline == 0) {
+				/* Zero window: the reader's window update normally reopens
+				 * it; a probe now and then covers a lost update. */
+				if (s->zwp_interval == 0)
+					s->zwp_interval = UTP_MAX(s->rto, 200000u);
+				s->zwp_deadline = s->ctx->now + s->zwp_interval;
+			}
 			break;
 		}
 		send_data(s, p);
@@ -280,8 +363,10 @@ void utp_out_flush_probe(utp_socket *s)
 	p = first_lost(s);
 	if (p == NULL && s->next_send != s->seq_nr)
 		p = out_get(s, s->next_send);
-	if (p)
-		send_data(s, p);
+	if (p) {
+		send_data_as(s, p, 1);
+		s->zwp_interval = UTP_MIN(2 * s->zwp_interval, 4000000u);
+	}
 }
 
 void utp_out_send_ack(utp_socket *s)
@@ -364,7 +449,7 @@ void utp_out_detect_losses(utp_socket *s)
 	s->reorder_deadline = 0;
 	if (s->sacked_count == 0 || !s->rtt_valid)
 		return;
-	reo = UTP_MAX(s->srtt / 4, 1000u);
+	reo = UTP_MAX(s->srtt / 4 * s->reo_wnd_mult, 1000u);
 	for (seq = (uint16)(s->next_send - 1); seq != s->acked_seq; seq--) {
 		utp_outpkt *p = out_get(s, seq);
 		if (p == NULL)
@@ -377,7 +462,7 @@ void utp_out_detect_losses(utp_socket *s)
 		}
 		if (sacked_above == 0 || p->lost || p->time_sent >= newest_delivered)
 			continue;
-		if ((p->transmissions == 1 && sacked_above >= 3) || now >= p->time_sent + s->srtt + reo) {
+		if ((p->transmissions == 1 && sacked_above >= s->dupthresh) || now >= p->time_sent + s->srtt + reo) {
 			utp_out_mark_lost(s, p, 0);
 			lost = 1;
 		} else {
@@ -392,7 +477,41 @@ void utp_out_detect_losses(utp_socket *s)
 
 /* ---- ACK processing -------------------------------------------------------------- */
 
-void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
+/* A retransmission acknowledged sooner than half the shortest round trip
+ * cannot have been the one that arrived: the original was only late
+ * (reordered).  Undo the window cut it caused and tolerate more reordering. */
+static void check_spurious(utp_socket *s, const utp_outpkt *p, uint64 now)
+{
+	/* Nothing can be acknowledged sooner than the shortest round trip seen. */
+	if (p->transmissions < 2 || s->min_rtt == 0 || p->zwp || now - p->time_sent >= s->min_rtt)
+		return;
+	s->spurious++;
+	if (s->dupthresh < 64)
+		s->dupthresh *= 2;
+	if (s->reo_wnd_mult < 4)
+		s->reo_wnd_mult++;
+	utp_cc_undo(s);
+}
+
+/* A packet sent once is acknowledged after later ones were SACKed: it was
+ * reordered, not lost.  Tolerate that much reordering from now on (RFC 8985
+ * 6.2: RACK.reord), so the next time it is not taken for loss. */
+static void check_reordered(utp_socket *s, const utp_outpkt *p)
+{
+	uint32 extent;
+	if (p->transmissions != 1 || s->sacked_count == 0 || !seq_lt(p->seq_nr, s->highest_sacked))
+		return;
+	s->reordered++;
+	extent = seq_dist(p->seq_nr, s->highest_sacked);
+	if (extent + 1 > s->dupthresh)
+		s->dupthresh = UTP_MIN(extent + 1, 128u);
+	if (s->reo_wnd_mult < 4)
+		s->reo_wnd_mult++;
+}
+
+/* Returns UTP_ERR_MALFORMED when the packet acknowledges sequence numbers we
+ * never sent: nothing in such a packet is trusted. */
+int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 {
 	utp_context *ctx = s->ctx;
 	uint64 now = ctx->now;
@@ -401,14 +520,17 @@ void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 	uint32 flight_before = s->cur_window, bytes_acked = 0, rtt = 0, i;
 	int have_rtt = 0;
 
-	s->peer_wnd = pk->wnd;
 	if (acked_new > outstanding) {
-		/* Acknowledges something we never sent, or an old ACK overtaken by
-		 * newer ones: nothing in it can be trusted for the send side. */
-		if (acked_new < 0x8000)
+		/* Acknowledges something we never sent (forged, or a confused
+		 * peer): drop the packet.  An old ACK overtaken by newer ones
+		 * (reordering) says nothing new for the send side. */
+		if (acked_new < 0x8000) {
 			ctx->counters.drop_invalid++;
-		return;
+			return UTP_ERR_MALFORMED;
+		}
+		return 0;
 	}
+	s->peer_wnd = pk->wnd;
 
 	for (i = 0; i < acked_new; i++) {
 		utp_outpkt *p = out_get(s, (uint16)(s->acked_seq + 1));
@@ -424,6 +546,9 @@ void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 				have_rtt = 1;
 			}
 		}
+		check_spurious(s, p, now);
+		if (!p->sacked)
+			check_reordered(s, p);
 		if (p->is_fin)
 			s->fin_acked = 1;
 		if (p->is_probe && s->mtu_probe_size && p->seq_nr == s->mtu_probe_seq)
@@ -443,7 +568,10 @@ void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 			p = out_get(s, seq);
 			if (p == NULL || p->sacked)
 				continue;
+			check_reordered(s, p);
 			p->sacked = 1;
+			if (s->sacked_count == 0 || seq_lt(s->highest_sacked, seq))
+				s->highest_sacked = seq;
 			s->sacked_count++;
 			leave_flight(s, p);
 			if (p->lost) {
@@ -455,6 +583,7 @@ void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 				rtt = (uint32)(now - p->time_sent);
 				have_rtt = 1;
 			}
+			check_spurious(s, p, now);
 		}
 	}
 
@@ -500,12 +629,33 @@ void utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 		}
 	}
 
+	if (s->zwp_pending) {
+		/* Whatever this ACK says, the zero-window probe was answered: if it
+		 * is still unacknowledged the receiver dropped it for want of
+		 * room.  That is flow control, not congestion: no window cut, and
+		 * it goes again as soon as the window allows. */
+		utp_outpkt *p = out_get(s, s->zwp_seq);
+		s->zwp_pending = 0;
+		if (p && p->zwp && !p->sacked && p->transmissions > 0) {
+			p->zwp = 0;
+			leave_flight(s, p);
+			if (!p->lost) {
+				p->lost = 1;
+				s->lost_count++;
+			}
+			if (s->next_send == (uint16)(s->acked_seq + 1) || s->cur_window == 0)
+				s->rto_deadline = 0;
+		}
+	}
+	if (s->peer_wnd >= utp_out_payload_max(s))
+		s->zwp_interval = 0;
 	if (s->sacked_count > 0)
 		utp_out_detect_losses(s);
 	if (bytes_acked > 0)
 		utp_cc_on_ack(s, bytes_acked, flight_before);
 	if (s->fin_acked)
 		utp_socket_maybe_finish(s);
+	return 0;
 }
 
 /* ---- timers ------------------------------------------------------------------------ */
@@ -526,9 +676,16 @@ void utp_out_on_rto(utp_socket *s)
 		utp_socket_fail(s, UTP_ETIMEDOUT);
 		return;
 	}
-	if (s->consecutive_timeouts >= 4)
-		utp_mtu_on_blackhole(s);
-	utp_cc_on_timeout(s);
+	if (s->peer_wnd < utp_out_payload_max(s)) {
+		/* The receiver's window is closed: what timed out was a window
+		 * probe, not a congested path.  Counted for dead-peer detection
+		 * (nothing was heard), but no window cut. */
+		s->zwp_pending = 0;
+	} else {
+		if (s->consecutive_timeouts >= 4)
+			utp_mtu_on_blackhole(s);
+		utp_cc_on_timeout(s);
+	}
 	for (seq = (uint16)(s->acked_seq + 1); seq != s->next_send; seq++) {
 		utp_outpkt *p = out_get(s, seq);
 		if (p)

@@ -105,6 +105,31 @@ size_t utp_packet_write_header(byte *out, int type, uint16 conn_id, uint32 ts,
 	return UTP_HEADER_SIZE + 2 + sack_len;
 }
 
+size_t utp_packet_add_padding(byte *out, size_t hlen, size_t pad)
+{
+	/* Find the end of the chain just written (header, then maybe SACK). */
+	byte *next = out + 1;
+	size_t off = UTP_HEADER_SIZE;
+	while (*next != UTP_EXT_NONE) {
+		next = out + off;
+		off += 2 + out[off + 1];
+	}
+	while (pad >= 2) {
+		size_t len = UTP_MIN(pad - 2, (size_t)255);
+		if (pad - 2 - len == 1)
+			len--;  /* never leave a single byte: a link needs two */
+		*next = UTP_EXT_PAD;
+		next = out + off;
+		out[off] = UTP_EXT_NONE;
+		out[off + 1] = (byte)len;
+		memset(out + off + 2, 0, len);
+		off += 2 + len;
+		pad -= 2 + len;
+	}
+	(void)hlen;
+	return off;
+}
+
 /* Bit k of a BEP 29 SACK bitmap stands for ack_nr + 2 + k; bytes are in
  * order, bits within a byte from least significant. */
 int utp_sack_bit(const byte *sack, uint32 sack_len, uint32 bit)
