@@ -547,14 +547,8 @@ async def _abort(stream) -> None:
     halfway for a complete one (and exit 0 with truncated data)."""
     import trio
 
-    abort = getattr(stream, "abort", None)
-    if abort is None:
-        # Stopgap until UTPStream has a public abort(): the trio layer's own
-        # abortive close (what its Endpoint uses for refused connections).
-        abort = getattr(stream, "_abort", None)
     try:
-        if abort is not None:
-            abort()
+        stream.abort()
     except Exception:
         pass  # the graceful close below still releases everything
     with trio.CancelScope(shield=True):
@@ -567,19 +561,12 @@ async def _wait_delivered(stream, peer: str) -> None:
     import trio
 
     try:
+        # Returns once nothing is outstanding, even if the peer has closed
+        # or reset the connection since; raises if data was left unacknowledged.
         await stream.wait_send_complete()
-        return
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        # The connection ended (the peer closed or reset it after its FIN).
-        # That is only a failure if something we sent is still unacknowledged.
-        try:
-            stats = stream.statistics()
-        except Exception:
-            stats = {}
-        if stats.get("send_queue", 1) == 0 and stats.get("in_flight", 1) == 0:
-            return
-        if isinstance(exc, trio.BrokenResourceError):
-            raise _broken(exc, peer) from None
+    except trio.BrokenResourceError as exc:
+        raise _broken(exc, peer) from None
+    except trio.ClosedResourceError:
         raise Failure(f"connection to {peer} ended before the peer acknowledged all data") from None
 
 

@@ -67,8 +67,8 @@ class UTPStream(trio.abc.HalfCloseableStream):
 
     Cancellation: ``send_all`` may have queued part of the data when it is
     cancelled (as with trio's own streams, the stream is then unusable for
-    sending); ``aclose`` always closes, even when cancelled (the close then
-    becomes abortive).
+    sending).  ``aclose`` never blocks and always closes, gracefully, like
+    closing a TCP socket; :meth:`abort` resets the connection instead.
     """
 
     def __init__(self, endpoint: Endpoint, sock: _utp.Socket, peer: Any) -> None:
@@ -244,15 +244,28 @@ class UTPStream(trio.abc.HalfCloseableStream):
         """Wait until the peer has acknowledged every byte given to
         ``send_all``.
 
-        Raises BrokenResourceError if the connection fails first and
-        ClosedResourceError if the stream is closed."""
+        Returns as soon as nothing is outstanding, even if the peer has
+        closed or reset the connection since.  Raises BrokenResourceError if
+        the connection fails with data still unacknowledged, and
+        ClosedResourceError if the stream was closed first."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
-            self._raise_if_unusable()
-            if self._sock.info()["send_queue"] == 0 and self._sock.info()["in_flight"] == 0:
+            stats = self.statistics()
+            if stats["send_queue"] == 0 and stats["in_flight"] == 0:
                 break
+            self._raise_if_unusable()
             await trio.sleep(poll)
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def abort(self) -> None:
+        """Reset the connection at once: queued data is discarded and the
+        peer gets a reset (BrokenResourceError), not an orderly end of
+        stream.  For giving up, e.g. on Ctrl-C, so the peer cannot mistake
+        a truncated stream for a complete one.  The stream is closed."""
+        self._closed = True
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+        self._abort()
 
     def _abort(self) -> None:
         """Reset the connection (used for refused connections and for
