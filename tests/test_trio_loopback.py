@@ -1,0 +1,198 @@
+"""The trio layer on real UDP sockets over loopback (127.0.0.1 and ::1)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+import utp
+
+
+def _have_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not _have_ipv6_loopback(), reason="no ipv6 loopback (::1) here")
+
+
+async def _pair(nursery, host="127.0.0.1"):
+    """Two Endpoints and a connected stream pair, run in `nursery`."""
+    ready = trio.Event()
+    box = {}
+
+    async def run():
+        async with utp.open_endpoint(host, 0) as a, utp.open_endpoint(host, 0) as b:
+            listener = b.listen()
+            async with trio.open_nursery() as n:
+                async def acc():
+                    box["b"] = await listener.accept()
+                n.start_soon(acc)
+                box["a"] = await a.connect(b.local_address[:2])
+            box["eps"] = (a, b)
+            ready.set()
+            await trio.sleep_forever()
+
+    nursery.start_soon(run)
+    await ready.wait()
+    return box["a"], box["b"]
+
+
+async def test_check_half_closeable_stream_loopback(nursery):
+    async def make():
+        return await _pair(nursery)
+    await trio.testing.check_half_closeable_stream(make, None)
+    nursery.cancel_scope.cancel()
+
+
+@needs_ipv6
+async def test_ipv6_transfer_and_dual_stack(nursery):
+    s, r = await _pair(nursery, "::1")
+    data = os.urandom(4 << 20)
+    async with trio.open_nursery() as n:
+        n.start_soon(s.send_all, data)
+        got = bytearray()
+        while len(got) < len(data):
+            got += await r.receive_some()
+    assert got == data
+    # A dual-stack Endpoint reaches an IPv4 peer; the peer's address is the
+    # plain IPv4 form, not ::ffff:127.0.0.1.
+    async with utp.open_endpoint(None, 0) as dual, utp.open_endpoint("127.0.0.1", 0) as v4:
+        listener = v4.listen()
+        stream = await dual.connect(("127.0.0.1", v4.local_address[1]))
+        peer = await listener.accept()
+        await stream.send_all(b"via dual stack")
+        assert await peer.receive_some() == b"via dual stack"
+        assert peer.peer_address[0] == "127.0.0.1"
+        assert stream.peer_address[0] == "127.0.0.1"
+
+
+async def test_open_utp_stream_and_serve_utp(nursery):
+    async def echo(stream):
+        async for chunk in stream:
+            await stream.send_all(chunk)
+
+    listeners = await nursery.start(utp.serve_utp, echo, 0)
+    port = listeners[0].endpoint.local_address[1]
+    stream = await utp.open_utp_stream("localhost", port)
+    data = random.Random(1).randbytes(1 << 20)
+    async with trio.open_nursery() as n:
+        n.start_soon(stream.send_all, data)
+        got = bytearray()
+        while len(got) < len(data):
+            got += await stream.receive_some()
+    assert got == data
+    await stream.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_open_utp_stream_errors():
+    # Nothing listens: the ICMP port-unreachable (or the peer's RESET) makes
+    # this quick, not a timeout.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with trio.fail_after(5):
+        with pytest.raises(ConnectionRefusedError):
+            await utp.open_utp_stream("127.0.0.1", closed_port, connect_timeout=4)
+    with pytest.raises(OSError, match="bad port"):
+        await utp.open_utp_stream("127.0.0.1", 0)
+    with pytest.raises(OSError, match="cannot resolve"):
+        await utp.open_utp_stream("no-such-host.invalid", 80, numeric_host=True)
+
+
+async def test_endpoint_reports_socket_buffers_and_bind_errors():
+    async with utp.open_endpoint("127.0.0.1", 0) as ep:
+        stats = ep.statistics()
+        bufs = stats["socket_buffers"]
+        assert bufs["rcvbuf"] > 0 and bufs["sndbuf"] > 0
+        port = ep.local_address[1]
+        with pytest.raises(OSError, match="already in use"):
+            async with utp.open_endpoint("127.0.0.1", port):
+                pass
+    with pytest.raises(ValueError, match="port"):
+        async with utp.open_endpoint("127.0.0.1", 70000):
+            pass
+
+
+async def test_shared_socket_carries_utp_and_dht_at_once(nursery):
+    async with utp.open_endpoint("127.0.0.1", 0) as a, utp.open_endpoint("127.0.0.1", 0) as b:
+        dht = b.datagram_queue("dht")
+        listener = b.listen()
+        stream = await a.connect(b.local_address)
+        peer = await listener.accept()
+        payload = os.urandom(8 << 20)
+        ping = b"d1:ad2:id20:" + b"i" * 20 + b"e1:q4:ping1:t2:xx1:y1:qe"
+
+        async def pings():
+            for _ in range(200):
+                await a.sendto(ping, b.local_address)
+                await trio.sleep(0.001)
+
+        h = hashlib.sha256()
+        async with trio.open_nursery() as n:
+            n.start_soon(stream.send_all, payload)
+            n.start_soon(pings)
+            got = 0
+            while got < len(payload):
+                chunk = await peer.receive_some()
+                h.update(chunk)
+                got += len(chunk)
+        assert h.digest() == hashlib.sha256(payload).digest()
+        with trio.fail_after(5):
+            while dht.statistics()["received"] + dht.statistics()["dropped"] < 200:
+                await trio.sleep(0.01)
+        stats = b.statistics()
+        assert stats["owners"]["dht"]["received"] >= 190
+        assert stats["engine"]["packets_in"] > 5000
+        data, src = await dht.receive()
+        assert data == ping and src == a.local_address
+
+
+async def test_two_thousand_connections_on_one_endpoint():
+    """2,000 concurrent connections on one Endpoint, data moved on all."""
+    n_conns = 2000
+    async with utp.open_endpoint("127.0.0.1", 0, options={utp.UTPKIT_MAX_SOCKETS: 5000}) as server, \
+            utp.open_endpoint("127.0.0.1", 0, options={utp.UTPKIT_MAX_SOCKETS: 5000}) as client:
+        listener = server.listen(backlog=n_conns)
+        received = 0
+
+        async def serve_one(stream):
+            nonlocal received
+            data = await stream.receive_some()
+            received += 1
+            await stream.send_all(data[::-1])
+
+        async def acceptor(n):
+            for _ in range(n_conns):
+                n.start_soon(serve_one, await listener.accept())
+
+        ok = 0
+
+        async def client_one(i):
+            nonlocal ok
+            stream = await client.connect(server.local_address, timeout=60)
+            msg = b"connection %d " % i * 8
+            await stream.send_all(msg)
+            reply = await stream.receive_some()
+            assert reply == msg[::-1]
+            ok += 1
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as n:
+                n.start_soon(acceptor, n)
+                async with trio.open_nursery() as clients:
+                    for i in range(n_conns):
+                        clients.start_soon(client_one, i)
+        assert ok == n_conns and received == n_conns
+        assert server.statistics()["engine"]["sockets_peak"] >= n_conns
