@@ -241,3 +241,96 @@ cdef extern from "utp.h" nogil:
         UTPKIT_CLASS_TRACKER
 
     int utpkit_classify(const byte *buf, size_t len)
+
+
+# The real-socket hot path (utp/_udpio.h).  Cython emits #include "_udpio.c":
+# the helper is compiled into the binding's own translation unit, so
+# setup.py's source list does not change.
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+cdef extern from "_udpio.c" nogil:
+    ctypedef struct udpio_dgram:
+        size_t offset
+        size_t length
+        uint32_t flags
+        socklen_t addrlen
+        sockaddr_storage addr
+
+    ctypedef struct udpio_queue:
+        udpio_dgram *dg
+        size_t n
+        size_t cap
+        unsigned char *data
+        size_t len
+        size_t data_cap
+
+    int udpio_queue_push(udpio_queue *q, const void *buf, size_t len, const sockaddr *addr,
+                         socklen_t addrlen, uint32_t flags)
+    void udpio_queue_clear(udpio_queue *q)
+    void udpio_queue_free(udpio_queue *q)
+    socklen_t udpio_addr_convert(int family, const sockaddr *inp, socklen_t inlen,
+                                 sockaddr_storage *out)
+
+    ctypedef struct udpio_stats:
+        uint64_t recv_calls
+        uint64_t recv_datagrams
+        uint64_t recv_bytes
+        uint64_t recv_utp
+        uint64_t recv_dht
+        uint64_t recv_tracker
+        uint64_t recv_other
+        uint64_t recv_gro_batches
+        uint64_t truncated
+        uint64_t other_dropped
+        uint64_t kernel_drops
+        uint64_t errqueue_calls
+        uint64_t errqueue_msgs
+        uint64_t icmp_unreach
+        uint64_t icmp_frag
+        uint64_t icmp_other
+        uint64_t local_errors
+        uint64_t icmp_to_engine
+        uint64_t icmp_matched
+        uint64_t icmp_dropped
+        uint64_t send_calls
+        uint64_t sent_datagrams
+        uint64_t sent_bytes
+        uint64_t send_eagain
+        uint64_t send_enobufs
+        uint64_t send_retries
+        uint64_t send_dropped
+        uint64_t gso_batches
+        uint64_t gso_datagrams
+        uint64_t gso_failed
+        uint64_t dontfrag_sent
+        uint64_t emsgsize
+
+    ctypedef struct udpio_setup_info:
+        int family
+        int rcvbuf
+        int sndbuf
+        int rmem_max
+        int wmem_max
+        int gso_supported
+        int gso
+        int gro
+        int recverr
+
+    ctypedef struct udpio:
+        pass
+
+    enum:
+        UDPIO_NERRS
+        UDPIO_RECV
+        UDPIO_SEND
+
+    udpio *udpio_new()
+    void udpio_free(udpio *io)
+    const udpio_stats *udpio_get_stats(const udpio *io)
+    uint64_t udpio_get_err(const udpio *io, int dir, int err)
+    udpio_queue *udpio_other(udpio *io)
+    int udpio_setup(udpio *io, int fd, int rcvbuf, int sndbuf, int force, int gso, int gro,
+                    udpio_setup_info *info)
+    int udpio_recv(udpio *io, utp_context *ctx, int fd, int budget)
+    int udpio_send(udpio *io, udpio_queue *q, int fd)
+    int udpio_feedback(udpio *io, utp_context *ctx)

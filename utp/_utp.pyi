@@ -1,12 +1,16 @@
 """Type stubs of the compiled binding utp._utp (see utp/_utp.pyx)."""
 
-from typing import Any, Final, Literal, TypeAlias, Union, final
+from typing import Any, Final, Literal, Protocol, TypeAlias, Union, final
 
 
 _IPv4Address: TypeAlias = tuple[str, int]
 _IPv6Address: TypeAlias = tuple[str, int, int, int]
 _Address: TypeAlias = Union[_IPv4Address, _IPv6Address]
 _Buffer: TypeAlias = Union[bytes, bytearray, memoryview]
+_FileDescriptor: TypeAlias = Union[int, "_HasFileno"]
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
 
 _EventKind: TypeAlias = Literal[
     "accept", "connect", "writable", "readable", "eof", "error", "destroyed"
@@ -137,6 +141,7 @@ class ClosedError(RuntimeError):
     """Use of a closed Context, a closed Socket, or a destroyed Socket."""
 
 _Datagram: TypeAlias = tuple[bytes, _Address, int]
+_Other: TypeAlias = tuple[int, bytes, _Address]
 _Event: TypeAlias = tuple[_EventKind, "Socket", Any]
 
 def classify(data: _Buffer) -> int: ...
@@ -183,6 +188,21 @@ class Context:
     def pending_datagrams(self) -> int: ...
     def take_datagrams(self) -> list[_Datagram]: ...
     def take_events(self) -> list[_Event]: ...
+    def setup_socket(
+        self,
+        fd: _FileDescriptor,
+        *,
+        rcvbuf: int | None = None,
+        sndbuf: int | None = None,
+        force: bool = False,
+        gso: bool = True,
+        gro: bool = True,
+    ) -> dict[str, int | bool]: ...
+    def recv_batch(self, fd: _FileDescriptor, budget: int = 256) -> int: ...
+    def send_batch(self, fd: _FileDescriptor) -> int: ...
+    def sendto(self, fd: _FileDescriptor, data: _Buffer, addr: _Address) -> bool: ...
+    def take_other(self) -> list[_Other]: ...
+    def io_stats(self) -> dict[str, Any]: ...
     def stats(self) -> dict[str, Any]: ...
 
 @final

@@ -25,6 +25,7 @@ from libc.string cimport memcpy, memmove, memcmp, memset, strlen
 from libc.stdint cimport uint64_t, int64_t, uint32_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+import errno as _errno
 import os as _os
 import warnings as _warnings
 
@@ -200,15 +201,10 @@ cdef struct Event:
     int arg
     Rec *rec
 
-# One outgoing datagram.  Payloads are stored back to back in one byte
-# buffer (CtxState.dg_data) and each entry carries its own destination, so
-# the array maps one to one onto struct mmsghdr/iovec for sendmmsg().
-cdef struct Datagram:
-    size_t offset
-    size_t length
-    uint32_t flags
-    socklen_t addrlen
-    sockaddr_storage addr
+# Outgoing datagrams wait in CtxState.out (a udpio_queue of _udpio.h):
+# payloads back to back in one byte buffer, each entry with its own
+# destination, so the array maps one to one onto struct mmsghdr/iovec for
+# sendmmsg() and a run of equal-size datagrams is one GSO send.
 
 cdef struct Rec:
     utp_socket *sock           # NULL once the engine destroyed it (or the context closed)
@@ -253,12 +249,8 @@ cdef struct CtxState:
     uint64_t next_serial
     uint64_t dg_dropped        # datagrams lost to allocation failure
     Rec *recs
-    Datagram *dg
-    size_t dg_n
-    size_t dg_cap
-    unsigned char *dg_data
-    size_t dg_len
-    size_t dg_data_cap
+    udpio_queue out            # outgoing datagrams, in order
+    udpio *io                  # real-socket I/O state; NULL until first used
     Event *ev
     size_t ev_n
     size_t ev_cap
@@ -340,8 +332,8 @@ cdef void _cs_release(CtxState *cs) noexcept nogil:
     cs.refs -= 1
     if cs.refs > 0:
         return
-    free(cs.dg)
-    free(cs.dg_data)
+    udpio_queue_free(&cs.out)
+    udpio_free(cs.io)
     free(cs.ev)
     free(cs)
 
@@ -376,28 +368,12 @@ cdef inline Rec *_rec_of(utp_callback_arguments *a) noexcept nogil:
 
 cdef uint64 _cb_sendto(utp_callback_arguments *a) noexcept nogil:
     cdef CtxState *cs = _cs_of(a)
-    cdef Datagram *d
-    cdef socklen_t alen = a.address_len
     if cs == NULL or a.address == NULL:
         return 0
-    if alen > sizeof(sockaddr_storage):
-        alen = sizeof(sockaddr_storage)
-    if (_grow(<void **>&cs.dg, &cs.dg_cap, cs.dg_n + 1, sizeof(Datagram), 64) < 0
-            or _grow(<void **>&cs.dg_data, &cs.dg_data_cap, cs.dg_len + a.len, 1, 65536) < 0):
+    if udpio_queue_push(&cs.out, a.buf, a.len, a.address, a.address_len, a.flags) < 0:
         # Behaves like a full socket buffer: the datagram is lost and the
         # protocol recovers it; counted so it shows up in stats().
         cs.dg_dropped += 1
-        return 0
-    d = &cs.dg[cs.dg_n]
-    d.offset = cs.dg_len
-    d.length = a.len
-    d.flags = a.flags
-    d.addrlen = alen
-    memcpy(&d.addr, a.address, alen)
-    if a.len:
-        memcpy(cs.dg_data + cs.dg_len, a.buf, a.len)
-    cs.dg_len += a.len
-    cs.dg_n += 1
     return 0
 
 
@@ -624,6 +600,31 @@ def classify(data) -> int:
     return r
 
 
+cdef inline int _fileno(object fd) except -1:
+    if type(fd) is not int:
+        fd = fd.fileno()
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor {fd!r}")
+    return fd
+
+
+cdef object _errno_name(int e):
+    if e == 0:
+        return "other"
+    return _errno.errorcode.get(e, f"errno{e}")
+
+
+cdef int _flush(CtxState *cs, udpio *io, int fd) noexcept nogil:
+    """udpio_send, then the reports it collected to the engine; again while
+    that queued new datagrams and the socket takes them (bounded)."""
+    cdef int r = 0, rounds
+    for rounds in range(4):
+        r = udpio_send(io, &cs.out, fd)
+        if udpio_feedback(io, cs.ctx) == 0 or r != 0 or cs.out.n == 0:
+            return r
+    return <int>cs.out.n
+
+
 # --------------------------------------------------------------------------
 # Context
 # --------------------------------------------------------------------------
@@ -639,6 +640,10 @@ cdef class Context:
     of received datagrams, and act on ``take_events()``.  Nothing is sent or
     read by the Context itself.
 
+    Or let it do the socket work: ``setup_socket(fd)`` once, then
+    ``recv_batch(fd)`` when the socket is readable and ``send_batch(fd)``
+    to flush (the batched real-socket hot path; no Python per datagram).
+
     ``virtual_time=True`` makes the engine's clock the settable attribute
     ``now_us`` (integer microseconds, never moving backwards); otherwise the
     engine reads CLOCK_MONOTONIC.  ``seed`` makes the engine's random numbers
@@ -652,8 +657,10 @@ cdef class Context:
     its Context until its "destroyed" event has been drained, and every
     Socket keeps its Context alive.
 
-    Threads: the GIL is held through every engine call and nothing here
-    locks; use one Context (and its Sockets) from one thread at a time.
+    Threads: nothing here locks; use one Context (and its Sockets) from one
+    thread at a time.  recv_batch(), send_batch() and sendto() release the
+    GIL around their system calls and engine calls, so other threads run
+    meanwhile, but they must not touch this Context then.
     """
 
     cdef CtxState *_cs
@@ -738,8 +745,9 @@ cdef class Context:
         utp_destroy(cs.ctx)
         cs.ctx = NULL
         cs.ev_n = 0
-        cs.dg_n = 0
-        cs.dg_len = 0
+        udpio_queue_clear(&cs.out)
+        udpio_free(cs.io)
+        cs.io = NULL
         rec = cs.recs
         while rec != NULL:
             nxt = rec.next
@@ -945,29 +953,28 @@ cdef class Context:
     @property
     def pending_datagrams(self) -> int:
         """Datagrams waiting in the outgoing array."""
-        return self._live().dg_n
+        return self._live().out.n
 
     def take_datagrams(self) -> list:
         """Remove and return every datagram the engine sent since the last
         call, in order, as (data, address, flags) tuples; flags may contain
         UDP_DONTFRAG."""
         cdef CtxState *cs = self._live()
-        cdef size_t i, n = cs.dg_n
-        cdef Datagram *d
+        cdef size_t i, n = cs.out.n
+        cdef udpio_dgram *d
         cdef list out = []
         if n == 0:
             return out
         for i in range(n):
-            d = &cs.dg[i]
+            d = &cs.out.dg[i]
             if not (self._out_addr_obj is not None and d.addrlen == self._out_addrlen
                     and memcmp(&d.addr, &self._out_addr, d.addrlen) == 0):
                 self._out_addr_obj = _format_addr(<const sockaddr *>&d.addr, d.addrlen)
                 memcpy(&self._out_addr, &d.addr, d.addrlen)
                 self._out_addrlen = d.addrlen
-            out.append((PyBytes_FromStringAndSize(<char *>cs.dg_data + d.offset, d.length),
+            out.append((PyBytes_FromStringAndSize(<char *>cs.out.data + d.offset, d.length),
                         self._out_addr_obj, d.flags))
-        cs.dg_n = 0
-        cs.dg_len = 0
+        udpio_queue_clear(&cs.out)
         return out
 
     def take_events(self) -> list:
@@ -1037,6 +1044,213 @@ cdef class Context:
             else:
                 free(ev)
         return out
+
+    # ---- the real-socket hot path (_udpio.c) ----------------------------
+    #
+    # The Endpoint owns one non-blocking UDP socket and calls these with its
+    # file descriptor; no Python runs per datagram.  Its receive task does
+    #
+    #     await trio.lowlevel.wait_readable(sock)
+    #     ctx.recv_batch(fd)            # uTP -> engine; the rest -> take_other()
+    #     ctx.issue_deferred_acks()
+    #     events = ctx.take_events(); others = ctx.take_other()
+    #     ... then flushes: while ctx.send_batch(fd): await wait_writable(sock)
+    #
+    # and check_timeouts() runs when next_timeout() says so, followed by the
+    # same flush.  After setup_socket(), read the socket only through
+    # recv_batch(): with GRO enabled the kernel hands over coalesced
+    # datagrams that only recv_batch() splits.
+
+    cdef udpio *_udpio(self) except NULL:
+        cdef CtxState *cs = self._live()
+        if cs.io == NULL:
+            cs.io = udpio_new()
+            if cs.io == NULL:
+                raise MemoryError()
+        return cs.io
+
+    def setup_socket(self, fd, *, rcvbuf=None, sndbuf=None, bint force=False,
+                     bint gso=True, bint gro=True) -> dict:
+        """Prepare the UDP socket `fd` (an int or an object with fileno())
+        for recv_batch()/send_batch(); call once per socket.
+
+        Turns on IP_RECVERR (and IPV6_RECVERR on an AF_INET6 socket) so ICMP
+        errors reach the engine; asks for socket buffers of `rcvbuf` /
+        `sndbuf` bytes, by default as large as net.core.rmem_max / wmem_max
+        allow (capped at 8 MiB), with SO_RCVBUFFORCE/SO_SNDBUFFORCE first if
+        `force` (needs CAP_NET_ADMIN); turns on SO_RXQ_OVFL (the kernel's drop
+        count, see io_stats()); uses UDP GSO for sending if `gso` and the
+        kernel has it, UDP GRO for receiving if `gro` and the kernel has it.
+
+        Returns what the kernel granted: {"rcvbuf", "sndbuf"} as getsockopt
+        reports them (the kernel doubles a request for its bookkeeping),
+        {"rmem_max", "wmem_max"} (-1 if unreadable), "gso" (GSO will be
+        used), "gso_supported", "gro", "recverr" and "family".
+        OSError if `fd` is not a UDP socket."""
+        cdef udpio *io = self._udpio()
+        cdef udpio_setup_info info
+        cdef int cfd = _fileno(fd)
+        cdef int rb = -1, sb = -1, r
+        if rcvbuf is not None:
+            if not (0 <= rcvbuf <= 0x7fffffff):
+                raise ValueError(f"rcvbuf {rcvbuf!r} out of range")
+            rb = rcvbuf
+        if sndbuf is not None:
+            if not (0 <= sndbuf <= 0x7fffffff):
+                raise ValueError(f"sndbuf {sndbuf!r} out of range")
+            sb = sndbuf
+        r = udpio_setup(io, cfd, rb, sb, force, gso, gro, &info)
+        if r < 0:
+            raise OSError(-r, _os.strerror(-r))
+        return {
+            "rcvbuf": info.rcvbuf,
+            "sndbuf": info.sndbuf,
+            "rmem_max": info.rmem_max,
+            "wmem_max": info.wmem_max,
+            "gso": bool(info.gso),
+            "gso_supported": bool(info.gso_supported),
+            "gro": bool(info.gro),
+            "recverr": bool(info.recverr),
+            "family": info.family,
+        }
+
+    def recv_batch(self, fd, int budget=256) -> int:
+        """Read up to `budget` datagrams from the non-blocking socket `fd`
+        with recvmmsg, until it has no more; the GIL is released meanwhile.
+
+        uTP datagrams go straight to the engine (utp_process_udp); DHT,
+        tracker and unrecognised ones wait for take_other(); errors on the
+        socket's error queue become utp_process_icmp_error (port
+        unreachable) and utp_process_icmp_fragmentation (fragmentation
+        needed / packet too big) calls.  IPv4-mapped source addresses of a
+        dual-stack socket are reported as IPv4.
+
+        Returns the number of datagrams read (0 if none was waiting).
+        Afterwards call issue_deferred_acks(), then take_events() and
+        take_other(), then send_batch().  OSError only if the socket is
+        unusable (EBADF, ENOTSOCK, ...); ICMP-caused errors are consumed."""
+        cdef CtxState *cs = self._live()
+        cdef udpio *io = self._udpio()
+        cdef int cfd = _fileno(fd)
+        cdef int r
+        if budget <= 0:
+            return 0
+        with nogil:
+            r = udpio_recv(io, cs.ctx, cfd, budget)
+        if r < 0:
+            raise OSError(-r, _os.strerror(-r))
+        return r
+
+    def send_batch(self, fd) -> int:
+        """Send the queued datagrams (the engine's and sendto()'s, in order)
+        with sendmmsg, using UDP GSO for runs of equal-size datagrams to one
+        destination; the GIL is released meanwhile.
+
+        Returns 0 when the queue is empty, or how many datagrams remain
+        because the socket buffer is full (EAGAIN, or ENOBUFS from a full
+        device queue): wait until `fd` is writable and call again.  A full
+        buffer is never reported to the engine as loss.  Any other error
+        drops that datagram and is counted (io_stats()["send_errors"]); a
+        first failure is retried once, since it may be an earlier ICMP
+        report's.  DONTFRAG datagrams go out with DF set; one refused as too
+        big is reported to the engine like ICMP "fragmentation needed".
+        OSError only if the socket is unusable (EBADF, ENOTSOCK, ...)."""
+        cdef CtxState *cs = self._live()
+        cdef udpio *io = self._udpio()
+        cdef int cfd = _fileno(fd)
+        cdef int r
+        with nogil:
+            r = _flush(cs, io, cfd)
+        if r < 0:
+            raise OSError(-r, _os.strerror(-r))
+        return r
+
+    def sendto(self, fd, data, addr) -> bool:
+        """Send one datagram of another protocol (DHT, tracker) from `fd`,
+        in order after the engine's queued datagrams: it joins the same
+        queue, which is then flushed (send_batch()).
+
+        True when the queue went out (this datagram was handed to the
+        kernel, or dropped for an error counted in io_stats()); False when
+        it waits behind a full socket buffer: call send_batch() once `fd`
+        is writable."""
+        cdef CtxState *cs = self._live()
+        cdef udpio *io = self._udpio()
+        cdef int cfd = _fileno(fd)
+        cdef sockaddr_storage ss
+        cdef socklen_t sslen
+        cdef Py_buffer view
+        cdef int r
+        _parse_addr(addr, &ss, &sslen)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len > 65527:
+                raise ValueError(f"datagram of {view.len} bytes is larger than UDP allows")
+            r = udpio_queue_push(&cs.out, view.buf, <size_t>view.len,
+                                 <const sockaddr *>&ss, sslen, 0)
+        finally:
+            PyBuffer_Release(&view)
+        if r < 0:
+            raise MemoryError()
+        with nogil:
+            r = _flush(cs, io, cfd)
+        if r < 0:
+            raise OSError(-r, _os.strerror(-r))
+        return r == 0
+
+    def take_other(self) -> list:
+        """Remove and return the non-uTP datagrams recv_batch() read, in
+        order, as (class, data, address) tuples; class is CLASS_DHT,
+        CLASS_TRACKER or CLASS_OTHER (utpkit_classify).  The queue holds at
+        most 65536 datagrams / 16 MiB; more are counted as other_dropped."""
+        cdef CtxState *cs = self._live()
+        cdef udpio_queue *q
+        cdef udpio_dgram *d
+        cdef size_t i
+        cdef list out = []
+        cdef object addr = None
+        cdef udpio_dgram *prev = NULL
+        if cs.io == NULL:
+            return out
+        q = udpio_other(cs.io)
+        for i in range(q.n):
+            d = &q.dg[i]
+            if not (prev != NULL and prev.addrlen == d.addrlen
+                    and memcmp(&prev.addr, &d.addr, d.addrlen) == 0):
+                addr = _format_addr(<const sockaddr *>&d.addr, d.addrlen)
+            prev = d
+            out.append((<int>d.flags,
+                        PyBytes_FromStringAndSize(<char *>q.data + d.offset, d.length),
+                        addr))
+        if q.data_cap > (4 << 20):
+            udpio_queue_free(q)  # a burst's memory is not kept
+        else:
+            udpio_queue_clear(q)
+        return out
+
+    def io_stats(self) -> dict:
+        """Counters of the socket hot path: system calls, datagrams and
+        bytes each way, received datagrams per class, truncated and
+        kernel-dropped (SO_RXQ_OVFL) datagrams, error-queue messages and the
+        ICMP reports passed to the engine, EAGAIN/ENOBUFS waits, GSO/GRO
+        batches, and "recv_errors"/"send_errors": {errno name: count}.
+        "queued" is the datagrams waiting to be sent, "other_queued" the
+        ones waiting for take_other()."""
+        cdef CtxState *cs = self._live()
+        cdef udpio *io = self._udpio()
+        cdef dict d = udpio_get_stats(io)[0]
+        cdef int e, direction
+        cdef uint64_t n
+        for direction, key in ((UDPIO_RECV, "recv_errors"), (UDPIO_SEND, "send_errors")):
+            errs = {}
+            for e in range(UDPIO_NERRS):
+                n = udpio_get_err(io, direction, e)
+                if n:
+                    errs[_errno_name(e)] = n
+            d[key] = errs
+        d["queued"] = cs.out.n
+        d["other_queued"] = udpio_other(io).n
+        return d
 
     # ---- statistics -------------------------------------------------------
 
