@@ -88,6 +88,7 @@ struct udpio_ee {
  * one IP datagram's worth of payload. */
 #define GSO_MAX_SEGS 64
 #define GSO_MAX_BYTES 65000
+#define GSO_MAX_FAILURES 8
 /* Bounds of what waits for Python: take_other() is drained after every
  * batch, so these only stop a caller that never drains from growing memory. */
 #define OTHER_MAX_N 65536
@@ -322,7 +323,7 @@ static int sock_family(udpio *io, int fd)
 /* Errors after which the socket cannot be used at all. */
 static int is_fatal(int err)
 {
-	return err == EBADF || err == ENOTSOCK || err == EFAULT || err == EOPNOTSUPP;
+	return err == EBADF || err == ENOTSOCK || err == EFAULT || err == EOPNOTSUPP || err == ENOSYS;
 }
 
 /* ---- setup ---------------------------------------------------------------- */
@@ -630,9 +631,13 @@ int udpio_recv(udpio *io, utp_context *ctx, int fd, int budget)
 					drain_errq(io, fd);
 				break;
 			}
-			if (is_fatal(e) || e == EINVAL || e == ENOMEM) {
+			if (is_fatal(e) || e == EINVAL) {
 				udpio_feedback(io, ctx);
 				return -e;
+			}
+			if (e == ENOMEM) {
+				count_err(io, UDPIO_RECV, e, 1);
+				break; /* the kernel is short of memory: try again later */
 			}
 			/* A pending asynchronous error (an ICMP report sets it
 			 * along with queueing the details): read the details. */
@@ -753,7 +758,7 @@ static uint16_t refused_mtu(udpio *io, int fd, const struct sockaddr_storage *de
 
 /* Build up to TX_BATCH messages from q->dg[i..], stopping before a
  * DONTFRAG datagram.  Returns the number of messages. */
-static int build_batch(udpio *io, const udpio_queue *q, size_t i, int fam)
+static int build_batch(udpio *io, const udpio_queue *q, size_t i, int fam, int use_gso)
 {
 	int k = 0;
 	size_t n = q->n;
@@ -763,7 +768,7 @@ static int build_batch(udpio *io, const udpio_queue *q, size_t i, int fam)
 		size_t c = 1, total = d->length;
 		if (d->flags & UTP_UDP_DONTFRAG)
 			break;
-		if (io->gso && d->length > 0) {
+		if (use_gso && d->length > 0) {
 			while (i + c < n && c < GSO_MAX_SEGS) {
 				const udpio_dgram *e = &q->dg[i + c];
 				if ((e->flags & UTP_UDP_DONTFRAG) || e->length == 0 || e->length > d->length ||
@@ -807,7 +812,7 @@ static int build_batch(udpio *io, const udpio_queue *q, size_t i, int fam)
 int udpio_send(udpio *io, udpio_queue *q, int fd)
 {
 	size_t i = 0, retry_at = (size_t)-1;
-	int fam, fatal = 0, blocked = 0;
+	int fam, fatal = 0, blocked = 0, use_gso = io->gso;
 	if (q->n == 0)
 		return 0;
 	fam = sock_family(io, fd);
@@ -831,7 +836,7 @@ int udpio_send(udpio *io, udpio_queue *q, int fd)
 			c = 1;
 			gso_msg = 0;
 		} else {
-			k = build_batch(io, q, i, fam);
+			k = build_batch(io, q, i, fam, use_gso);
 			r = sendmmsg(fd, io->smsg, (unsigned int)k, MSG_DONTWAIT);
 			io->st.send_calls++;
 			if (r > 0) {
@@ -883,9 +888,13 @@ int udpio_send(udpio *io, udpio_queue *q, int fd)
 			continue;
 		}
 		if (gso_msg && (e == EINVAL || e == EIO || e == EMSGSIZE || e == ENOPROTOOPT)) {
-			/* The kernel (or the device) refuses GSO: send one by one. */
-			io->gso = 0;
-			io->st.gso_failed++;
+			/* The kernel refuses this GSO send (segments larger than
+			 * the route's MTU, a device without checksum offload):
+			 * the rest of this flush goes one by one, and after
+			 * repeated refusals GSO stays off. */
+			use_gso = 0;
+			if (++io->st.gso_failed >= GSO_MAX_FAILURES)
+				io->gso = 0;
 			retry_at = (size_t)-1;
 			continue;
 		}

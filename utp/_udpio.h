@@ -91,7 +91,7 @@ typedef struct {
 	uint64_t send_dropped;      /* datagrams dropped for an error (by errno: udpio_get_err) */
 	uint64_t gso_batches;       /* GSO sends (several datagrams in one message) */
 	uint64_t gso_datagrams;     /* datagrams sent in those */
-	uint64_t gso_failed;        /* GSO sends refused by the kernel; GSO was turned off */
+	uint64_t gso_failed;        /* GSO sends refused by the kernel (resent one by one; after 8, GSO is off) */
 	uint64_t dontfrag_sent;     /* datagrams sent with DF set */
 	uint64_t emsgsize;          /* DONTFRAG datagrams refused as too big: fed to the engine */
 } udpio_stats;
