@@ -566,3 +566,32 @@ def test_dontfrag_probe_refused_with_emsgsize_lowers_packet_size(family):
     assert io["send_dropped"] == io["emsgsize"]
     # The engine settled just under the path MTU.
     assert 1232 <= r["mtu"] <= 1500 - headers
+
+
+def _scenario_gso_refused():
+    # Loopback's MTU below the packet size: datagrams are fragmented, but a
+    # GSO send with segments larger than the MTU is refused (EINVAL).  The
+    # refused runs must go out one by one, and GSO must end up off.
+    a, b = Peer(), Peer()
+    try:
+        sent, got, client, server = transfer(a, b, b.addr(), 4 << 20, timeout=60)
+        return {"equal": sent == got, "gso": a.info["gso"], "io_a": a.ctx.io_stats(),
+                "rexmit": client.stats()["rexmit"]}
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_netns
+def test_gso_refused_by_the_kernel_falls_back_to_single_datagrams():
+    r = _in_netns("gso_refused", lo_setup=[
+        ["ip", "link", "set", "lo", "mtu", "1300"],
+        ["ip", "link", "set", "lo", "up"],
+    ])
+    assert r["equal"]
+    io = r["io_a"]
+    if not r["gso"]:
+        pytest.skip("the kernel has no UDP GSO")
+    assert io["gso_failed"] >= 1
+    assert io["send_dropped"] == 0
+    assert r["rexmit"] == 0
