@@ -426,6 +426,10 @@ class Endpoint:
             await self._driver.wait_writable()
             self._send_blocked = False
             self._flush()
+            if self._send_blocked:
+                # ENOBUFS: the socket says writable while the device queue
+                # is full; back off a little instead of spinning.
+                await trio.sleep(0.001)
 
     async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

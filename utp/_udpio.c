@@ -20,6 +20,8 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <poll.h>
+#include <time.h>
 
 #ifndef SOL_UDP
 #define SOL_UDP 17
@@ -912,4 +914,86 @@ int udpio_send(udpio *io, udpio_queue *q, int fd)
 	if (fatal)
 		return -fatal;
 	return blocked ? (int)(q->n > 0x7fffffff ? 0x7fffffff : q->n) : 0;
+}
+
+/* ---- benchmark helpers ------------------------------------------------------ */
+
+#define BLAST_BATCH 64
+
+static double blast_now(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+long udpio_blast_send(int fd, const struct sockaddr *to, socklen_t tolen, int size, long count)
+{
+	struct mmsghdr m[BLAST_BATCH];
+	struct iovec iov;
+	char *buf;
+	long sent = 0;
+	int i;
+	if (size <= 0 || size > 65507 || (buf = calloc(1, (size_t)size)) == NULL)
+		return -1;
+	iov.iov_base = buf;
+	iov.iov_len = (size_t)size;
+	memset(m, 0, sizeof m);
+	for (i = 0; i < BLAST_BATCH; i++) {
+		m[i].msg_hdr.msg_name = (void *)to;
+		m[i].msg_hdr.msg_namelen = tolen;
+		m[i].msg_hdr.msg_iov = &iov;
+		m[i].msg_hdr.msg_iovlen = 1;
+	}
+	while (sent < count) {
+		unsigned n = (unsigned)(count - sent < BLAST_BATCH ? count - sent : BLAST_BATCH);
+		int r = sendmmsg(fd, m, n, 0);
+		if (r < 0) {
+			if (errno == EINTR || errno == EAGAIN || errno == ENOBUFS) {
+				struct pollfd p = {fd, POLLOUT, 0};
+				poll(&p, 1, 10);
+				continue;
+			}
+			break;
+		}
+		sent += r;
+	}
+	free(buf);
+	return sent;
+}
+
+long udpio_blast_recv(int fd, long count, int idle_ms, long long *bytes, double *seconds)
+{
+	static char bufs[BLAST_BATCH][2048];
+	struct mmsghdr m[BLAST_BATCH];
+	struct iovec iov[BLAST_BATCH];
+	double first = 0, last = 0;
+	long got = 0;
+	long long nbytes = 0;
+	int i;
+	for (i = 0; i < BLAST_BATCH; i++) {
+		iov[i].iov_base = bufs[i];
+		iov[i].iov_len = sizeof bufs[i];
+		memset(&m[i], 0, sizeof m[i]);
+		m[i].msg_hdr.msg_iov = &iov[i];
+		m[i].msg_hdr.msg_iovlen = 1;
+	}
+	while (got < count) {
+		struct pollfd p = {fd, POLLIN, 0};
+		int r;
+		if (poll(&p, 1, got ? idle_ms : 60000) <= 0)
+			break;
+		r = recvmmsg(fd, m, BLAST_BATCH, MSG_DONTWAIT, NULL);
+		if (r <= 0)
+			continue;
+		if (got == 0)
+			first = blast_now();
+		for (i = 0; i < r; i++)
+			nbytes += m[i].msg_len;
+		got += r;
+		last = blast_now();
+	}
+	*bytes = nbytes;
+	*seconds = last - first;
+	return got;
 }

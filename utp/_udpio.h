@@ -153,4 +153,13 @@ int udpio_send(udpio *io, udpio_queue *q, int fd);
  * datagrams).  Returns how many were handed over. */
 int udpio_feedback(udpio *io, utp_context *ctx);
 
+/* Benchmark helpers (python -m utp.bench): the raw-UDP ceiling on this
+ * machine, no protocol at all.  blast_send sends `count` datagrams of `size`
+ * bytes to `to` with sendmmsg (waiting when the buffer is full) and returns
+ * how many went; blast_recv reads with recvmmsg until `count` datagrams came
+ * or none came for idle_ms, and reports the bytes and the seconds from the
+ * first datagram to the last. */
+long udpio_blast_send(int fd, const struct sockaddr *to, socklen_t tolen, int size, long count);
+long udpio_blast_recv(int fd, long count, int idle_ms, long long *bytes, double *seconds);
+
 #endif /* UTPKIT_UDPIO_H */

@@ -587,6 +587,34 @@ cdef object _format_addr(const sockaddr *sa, socklen_t salen):
     return None
 
 
+def udp_blast_send(int fd, addr, int size, long count) -> int:
+    """Benchmark helper: send `count` datagrams of `size` zero bytes to
+    `addr` with sendmmsg, as fast as the socket takes them (the raw-UDP
+    ceiling of python -m utp.bench).  Returns how many were sent."""
+    cdef sockaddr_storage ss
+    cdef socklen_t sslen
+    cdef long r
+    _parse_addr(addr, &ss, &sslen)
+    with nogil:
+        r = udpio_blast_send(fd, <const sockaddr *>&ss, sslen, size, count)
+    if r < 0:
+        raise ValueError(f"bad datagram size {size}")
+    return r
+
+
+def udp_blast_receive(int fd, long count, double idle_timeout=1.0) -> tuple:
+    """Benchmark helper: receive with recvmmsg until `count` datagrams came
+    or none came for `idle_timeout` seconds.  Returns (datagrams, bytes,
+    seconds from the first to the last)."""
+    cdef long long nbytes = 0
+    cdef double seconds = 0
+    cdef long got
+    cdef int idle_ms = <int>(idle_timeout * 1000)
+    with nogil:
+        got = udpio_blast_recv(fd, count, idle_ms, &nbytes, &seconds)
+    return got, nbytes, seconds
+
+
 def classify(data) -> int:
     """Which protocol a datagram belongs to: CLASS_UTP, CLASS_DHT,
     CLASS_TRACKER or CLASS_OTHER (utpkit_classify; looks at the first bytes)."""

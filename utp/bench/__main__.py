@@ -1,10 +1,14 @@
-"""``python -m utp.bench <benchmark> [options]``: pick a benchmark by name."""
+"""``python -m utp.bench [<benchmark>] [options]``: pick a benchmark by name
+(``loopback`` when none is named)."""
 
 from __future__ import annotations
 
 import sys
 
 BENCHMARKS = {
+    "loopback": ("utp.bench.loopback",
+                 "real sockets: raw UDP ceiling vs ucat->ucat vs TCP (MB/s, CPU s/GB), "
+                 "memory per idle connection, round-trip latency (the default)"),
     "sim": ("utp.bench.sim",
             "the engine over the simulated network: goodput, retransmissions "
             "vs losses, queueing delay (virtual time, ~10 s of real time)"),
@@ -22,9 +26,11 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help", "help"):
+    if args and args[0] in ("-h", "--help", "help"):
         print(usage())
-        return 0 if args else 2
+        return 0
+    if not args or args[0].startswith("-"):
+        args = ["loopback", *args]
     name, rest = args[0], args[1:]
     if name not in BENCHMARKS:
         print(f"utp.bench: unknown benchmark {name!r}\n", file=sys.stderr)
