@@ -512,7 +512,7 @@ def _broken(exc: BaseException, peer: str) -> Failure:
     """The Failure for a stream that broke (BrokenResourceError from utp,
     whose __cause__ is a utp.UTPError with .name)."""
     cause = exc.__cause__
-    template = _ERROR_MESSAGES.get(getattr(cause, "name", None))
+    template = _ERROR_MESSAGES.get(str(getattr(cause, "name", "")))
     if template:
         return Failure(template.format(peer=peer))
     detail = cause if cause is not None else exc

@@ -91,7 +91,7 @@ class SimDriver:
     def flush(self, ctx: _utp.Context) -> int:
         for data, dst, _flags in ctx.take_datagrams():
             self.sent += 1
-            self.net._send(self.local_address, dst, data)
+            self.net._send(self.local_address, (str(dst[0]), int(dst[1])), data)
         return 0
 
     async def wait_writable(self) -> None:
