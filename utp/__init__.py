@@ -29,11 +29,12 @@ from utp._utp import __all__ as _binding_all
 from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
 from ._endpoint import DatagramQueue, Endpoint
 from ._errors import UTPError
+from ._punch import punch
 from ._stream import UTPListener, UTPStream
 
 __version__ = "0.1.0"
 
 __all__ = list(_binding_all) + [
     "open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "Endpoint",
-    "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "__version__",
+    "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "punch", "__version__",
 ]

@@ -1,0 +1,343 @@
+"""UDP hole punching for uTP (DESIGN.md, "Connecting across NATs").
+
+Both peers call :func:`punch` at about the same time, each with the other's
+public endpoint (from a tracker, the DHT, or a relay).  A fixed tie-break
+splits the work so that exactly one uTP connection results:
+
+- the side whose public endpoint sorts lower, as ``(16-byte IPv6 or
+  IPv4-mapped address, port)``, is the *initiator*: it opens fresh uTP
+  connection attempts (a new connection id each, as connect-with-retry does)
+  every ``interval`` seconds and keeps each one open until the engine's own
+  SYN retries run out, so a SYN-ACK that comes late still completes it;
+- the other side is the *responder*: it listens, sends small probe
+  datagrams to the initiator (they open its own NAT's mapping and
+  filter towards the initiator), and accepts exactly one connection: the
+  first SYN from the initiator's IP address.  Every later SYN is refused
+  with a RESET, so the initiator's other attempts end at once, and only the
+  attempt the responder accepted can ever complete.
+
+The responder accepts by IP address and not by port, and the initiator
+retargets its attempts at the source of the first probe it receives from
+the peer's IP (a "peer-reflexive" address, in ICE's words).  Both are needed
+when one side is behind a symmetric NAT: its packets to us come from a
+different public port than the one the rendezvous saw.
+
+Probes are ``b"utpkit-punch"`` plus one version byte: not uTP (wrong
+version nibble), not bencode, not BEP 15 (first word > 3), so the
+demultiplexer hands them to the ``"other"`` owner, and an Endpoint that is
+not punching counts and drops them.
+
+Pacing: one attempt (or probe) every ``interval`` seconds during the first
+``fast_period`` seconds, then one every ``keepalive`` seconds, which keeps
+the NAT mappings of a long wait alive (home NATs drop idle UDP mappings
+after ~30 s; uTP's own keepalive is 29 s).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import _utp
+from ._connect import check_address
+from ._stream import UTPStream, _format_peer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._endpoint import DatagramQueue, Endpoint
+
+__all__ = ["punch", "PROBE", "tie_break_key", "is_initiator"]
+
+PROBE = b"utpkit-punch\x01"
+_PROBE_PREFIX = b"utpkit-punch"
+# At most this many attempts are open at once; with the defaults (0.1 s
+# pacing, 15 s of engine SYN retries) the fast phase needs 50, so the cap
+# only matters for very small intervals.
+MAX_PENDING = 64
+
+
+def _ip(addr: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def tie_break_key(addr: Any) -> tuple[bytes, int]:
+    """``(16 address bytes, port)``: IPv4 as IPv4-mapped IPv6, so both
+    peers order the same two endpoints the same way whatever the socket's
+    family spells them as."""
+    ip = _ip(addr)
+    packed = ip.packed if ip.version == 6 else b"\x00" * 10 + b"\xff\xff" + ip.packed
+    return packed, int(addr[1])
+
+
+def is_initiator(local_public: Any, peer: Any) -> bool:
+    """Whether the side with public endpoint ``local_public`` sends the SYNs
+    when punching to ``peer`` (the lower endpoint initiates)."""
+    mine, theirs = tie_break_key(local_public), tie_break_key(peer)
+    if mine == theirs:
+        raise ValueError(f"cannot punch to {_format_peer(peer)}: it is our own public endpoint")
+    return mine < theirs
+
+
+def _same_ip(a: Any, b: Any) -> bool:
+    try:
+        return _ip(a) == _ip(b)
+    except (ValueError, TypeError, IndexError):
+        return False
+
+
+def _addr_key(addr: Any) -> tuple[Any, int]:
+    return _ip(addr), int(addr[1])
+
+
+class _Pacer:
+    """Times of the next attempt/probe: ``interval`` apart during the first
+    ``fast_period`` seconds, ``keepalive`` apart after."""
+
+    def __init__(self, start: float, interval: float, fast_period: float, keepalive: float) -> None:
+        self.start = start
+        self.interval = interval
+        self.fast_end = start + fast_period
+        self.keepalive = keepalive
+        self.next = start
+        self.sent = 0
+
+    def advance(self, now: float) -> None:
+        """Schedule the next send after one made at ``now`` (normally
+        ``self.next``; later if the task was late)."""
+        if self.next < self.fast_end - 1e-9:
+            # Counted, not summed: 50 steps of 0.1 s end at 5.0 s exactly.
+            self.sent += 1
+            self.next = max(self.start + self.sent * self.interval, now)
+        else:
+            self.next = max(self.next + self.keepalive, now)
+
+
+async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None = None,
+                timeout: float | None = None, local_public: tuple[Any, ...] | None = None,
+                interval: float = 0.1, fast_period: float = 5.0,
+                keepalive: float = 20.0) -> UTPStream:
+    """Punch through the NATs between this Endpoint and ``peer`` and return
+    the one uTP stream between them.
+
+    ``peer`` is the other side's public ``(ip, port)`` as the rendezvous saw
+    it; ``local_public`` is ours (default: the Endpoint's bound address, right
+    when there is no NAT).  Both sides must use the same pair, since they decide
+    who initiates by comparing them (:func:`is_initiator`).  ``deadline`` is
+    absolute (trio clock), ``timeout`` seconds from now; one is required.
+
+    Raises TimeoutError naming what was tried (attempts, probes, what came
+    back) when nothing connected in time; ValueError when ``peer`` is our own
+    public endpoint; RuntimeError when the Endpoint already has an open
+    listener (the responder needs its own, filtered one).
+
+    Cancellation: nothing is left behind: pending attempts are closed, the
+    punch's listener and probe queue are removed.
+    """
+    peer = check_address(peer)
+    for name, value in (("interval", interval), ("fast_period", fast_period),
+                        ("keepalive", keepalive)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, not {value!r}")
+    if keepalive > 25:
+        raise ValueError(f"keepalive {keepalive!r} s is too long: NATs drop idle mappings "
+                         f"after ~30 s, so keep it at most 25 s")
+    start = trio.current_time()
+    end = math.inf
+    if timeout is not None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        end = start + timeout
+    if deadline is not None:
+        end = min(end, deadline)
+    if end == math.inf:
+        raise ValueError("punch needs a timeout or a deadline")
+    if local_public is None:
+        local_public = ep.local_address
+    initiator = is_initiator(local_public, peer)
+    ep._check_open()
+    queue: DatagramQueue | None = None
+    try:
+        queue = ep.datagram_queue("other", maxlen=64)
+    except RuntimeError:
+        queue = None  # someone else owns "other": punch without reading probes
+    try:
+        if initiator:
+            return await _initiate(ep, peer, queue, start, end,
+                                   _Pacer(start, interval, fast_period, keepalive))
+        return await _respond(ep, peer, queue, start, end,
+                              _Pacer(start, interval, fast_period, keepalive))
+    finally:
+        if queue is not None:
+            queue.close()
+            # Unregister, so a later punch (or another owner) can have it.
+            if ep._queues.get("other") is queue:
+                del ep._queues["other"]
+
+
+def _is_probe_from(data: bytes, addr: Any, peer: Any) -> bool:
+    return data.startswith(_PROBE_PREFIX) and _same_ip(addr, peer)
+
+
+class _Attempt:
+    __slots__ = ("sock", "addr", "started")
+
+    def __init__(self, sock: _utp.Socket, addr: Any, started: float) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.started = started
+
+
+async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
+                    start: float, end: float, pacer: _Pacer) -> UTPStream:
+    events: list[tuple[_Attempt, str, Any]] = []
+    lot = trio.lowlevel.ParkingLot()
+    pending: list[_Attempt] = []
+    target: tuple[Any, ...] = peer
+    opened = refused = timed_out = probes_seen = 0
+    targets = [peer]
+    winner: _Attempt | None = None
+
+    def waiter_for(att: _Attempt) -> Any:
+        def waiter(kind: str, arg: Any) -> None:
+            events.append((att, kind, arg))
+            lot.unpark_all()
+        return waiter
+
+    async def read_probes() -> None:
+        nonlocal target, probes_seen
+        assert queue is not None
+        async for data, addr in queue:
+            if not _is_probe_from(data, addr, peer):
+                continue
+            probes_seen += 1
+            if _addr_key(addr) != _addr_key(target):
+                # The peer's NAT maps it to another port towards us than
+                # towards the rendezvous (a symmetric NAT): aim there now.
+                target = (addr[0], addr[1])
+                targets.append(target)
+                pacer.next = trio.current_time()
+                lot.unpark_all()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            if queue is not None:
+                nursery.start_soon(read_probes)
+            while winner is None:
+                while events:
+                    att, kind, arg = events.pop(0)
+                    if kind == "connect":
+                        winner = att
+                        break
+                    if att in pending:
+                        pending.remove(att)
+                        if kind == "error" and arg == _utp.UTP_ETIMEDOUT:
+                            timed_out += 1
+                        else:
+                            refused += 1
+                if winner is not None:
+                    break
+                now = trio.current_time()
+                if now >= end:
+                    break
+                if now >= pacer.next:
+                    if len(pending) < MAX_PENDING:
+                        sock = ep._open_socket(target)
+                        att = _Attempt(sock, target, now)
+                        sock.userdata = waiter_for(att)
+                        pending.append(att)
+                        opened += 1
+                        ep._kick()  # the SYN leaves now
+                    pacer.advance(now)
+                with trio.move_on_at(min(pacer.next, end)):
+                    await lot.park()
+            nursery.cancel_scope.cancel()
+        if winner is not None:
+            pending.remove(winner)
+            return UTPStream(ep, winner.sock, winner.addr)
+    finally:
+        for att in pending:
+            att.sock.userdata = None
+            if not att.sock.destroyed and not ep._ctx.closed:
+                att.sock.close()
+        if pending and not ep._ctx.closed:
+            ep._kick()
+    elapsed = trio.current_time() - start
+    where = " then ".join(_format_peer(t) for t in targets)
+    heard = (f"{probes_seen} probe{'s' if probes_seen != 1 else ''} from the peer arrived"
+             if probes_seen else "no probe from the peer arrived")
+    raise TimeoutError(
+        f"hole punching to {_format_peer(peer)} timed out after {elapsed:.1f} s: as the "
+        f"initiator sent {opened} uTP connection attempt{'s' if opened != 1 else ''} to {where} "
+        f"({refused} refused, {timed_out} timed out, {len(pending)} unanswered); {heard}")
+
+
+async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
+                   start: float, end: float, pacer: _Pacer) -> UTPStream:
+    if ep._listener is not None and not ep._listener.closed:
+        raise RuntimeError("punch cannot answer on an Endpoint that already has a listener; "
+                           "close it first")
+    listener = ep.listen(backlog=1)
+    accepted_from: list[Any] = []
+    refused_from: list[Any] = []
+
+    def firewall(addr: Any) -> bool:
+        # Exactly one connection: the first SYN from the peer's IP (any
+        # port: a symmetric NAT sends from a port the rendezvous never saw).
+        if not accepted_from and _same_ip(addr, peer):
+            accepted_from.append(addr)
+            return True
+        refused_from.append(addr)
+        return False
+
+    listener.firewall = firewall
+    targets = [peer]
+    probes = 0
+    probes_seen = 0
+    stream: UTPStream | None = None
+
+    async def read_probes() -> None:
+        nonlocal probes_seen
+        assert queue is not None
+        async for data, addr in queue:
+            if _is_probe_from(data, addr, peer):
+                probes_seen += 1
+                if all(_addr_key(addr) != _addr_key(t) for t in targets):
+                    targets.append((addr[0], addr[1]))
+
+    async def send_probes() -> None:
+        nonlocal probes
+        while True:
+            now = trio.current_time()
+            if now >= pacer.next:
+                for t in targets:
+                    await ep.sendto(PROBE, t)
+                    probes += 1
+                pacer.advance(now)
+            await trio.sleep_until(pacer.next)
+
+    try:
+        with trio.move_on_at(end):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_probes)
+                if queue is not None:
+                    nursery.start_soon(read_probes)
+                stream = await listener.accept()
+                nursery.cancel_scope.cancel()
+    finally:
+        listener._shutdown()
+    if stream is not None:
+        return stream
+    elapsed = trio.current_time() - start
+    where = " and ".join(_format_peer(t) for t in targets)
+    refused = (f"; refused {len(refused_from)} connection{'s' if len(refused_from) != 1 else ''} "
+               f"from other addresses" if refused_from else "")
+    raise TimeoutError(
+        f"hole punching to {_format_peer(peer)} timed out after {elapsed:.1f} s: as the "
+        f"responder sent {probes} probe{'s' if probes != 1 else ''} to {where} and listened, "
+        f"but no uTP connection came from {_ip(peer)}{refused}")
+
