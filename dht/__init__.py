@@ -1,8 +1,40 @@
-"""Mainline DHT (BEP 5) for utpkit.  Not written yet: this package is a placeholder.
+"""dht -- the Mainline DHT (BEP 5) for utpkit, on the shared uTP socket.
 
-It will hold a sans-I/O KRPC core (bencoded queries and replies in, bytes and
-events out, time passed in as ``now``) and a thin trio driver that sends and
-receives through the shared uTP Endpoint socket, so the address other nodes
-see is the same NAT mapping the uTP connections use.  It is not a general
-key-value store: it finds peers for an info-hash and announces ours.
+What it is:
+
+- a sans-I/O KRPC node, :class:`DHTCore` (``dht/_core.py``): datagrams and
+  ``now`` in, datagrams and events out, randomness from an injected
+  ``random.Random``.  Queries ping, find_node, get_peers and announce_peer
+  (with ``implied_port``), errors 201-204 as BEP 5; ``v``; ``ro`` (BEP 43);
+  IPv6 with ``nodes6`` and ``want`` (BEP 32); the ``ip`` field and secure
+  node ids (BEP 42, enforcement optional, local addresses exempt); votes on
+  our external address; per-source rate limits; responses at most 4x the
+  size of their request (8x with ``want`` n4+n6).
+- the routing table (``dht/_table.py``): k=8 buckets split only around our
+  own id, good/questionable/bad nodes, replacement cache, bucket refresh,
+  save/load to a JSON file; tokens; a bounded, expiring peer store.
+- iterative lookups: alpha=3, closest-k termination, per-query timeout with
+  one resend (a slow node stops holding a slot after the first timeout).
+- :mod:`dht.sim`: hundreds of cores on a virtual clock, for tests and
+  ``python -m dht.bench``.
+
+What it is not: a general key-value store (no BEP 44 put/get), and it never
+contacts a node the user did not name: there are no default bootstrap
+nodes.
+
+Bencode: our own strict decoder (``dht/_bencode.py``), not a PyPI library.
+A KRPC datagram is attacker-controlled; the decoder accepts only canonical
+bencode (no leading zeros, no ``-0``, sorted unique keys, no trailing
+bytes), bounds depth and size, raises one exception type, and is ~150 lines
+with no dependency -- cheaper to audit and fuzz (tests/test_dht_core.py)
+than to vet a third-party decoder's failure modes on malformed input.
 """
+
+from ._bencode import BencodeError, decode_untrusted, encode
+from ._core import (DHTCore, ExternalAddressChanged, LookupDone, PeersFound, PingDone)
+from ._table import AddressVotes, PeerStore, RoutingTable
+
+__all__ = [
+    "DHTCore", "PeersFound", "LookupDone", "PingDone", "ExternalAddressChanged",
+    "AddressVotes", "PeerStore", "RoutingTable", "encode", "decode_untrusted", "BencodeError",
+]

@@ -1,0 +1,155 @@
+"""Strict bencode (BEP 3) for KRPC.
+
+Our own decoder rather than a PyPI one: a KRPC message is attacker-controlled
+and at most one UDP datagram, and what the DHT needs from a decoder is narrow
+and easy to state -- canonical input only (no leading zeros, no ``-0``,
+dictionary keys sorted and unique, nothing after the value), a nesting limit,
+and a size limit -- plus a single exception type with the offset.  The
+decoder is iterative over a byte index with no slicing of the input except
+for string values, so a hostile datagram costs time linear in its length.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+__all__ = ["BencodeError", "encode", "decode_untrusted", "MAX_DEPTH", "MAX_SIZE"]
+
+MAX_DEPTH = 16      # KRPC nests three deep (dict > dict > list); 16 is generous
+MAX_SIZE = 65536    # one UDP datagram
+
+Value = Union[int, bytes, list, dict]
+
+
+class BencodeError(ValueError):
+    """Input that is not canonical bencode (or is too large or too deep)."""
+
+
+_DIGITS = b"0123456789"
+
+
+def decode_untrusted(data: bytes, *, max_depth: int = MAX_DEPTH, max_size: int = MAX_SIZE) -> Any:
+    """Decode one canonical bencoded value that spans all of ``data``.
+
+    Raises BencodeError for anything else.  Strings come back as ``bytes``;
+    dictionaries as ``dict`` with ``bytes`` keys."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("bencode input must be bytes")
+    data = bytes(data)
+    n = len(data)
+    if n > max_size:
+        raise BencodeError(f"input of {n} bytes exceeds {max_size}")
+    value, i = _decode(data, 0, n, 0, max_depth)
+    if i != n:
+        raise BencodeError(f"trailing data at offset {i}")
+    return value
+
+
+def _decode_int(data: bytes, i: int, n: int, end: int) -> tuple[int, int]:
+    # data[i] is 'i'; the integer ends at the next 'e'.
+    j = data.find(b"e", i + 1, min(n, i + 1 + 64))
+    if j < 0:
+        raise BencodeError(f"unterminated or oversized integer at offset {i}")
+    s = data[i + 1:j]
+    neg = s[:1] == b"-"
+    digits = s[1:] if neg else s
+    if not digits or any(c not in _DIGITS for c in digits):
+        raise BencodeError(f"bad integer at offset {i}")
+    if (digits[0:1] == b"0" and len(digits) > 1) or (neg and digits == b"0"):
+        raise BencodeError(f"non-canonical integer at offset {i}")
+    v = int(digits)
+    return (-v if neg else v), j + 1
+
+
+def _decode_str(data: bytes, i: int, n: int) -> tuple[bytes, int]:
+    j = data.find(b":", i, min(n, i + 12))
+    if j < 0:
+        raise BencodeError(f"bad string length at offset {i}")
+    s = data[i:j]
+    if not s or any(c not in _DIGITS for c in s) or (s[0:1] == b"0" and len(s) > 1):
+        raise BencodeError(f"bad string length at offset {i}")
+    length = int(s)
+    start = j + 1
+    if start + length > n:
+        raise BencodeError(f"string at offset {i} runs past the end")
+    return data[start:start + length], start + length
+
+
+def _decode(data: bytes, i: int, n: int, depth: int, max_depth: int) -> tuple[Any, int]:
+    if i >= n:
+        raise BencodeError("unexpected end of input")
+    c = data[i]
+    if c == 0x69:  # i
+        return _decode_int(data, i, n, n)
+    if 0x30 <= c <= 0x39:
+        return _decode_str(data, i, n)
+    if depth >= max_depth:
+        raise BencodeError(f"nesting deeper than {max_depth} at offset {i}")
+    if c == 0x6C:  # l
+        out: list = []
+        i += 1
+        while True:
+            if i >= n:
+                raise BencodeError("unterminated list")
+            if data[i] == 0x65:
+                return out, i + 1
+            v, i = _decode(data, i, n, depth + 1, max_depth)
+            out.append(v)
+    if c == 0x64:  # d
+        d: dict = {}
+        last: bytes | None = None
+        i += 1
+        while True:
+            if i >= n:
+                raise BencodeError("unterminated dictionary")
+            if data[i] == 0x65:
+                return d, i + 1
+            if not 0x30 <= data[i] <= 0x39:
+                raise BencodeError(f"dictionary key at offset {i} is not a string")
+            k, i = _decode_str(data, i, n)
+            if last is not None and k <= last:
+                raise BencodeError(f"dictionary key {k[:32]!r} unsorted or duplicated")
+            last = k
+            v, i = _decode(data, i, n, depth + 1, max_depth)
+            d[k] = v
+    raise BencodeError(f"unexpected byte 0x{c:02x} at offset {i}")
+
+
+def encode(value: Any) -> bytes:
+    """Bencode ``value`` (int, bytes, str as UTF-8, list/tuple, dict with
+    bytes or str keys), keys sorted as BEP 3 requires."""
+    out: list[bytes] = []
+    _encode(value, out)
+    return b"".join(out)
+
+
+def _encode(v: Any, out: list[bytes]) -> None:
+    if isinstance(v, bool):
+        raise TypeError("bencode has no booleans")
+    if isinstance(v, int):
+        out.append(b"i%de" % v)
+    elif isinstance(v, (bytes, bytearray, memoryview)):
+        b = bytes(v)
+        out.append(b"%d:" % len(b))
+        out.append(b)
+    elif isinstance(v, str):
+        _encode(v.encode(), out)
+    elif isinstance(v, (list, tuple)):
+        out.append(b"l")
+        for x in v:
+            _encode(x, out)
+        out.append(b"e")
+    elif isinstance(v, dict):
+        items = sorted(((k.encode() if isinstance(k, str) else bytes(k)), x) for k, x in v.items())
+        out.append(b"d")
+        prev = None
+        for k, x in items:
+            if k == prev:
+                raise ValueError(f"duplicate key {k!r}")
+            prev = k
+            out.append(b"%d:" % len(k))
+            out.append(k)
+            _encode(x, out)
+        out.append(b"e")
+    else:
+        raise TypeError(f"cannot bencode {type(v).__name__}")
