@@ -1,0 +1,316 @@
+"""The BEP 15 UDP tracker client: the sans-I/O core with explicit ``now``
+(exact retransmission times, connection-id reuse), then the trio driver
+over a utp Endpoint against opentracker (Debian's whitelist build, started
+here on loopback) and against a small IPv6 tracker written in the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+
+import pytest
+import trio
+
+import tracker
+import utp
+from tracker import (
+    AnnounceResult, RequestTimedOut, ScrapeResult, TrackerFailure, UDPTrackerProtocol,
+)
+
+HASH = hashlib.sha1(b"utpkit test swarm").digest()
+OTHER = hashlib.sha1(b"utpkit second swarm").digest()
+NOT_LISTED = hashlib.sha1(b"not on the whitelist").digest()
+PEER_ID = b"-UK0100-abcdefghijkl"
+
+
+# ---- the sans-I/O core -------------------------------------------------------------
+
+
+def _connect_reply(req: bytes, conn_id: bytes = b"\x11" * 8) -> bytes:
+    protocol, action, tid = struct.unpack(">QII", req)
+    assert protocol == 0x41727101980 and action == 0
+    return struct.pack(">II", 0, tid) + conn_id
+
+
+def _tid(req: bytes) -> int:
+    return struct.unpack_from(">I", req, 12)[0]
+
+
+def test_connect_then_announce_wire_format():
+    p = UDPTrackerProtocol(retry_base=15)
+    rid = p.announce(HASH, PEER_ID, 6881, now=0.0, event=tracker.EVENT_STARTED, left=5,
+                     numwant=50, key=7)
+    (connect,) = p.datagrams_to_send(0.0)
+    assert len(connect) == 16
+    p.receive_datagram_untrusted(_connect_reply(connect), 0.1)
+    (ann,) = p.datagrams_to_send(0.1)
+    assert len(ann) == 98
+    assert ann[:8] == b"\x11" * 8 and struct.unpack_from(">I", ann, 8)[0] == 1
+    assert ann[16:36] == HASH and ann[36:56] == PEER_ID
+    downloaded, left, uploaded, event, ip, key, numwant, port = struct.unpack_from(">qqqiIIiH", ann, 56)
+    assert (downloaded, left, uploaded, event, ip, key, numwant, port) == (0, 5, 0, 2, 0, 7, 50, 6881)
+    peers = socket.inet_aton("198.18.0.10") + struct.pack(">H", 4000) \
+        + socket.inet_aton("198.18.0.11") + struct.pack(">H", 5000)
+    p.receive_datagram_untrusted(struct.pack(">IIIII", 1, _tid(ann), 1800, 3, 4) + peers, 0.2)
+    ev = p.next_event()
+    assert ev == AnnounceResult(rid, 1800, 3, 4, (("198.18.0.10", 4000), ("198.18.0.11", 5000)))
+    assert p.next_event() is None and p.get_timer() is None
+
+
+def test_retransmission_schedule_is_15_times_2_to_the_n():
+    p = UDPTrackerProtocol()
+    rid = p.announce(HASH, PEER_ID, 6881, now=0.0)
+    sends = []
+    now = 0.0
+    while True:
+        if p.datagrams_to_send(now):
+            sends.append(now)
+        ev = p.next_event()
+        if ev is not None:
+            break
+        now = p.get_timer()
+        p.handle_timer(now)
+    # Sent at 0, 15, 45, 105, ... (waits 15, 30, 60, ... 3840 s), then given up.
+    assert sends == [0, 15, 45, 105, 225, 465, 945, 1905, 3825]
+    assert isinstance(ev, RequestTimedOut) and ev.request_id == rid
+    assert ev.sent == 9 and now == 3825 + 3840
+
+
+def test_shortened_schedule():
+    p = UDPTrackerProtocol(retry_base=0.5, max_retries=2)
+    p.scrape([HASH], now=10.0)
+    times = [10.0]
+    p.datagrams_to_send(10.0)
+    while (t := p.get_timer()) is not None:
+        p.handle_timer(t)
+        if p.datagrams_to_send(t):
+            times.append(t)
+    assert times == [10.0, 10.5, 11.5]
+    assert isinstance(p.next_event(), RequestTimedOut)
+
+
+def test_connection_id_is_reused_for_one_minute():
+    p = UDPTrackerProtocol()
+    p.announce(HASH, PEER_ID, 1, now=0.0)
+    (c,) = p.datagrams_to_send(0.0)
+    p.receive_datagram_untrusted(_connect_reply(c, b"\x22" * 8), 1.0)
+    (a,) = p.datagrams_to_send(1.0)
+    p.receive_datagram_untrusted(struct.pack(">IIIII", 1, _tid(a), 60, 0, 0), 1.1)
+    assert isinstance(p.next_event(), AnnounceResult)
+    # 59.9 s after the connect answer: straight to the request.
+    p.scrape([HASH], now=60.9)
+    (s,) = p.datagrams_to_send(60.9)
+    assert len(s) == 36 and s[:8] == b"\x22" * 8
+    p.receive_datagram_untrusted(struct.pack(">IIIII", 2, _tid(s), 1, 2, 3), 61.0)
+    assert p.next_event() == ScrapeResult(2, ((1, 2, 3),))
+    # A minute after it: a new connect first.
+    p.announce(HASH, PEER_ID, 1, now=61.0)
+    (c2,) = p.datagrams_to_send(61.0)
+    assert len(c2) == 16 and struct.unpack_from(">Q", c2)[0] == 0x41727101980
+
+
+def test_connection_id_expiring_during_retries_reconnects():
+    p = UDPTrackerProtocol()
+    p.announce(HASH, PEER_ID, 1, now=0.0)
+    (c,) = p.datagrams_to_send(0.0)
+    p.receive_datagram_untrusted(_connect_reply(c), 0.0)
+    p.datagrams_to_send(0.0)                      # announce at 0
+    p.handle_timer(15.0)
+    assert len(p.datagrams_to_send(15.0)[0]) == 98  # id still valid: resend
+    p.handle_timer(45.0)
+    (again,) = p.datagrams_to_send(45.0)            # 45 s > ... still < 60: resend
+    assert len(again) == 98
+    p.handle_timer(105.0)
+    (connect,) = p.datagrams_to_send(105.0)         # expired: connect again
+    assert len(connect) == 16
+
+
+def test_ipv6_peers_and_garbage():
+    p = UDPTrackerProtocol(ipv6=True)
+    rid = p.announce(HASH, PEER_ID, 1, now=0.0)
+    (c,) = p.datagrams_to_send(0.0)
+    # Garbage and answers to transactions we never started are dropped.
+    p.receive_datagram_untrusted(b"\x00\x00", 0.0)
+    p.receive_datagram_untrusted(struct.pack(">II", 0, 12345) + b"\x00" * 8, 0.0)
+    assert p.counters["dropped"] == 2
+    p.receive_datagram_untrusted(_connect_reply(c), 0.0)
+    (a,) = p.datagrams_to_send(0.0)
+    # A truncated peer entry: malformed, dropped, still waiting.
+    p.receive_datagram_untrusted(struct.pack(">IIIII", 1, _tid(a), 1, 0, 0) + b"\x00" * 7, 0.0)
+    assert p.next_event() is None
+    six = socket.inet_pton(socket.AF_INET6, "2001:db8::1") + struct.pack(">H", 7000)
+    p.receive_datagram_untrusted(struct.pack(">IIIII", 1, _tid(a), 1, 0, 1) + six, 0.0)
+    assert p.next_event() == AnnounceResult(rid, 1, 0, 1, (("2001:db8::1", 7000),))
+
+
+def test_error_answers():
+    p = UDPTrackerProtocol()
+    rid = p.announce(HASH, PEER_ID, 1, now=0.0)
+    (c,) = p.datagrams_to_send(0.0)
+    p.receive_datagram_untrusted(_connect_reply(c), 0.0)
+    (a,) = p.datagrams_to_send(0.0)
+    p.receive_datagram_untrusted(struct.pack(">II", 3, _tid(a)) + b"go away\x00\x07", 0.0)
+    assert p.next_event() == TrackerFailure(rid, "go away??")
+    rid2 = p.announce(HASH, PEER_ID, 1, now=1.0)
+    (a2,) = p.datagrams_to_send(1.0)
+    p.receive_datagram_untrusted(struct.pack(">II", 1, _tid(a2)), 1.0)
+    ev = p.next_event()
+    assert isinstance(ev, TrackerFailure) and ev.request_id == rid2 and "whitelist" in ev.message
+    with pytest.raises(tracker.LocalProtocolError):
+        p.announce(b"short", PEER_ID, 1, now=0.0)
+    with pytest.raises(tracker.LocalProtocolError):
+        p.scrape([], now=0.0)
+
+
+def test_parse_tracker_url():
+    assert tracker.parse_tracker_url("udp://198.18.0.2:6969") == ("198.18.0.2", 6969)
+    assert tracker.parse_tracker_url("udp://[::1]:80/announce") == ("::1", 80)
+    for bad in ("http://x:1", "udp://x", "udp://x:0", "udp://:5"):
+        with pytest.raises(ValueError):
+            tracker.parse_tracker_url(bad)
+
+
+# ---- against opentracker on loopback --------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return _free_port()
+    return port
+
+
+@pytest.fixture(scope="module")
+def opentracker():
+    """opentracker on 127.0.0.1 with HASH and OTHER on its whitelist;
+    yields its (ip, port)."""
+    exe = shutil.which("opentracker")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("opentracker is not installed (Debian package opentracker; .ci/run installs it)")
+        pytest.skip("opentracker is not installed (apt-get install opentracker)")
+    d = tempfile.mkdtemp(prefix="utpkit-opentracker-")
+    os.chmod(d, 0o755)  # it drops to nobody, who must read the whitelist
+    with open(os.path.join(d, "whitelist.txt"), "w") as f:
+        f.write(f"{HASH.hex()}\n{OTHER.hex()}\n")
+    os.chmod(os.path.join(d, "whitelist.txt"), 0o644)
+    port = _free_port()
+    cmd = [exe, "-i", "127.0.0.1", "-p", str(port), "-P", str(port), "-d", d, "-w", "/whitelist.txt"]
+    if os.geteuid() == 0:
+        cmd += ["-u", "nobody"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Ready once a connect is answered and the whitelist is loaded
+        # (it loads it in a thread after starting).
+        deadline = time.monotonic() + 10
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                try:
+                    s.sendto(struct.pack(">QII", 0x41727101980, 0, 1), ("127.0.0.1", port))
+                    s.recvfrom(64)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("opentracker did not answer") from None
+        time.sleep(0.3)
+        yield ("127.0.0.1", port)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_announce_and_scrape_against_opentracker(opentracker):
+    async with utp.open_endpoint("127.0.0.1", 0) as a, utp.open_endpoint("127.0.0.1", 0) as b, \
+            tracker.open_tracker_client(a, retry_base=1) as ta, \
+            tracker.open_tracker_client(b, retry_base=1) as tb:
+        pa, pb = a.local_address[1], b.local_address[1]
+        ra = await ta.announce(opentracker, HASH, event=tracker.EVENT_STARTED, left=1)
+        assert ("127.0.0.1", pa) in ra.peers
+        rb = await tb.announce(opentracker, HASH, event=tracker.EVENT_STARTED)
+        assert {("127.0.0.1", pa), ("127.0.0.1", pb)} <= set(rb.peers)
+        assert rb.interval > 0
+        scrape = await ta.scrape(opentracker, [HASH, OTHER])
+        seeders, completed, leechers = scrape.files[0]
+        assert seeders + leechers >= 2
+        assert scrape.files[1] == (0, 0, 0)
+        # Stopped: B leaves the swarm.
+        await tb.announce(opentracker, HASH, event=tracker.EVENT_STOPPED)
+        ra2 = await ta.announce(opentracker, HASH)
+        assert ("127.0.0.1", pb) not in ra2.peers
+        # Four requests, one connect: the connection id was reused.
+        stats = ta.statistics()[f"127.0.0.1:{opentracker[1]}"]
+        assert stats["connects"] == 1 and stats["retransmits"] == 0
+
+
+async def test_hash_not_on_the_whitelist(opentracker):
+    async with utp.open_endpoint("127.0.0.1", 0) as a, tracker.open_tracker_client(a) as ta:
+        with pytest.raises(tracker.TrackerError, match="whitelist"):
+            await ta.announce(opentracker, NOT_LISTED)
+
+
+async def test_tracker_shares_the_socket_with_utp(opentracker):
+    # uTP traffic and tracker answers on one port at the same time.
+    async with utp.open_endpoint("127.0.0.1", 0) as a, utp.open_endpoint("127.0.0.1", 0) as b, \
+            tracker.open_tracker_client(a) as ta:
+        listener = b.listen()
+        async with trio.open_nursery() as n:
+            n.start_soon(listener.accept)
+            stream = await a.connect(b.local_address)
+        r = await ta.announce(opentracker, OTHER)
+        assert ("127.0.0.1", a.local_address[1]) in r.peers
+        await stream.aclose()
+
+
+async def test_silent_tracker_times_out_on_the_shortened_schedule():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        async with utp.open_endpoint("127.0.0.1", 0) as a, \
+                tracker.open_tracker_client(a, retry_base=0.05, max_retries=2) as ta:
+            t0 = trio.current_time()
+            with pytest.raises(TimeoutError, match=r"3 requests sent over 0\.3 s"):
+                await ta.scrape(silent.getsockname(), [HASH])
+            assert 0.3 <= trio.current_time() - t0 < 1.5
+
+
+async def test_ipv6_tracker_answers_with_18_byte_peers():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        await sock.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not available")
+    peer = socket.inet_pton(socket.AF_INET6, "2001:db8::7") + struct.pack(">H", 6881)
+
+    async def fake_tracker():
+        while True:
+            data, addr = await sock.recvfrom(2048)
+            action, tid = struct.unpack_from(">II", data, 8)
+            if action == 0:
+                await sock.sendto(struct.pack(">II", 0, tid) + b"\x42" * 8, addr)
+            elif action == 1:
+                assert data[:8] == b"\x42" * 8
+                await sock.sendto(struct.pack(">IIIII", 1, tid, 900, 0, 1) + peer, addr)
+
+    with sock:
+        async with trio.open_nursery() as n:
+            n.start_soon(fake_tracker)
+            async with utp.open_endpoint("::1", 0) as ep, tracker.open_tracker_client(ep) as tc:
+                r = await tc.announce(sock.getsockname()[:2], HASH)
+                assert r.peers == (("2001:db8::7", 6881),)
+            n.cancel_scope.cancel()
