@@ -282,7 +282,7 @@ async def test_silent_tracker_times_out_on_the_shortened_schedule():
         async with utp.open_endpoint("127.0.0.1", 0) as a, \
                 tracker.open_tracker_client(a, retry_base=0.05, max_retries=2) as ta:
             t0 = trio.current_time()
-            with pytest.raises(TimeoutError, match=r"3 requests sent over 0\.3 s"):
+            with pytest.raises(TimeoutError, match=r"3 requests sent over 0\.[34] s"):
                 await ta.scrape(silent.getsockname(), [HASH])
             assert 0.3 <= trio.current_time() - t0 < 1.5
 
