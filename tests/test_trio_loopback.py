@@ -196,3 +196,15 @@ async def test_two_thousand_connections_on_one_endpoint():
                         clients.start_soon(client_one, i)
         assert ok == n_conns and received == n_conns
         assert server.statistics()["engine"]["sockets_peak"] >= n_conns
+
+
+async def test_exceptions_from_the_body_come_out_unwrapped():
+    """The Endpoint's internal nursery never wraps the caller's exception
+    (trio >= 0.25 groups whatever a nursery raises)."""
+    with pytest.raises(KeyError):
+        async with utp.open_endpoint("127.0.0.1", 0):
+            raise KeyError("mine")
+    with pytest.raises(trio.TooSlowError):
+        with trio.fail_after(0.05):
+            async with utp.open_endpoint("127.0.0.1", 0):
+                await trio.sleep(1)

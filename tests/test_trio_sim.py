@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 
 import pytest
 import trio
@@ -16,6 +17,9 @@ import trio.testing
 
 import utp
 from utp.simnet import SimNetwork
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 A, B = "10.0.0.1", "10.0.0.2"
 PORT = 6881
@@ -258,10 +262,13 @@ async def test_concurrent_senders_are_busy(autojump_clock):
                 box = {}
                 n.start_soon(lambda: _accept_into(listener, box))
                 s = await a.connect((B, PORT))
-            with pytest.raises(trio.BusyResourceError):
+            # trio >= 0.25 wraps what a nursery raises in an ExceptionGroup.
+            with pytest.raises((trio.BusyResourceError, BaseExceptionGroup)) as info:
                 async with trio.open_nursery() as n:
                     n.start_soon(s.send_all, b"x" * 1_000_000)
                     n.start_soon(s.send_all, b"y" * 1_000_000)
+            if isinstance(info.value, BaseExceptionGroup):
+                assert info.value.subgroup(trio.BusyResourceError) is not None
 
 
 # ---- listener ---------------------------------------------------------------------------

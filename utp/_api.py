@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import socket as _socket
 from contextlib import asynccontextmanager
+import sys
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 from ._endpoint import Endpoint, make_udp_endpoint
 from ._stream import UTPListener, UTPStream
@@ -14,14 +18,26 @@ from ._stream import UTPListener, UTPStream
 __all__ = ["open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint"]
 
 
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups.
+
+    The Endpoint's nursery is an implementation detail: an exception raised
+    in the caller's ``async with`` body must reach the caller as itself, not
+    wrapped in a group (newer trio wraps everything a nursery raises)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 @asynccontextmanager
 async def run_endpoint(ep: Endpoint) -> AsyncIterator[Endpoint]:
     """Runs an already built Endpoint (a real or simulated driver) in a
     nursery for the duration of the block; on a normal exit it closes every
     connection gracefully (lingering up to ``ep.linger`` seconds for their
-    FIN exchanges), on an exception or cancellation at once."""
+    FIN exchanges), on an exception or cancellation at once.  Exceptions
+    from the block come out unwrapped."""
     try:
-        async with trio.open_nursery() as nursery:
+        async with _unwrapped(), trio.open_nursery() as nursery:
             run_scope = await nursery.start(ep._run)
             try:
                 yield ep
@@ -33,6 +49,17 @@ async def run_endpoint(ep: Endpoint) -> AsyncIterator[Endpoint]:
             run_scope.cancel()
     finally:
         ep._close_now()
+
+
+@asynccontextmanager
+async def _unwrapped() -> AsyncIterator[None]:
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        inner = _single(group)
+        if inner is group:
+            raise
+        raise inner from None
 
 
 @asynccontextmanager
