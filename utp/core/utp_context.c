@@ -583,7 +583,7 @@ void utp_send_reset_to(utp_context *ctx, const struct sockaddr *to, socklen_t to
 
 /* ---- incoming datagrams ----------------------------------------------------------------- */
 
-static int addr_ok(const struct sockaddr *a, socklen_t len)
+int utp_addr_valid(const struct sockaddr *a, socklen_t len)
 {
 	if (a == NULL)
 		return 0;
@@ -594,21 +594,25 @@ static int addr_ok(const struct sockaddr *a, socklen_t len)
 	return 0;
 }
 
-/* A RESET names either our receive id or our send id (libutp echoes the id
- * of the packet it refuses), and our send id is recv_id + 1 for the side that
- * connected and recv_id - 1 for the side that accepted. */
-static utp_socket *find_by_any_id(utp_context *ctx, const struct sockaddr *from, socklen_t fromlen, uint16 id)
+/* The socket whose send id is `id`: our send id is recv_id + 1 for the side
+ * that connected and recv_id - 1 for the side that accepted. */
+static utp_socket *find_by_send_id(utp_context *ctx, const struct sockaddr *addr, socklen_t len, uint16 id)
 {
-	utp_socket *s = utp_table_find(ctx, from, fromlen, id);
-	if (s)
-		return s;
-	s = utp_table_find(ctx, from, fromlen, (uint16)(id - 1));
+	utp_socket *s = utp_table_find(ctx, addr, len, (uint16)(id - 1));
 	if (s && s->send_id == id)
 		return s;
-	s = utp_table_find(ctx, from, fromlen, (uint16)(id + 1));
+	s = utp_table_find(ctx, addr, len, (uint16)(id + 1));
 	if (s && s->send_id == id)
 		return s;
 	return NULL;
+}
+
+/* A RESET names either our receive id or our send id (libutp echoes the id
+ * of the packet it refuses). */
+static utp_socket *find_by_any_id(utp_context *ctx, const struct sockaddr *from, socklen_t fromlen, uint16 id)
+{
+	utp_socket *s = utp_table_find(ctx, from, fromlen, id);
+	return s ? s : find_by_send_id(ctx, from, fromlen, id);
 }
 
 int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct sockaddr *from,
@@ -617,7 +621,7 @@ int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct 
 	utp_packet pk;
 	utp_socket *s;
 
-	if (ctx == NULL || buf == NULL || !addr_ok(from, fromlen))
+	if (ctx == NULL || buf == NULL || !utp_addr_valid(from, fromlen))
 		return 0;
 	if (utpkit_classify(buf, len) != UTPKIT_CLASS_UTP) {
 		ctx->counters.not_utp++;
@@ -667,20 +671,14 @@ static utp_socket *icmp_socket(utp_context *ctx, const byte *buf, size_t len, co
 {
 	uint16 id;
 	utp_socket *s;
-	if (buf == NULL || len < 4 || !addr_ok(to, tolen) || (buf[0] & 0x0f) != UTP_VERSION)
+	if (buf == NULL || len < 4 || !utp_addr_valid(to, tolen) || (buf[0] & 0x0f) != UTP_VERSION)
 		return NULL;
 	id = (uint16)((buf[2] << 8) | buf[3]);
 	if ((buf[0] >> 4) == ST_SYN) {
 		s = utp_table_find(ctx, to, tolen, id);
 		return (s && !s->is_acceptor) ? s : NULL;
 	}
-	s = utp_table_find(ctx, to, tolen, (uint16)(id - 1));
-	if (s && s->send_id == id)
-		return s;
-	s = utp_table_find(ctx, to, tolen, (uint16)(id + 1));
-	if (s && s->send_id == id)
-		return s;
-	return NULL;
+	return find_by_send_id(ctx, to, tolen, id);
 }
 
 int utp_process_icmp_error(utp_context *ctx, const byte *buffer, size_t len, const struct sockaddr *to,

@@ -309,6 +309,8 @@ void utp_report_error(utp_socket *s, int code);
 int utp_table_insert(utp_context *ctx, utp_socket *s);
 void utp_table_remove(utp_context *ctx, utp_socket *s);
 utp_socket *utp_table_find(utp_context *ctx, const struct sockaddr *addr, socklen_t len, uint16 recv_id);
+/* An AF_INET or AF_INET6 address of at least its structure's length. */
+int utp_addr_valid(const struct sockaddr *a, socklen_t len);
 int utp_addr_equal(const struct sockaddr *a, socklen_t alen, const struct sockaddr *b, socklen_t blen);
 void utp_timer_update(utp_socket *s);   /* recompute s->deadline and fix the heap */
 void utp_ack_defer(utp_socket *s);      /* queue for utp_issue_deferred_acks */

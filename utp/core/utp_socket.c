@@ -13,17 +13,6 @@
  */
 #include "utp_internal.h"
 
-static int addr_valid(const struct sockaddr *a, socklen_t len)
-{
-	if (a == NULL)
-		return 0;
-	if (a->sa_family == AF_INET)
-		return len >= (socklen_t)sizeof(struct sockaddr_in);
-	if (a->sa_family == AF_INET6)
-		return len >= (socklen_t)sizeof(struct sockaddr_in6);
-	return 0;
-}
-
 static void set_addr(utp_socket *s, const struct sockaddr *a)
 {
 	socklen_t len = a->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
@@ -112,7 +101,7 @@ int utp_connect(utp_socket *s, const struct sockaddr *to, socklen_t tolen)
 	utp_context *ctx;
 	int tries;
 	uint16 isn;
-	if (s == NULL || s->state != UTPKIT_SOCK_IDLE || s->zombie || !addr_valid(to, tolen))
+	if (s == NULL || s->state != UTPKIT_SOCK_IDLE || s->zombie || !utp_addr_valid(to, tolen))
 		return -1;
 	ctx = s->ctx;
 	utp_ctx_enter(ctx);
