@@ -2,6 +2,13 @@
 
 What it is:
 
+- ``async with dht.open_node(endpoint, bootstrap=[...]) as node:`` -- a
+  node on a :class:`utp.Endpoint`'s shared socket (``dht/_node.py``, the
+  only module that imports trio): ``node.get_peers(ih)`` (async iterator of
+  peers), ``node.announce(ih, port=None)`` (implied port),
+  ``node.find_node(id)``, ``node.ping(addr)``, ``node.statistics()``,
+  ``node.external_address``.
+
 - a sans-I/O KRPC node, :class:`DHTCore` (``dht/_core.py``): datagrams and
   ``now`` in, datagrams and events out, randomness from an injected
   ``random.Random``.  Queries ping, find_node, get_peers and announce_peer
@@ -32,9 +39,11 @@ than to vet a third-party decoder's failure modes on malformed input.
 
 from ._bencode import BencodeError, decode_untrusted, encode
 from ._core import (DHTCore, ExternalAddressChanged, LookupDone, PeersFound, PingDone)
+from ._node import AnnounceResult, DHTNode, PeerSearch, open_node
 from ._table import AddressVotes, PeerStore, RoutingTable
 
 __all__ = [
+    "open_node", "DHTNode", "PeerSearch", "AnnounceResult",
     "DHTCore", "PeersFound", "LookupDone", "PingDone", "ExternalAddressChanged",
     "AddressVotes", "PeerStore", "RoutingTable", "encode", "decode_untrusted", "BencodeError",
 ]
