@@ -1,0 +1,108 @@
+"""The DHT over real UDP on loopback: IPv6 (BEP 32) and dual-stack
+Endpoints, and the ``dht`` command line (serve, announce, get-peers, ping)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+
+import dht
+import utp
+
+needs_ipv6 = pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+
+
+async def test_ipv4_nodes_on_loopback():
+    async with utp.open_endpoint("127.0.0.1", 0) as e1, utp.open_endpoint("127.0.0.1", 0) as e2, \
+            utp.open_endpoint("127.0.0.1", 0) as e3:
+        async with dht.open_node(e1) as n1:
+            a1 = e1.local_address
+            async with dht.open_node(e2, bootstrap=[a1]) as n2, dht.open_node(e3, bootstrap=[a1]) as n3:
+                ih = hashlib.sha1(b"loopback").digest()
+                with trio.fail_after(10):
+                    res = await n2.announce(ih)
+                    assert res.accepted >= 1
+                    peers = [p async for p in n3.get_peers(ih)]
+                assert peers == [("127.0.0.1", e2.local_address[1])]
+                assert n1.statistics()["counters"]["rx_query_announce_peer"] >= 1
+
+
+@needs_ipv6
+async def test_ipv6_and_dual_stack_nodes6():
+    async with utp.open_endpoint("::1", 0) as e6, utp.open_endpoint("127.0.0.1", 0) as e4, \
+            utp.open_endpoint(None, 0) as dual, utp.open_endpoint("::1", 0) as e6b:
+        async with dht.open_node(e6) as n6, dht.open_node(e4) as n4:
+            a6 = e6.local_address[:2]
+            a4 = e4.local_address[:2]
+            async with dht.open_node(dual, bootstrap=[a6, a4]) as nd:
+                assert nd.core.families == (4, 6)
+                stats = nd.statistics()
+                assert stats["nodes"] == {"ipv4": 1, "ipv6": 1}
+                # an IPv6-only node learns IPv6 nodes through nodes6 (BEP 32)
+                async with dht.open_node(e6b, bootstrap=[("::1", dual.local_address[1])]) as nb:
+                    with trio.fail_after(10):
+                        found = await nb.find_node(n6.node_id)
+                    assert (n6.node_id, a6) in found
+                    ih = hashlib.sha1(b"six").digest()
+                    with trio.fail_after(10):
+                        assert (await nb.announce(ih)).accepted >= 1
+                        peers = [p async for p in nd.get_peers(ih)]
+                    assert ("::1", e6b.local_address[1]) in peers
+                assert nd.external_address is None or nd.external_address[1] == dual.local_address[1]
+
+
+# ---- the command line ------------------------------------------------------------------
+
+def _dht(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "dht", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+@pytest.fixture
+def server():
+    p = subprocess.Popen([sys.executable, "-m", "dht", "serve", "--bind", "127.0.0.1:0", "--json"],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        line = json.loads(p.stdout.readline())
+        assert line["event"] == "serving"
+        yield line["address"]
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def test_cli_announce_get_peers_ping(server):
+    ih = hashlib.sha1(b"cli").hexdigest()
+    r = _dht("announce", ih, "--port", "4242", "--bootstrap", server)
+    assert r.returncode == 0, r.stderr
+    assert "announced to 1 of 1" in r.stdout
+    r = _dht("get-peers", ih, "--bootstrap", server)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["127.0.0.1:4242"]
+    r = _dht("--json", "--bootstrap", server, "get-peers", ih)
+    doc = json.loads(r.stdout)
+    assert doc["peers"] == ["127.0.0.1:4242"] and doc["nodes"][0]["address"] == server
+    r = _dht("ping", server, "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["id"]) == 40
+
+
+def test_cli_failures():
+    ih = "00" * 20
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:   # a port nobody answers on
+        s.bind(("127.0.0.1", 0))
+        dead = "127.0.0.1:%d" % s.getsockname()[1]
+        r = _dht("ping", dead, "--timeout", "10")
+        assert r.returncode == 1 and "no answer" in r.stderr
+        r = _dht("announce", ih, "--bootstrap", dead)
+        assert r.returncode == 1 and "no DHT node answered" in r.stderr
+    r = _dht("get-peers", ih)                        # no bootstrap: contacts nobody
+    assert r.returncode == 1 and "--bootstrap" in r.stderr
+    assert _dht("get-peers", "xyz").returncode == 2
+    assert _dht("ping", "localhost:1").returncode == 2   # literal addresses only
