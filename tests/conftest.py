@@ -24,7 +24,7 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 def _installed_problems():
     problems = []
-    for name in ("utp", "utp._utp", "dht", "bt", "ucat"):
+    for name in ("utp", "utp._utp", "dht", "bt", "ucat", "tracker"):
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
