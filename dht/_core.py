@@ -382,7 +382,7 @@ class DHTCore:
             self.counters["pending_full"] += 1
             return False
         tid = self._new_tid()
-        a = {b"id": self.id}
+        a: dict[bytes, Any] = {b"id": self.id}
         a.update(args)
         if len(self.families) == 2:
             a[b"want"] = [b"n4", b"n6"]
@@ -395,12 +395,12 @@ class DHTCore:
         return True
 
     def _send_response(self, q: Query, values: dict, addr: Addr, budget: int) -> None:
-        data = build_response(q.tid, values, version=self.version, ip=addr)
-        if len(data) > budget:
+        data: Optional[bytes] = build_response(q.tid, values, version=self.version, ip=addr)
+        if data is not None and len(data) > budget:
             data = self._shrink(q, values, addr, budget)
-            if data is None:
-                self.counters["response_too_large"] += 1
-                return
+        if data is None:
+            self.counters["response_too_large"] += 1
+            return
         self._out.append((data, addr))
         self.counters["tx"] += 1
         self.counters["tx_response"] += 1
@@ -465,6 +465,7 @@ class DHTCore:
         budget = AMPLIFICATION * size * (2 if len(q.want) == 2 else 1)
         args = q.args
         method = q.method
+        values: dict[bytes, Any]
         self.counters["rx_query_" + method.decode()] += 1
         try:
             if method == b"ping":

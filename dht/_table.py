@@ -101,12 +101,14 @@ class RoutingTable:
         new = Bucket(now)
         self.buckets.append(new)
         depth = len(self.buckets) - 2   # prefix length the old bucket now covers exactly
-        keep, move = [], []
+        keep: list[NodeEntry] = []
+        move: list[NodeEntry] = []
         for e in last.nodes:
             (keep if self._bucket_index(e.id) == depth else move).append(e)
         last.nodes = keep
         new.nodes = move
-        rkeep, rmove = [], []
+        rkeep: list[NodeEntry] = []
+        rmove: list[NodeEntry] = []
         for e in last.replacements:
             (rkeep if self._bucket_index(e.id) == depth else rmove).append(e)
         last.replacements, new.replacements = rkeep, rmove

@@ -117,8 +117,8 @@ def bench_loopback(n_nodes: int, n_lookups: int, flood: int) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nodes = []
-            eps = []
+            nodes: list = []
+            eps: list = []
             stop = trio.Event()
             ready = trio.Semaphore(0)
 

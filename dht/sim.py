@@ -121,7 +121,7 @@ class SimDHT:
     def build(self, n: int, *, base: str = "10", port: int = 6881, settle: float = 60.0,
               **kw: Any) -> list[tuple]:
         """Start ``n`` nodes; each bootstraps from a few that are already up."""
-        addrs = []
+        addrs: list[tuple] = []
         for i in range(n):
             j = i + 1
             addr = (f"{base}.{(j >> 16) & 255}.{(j >> 8) & 255}.{j & 255}", port)
