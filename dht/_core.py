@@ -27,7 +27,7 @@ from ._wire import (ERROR_GENERIC, ERROR_METHOD, ERROR_PROTOCOL, ID_LEN, Addr, E
                     exempt_from_bep42, family_of, is_secure_id, pack_addr, pack_nodes,
                     parse_untrusted, secure_id, unpack_addr_untrusted, unpack_nodes_untrusted)
 
-__all__ = ["DHTCore", "PeersFound", "LookupDone", "PingDone", "ExternalAddressChanged",
+__all__ = ["DHTCore", "PeersFound", "LookupDone", "PingDone", "ExternalAddressChanged", "NodeIdChanged",
            "VERSION", "ALPHA"]
 
 VERSION = b"UK\x00\x01"     # client "UK" (utpkit), version 0.1
@@ -79,6 +79,12 @@ class PingDone:
 @dataclass(frozen=True, slots=True)
 class ExternalAddressChanged:
     addr: Optional[Addr]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdChanged:
+    """We took a BEP 42 id matching our newly learned external IP."""
+    node_id: bytes
 
 
 # ---- internal state -----------------------------------------------------------------------
@@ -188,7 +194,7 @@ class DHTCore:
                  enforce_bep42: bool = False, k: int = K, alpha: int = ALPHA,
                  query_timeout: float = QUERY_TIMEOUT, query_retries: int = QUERY_RETRIES,
                  rate: float = 50.0, burst: float = 100.0, version: bytes = VERSION,
-                 peer_store: PeerStore | None = None) -> None:
+                 peer_store: PeerStore | None = None, auto_secure_id: bool = True) -> None:
         self.rng = rng
         self.id = node_id if node_id is not None else rng.randbytes(ID_LEN)
         if len(self.id) != ID_LEN:
@@ -198,6 +204,7 @@ class DHTCore:
             raise ValueError("families must be a non-empty subset of (4, 6)")
         self.read_only = read_only
         self.enforce_bep42 = enforce_bep42
+        self.auto_secure_id = auto_secure_id
         self.k = k
         self.alpha = alpha
         self.query_timeout = query_timeout
@@ -333,6 +340,24 @@ class DHTCore:
             for tid in [t for t, p in self._pending.items() if p.owner[1:2] == (lookup,)
                         and p.owner[0] in ("lookup", "announce")]:
                 del self._pending[tid]
+
+    def adopt_secure_id(self, host: str, now: float) -> bool:
+        """Take a BEP 42 node id for external IP ``host`` unless ours already
+        matches it (or ``host`` is local).  The tables are rebuilt around
+        the new id from the nodes that have answered us.  True when the id
+        changed."""
+        if exempt_from_bep42(host) or is_secure_id(self.id, host):
+            return False
+        self.id = secure_id(host, self.rng.randbytes(ID_LEN))
+        old = self.tables
+        self.tables = {f: RoutingTable(self.id, f, now, k=self.k) for f in self.families}
+        for f, t in old.items():
+            for e in list(t.nodes()):
+                if e.last_response >= 0:
+                    self.tables[f].heard_from(e.id, e.addr, e.last_response, responded=True)
+        self.counters["id_changes"] += 1
+        self._events.append(NodeIdChanged(self.id))
+        return True
 
     @property
     def external_address(self) -> Optional[Addr]:
@@ -544,6 +569,8 @@ class DHTCore:
         if r.ip is not None and family_of(r.ip[0]) == fam:
             if self.votes.add(addr[0], r.ip, now):
                 self._events.append(ExternalAddressChanged(self.votes.winner))
+                if self.auto_secure_id and self.votes.winner is not None:
+                    self.adopt_secure_id(self.votes.winner[0], now)
         if self._id_acceptable(r.sender, addr):
             res = self.tables[fam].heard_from(r.sender, addr, now, responded=True)
             if res == "replacement":

@@ -313,13 +313,15 @@ async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: b
     if families is None:
         families = (4, 6) if is_v6 and local[0] in ("::", "") else ((6,) if is_v6 else (4,))
     saved_nodes: list = []
+    node_id_given = node_id     # an explicit id is kept; otherwise BEP 42 may replace it
     if state_file is not None:
         saved_id, saved_nodes = load_state(state_file)
         if node_id is None:
             node_id = saved_id
     rng = random.Random(seed) if seed is not None else random.Random(int.from_bytes(os.urandom(16), "big"))
     core = DHTCore(rng=rng, now=trio.current_time(), node_id=node_id, families=families,
-                   read_only=read_only, enforce_bep42=enforce_bep42, **core_options)
+                   read_only=read_only, enforce_bep42=enforce_bep42,
+                   **{"auto_secure_id": node_id_given is None, **core_options})
     queue = endpoint.datagram_queue("dht", maxlen=queue_size)
     node = DHTNode(endpoint, core, queue, dual=is_v6)
     try:

@@ -416,3 +416,79 @@ def test_churn_20_percent(net500):
     sim.run_until_done(q, lid)
     peers = {p for e in sim.events[q] if isinstance(e, PeersFound) and e.lookup == lid for p in e.peers}
     assert (pub[0], 4242) in peers
+
+
+# ---- BEP 42 in the node; hostile responders ---------------------------------------------
+
+def _answer_query(n, addr, r, now, ip=None):
+    """Answer the core's last query to ``addr`` with the 'r' dict ``r``."""
+    for data, a in n.datagrams_to_send():
+        if a == addr:
+            q = decode_untrusted(data)
+            msg = {b"t": q[b"t"], b"y": b"r", b"r": r}
+            if ip is not None:
+                msg[b"ip"] = pack_addr(ip)
+            n.receive_datagram(encode(msg), addr, now)
+
+
+def test_secure_id_adopted_from_votes_and_table_kept():
+    n = _node()
+    old_id = n.id
+    peers = [("10.0.0.%d" % i, 6881) for i in (2, 3, 4)]
+    for i, a in enumerate(peers):
+        n.ping(a, 1.0)
+        _answer_query(n, a, {b"id": bytes([0x80 | i]) * 20}, 1.1, ip=("124.31.75.21", 6881))
+    assert n.external_address == ("124.31.75.21", 6881)
+    assert n.id != old_id and is_secure_id(n.id, "124.31.75.21")
+    assert n.table_size() == 3
+    assert n.counters["id_changes"] == 1
+
+
+def test_bep42_enforcement_keeps_mismatched_ids_out():
+    n = _node(enforce_bep42=True)
+    bad = ("65.23.51.170", 6881)
+    n.ping(bad, 1.0)
+    _answer_query(n, bad, {b"id": b"\x00" * 20}, 1.1)
+    assert n.table_size() == 0 and n.counters["bep42_rejected"] == 1
+    good_id = secure_id("21.75.31.124", random.Random(1).randbytes(20))
+    good = ("21.75.31.124", 6881)
+    n.ping(good, 1.0)
+    _answer_query(n, good, {b"id": good_id}, 1.1)
+    assert n.table_size() == 1
+
+
+def test_lookup_survives_hostile_responder():
+    n = _node()
+    boot = ("10.0.0.2", 6881)
+    n.ping(boot, 0.0)
+    _answer_query(n, boot, {b"id": b"H" * 20}, 0.05)
+    assert n.table_size() == 1
+    lid = n.get_peers(b"T" * 20, 0.1)
+    ids = {("10.5.0.%d" % (i + 1), 1): random.Random(i).randbytes(20) for i in range(100)}
+    many = b"".join(nid + pack_addr(a) for a, nid in ids.items())
+    # 100 nodes, garbage values, a huge token: bounded, not fatal
+    for data, a in n.datagrams_to_send():
+        q = decode_untrusted(data)
+        r = {b"id": b"H" * 20, b"nodes": many, b"token": b"x" * 100,
+             b"values": [b"bad", 7, pack_addr(("10.9.9.9", 99))] + [b"z" * 6] * 100}
+        n.receive_datagram(encode({b"t": q[b"t"], b"y": b"r", b"r": r}), a, 0.2)
+    events = list(iter(n.next_event, None))
+    peers = [e for e in events if isinstance(e, PeersFound)]
+    assert peers[0].peers == (("10.9.9.9", 99), ("122.122.122.122", 31354))
+    assert n.counters["malformed"] == 0
+    st = n.statistics()
+    assert st["pending_queries"] <= 3          # alpha: 3 of the 16 accepted referrals at a time
+    # a nodes string of the wrong length is counted, not fatal
+    for data, a in n.datagrams_to_send():
+        q = decode_untrusted(data)
+        n.receive_datagram(encode({b"t": q[b"t"], b"y": b"r",
+                                   b"r": {b"id": ids[a], b"nodes": b"x" * 27}}), a, 0.3)
+    assert n.counters["malformed_nodes"] >= 1
+    # run it out: the other queries time out, the lookup ends
+    t = 0.3
+    while n.statistics()["lookups"] and t < 120:
+        t = n.get_timer()
+        n.handle_timer(t)
+        n.datagrams_to_send()
+    done = [e for e in iter(n.next_event, None) if isinstance(e, LookupDone)]
+    assert done and done[0].lookup == lid and n.statistics()["pending_queries"] == 0
