@@ -28,6 +28,7 @@ from ._wire import (ERROR_GENERIC, ERROR_METHOD, ERROR_PROTOCOL, ID_LEN, Addr, E
                     parse_untrusted, secure_id, unpack_addr_untrusted, unpack_nodes_untrusted)
 
 __all__ = ["DHTCore", "PeersFound", "LookupDone", "PingDone", "ExternalAddressChanged", "NodeIdChanged",
+           "AddressReported",
            "VERSION", "ALPHA"]
 
 VERSION = b"UK\x00\x01"     # client "UK" (utpkit), version 0.1
@@ -79,6 +80,15 @@ class PingDone:
 @dataclass(frozen=True, slots=True)
 class ExternalAddressChanged:
     addr: Optional[Addr]
+
+
+@dataclass(frozen=True, slots=True)
+class AddressReported:
+    """A node (``reporter``, an IP) told us our address is ``addr`` (BEP 42
+    ``ip`` field) -- reported when that node's vote is new or changed, for
+    a tally that also counts other sources (the Endpoint's)."""
+    reporter: str
+    addr: Addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,6 +577,8 @@ class DHTCore:
         del self._pending[r.tid]
         fam = family_of(addr[0])
         if r.ip is not None and family_of(r.ip[0]) == fam:
+            if self.votes.vote_of(addr[0]) != r.ip:
+                self._events.append(AddressReported(addr[0], r.ip))
             if self.votes.add(addr[0], r.ip, now):
                 self._events.append(ExternalAddressChanged(self.votes.winner))
                 if self.auto_secure_id and self.votes.winner is not None:

@@ -16,9 +16,10 @@ from typing import Any, AsyncIterator, Iterable, Optional
 
 import trio
 
-from ._core import DHTCore, ExternalAddressChanged, LookupDone, PeersFound, PingDone
+from ._core import (AddressReported, DHTCore, ExternalAddressChanged, LookupDone, PeersFound,
+                    PingDone)
 from ._table import load_state, save_state
-from ._wire import ID_LEN, Addr, family_of
+from ._wire import ID_LEN, Addr
 
 __all__ = ["open_node", "DHTNode", "PeerSearch", "AnnounceResult", "parse_hostport"]
 
@@ -175,9 +176,12 @@ class DHTNode:
                 slot[0].set()
         elif isinstance(ev, ExternalAddressChanged):
             self.external_address = ev.addr
+        elif isinstance(ev, AddressReported):
+            # The Endpoint tallies votes from every source sharing the socket
+            # (DHT, trackers, BitTorrent's yourip) when it offers the hook.
             hook = getattr(self.endpoint, "vote_external_address", None)
-            if hook is not None and ev.addr is not None:
-                hook(ev.addr, source="dht")
+            if hook is not None:
+                hook(ev.addr, reporter=ev.reporter, source="dht")
 
     async def _receive_loop(self) -> None:
         async for data, addr in self._queue:
@@ -300,7 +304,10 @@ async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: b
     ``bootstrap`` lists ``(host, port)`` nodes to start from; nothing else
     is contacted (no public bootstrap nodes by default).  ``state_file``
     keeps the node id and the routing table across runs: it is read at the
-    start (its nodes are pinged) and written at the end.  With
+    start (its nodes join the bootstrap addresses) and written at the end.
+    When ``endpoint`` has ``vote_external_address(addr, reporter=, source=)``
+    the node calls it with every address another node reports for us
+    (BEP 42 ``ip``), so the Endpoint can tally votes across sources.  With
     ``wait_bootstrap`` the block starts once the bootstrap lookup is done.
     ``families`` defaults from the socket: (4,) for IPv4, (6,) for IPv6,
     (4, 6) for the dual-stack wildcard ``::``.
@@ -330,9 +337,6 @@ async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: b
             nursery.start_soon(node._send_loop)
             nursery.start_soon(node._timer_loop)
             now = trio.current_time()
-            for nid, addr in saved_nodes:
-                if family_of(addr[0]) in core.families:
-                    core.add_node(nid, addr, now)
             boot = list(bootstrap) + [a for _, a in saved_nodes]
             if boot:
                 if wait_bootstrap:

@@ -414,6 +414,10 @@ class AddressVotes:
             self._votes.popitem(last=False)
         return self._recount(now)
 
+    def vote_of(self, reporter_host: str) -> Addr | None:
+        v = self._votes.get(reporter_host)
+        return v[0] if v is not None else None
+
     def _recount(self, now: float) -> bool:
         for host in [h for h, (_, t) in self._votes.items() if now - t > self.ttl]:
             del self._votes[host]

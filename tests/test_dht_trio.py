@@ -113,3 +113,33 @@ async def test_shared_socket_utp_transfer_and_dht(autojump_clock):
         assert a.statistics()["engine"]["packets_out"] > 1000
         assert b.statistics()["engine"]["packets_in"] > 1000
         assert nodes[1].statistics()["queue"]["received"] > rx_before
+
+
+class _VotingEndpoint:
+    """An Endpoint with the external-address hook the node feeds."""
+
+    def __init__(self, ep):
+        self._ep = ep
+        self.votes = []
+        self.local_address = ep.local_address
+
+    def datagram_queue(self, *a, **kw):
+        return self._ep.datagram_queue(*a, **kw)
+
+    async def sendto(self, data, addr):
+        await self._ep.sendto(data, addr)
+
+    def vote_external_address(self, addr, *, reporter, source):
+        self.votes.append((addr, reporter, source))
+
+
+async def test_external_address_votes_reach_the_endpoint_hook(autojump_clock):
+    async with SimNetwork(seed=4, delay=0.02) as net, AsyncExitStack() as stack:
+        eps, nodes = await _nodes(stack, net, 4)
+        async with net.endpoint("10.0.2.1", PORT) as raw:
+            ep = _VotingEndpoint(raw)
+            async with dht.open_node(ep, bootstrap=[("10.0.0.1", PORT)]) as node:
+                await node.find_node(bytes(20))
+                assert node.external_address == ("10.0.2.1", PORT)
+        assert {v[1] for v in ep.votes} == {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"}
+        assert {(v[0], v[2]) for v in ep.votes} == {(("10.0.2.1", PORT), "dht")}
