@@ -421,3 +421,18 @@ async def test_endpoint_close_lingers_until_data_is_acknowledged(autojump_clock)
                     await s.send_eof()
                 # Leaving the block waited for the data to be acknowledged.
                 assert bytes(got) == payload
+
+
+async def test_external_address_votes(autojump_clock):
+    async with SimNetwork(seed=1) as net:
+        async with net.endpoint(A, PORT) as a:
+            assert a.external_address is None
+            a.vote_external_address(("198.18.0.5", 4000), reporter=("1.1.1.1", 1), source="dht")
+            assert a.external_address == ("198.18.0.5", 4000)
+            # One peer repeating itself is still one vote.
+            for _ in range(5):
+                a.vote_external_address(("198.18.0.9", 4001), reporter=("2.2.2.2", 7), source="dht")
+            a.vote_external_address(("198.18.0.5", 4000), reporter=("3.3.3.3", 1), source="tracker")
+            assert a.external_address == ("198.18.0.5", 4000)
+            stats = a.statistics()["external_address"]
+            assert stats["reporters"] == 3 and stats["by_source"] == {"dht": 2, "tracker": 1}

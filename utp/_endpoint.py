@@ -175,6 +175,46 @@ class DatagramQueue:
                 "dropped": self.dropped, "bytes": self.bytes}
 
 
+class ExternalAddressVotes:
+    """What others say our public ``(ip, port)`` is.
+
+    DHT responses (BEP 42 ``ip``), UDP trackers and BitTorrent's ``yourip``
+    all report the address they see us at -- through a NAT, the mapping of
+    this very socket.  Each reporting IP has one vote (its latest), so a
+    single peer cannot stuff the ballot; at most ``limit`` reporters are
+    remembered (the oldest are forgotten).  The winner is the address with
+    the most votes, the most recent one on a tie."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._by_reporter: collections.OrderedDict[Any, tuple[Any, str]] = collections.OrderedDict()
+        self.total = 0
+
+    def vote(self, addr: tuple[Any, ...], reporter: Any, source: str) -> None:
+        key = reporter[0] if isinstance(reporter, tuple) else reporter
+        self._by_reporter.pop(key, None)
+        self._by_reporter[key] = (tuple(addr[:2]), source)
+        self.total += 1
+        while len(self._by_reporter) > self.limit:
+            self._by_reporter.popitem(last=False)
+
+    @property
+    def winner(self) -> tuple[Any, ...] | None:
+        counts: dict[Any, int] = collections.Counter()
+        last: dict[Any, int] = {}
+        for i, (addr, _) in enumerate(self._by_reporter.values()):
+            counts[addr] += 1
+            last[addr] = i
+        if not counts:
+            return None
+        return max(counts, key=lambda a: (counts[a], last[a]))
+
+    def statistics(self) -> dict[str, Any]:
+        sources = collections.Counter(src for _, src in self._by_reporter.values())
+        return {"winner": self.winner, "reporters": len(self._by_reporter), "votes": self.total,
+                "by_source": dict(sources)}
+
+
 class Endpoint:
     """One UDP socket carrying uTP connections and other datagram traffic.
 
@@ -213,6 +253,7 @@ class Endpoint:
         self._closed = False
         self._failure: BaseException | None = None
         self._batches = 0
+        self._votes = ExternalAddressVotes()
 
     # ---- public -----------------------------------------------------------------
 
@@ -224,6 +265,18 @@ class Endpoint:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def external_address(self) -> tuple[Any, ...] | None:
+        """Our public ``(ip, port)`` as others report it (the winner of
+        :meth:`vote_external_address`), or None before any report."""
+        return self._votes.winner
+
+    def vote_external_address(self, addr: tuple[Any, ...], *, reporter: Any,
+                              source: str = "unknown") -> None:
+        """Record that ``reporter`` (a peer's address) sees us at ``addr``;
+        ``source`` says who reported it ("dht", "tracker", "bt", ...)."""
+        self._votes.vote(addr, reporter, source)
 
     async def connect(self, addr: tuple[Any, ...], *, attempt_timeout: float = 2.0,
                       timeout: float | None = 10.0,
@@ -293,6 +346,7 @@ class Endpoint:
             "batches": self._batches,
             "owners": owners,
             "engine": self._ctx.stats() if not self._ctx.closed else {},
+            "external_address": self._votes.statistics(),
         }
         if self._listener is not None:
             stats["listener"] = self._listener.statistics()
