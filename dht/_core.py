@@ -329,14 +329,18 @@ class DHTCore:
         return self._start("get_peers", infohash, family or self.families[0], now)
 
     def announce(self, infohash: bytes, now: float, port: int | None = None,
-                 family: int | None = None) -> int:
+                 family: int | None = None, *, local_port: int | None = None) -> int:
         """get_peers, then announce_peer to the k closest nodes that gave us a
         token.  ``port`` None sets ``implied_port`` (the port our datagrams
-        come from -- the NAT mapping of the shared socket)."""
-        if port is not None and not 0 < port < 65536:
-            raise ValueError("port must be 1..65535")
+        come from -- the NAT mapping of the shared socket); the ``port``
+        argument BEP 5 still requires is then ``local_port`` (or 1), which
+        nodes that honour implied_port ignore."""
+        for p in (port, local_port):
+            if p is not None and not 0 < p < 65536:
+                raise ValueError("port must be 1..65535")
         return self._start("announce", infohash, family or self.families[0], now,
-                           port=port, implied=port is None)
+                           port=port if port is not None else (local_port or 1),
+                           implied=port is None)
 
     def ping(self, addr: Addr, now: float) -> int:
         rid = self._new_id()
@@ -753,7 +757,7 @@ class DHTCore:
                 if c.token is None:
                     continue
                 args: dict = {b"info_hash": lk.target, b"token": c.token,
-                              b"port": lk.port if lk.port is not None else 1}
+                              b"port": lk.port}
                 if lk.implied:
                     args[b"implied_port"] = 1
                 if self._query(c.addr, b"announce_peer", args, now, ("announce", lk.id), c.id):

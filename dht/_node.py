@@ -252,7 +252,9 @@ class DHTNode:
         uTP connections use too."""
         _check_id(infohash)
         now = trio.current_time()
-        ids = [self.core.announce(infohash, now, port, f) for f in self._families(family)]
+        local_port = int(self.endpoint.local_address[1]) or None
+        ids = [self.core.announce(infohash, now, port, f, local_port=local_port)
+               for f in self._families(family)]
         w = self._track(ids)
         await w.done.wait()
         return AnnounceResult(sum(r.announced or 0 for r in w.results),

@@ -492,3 +492,34 @@ def test_lookup_survives_hostile_responder():
         n.datagrams_to_send()
     done = [e for e in iter(n.next_event, None) if isinstance(e, LookupDone)]
     assert done and done[0].lookup == lid and n.statistics()["pending_queries"] == 0
+
+
+# ---- time: loss, refresh, expiry ---------------------------------------------------------
+
+def test_lookups_under_loss_and_bucket_refresh_and_peer_expiry():
+    sim = SimDHT(seed=5, loss=0.05)
+    addrs = sim.build(150, settle=20)
+    rng = random.Random(8)
+    exact = 0
+    for _ in range(15):
+        a = rng.choice(addrs)
+        target = rng.randbytes(20)
+        ev = sim.run_until_done(a, sim.call(a, lambda n: n.find_node(target, sim.now)))
+        got = [nid for nid, _ in ev.nodes]
+        assert len(set(got) & set(_truth(sim, target))) >= 7
+        exact += got == _truth(sim, target)
+    assert exact >= 12
+    assert sum(n.counters["retries"] for n in sim.nodes.values()) > 0
+    ih = rng.randbytes(20)
+    ev = sim.run_until_done(addrs[0], sim.call(addrs[0], lambda n: n.announce(ih, sim.now, port=7777)))
+    assert ev.announced >= 6
+    # idle for 31 minutes: buckets are refreshed without user lookups (BEP 5,
+    # 15 min), and the announce expires (30 min) since nobody renewed it
+    started = {a: sim.nodes[a].counters["lookups_started"] for a in addrs}
+    sim.run_for(31 * 60)
+    assert all(sim.nodes[a].counters["lookups_started"] > started[a] for a in addrs)
+    assert sum(len(n.store) for n in sim.nodes.values()) == 0
+    q = addrs[-1]
+    lid = sim.call(q, lambda n: n.get_peers(ih, sim.now))
+    assert sim.run_until_done(q, lid) is not None
+    assert not [e for e in sim.events[q] if isinstance(e, PeersFound) and e.lookup == lid]
