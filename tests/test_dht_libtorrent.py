@@ -24,23 +24,24 @@ except ImportError as exc:   # pragma: no cover - depends on the machine
     _why = f"libtorrent is not importable ({exc}); pip install libtorrent"
 
 
+def _lt_session():
+    return lt.session({
+        "listen_interfaces": "127.0.0.1:0",   # an explicit IP, or its DHT stays off
+        "enable_dht": True, "enable_lsd": False, "enable_upnp": False,
+        "enable_natpmp": False, "dht_bootstrap_nodes": "",   # never a public host
+        "dht_restrict_routing_ips": False, "dht_restrict_search_ips": False,
+        "dht_block_ratelimit": 100000,        # every node here shares 127.0.0.1
+        "alert_mask": lt.alert_category.dht_operation | lt.alert_category.dht,
+    })
+
+
 @pytest.fixture(scope="module")
 def lt_nodes():
     if lt is None:
         if os.environ.get("CI") == "true":
             pytest.fail(_why + " (CI=true: .ci/run must install it)")
         pytest.skip(_why)
-    sessions = []
-    for _ in range(3):
-        s = lt.session({
-            "listen_interfaces": "127.0.0.1:0",   # an explicit IP, or its DHT stays off
-            "enable_dht": True, "enable_lsd": False, "enable_upnp": False,
-            "enable_natpmp": False, "dht_bootstrap_nodes": "",   # never a public host
-            "dht_restrict_routing_ips": False, "dht_restrict_search_ips": False,
-            "dht_block_ratelimit": 100000,        # every node here shares 127.0.0.1
-            "alert_mask": lt.alert_category.dht_operation | lt.alert_category.dht,
-        })
-        sessions.append(s)
+    sessions = [_lt_session() for _ in range(3)]
     ports = [s.listen_port() for s in sessions]
     for s in sessions:
         for p in ports:
@@ -92,5 +93,15 @@ async def test_bootstrap_announce_get_peers_with_libtorrent(lt_nodes):
                     if ("127.0.0.1", 6543) in peers:
                         break
                     await trio.sleep(0.5)
+
+            # a fresh libtorrent node that knows only us reaches libtorrent's
+            # announce through our answers (our stored values or our nodes)
+            late = _lt_session()
+            try:
+                late.add_dht_node(("127.0.0.1", ep.local_address[1]))
+                assert await _lt_get_peers(late, theirs, ("127.0.0.1", 6543), timeout=20)
+            finally:
+                late.pause()
+                del late
             st = node.statistics()["counters"]
             assert st.get("malformed", 0) == 0 and st.get("unexpected_response", 0) == 0
