@@ -99,6 +99,7 @@ void utp_destroy(utp_context *ctx)
 	/* Re-enter once so the zombies are reaped with DESTROYING callbacks. */
 	utp_ctx_enter(ctx);
 	utp_ctx_leave(ctx);
+	utp_pool_free(ctx);
 	free(ctx->buckets);
 	free(ctx->heap);
 	free(ctx);

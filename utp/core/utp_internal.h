@@ -86,6 +86,14 @@ static inline uint16 seq_dist(uint16 from, uint16 to) { return (uint16)(to - fro
 
 /* ---- buffers -------------------------------------------------------------- */
 
+/* Room in front of a packet's payload for the header and the longest SACK,
+ * so a datagram is sent straight from the retransmission buffer. */
+#define UTP_HEADROOM (UTP_HEADER_SIZE + 2 + UTP_SACK_MAX_BYTES)
+/* Packets of up to this much payload share one allocation size and are
+ * recycled through a per-context pool instead of malloc/free each time. */
+#define UTP_POOL_CAP 1472
+#define UTP_POOL_MAX 1024
+
 /* One packet in the retransmission buffer. */
 typedef struct {
 	uint64 time_sent;      /* microseconds, last transmission */
@@ -100,6 +108,8 @@ typedef struct {
 	uint8 is_fin;
 	uint8 is_probe;        /* its first transmission was a padded MTU probe */
 	uint8 zwp;             /* sent as a zero-window probe, not yet acknowledged */
+	uint8 pooled;          /* allocated with UTP_POOL_CAP bytes of payload room */
+	byte room[UTP_HEADROOM];
 	byte data[];
 } utp_outpkt;
 
@@ -290,6 +300,9 @@ struct struct_utp_context {
 	int depth;                 /* nesting of public calls (callbacks re-enter) */
 	uint64 now;                /* microseconds, read once per outermost call */
 
+	utp_outpkt **pool;         /* recycled packets (UTP_POOL_CAP) */
+	uint32 pool_n;
+
 	uint64 reset_refill;       /* token bucket for RESETs */
 	uint32 reset_tokens;
 
@@ -331,6 +344,7 @@ void utp_socket_maybe_finish(utp_socket *s);
 uint64 utp_socket_next_deadline(const utp_socket *s);
 
 /* ---- utp_output.c ---------------------------------------------------------- */
+void utp_pool_free(utp_context *ctx);
 void utp_out_free_all(utp_socket *s);
 size_t utp_out_queue(utp_socket *s, const struct utp_iovec *iov, size_t n);
 int utp_out_queue_fin(utp_socket *s);

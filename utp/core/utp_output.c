@@ -29,6 +29,46 @@ static utp_outpkt *out_get(const utp_socket *s, uint16 seq)
 	return p && p->seq_nr == seq ? p : NULL;
 }
 
+static utp_outpkt *pkt_alloc(utp_context *ctx, uint32 cap)
+{
+	utp_outpkt *p;
+	int pooled = cap <= UTP_POOL_CAP;
+	if (pooled && ctx->pool_n > 0) {
+		p = ctx->pool[--ctx->pool_n];
+	} else {
+		p = malloc(sizeof *p + (pooled ? UTP_POOL_CAP : cap));
+		if (p == NULL)
+			return NULL;
+	}
+	memset(p, 0, offsetof(utp_outpkt, room));
+	p->pooled = (uint8)pooled;
+	p->cap = cap;
+	return p;
+}
+
+static void pkt_free(utp_context *ctx, utp_outpkt *p)
+{
+	if (p == NULL)
+		return;
+	if (p->pooled) {
+		if (ctx->pool == NULL)
+			ctx->pool = malloc(UTP_POOL_MAX * sizeof *ctx->pool);
+		if (ctx->pool != NULL && ctx->pool_n < UTP_POOL_MAX) {
+			ctx->pool[ctx->pool_n++] = p;
+			return;
+		}
+	}
+	free(p);
+}
+
+void utp_pool_free(utp_context *ctx)
+{
+	while (ctx->pool_n > 0)
+		free(ctx->pool[--ctx->pool_n]);
+	free(ctx->pool);
+	ctx->pool = NULL;
+}
+
 static void out_release(utp_socket *s, utp_outpkt *p)
 {
 	utp_ring_put(&s->outbuf, p->seq_nr, NULL);
@@ -42,7 +82,7 @@ static void out_release(utp_socket *s, utp_outpkt *p)
 		s->small_in_flight--;
 	s->queued_bytes -= p->payload;
 	s->out_count--;
-	free(p);
+	pkt_free(s->ctx, p);
 }
 
 void utp_out_free_all(utp_socket *s)
@@ -50,7 +90,7 @@ void utp_out_free_all(utp_socket *s)
 	uint32 i;
 	if (s->outbuf.slots)
 		for (i = 0; i <= s->outbuf.mask; i++)
-			free(s->outbuf.slots[i]);
+			pkt_free(s->ctx, s->outbuf.slots[i]);
 	utp_ring_free(&s->outbuf);
 	s->out_count = 0;
 }
@@ -73,11 +113,9 @@ static utp_outpkt *out_append(utp_socket *s, uint32 cap)
 	if (s->out_count + 1 >= UTP_OUTBUF_MAX ||
 	    utp_ring_reserve(&s->outbuf, (uint16)(s->acked_seq + 1), span, UTP_OUTBUF_MAX) != 0)
 		return NULL;
-	p = malloc(sizeof *p + cap);
+	p = pkt_alloc(s->ctx, cap);
 	if (p == NULL)
 		return NULL;
-	memset(p, 0, sizeof *p);
-	p->cap = cap;
 	p->seq_nr = s->seq_nr++;
 	utp_ring_put(&s->outbuf, p->seq_nr, p);
 	s->out_count++;
@@ -220,14 +258,24 @@ static void transmit_probe(utp_socket *s, int type, utp_outpkt *p, uint16 seq, u
 		if (p && UTP_HEADER_SIZE + 2 + sack_len + payload > UTP_MAX(s->mtu_cur, p->cap + UTP_HEADER_SIZE))
 			sack_len = 0;
 	}
-	hlen = utp_packet_write_header(buf, type, conn_id, (uint32)ctx->now, s->reply_micro, wnd, seq,
-	                               type == ST_SYN ? 0 : s->ack_nr, sack, sack_len);
-	if (probe > hlen + payload + 1 && probe <= sizeof ctx->scratch) {
-		hlen = utp_packet_add_padding(buf, hlen, probe - hlen - payload);
-		flags = UTP_UDP_DONTFRAG;
+	if (p != NULL && probe == 0) {
+		/* The usual case: the header goes into the room in front of the
+		 * payload and the datagram leaves straight from the buffer. */
+		byte hdr[UTP_HEADROOM];
+		hlen = utp_packet_write_header(hdr, type, conn_id, (uint32)ctx->now, s->reply_micro, wnd, seq,
+		                               s->ack_nr, sack, sack_len);
+		buf = (byte *)p + offsetof(utp_outpkt, data) - hlen;
+		memcpy(buf, hdr, hlen);
+	} else {
+		hlen = utp_packet_write_header(buf, type, conn_id, (uint32)ctx->now, s->reply_micro, wnd, seq,
+		                               type == ST_SYN ? 0 : s->ack_nr, sack, sack_len);
+		if (probe > hlen + payload + 1 && probe + hlen <= sizeof ctx->scratch) {
+			hlen = utp_packet_add_padding(buf, hlen, probe - hlen - payload);
+			flags = UTP_UDP_DONTFRAG;
+		}
+		if (payload)
+			memcpy(buf + hlen, p->data, payload);
 	}
-	if (payload)
-		memcpy(buf + hlen, p->data, payload);
 	s->last_send = ctx->now;
 	s->stats.nxmit++;
 	s->stats.nbytes_xmit += payload;
