@@ -17,8 +17,11 @@ What it is:
 - :mod:`utp.testing`: several engines over a seeded, simulated network on a
   virtual clock.
 
-What it is not (yet): NAT hole punching (``punch``, rendezvous) comes with
-the NAT lab.
+- :func:`punch` connects two peers behind NATs that call it at the same
+  time; :func:`rendezvous` finds the peer by a shared key at a UDP tracker
+  (package ``tracker``) and then punches.
+
+What it is not (yet): a rendezvous through the DHT.
 """
 
 # Context, Socket, ClosedError, classify, ERROR_NAMES, DEFAULT_MTU_IPV4/6 and
@@ -30,11 +33,12 @@ from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
 from ._endpoint import DatagramQueue, Endpoint
 from ._errors import UTPError
 from ._punch import punch
+from ._rendezvous import rendezvous
 from ._stream import UTPListener, UTPStream
 
 __version__ = "0.1.0"
 
 __all__ = list(_binding_all) + [
     "open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "Endpoint",
-    "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "punch", "__version__",
+    "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "punch", "rendezvous", "__version__",
 ]
