@@ -47,6 +47,11 @@ CHUNK = 256 * 1024
 # Endpoint.connect, so both layers agree.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
+# --rendezvous: how long finding the peer and punching may take when -w is
+# not given.  Both sides start by hand, so allow for the second one to be
+# started a while after the first.
+DEFAULT_RENDEZVOUS_TIMEOUT = 30.0
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -121,12 +126,15 @@ def format_address(address) -> str:
 _USAGE = """\
 ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] host port
        ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout]
+       ucat --rendezvous KEY --tracker udp://HOST:PORT [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout]
        ucat --version"""
 
 _DESCRIPTION = """\
 netcat over uTP (BEP 29): copy stdin to a uTP stream and the stream to stdout.
 The first form connects to host:port; with -l, ucat accepts one connection
-and then behaves exactly like the connecting side."""
+and then behaves exactly like the connecting side.  With --rendezvous, two
+ucats that use the same KEY find each other at a UDP tracker and connect
+through their NATs (hole punching); then each behaves as above."""
 
 _EPILOG = """\
 behaviour:
@@ -137,6 +145,8 @@ behaviour:
   given or the system chose the port (no -p, or -p 0).
   -w bounds the connect and, after it, any stretch in which no data moves in
   either direction; it does not bound the wait for a connection under -l.
+  With --rendezvous it bounds finding the peer and punching together
+  (default 30 s); the tracker must accept sha1(KEY) as an info hash.
 
 exit status:
   0    both directions finished cleanly
@@ -256,6 +266,14 @@ def _parser() -> argparse.ArgumentParser:
         help="connect timeout, then idle timeout, in seconds "
         f"(default: {DEFAULT_CONNECT_TIMEOUT:g} s to connect, no idle timeout)",
     )
+    parser.add_argument(
+        "--rendezvous", dest="rendezvous", metavar="KEY",
+        help="meet the peer that uses the same KEY at the tracker and connect through NATs",
+    )
+    parser.add_argument(
+        "--tracker", dest="tracker", metavar="udp://HOST:PORT",
+        help="the UDP tracker (BEP 15) to meet at, with --rendezvous",
+    )
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument("host", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("port", nargs="?", help=argparse.SUPPRESS)
@@ -267,6 +285,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     argparse (usage plus a message); the checks argparse cannot express
     raise Failure(..., EXIT_USAGE) with a one-line message."""
     opts = _parser().parse_args(argv)
+    if opts.tracker is not None and opts.rendezvous is None:
+        raise Failure("--tracker needs --rendezvous KEY", EXIT_USAGE)
+    if opts.rendezvous is not None:
+        return _check_rendezvous(opts)
     if opts.listen:
         if opts.host is not None:
             raise Failure(
@@ -277,6 +299,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     if opts.host is not None:
         opts.port = parse_port(opts.port)
         check_host_name(opts.host)
+    opts.local_port = 0 if opts.local_port is None else parse_port(opts.local_port, allow_zero=True)
+    if opts.local_address is not None:
+        check_host_name(opts.local_address)
+    return opts
+
+
+def _check_rendezvous(opts) -> argparse.Namespace:
+    if opts.listen or opts.host is not None:
+        raise Failure("--rendezvous takes no host, port or -l: the tracker says where the peer is",
+                      EXIT_USAGE)
+    if not opts.rendezvous:
+        raise Failure("--rendezvous needs a non-empty KEY", EXIT_USAGE)
+    if opts.tracker is None:
+        raise Failure("--rendezvous needs --tracker udp://HOST:PORT", EXIT_USAGE)
+    try:
+        from tracker import parse_tracker_url
+    except ImportError as exc:
+        raise Failure(f"cannot load the tracker client: {exc}") from None
+    try:
+        opts.tracker_address = parse_tracker_url(opts.tracker)
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    check_host_name(opts.tracker_address[0])
     opts.local_port = 0 if opts.local_port is None else parse_port(opts.local_port, allow_zero=True)
     if opts.local_address is not None:
         check_host_name(opts.local_address)
@@ -760,6 +805,39 @@ async def _listen_mode(opts, fds: StdFds, log: _Log) -> None:
     await _with_endpoint(utp, opts, host, opts.local_port, family, body)
 
 
+async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:
+    import trio
+
+    utp = _utp_module()
+    thost, tport = opts.tracker_address
+    local_family, local_host = await _local(opts)
+    found = await _resolve(thost, tport, numeric=opts.numeric, family=local_family)
+    family, tracker_addr = found[0]
+    budget = opts.timeout or DEFAULT_RENDEZVOUS_TIMEOUT
+    deadline = trio.current_time() + budget
+    bind_host = local_host or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+
+    async def body(ep):
+        log(f"bound to {format_address(ep.local_address)}")
+        start = trio.current_time()
+        stream = None
+        try:
+            with trio.move_on_at(deadline + 1.0):  # a backstop
+                stream = await utp.rendezvous(ep, opts.rendezvous, via=tracker_addr,
+                                              deadline=deadline, log=log)
+        except TimeoutError as exc:
+            raise Failure(str(exc)) from None
+        except OSError as exc:
+            raise Failure(f"rendezvous at {format_address(tracker_addr)} failed: {_why(exc)}") from None
+        if stream is None:
+            raise Failure(f"rendezvous at {format_address(tracker_addr)} timed out after {budget:g} s")
+        log(f"connected to {format_address(stream.peer_address)} after "
+            f"{trio.current_time() - start:.3f} s")
+        await run_session(stream, opts, fds, log)
+
+    await _with_endpoint(utp, opts, bind_host, opts.local_port, family, body)
+
+
 async def _amain(opts, fds: StdFds) -> None:
     """Run one ucat session.  SIGINT and SIGTERM cancel it at the next
     checkpoint, so cleanup (closing the connection, restoring the terminal)
@@ -781,7 +859,9 @@ async def _amain(opts, fds: StdFds) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(watch_signals, work)
             try:
-                if opts.listen:
+                if opts.rendezvous is not None:
+                    await _rendezvous_mode(opts, fds, log)
+                elif opts.listen:
                     await _listen_mode(opts, fds, log)
                 else:
                     await _connect_mode(opts, fds, log)
