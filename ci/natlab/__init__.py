@@ -1,0 +1,368 @@
+"""natlab -- real NATs for testing hole punching, built from network
+namespaces, veth pairs and nftables (issue 5, DESIGN.md "Connecting across
+NATs").
+
+What it is: a :class:`Lab` builds, as root, an "internet" (one bridge in a
+namespace of its own, addresses in 198.18.0.0/15, the range RFC 2544 sets
+aside for benchmarks) with public hosts on it, and NAT routers with one
+private host each (10.N.0.0/24) behind them.  NAT kinds, in nftables:
+
+- ``none``: the host sits on the internet itself;
+- ``full``: full cone, endpoint-independent mapping and filtering (a
+  static, port-preserving SNAT and a DNAT of everything inbound);
+- ``restricted``: port-restricted cone, Linux's ordinary ``masquerade``
+  (replies only from the address and port we sent to);
+- ``symmetric``: ``masquerade fully-random`` (iptables' random-fully), a
+  new public port for every destination.
+
+Optional random loss on a router (``numgen random mod 100 < N drop``, both
+directions).  Routers drop unsolicited inbound packets in their input
+hook: a packet that reaches the router's own stack would otherwise leave a
+conntrack entry behind that makes masquerade pick a different port for the
+host's next outbound packet to that peer -- the real-world hole punching
+failure of Linux routers that do answer with ICMP.
+
+Interfaces are created directly inside the lab's namespaces, never in the
+host's; the namespaces have no route to anything outside the lab.  Every
+name carries a per-run prefix (``ulab<pid>x<random>``), so parallel runs do
+not collide, and ``Lab`` is a context manager whose exit kills the
+processes it started and deletes every namespace, also on errors and
+KeyboardInterrupt; ``python -m ci.natlab cleanup`` removes what a killed
+run left behind.
+
+What it is not: an emulator of particular home routers, or anything that
+touches the machine's real interfaces.
+
+``python -m ci.natlab matrix`` runs ``ucat --rendezvous`` through a tracker
+for every pair of NAT kinds and prints a success matrix.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = ["Lab", "Host", "NAT_KINDS", "LabError", "can_build", "cleanup_stale", "PREFIX"]
+
+NAT_KINDS = ("none", "full", "restricted", "symmetric")
+PREFIX = "ulab"
+INTERNET = ipaddress.ip_network("198.18.0.0/15")
+
+
+class LabError(RuntimeError):
+    """Building the lab failed (the message has the command and its stderr)."""
+
+
+def _run(cmd: Sequence[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), input=input, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def can_build() -> str | None:
+    """None if this process can build a lab, else why not (root, the ip and
+    nft tools, network namespaces)."""
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (network namespaces and nftables)"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"the NAT lab needs {tool!r} (Debian: iproute2, nftables)"
+    name = f"{PREFIX}{os.getpid()}xprobe{secrets.token_hex(2)}"
+    proc = _run(["ip", "netns", "add", name], check=False)
+    if proc.returncode != 0:
+        return f"cannot create a network namespace: {proc.stderr.strip()}"
+    _run(["ip", "netns", "del", name], check=False)
+    return None
+
+
+@dataclass
+class Host:
+    """One host of the lab: a namespace with an address."""
+
+    lab: Lab
+    name: str
+    ns: str
+    ip: str                       # its own address
+    kind: str = "none"            # the NAT in front of it
+    public_ip: str = ""           # the address the internet sees
+    router_ns: str | None = None
+    loss: int = 0
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def cmd(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def run(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        return subprocess.run(self.cmd(argv), **kw)
+
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(self.cmd(argv), **kw)
+        self.lab._procs.append(proc)
+        return proc
+
+    def router(self, argv: Sequence[str]) -> subprocess.CompletedProcess:
+        """Run a command in this host's NAT router (e.g. ``conntrack -L``)."""
+        if self.router_ns is None:
+            raise LabError(f"{self.name} has no router")
+        return subprocess.run(["ip", "netns", "exec", self.router_ns, *argv],
+                              capture_output=True, text=True)
+
+
+def _nft_ruleset(kind: str, wan_ip: str, lan_net: str, host_ip: str, loss: int) -> str:
+    nat = {
+        "full": (f'iifname "wan" ip daddr {wan_ip} dnat to {host_ip}',
+                 f'oifname "wan" ip saddr {lan_net} snat to {wan_ip}'),
+        "restricted": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
+        "symmetric": ("", f'oifname "wan" ip saddr {lan_net} masquerade fully-random'),
+    }[kind]
+    lossy = f"numgen random mod 100 < {loss} counter drop" if loss else ""
+    return f"""
+table ip natlab {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    {nat[0]}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    {nat[1]}
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "wan" ct state new counter drop
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    {lossy}
+    iifname "wan" ct state new ct status dnat counter accept
+    iifname "wan" ct state new counter drop
+  }}
+}}
+"""
+
+
+class Lab:
+    """A NAT lab; use as a context manager (``with Lab() as lab:``)."""
+
+    def __init__(self, *, udp_timeout: int | None = None) -> None:
+        self.prefix = f"{PREFIX}{os.getpid()}x{secrets.token_hex(2)}"
+        self.namespaces: list[str] = []
+        self.hosts: dict[str, Host] = {}
+        self._procs: list[subprocess.Popen] = []
+        self._next_public = 10
+        self._next_lan = 1
+        self._bridge_port = 0
+        self._tmpdirs: list[str] = []
+        self.udp_timeout = udp_timeout
+        self.internet: str | None = None
+        self._closed = False
+
+    # ---- life cycle --------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        atexit.register(self.close)
+        try:
+            self._build_internet()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the lab's processes and delete its namespaces.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        # SIGINT during teardown must not leave namespaces behind.
+        old = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:
+            old = None  # not the main thread
+        try:
+            for proc in self._procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in self._procs:
+                try:
+                    proc.wait(3)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            for ns in reversed(self.namespaces):
+                _kill_ns_pids(ns)
+                _run(["ip", "netns", "del", ns], check=False)
+            for d in self._tmpdirs:
+                shutil.rmtree(d, ignore_errors=True)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+            atexit.unregister(self.close)
+
+    # ---- building ------------------------------------------------------------------------
+
+    def _ns(self, role: str) -> str:
+        name = f"{self.prefix}-{role}"
+        _run(["ip", "netns", "add", name])
+        self.namespaces.append(name)
+        ex = ["ip", "netns", "exec", name]
+        _run(ex + ["ip", "link", "set", "lo", "up"])
+        # No IPv6 chatter (DAD, router solicitations) inside the lab.
+        _run(ex + ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=False)
+        _run(ex + ["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"], check=False)
+        return name
+
+    def _build_internet(self) -> None:
+        self.internet = self._ns("inet")
+        _run(["ip", "-n", self.internet, "link", "add", "br0", "type", "bridge"])
+        _run(["ip", "-n", self.internet, "link", "set", "br0", "up"])
+
+    def _attach(self, ns: str, ifname: str, ip: str) -> None:
+        """A veth from the internet's bridge to ``ns`` (as ``ifname``)."""
+        assert self.internet is not None
+        self._bridge_port += 1
+        port = f"p{self._bridge_port}"
+        _run(["ip", "-n", self.internet, "link", "add", port, "type", "veth",
+              "peer", "name", ifname, "netns", ns])
+        _run(["ip", "-n", self.internet, "link", "set", port, "master", "br0", "up"])
+        _run(["ip", "-n", ns, "addr", "add", f"{ip}/15", "dev", ifname])
+        _run(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+    def _public_ip(self) -> str:
+        ip = str(INTERNET.network_address + self._next_public)
+        self._next_public += 1
+        return ip
+
+    def add_host(self, name: str, kind: str = "none", *, loss: int = 0, ip: str | None = None) -> Host:
+        """A host behind a NAT of ``kind`` (see NAT_KINDS); ``loss`` percent
+        random loss on its router, each direction."""
+        if kind not in NAT_KINDS:
+            raise ValueError(f"unknown NAT kind {kind!r}; expected one of {NAT_KINDS}")
+        if name in self.hosts:
+            raise ValueError(f"the lab already has a host {name!r}")
+        if not 0 <= loss < 100:
+            raise ValueError("loss is a percentage, 0..99")
+        if kind == "none":
+            if loss:
+                raise ValueError("loss needs a router: use a NAT kind other than none")
+            ns = self._ns(f"h-{name}")
+            addr = ip or self._public_ip()
+            self._attach(ns, "eth0", addr)
+            host = Host(self, name, ns, addr, kind, addr)
+            self.hosts[name] = host
+            return host
+        rns = self._ns(f"r-{name}")
+        hns = self._ns(f"h-{name}")
+        wan = ip or self._public_ip()
+        n = self._next_lan
+        self._next_lan += 1
+        lan_net = f"10.{n}.0.0/24"
+        router_lan, host_ip = f"10.{n}.0.1", f"10.{n}.0.2"
+        self._attach(rns, "wan", wan)
+        _run(["ip", "-n", rns, "link", "add", "lan", "type", "veth", "peer", "name", "eth0",
+              "netns", hns])
+        _run(["ip", "-n", rns, "addr", "add", f"{router_lan}/24", "dev", "lan"])
+        _run(["ip", "-n", rns, "link", "set", "lan", "up"])
+        _run(["ip", "-n", hns, "addr", "add", f"{host_ip}/24", "dev", "eth0"])
+        _run(["ip", "-n", hns, "link", "set", "eth0", "up"])
+        _run(["ip", "-n", hns, "route", "add", "default", "via", router_lan])
+        ex = ["ip", "netns", "exec", rns]
+        _run(ex + ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if self.udp_timeout is not None:
+            for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+                _run(ex + ["sysctl", "-qw", f"net.netfilter.{key}={self.udp_timeout}"], check=False)
+        _run(ex + ["nft", "-f", "-"], input=_nft_ruleset(kind, wan, lan_net, host_ip, loss))
+        host = Host(self, name, hns, host_ip, kind, wan, rns, loss)
+        self.hosts[name] = host
+        return host
+
+    def set_udp_timeout(self, host: Host, seconds: int) -> None:
+        """Lower the conntrack UDP timeouts of a host's router (to test NAT
+        mapping refresh in less time).  Needs nf_conntrack loaded, which the
+        router's NAT rules do."""
+        for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+            _run(["ip", "netns", "exec", host.router_ns or host.ns, "sysctl", "-qw",
+                  f"net.netfilter.{key}={seconds}"])
+
+    def tempdir(self) -> str:
+        d = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+        os.chmod(d, 0o755)
+        self._tmpdirs.append(d)
+        return d
+
+    def start_opentracker(self, host: Host, info_hashes: Sequence[bytes], port: int = 6969) -> tuple[str, int]:
+        """opentracker (whitelist build) on ``host``, with ``info_hashes``
+        whitelisted; returns its (ip, port) once it answers."""
+        exe = shutil.which("opentracker")
+        if exe is None:
+            raise LabError("opentracker is not installed (Debian package opentracker)")
+        d = self.tempdir()
+        path = os.path.join(d, "whitelist.txt")
+        with open(path, "w") as f:
+            f.write("".join(h.hex() + "\n" for h in info_hashes))
+        os.chmod(path, 0o644)
+        host.popen([exe, "-i", host.ip, "-p", str(port), "-P", str(port), "-d", d,
+                    "-u", "nobody", "-w", "/whitelist.txt"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = ("import socket,struct,sys,time\n"
+                 "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(0.2)\n"
+                 "end=time.time()+10\n"
+                 "while time.time()<end:\n"
+                 "  try:\n"
+                 f"    s.sendto(struct.pack('>QII',0x41727101980,0,1),('{host.ip}',{port}));s.recvfrom(64);sys.exit(0)\n"
+                 "  except OSError: pass\n"
+                 "sys.exit(1)\n")
+        if host.run([sys.executable, "-c", probe]).returncode != 0:
+            raise LabError(f"opentracker on {host.ip}:{port} did not answer")
+        time.sleep(0.3)  # it loads the whitelist in a thread after starting
+        return host.ip, port
+
+
+def _kill_ns_pids(ns: str) -> None:
+    """Kill what still runs in one of the lab's namespaces (only ever
+    processes this lab started there)."""
+    proc = _run(["ip", "netns", "pids", ns], check=False)
+    for word in proc.stdout.split():
+        try:
+            os.kill(int(word), signal.SIGKILL)
+        except (ValueError, ProcessLookupError, PermissionError):
+            pass
+
+
+def cleanup_stale() -> list[str]:
+    """Delete the namespaces of lab runs whose process is gone; returns
+    their names."""
+    removed = []
+    proc = _run(["ip", "netns", "list"], check=False)
+    for line in proc.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith(PREFIX):
+            continue
+        pid_text = name[len(PREFIX):].split("x", 1)[0]
+        if pid_text.isdigit():
+            try:
+                os.kill(int(pid_text), 0)
+                continue  # its run is still going
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        _kill_ns_pids(name)
+        _run(["ip", "netns", "del", name], check=False)
+        removed.append(name)
+    return removed

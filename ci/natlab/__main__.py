@@ -1,0 +1,51 @@
+"""python -m ci.natlab matrix [--loss N] [--size BYTES] [--deadline S]
+python -m ci.natlab cleanup
+
+``matrix`` builds a NAT lab (as root), runs ucat --rendezvous for every pair
+of NAT kinds, prints the success matrix and exits 0 when every pair did
+what theory says.  ``cleanup`` deletes namespaces left by killed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import NAT_KINDS, can_build, cleanup_stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ci.natlab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("matrix", help="run the NAT success matrix")
+    m.add_argument("--loss", type=int, default=0, help="random loss in percent on each router")
+    m.add_argument("--size", type=int, default=4 << 20, help="bytes each way (default 4 MiB)")
+    m.add_argument("--deadline", type=float, default=10.0, help="ucat -w: seconds to connect")
+    m.add_argument("--kinds", default=",".join(NAT_KINDS),
+                   help=f"comma-separated NAT kinds (default {','.join(NAT_KINDS)})")
+    m.add_argument("--parallel", type=int, default=3, help="pairs run at once")
+    sub.add_parser("cleanup", help="delete namespaces of lab runs that were killed")
+    args = parser.parse_args(argv)
+    why = can_build()
+    if why:
+        print(f"natlab: {why}", file=sys.stderr)
+        return 1
+    if args.command == "cleanup":
+        for name in cleanup_stale():
+            print(f"deleted {name}")
+        return 0
+    from .matrix import format_matrix, run_matrix
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    for k in kinds:
+        if k not in NAT_KINDS:
+            parser.error(f"unknown NAT kind {k!r}; choose from {','.join(NAT_KINDS)}")
+    results = run_matrix(kinds, loss=args.loss, size=args.size, deadline=args.deadline,
+                         parallel=args.parallel)
+    print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline))
+    return 0 if all(r.as_expected for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The success matrix: ``ucat --rendezvous`` through a tracker for every
+pair of NAT kinds (issue 5, "Tests").
+
+For each ordered pair (A's NAT, B's NAT) both ucats start at the same
+moment with the same key, meet at an opentracker on the lab's internet,
+punch, and move ``size`` random bytes each way; a pair succeeds when both
+exit 0 and each side's output has the sha256 of the other side's input.
+Theory says every pair connects except symmetric with port-restricted and
+symmetric with symmetric: those must end with a clear error within the
+deadline.  A is always on the lower public address, so (X, Y) and (Y, X)
+put the initiator's role on different NATs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib.util
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import NAT_KINDS, Lab
+
+__all__ = ["PairResult", "run_matrix", "format_matrix", "punchable"]
+
+_CONNECTED = re.compile(r"\+(\d+\.\d+)s connected to \S+ after (\d+\.\d+) s")
+
+
+def punchable(a: str, b: str) -> bool:
+    """What theory says: a symmetric NAT meets only peers that accept from
+    any port (no NAT, full cone)."""
+    return not ({a, b} == {"symmetric", "restricted"} or a == b == "symmetric")
+
+
+@dataclass
+class PairResult:
+    a: str
+    b: str
+    ok: bool
+    connect_time: float | None      # A's start to A's connected, seconds
+    elapsed: float                  # until both ucats exited
+    error: str = ""
+
+    @property
+    def as_expected(self) -> bool:
+        return self.ok == punchable(self.a, self.b)
+
+
+def _python_env() -> dict[str, str]:
+    """Environment for ucat in the lab: import utp, tracker and ucat from
+    where this process imports them (the source tree by hand, the installed
+    wheel in CI)."""
+    env = dict(os.environ)
+    roots = []
+    for name in ("utp", "tracker", "ucat"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            root = os.path.dirname(os.path.dirname(spec.origin))
+            if root not in roots:
+                roots.append(root)
+    if roots:
+        env["PYTHONPATH"] = os.pathsep.join(roots + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if not re.match(r"ucat: \+\d", line)]
+    return (errors or lines or [""])[-1]
+
+
+def _run_pair(lab: Lab, tracker: tuple[str, int], a_kind: str, b_kind: str, *, size: int,
+              deadline: float, workdir: str, env: dict[str, str]) -> PairResult:
+    a, b = lab.hosts[f"a-{a_kind}"], lab.hosts[f"b-{b_kind}"]
+    key = lab.matrix_keys[(a_kind, b_kind)]
+    tag = f"{a_kind}-{b_kind}"
+    files = {}
+    for side in ("a", "b"):
+        files[side] = {name: os.path.join(workdir, f"{tag}.{side}.{name}")
+                       for name in ("in", "out", "err")}
+        with open(files[side]["in"], "wb") as f:
+            f.write(os.urandom(size))
+    argv = [sys.executable, "-m", "ucat", "-d", "--rendezvous", key,
+            "--tracker", f"udp://{tracker[0]}:{tracker[1]}", "-w", f"{deadline:g}"]
+    procs = {}
+    start = time.monotonic()
+    for side, host in (("a", a), ("b", b)):
+        with open(files[side]["in"], "rb") as fin, open(files[side]["out"], "wb") as fout, \
+                open(files[side]["err"], "wb") as ferr:
+            procs[side] = host.popen(argv, stdin=fin, stdout=fout, stderr=ferr, env=env, cwd=workdir)
+    codes = {}
+    for side, proc in procs.items():
+        try:
+            codes[side] = proc.wait(deadline + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes[side] = proc.wait()
+    elapsed = time.monotonic() - start
+    connect_time = None
+    with open(files["a"]["err"], errors="replace") as f:
+        m = _CONNECTED.search(f.read())
+        if m:
+            connect_time = float(m.group(1))
+    error = ""
+    ok = codes["a"] == 0 and codes["b"] == 0
+    if ok:
+        for src, dst in (("a", "b"), ("b", "a")):
+            with open(files[src]["in"], "rb") as f1, open(files[dst]["out"], "rb") as f2:
+                if hashlib.sha256(f1.read()).digest() != hashlib.sha256(f2.read()).digest():
+                    ok = False
+                    error = f"{dst.upper()} received other bytes than {src.upper()} sent"
+    else:
+        error = "; ".join(f"{side.upper()} exit {codes[side]}: {_last_line(files[side]['err'])}"
+                          for side in ("a", "b") if codes[side] != 0)
+    return PairResult(a_kind, b_kind, ok, connect_time, elapsed, error)
+
+
+def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0) -> tuple[str, int]:
+    """Hosts ``a-KIND`` and ``b-KIND`` for each kind and a tracker; returns
+    the tracker's address.  The a-hosts get the lower public addresses."""
+    t = lab.add_host("tracker")
+    for side in ("a", "b"):
+        for kind in kinds:
+            lab.add_host(f"{side}-{kind}", kind, loss=loss if kind != "none" else 0)
+    run = secrets.token_hex(4)
+    lab.matrix_keys = {(x, y): f"natlab-{run}-{x}-{y}" for x in kinds for y in kinds}
+    hashes = [hashlib.sha1(k.encode()).digest() for k in lab.matrix_keys.values()]
+    return lab.start_opentracker(t, hashes)
+
+
+def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4 << 20,
+               deadline: float = 10.0, parallel: int = 3,
+               pairs: Sequence[tuple[str, str]] | None = None) -> list[PairResult]:
+    """Build a lab, run every pair (``parallel`` at a time), tear it down."""
+    with Lab() as lab:
+        tracker = build_matrix_lab(lab, kinds, loss=loss)
+        workdir = lab.tempdir()
+        env = _python_env()
+        todo = list(pairs) if pairs is not None else [(x, y) for x in kinds for y in kinds]
+        # The pairs expected to fail wait out the deadline: start them first.
+        todo.sort(key=lambda p: punchable(*p))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = [pool.submit(_run_pair, lab, tracker, x, y, size=size, deadline=deadline,
+                                   workdir=workdir, env=env) for x, y in todo]
+            results = [f.result() for f in futures]
+    order = {k: i for i, k in enumerate(kinds)}
+    results.sort(key=lambda r: (order[r.a], order[r.b]))
+    return results
+
+
+_LABEL = {"none": "none", "full": "full cone", "restricted": "port-restr.", "symmetric": "symmetric"}
+
+
+def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadline: float) -> str:
+    kinds = list(dict.fromkeys([r.a for r in results] + [r.b for r in results]))
+    cell = {(r.a, r.b): r for r in results}
+    width = 14
+    lines = [f"NAT matrix: ucat --rendezvous via opentracker, {size / 2**20:g} MiB each way, "
+             f"sha256-checked; loss {loss}% per router; deadline {deadline:g} s",
+             "rows: A (the lower public address), columns: B; cell: time from start to "
+             "connected on A, or 'no' with the time until both gave up",
+             "".ljust(width) + "".join(_LABEL[k].ljust(width) for k in kinds)]
+    for a in kinds:
+        row = _LABEL[a].ljust(width)
+        for b in kinds:
+            r = cell.get((a, b))
+            if r is None:
+                text = "-"
+            elif r.ok:
+                text = f"ok {r.connect_time:.2f}s" if r.connect_time is not None else "ok"
+            else:
+                text = f"no {r.elapsed:.1f}s"
+            if r is not None and not r.as_expected:
+                text += " !"
+            row += text.ljust(width)
+        lines.append(row.rstrip())
+    bad = [r for r in results if not r.as_expected]
+    lines.append(f"{sum(r.ok for r in results)} of {len(results)} pairs connected; "
+                 f"{'all as theory says' if not bad else f'{len(bad)} NOT as theory says (!)'}")
+    for r in results:
+        if not r.ok:
+            lines.append(f"  {r.a} -> {r.b}: {r.error}")
+    return "\n".join(lines)
