@@ -132,6 +132,23 @@ class DHTNode:
         self._pings: dict[int, list] = {}
         self.external_address: Optional[Addr] = None
         self.send_errors = 0
+        self.closed = False
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise trio.ClosedResourceError("the DHT node is closed")
+
+    def _close(self) -> None:
+        """Wake everything still waiting on the core: searches end, pings
+        and announces raise ClosedResourceError."""
+        self.closed = True
+        for w in list(self._waiters.values()):
+            w.done.set()
+            w.lot.unpark_all()
+        self._waiters.clear()
+        for slot in self._pings.values():
+            slot[0].set()
+        self._pings.clear()
 
     # ---- address mapping ------------------------------------------------------------------
 
@@ -227,18 +244,25 @@ class DHTNode:
 
     async def ping(self, addr: Addr) -> Optional[bytes]:
         """The node id of ``addr``, or None when it did not answer (after
-        the core's timeout and one resend)."""
+        the core's timeout and one resend).
+
+        Error handling: ClosedResourceError once the node is closed."""
         await trio.lowlevel.checkpoint()
+        self._check_open()
         rid = self.core.ping((addr[0], int(addr[1])), trio.current_time())
         slot: list = [trio.Event(), None]
         self._pings[rid] = slot
         self._pump()
         await slot[0].wait()
+        if slot[1] is None:
+            raise trio.ClosedResourceError("the DHT node closed during the ping")
         return slot[1].node_id
 
     def get_peers(self, infohash: bytes, *, family: int | None = None) -> PeerSearch:
         """Start a get_peers lookup (on every address family of the node
-        unless ``family`` is 4 or 6); iterate over the result for peers."""
+        unless ``family`` is 4 or 6); iterate over the result for peers.
+        If the node closes meanwhile, the iteration just ends."""
+        self._check_open()
         _check_id(infohash)
         now = trio.current_time()
         ids = [self.core.get_peers(infohash, now, f) for f in self._families(family)]
@@ -249,28 +273,38 @@ class DHTNode:
         """Announce that we are a peer for ``infohash`` to the k closest
         nodes.  ``port`` None sends ``implied_port=1``: the port other nodes
         see our datagrams come from, which behind a NAT is the mapping our
-        uTP connections use too."""
+        uTP connections use too.
+
+        Cancellation: the announce goes on in the background until done.
+        Error handling: ClosedResourceError once the node is closed; a
+        result with ``accepted == 0`` when no node stored us."""
+        self._check_open()
         _check_id(infohash)
+        await trio.lowlevel.checkpoint()
         now = trio.current_time()
         local_port = int(self.endpoint.local_address[1]) or None
         ids = [self.core.announce(infohash, now, port, f, local_port=local_port)
                for f in self._families(family)]
         w = self._track(ids)
         await w.done.wait()
+        self._check_open()
         return AnnounceResult(sum(r.announced or 0 for r in w.results),
                               tuple(n for r in w.results for n in r.nodes),
                               tuple(e for r in w.results for e in r.announce_errors))
 
     async def find_node(self, target: bytes, *, family: int | None = None) -> list[tuple[bytes, Addr]]:
         """The k closest nodes to ``target`` that answered, closest first."""
+        self._check_open()
         _check_id(target)
         now = trio.current_time()
         w = self._track([self.core.find_node(target, now, f) for f in self._families(family)])
         await w.done.wait()
+        self._check_open()
         return [n for r in w.results for n in r.nodes]
 
     async def bootstrap(self, addrs: Iterable[Addr]) -> list[LookupDone]:
         """Look up our own id starting from ``addrs`` (and the table)."""
+        self._check_open()
         w = self._track(self.core.bootstrap([(a[0], int(a[1])) for a in addrs], trio.current_time()))
         await w.done.wait()
         return w.results
@@ -349,6 +383,7 @@ async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: b
             yield node
             nursery.cancel_scope.cancel()
     finally:
+        node._close()
         queue.close()
         if state_file is not None:
             try:

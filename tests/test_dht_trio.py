@@ -143,3 +143,24 @@ async def test_external_address_votes_reach_the_endpoint_hook(autojump_clock):
                 assert node.external_address == ("10.0.2.1", PORT)
         assert {v[1] for v in ep.votes} == {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"}
         assert {(v[0], v[2]) for v in ep.votes} == {(("10.0.2.1", PORT), "dht")}
+
+
+async def test_closing_wakes_waiters(autojump_clock):
+    async with SimNetwork(seed=6, delay=0.02) as net:
+        async with net.endpoint("10.0.0.1", PORT) as ep:
+            result = {}
+            async with trio.open_nursery() as outer:
+                async with dht.open_node(ep) as node:
+                    async def pinger():
+                        try:
+                            await node.ping(("10.0.0.2", PORT))     # nobody there: 3 s
+                        except trio.ClosedResourceError:
+                            result["ping"] = trio.current_time()
+                    outer.start_soon(pinger)
+                    await trio.sleep(0.5)
+                    closed_at = trio.current_time()
+            assert result["ping"] == closed_at
+            with pytest.raises(trio.ClosedResourceError):
+                await node.announce(bytes(20))
+            with pytest.raises(trio.ClosedResourceError):
+                node.get_peers(bytes(20))
