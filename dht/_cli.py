@@ -97,9 +97,13 @@ async def _run(args: Any) -> int:
                              wait_bootstrap=args.command != "serve") as node:
             if args.command == "serve":
                 local = ep.local_address
-                _out(args, f"dht: serving on {_fmt(local)} id {node.node_id.hex()}",
-                     {"event": "serving", "address": _fmt(local), "id": node.node_id.hex()})
-                await trio.sleep_forever()
+                # SIGTERM and SIGINT end the block normally, so --state is saved.
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    _out(args, f"dht: serving on {_fmt(local)} id {node.node_id.hex()}",
+                         {"event": "serving", "address": _fmt(local), "id": node.node_id.hex()})
+                    async for _ in signals:
+                        break
+                return 0
             if args.command == "ping":
                 nid = await node.ping(args.addr)
                 if nid is None:

@@ -106,3 +106,19 @@ def test_cli_failures():
     assert r.returncode == 1 and "--bootstrap" in r.stderr
     assert _dht("get-peers", "xyz").returncode == 2
     assert _dht("ping", "localhost:1").returncode == 2   # literal addresses only
+
+
+def test_cli_serve_saves_state_on_sigterm(server, tmp_path):
+    state = tmp_path / "node.json"
+    p = subprocess.Popen([sys.executable, "-m", "dht", "serve", "--bind", "127.0.0.1:0", "--json",
+                          "--bootstrap", server, "--state", str(state)], stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(p.stdout.readline())
+        r = _dht("ping", first["address"])
+        assert r.returncode == 0
+    finally:
+        p.terminate()
+        assert p.wait(10) == 0
+    doc = json.loads(state.read_text())
+    assert doc["id"] == first["id"]
+    assert int(server.rsplit(":", 1)[1]) in [n["port"] for n in doc["nodes"]]
