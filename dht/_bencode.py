@@ -124,32 +124,48 @@ def encode(value: Any) -> bytes:
 
 
 def _encode(v: Any, out: list[bytes]) -> None:
-    if isinstance(v, bool):
+    t = type(v)
+    if t is bytes:      # the common cases first: KRPC is mostly strings
+        out.append(b"%d:" % len(v))
+        out.append(v)
+    elif t is dict:
+        _encode_dict(v, out)
+    elif t is int:
+        out.append(b"i%de" % v)
+    elif t is list or t is tuple:
+        out.append(b"l")
+        for x in v:
+            if type(x) is bytes:
+                out.append(b"%d:" % len(x))
+                out.append(x)
+            else:
+                _encode(x, out)
+        out.append(b"e")
+    elif isinstance(v, bool):
         raise TypeError("bencode has no booleans")
-    if isinstance(v, int):
+    elif isinstance(v, int):
         out.append(b"i%de" % v)
     elif isinstance(v, (bytes, bytearray, memoryview)):
-        b = bytes(v)
-        out.append(b"%d:" % len(b))
-        out.append(b)
+        _encode(bytes(v), out)
     elif isinstance(v, str):
         _encode(v.encode(), out)
     elif isinstance(v, (list, tuple)):
-        out.append(b"l")
-        for x in v:
-            _encode(x, out)
-        out.append(b"e")
+        _encode(list(v), out)
     elif isinstance(v, dict):
-        items = sorted(((k.encode() if isinstance(k, str) else bytes(k)), x) for k, x in v.items())
-        out.append(b"d")
-        prev = None
-        for k, x in items:
-            if k == prev:
-                raise ValueError(f"duplicate key {k!r}")
-            prev = k
-            out.append(b"%d:" % len(k))
-            out.append(k)
-            _encode(x, out)
-        out.append(b"e")
+        _encode_dict(v, out)
     else:
         raise TypeError(f"cannot bencode {type(v).__name__}")
+
+
+def _encode_dict(v: dict, out: list[bytes]) -> None:
+    items = sorted(((k.encode() if isinstance(k, str) else bytes(k)), x) for k, x in v.items())
+    out.append(b"d")
+    prev = None
+    for k, x in items:
+        if k == prev:
+            raise ValueError(f"duplicate key {k!r}")
+        prev = k
+        out.append(b"%d:" % len(k))
+        out.append(k)
+        _encode(x, out)
+    out.append(b"e")

@@ -520,10 +520,21 @@ class DHTCore:
                 if not isinstance(ih, bytes) or len(ih) != ID_LEN:
                     raise ProtocolError(ERROR_PROTOCOL, "malformed 'info_hash'", q.tid)
                 values = {b"id": self.id, b"token": self.tokens.issue(addr[0], now)}
-                peers = self.store.get(ih, now, fam, 50, self.rng)
+                # Peers first (BEP 5), as many as the budget allows; nodes
+                # only if they still fit.
+                base = len(build_response(q.tid, values, version=self.version, ip=addr))
+                entry = 8 if fam == 4 else 21          # "6:" + 6 bytes, "18:" + 18 bytes
+                room = (budget - base - len(b"6:valuesle")) // entry
+                peers = self.store.get(ih, now, fam, min(50, max(room, 0)), self.rng)
                 if peers:
                     values[b"values"] = peers
-                values.update(self._node_fields(q, ih, fam, now))
+                    nodes = self._node_fields(q, ih, fam, now)
+                    size = sum(len(k) + len(str(len(k))) + 1 + len(v) + len(str(len(v))) + 1
+                               for k, v in nodes.items())
+                    if base + len(b"6:valuesle") + entry * len(peers) + size <= budget:
+                        values.update(nodes)
+                else:
+                    values.update(self._node_fields(q, ih, fam, now))
             else:  # announce_peer
                 ih = args.get(b"info_hash")
                 token = args.get(b"token")

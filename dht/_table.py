@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import heapq
 import json
 import os
 import random
@@ -219,9 +220,8 @@ class RoutingTable:
     def closest(self, target: bytes, count: int = K, now: float | None = None) -> list[NodeEntry]:
         """The ``count`` nodes closest to ``target``, bad ones left out."""
         t = int.from_bytes(target, "big")
-        cands = [e for e in self._by_id.values() if now is None or e.state(now) != "bad"]
-        cands.sort(key=lambda e: t ^ int.from_bytes(e.id, "big"))
-        return cands[:count]
+        cands = (e for e in self._by_id.values() if now is None or e.state(now) != "bad")
+        return heapq.nsmallest(count, cands, key=lambda e: t ^ int.from_bytes(e.id, "big"))
 
     def stale_buckets(self, now: float) -> list[int]:
         return [i for i, b in enumerate(self.buckets) if now - b.last_changed >= REFRESH_INTERVAL]
