@@ -54,6 +54,7 @@ async def test_announce_get_peers_ping_find_node(autojump_clock):
         assert stats["counters"]["rx_query_find_node"] > 0
         assert stats["queue"]["received"] > 0 and stats["queue"]["dropped"] == 0
         assert nodes[5].external_address == ("10.0.0.6", PORT)
+        assert eps[5].external_address == ("10.0.0.6", PORT)   # the Endpoint's tally, fed by the DHT
         with pytest.raises(ValueError):
             nodes[0].get_peers(b"short")
 
