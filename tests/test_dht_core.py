@@ -136,10 +136,11 @@ def test_errors_as_bep5(msg, code):
 
 def test_garbage_without_tid_is_dropped_and_counted():
     n = _node()
-    for data in (b"garbage", b"d1:y1:qe", b"de", b"d1:t0:e"):
+    huge = encode(_q(b"ping", {b"pad": b"x" * 60000}))        # oversized, otherwise valid
+    for data in (b"garbage", b"d1:y1:qe", b"de", b"d1:t0:e", huge, b"d" * 5000):
         n.receive_datagram(data, PEER, 1.0)
     assert n.datagrams_to_send() == []
-    assert n.counters["malformed"] == 4
+    assert n.counters["malformed"] == 6
 
 
 def test_announce_with_token_then_get_peers_returns_it():
