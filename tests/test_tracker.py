@@ -1,7 +1,8 @@
 """The BEP 15 UDP tracker client: the sans-I/O core with explicit ``now``
 (exact retransmission times, connection-id reuse), then the trio driver
 over a utp Endpoint against opentracker (Debian's whitelist build, started
-here on loopback) and against a small IPv6 tracker written in the test.
+here on loopback) and against a small IPv6 tracker written in the test;
+last, utp.rendezvous and ``ucat --rendezvous`` through that opentracker.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from tracker import (
 HASH = hashlib.sha1(b"utpkit test swarm").digest()
 OTHER = hashlib.sha1(b"utpkit second swarm").digest()
 NOT_LISTED = hashlib.sha1(b"not on the whitelist").digest()
+# Keys the rendezvous tests meet with (on the whitelist too).
+RENDEZVOUS_KEYS = ["meet-utp", "meet-alone", "meet-ucat"]
 PEER_ID = b"-UK0100-abcdefghijkl"
 
 
@@ -205,6 +208,8 @@ def opentracker():
     os.chmod(d, 0o755)  # it drops to nobody, who must read the whitelist
     with open(os.path.join(d, "whitelist.txt"), "w") as f:
         f.write(f"{HASH.hex()}\n{OTHER.hex()}\n")
+        for key in RENDEZVOUS_KEYS:
+            f.write(hashlib.sha1(key.encode()).hexdigest() + "\n")
     os.chmod(os.path.join(d, "whitelist.txt"), 0o644)
     port = _free_port()
     cmd = [exe, "-i", "127.0.0.1", "-p", str(port), "-P", str(port), "-d", d, "-w", "/whitelist.txt"]
@@ -314,3 +319,100 @@ async def test_ipv6_tracker_answers_with_18_byte_peers():
                 r = await tc.announce(sock.getsockname()[:2], HASH)
                 assert r.peers == (("2001:db8::7", 6881),)
             n.cancel_scope.cancel()
+
+
+# ---- rendezvous through the tracker (loopback: no NAT, the same path) ---------------
+
+
+def test_split_peers_tells_us_from_the_peer():
+    from utp._rendezvous import RendezvousError, split_peers
+    peers = (("198.18.0.10", 4000), ("198.18.0.11", 5000))
+    assert split_peers(peers, ("0.0.0.0", 4000)) == (("198.18.0.10", 4000), [("198.18.0.11", 5000)])
+    assert split_peers(peers[:1], ("0.0.0.0", 4000)) == (("198.18.0.10", 4000), [])
+    assert split_peers(peers[1:], ("0.0.0.0", 4000)) == (None, [("198.18.0.11", 5000)])
+    same = (("198.18.0.10", 4000), ("198.18.0.11", 4000))
+    # The same port on both: the bound address decides, else it is an error.
+    assert split_peers(same, ("198.18.0.11", 4000))[0] == ("198.18.0.11", 4000)
+    with pytest.raises(RendezvousError, match="same port 4000"):
+        split_peers(same, ("0.0.0.0", 4000))
+
+
+async def test_rendezvous_connects_two_endpoints(opentracker):
+    lines = []
+    async with utp.open_endpoint("127.0.0.1", 0) as a, utp.open_endpoint("127.0.0.1", 0) as b:
+        got = {}
+
+        async def side(name, ep, delay):
+            await trio.sleep(delay)
+            got[name] = await utp.rendezvous(ep, "meet-utp", via=f"udp://{opentracker[0]}:{opentracker[1]}",
+                                             timeout=10, log=lines.append)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(side, "a", a, 0)
+            n.start_soon(side, "b", b, 0.3)
+        sa, sb = got["a"], got["b"]
+        assert sa.peer_address[1] == b.local_address[1]
+        assert sb.peer_address[1] == a.local_address[1]
+        await sa.send_all(b"ping")
+        assert await sb.receive_some() == b"ping"
+        await sb.send_all(b"pong")
+        assert await sa.receive_some() == b"pong"
+        await sa.aclose()
+        await sb.aclose()
+    assert sum("punching as the initiator" in line for line in lines) == 1
+    assert sum("punching as the responder" in line for line in lines) == 1
+
+
+async def test_rendezvous_alone_times_out(opentracker):
+    async with utp.open_endpoint("127.0.0.1", 0) as a:
+        t0 = trio.current_time()
+        with pytest.raises(TimeoutError, match="no other peer announced the key"):
+            await utp.rendezvous(a, "meet-alone", via=opentracker, timeout=1.5)
+        assert trio.current_time() - t0 < 3.5
+
+
+def _ucat_env() -> dict:
+    """Import utp, tracker and ucat where this process does (the source
+    tree by hand, the installed wheel in CI), from a neutral directory."""
+    import importlib.util
+    env = dict(os.environ)
+    roots = []
+    for name in ("utp", "tracker", "ucat"):
+        root = os.path.dirname(os.path.dirname(importlib.util.find_spec(name).origin))
+        if root not in roots:
+            roots.append(root)
+    env["PYTHONPATH"] = os.pathsep.join(roots)
+    return env
+
+
+def test_ucat_rendezvous_end_to_end(opentracker, tmp_path):
+    import sys
+    data = {side: os.urandom(1 << 20) for side in "ab"}
+    url = f"udp://{opentracker[0]}:{opentracker[1]}"
+    procs = {}
+    for side in "ab":
+        (tmp_path / f"{side}.in").write_bytes(data[side])
+        with open(tmp_path / f"{side}.in", "rb") as fin, open(tmp_path / f"{side}.out", "wb") as fout:
+            procs[side] = subprocess.Popen(
+                [sys.executable, "-m", "ucat", "--rendezvous", "meet-ucat", "--tracker", url, "-w", "15"],
+                stdin=fin, stdout=fout, stderr=subprocess.PIPE, cwd=tmp_path, env=_ucat_env())
+        time.sleep(0.2)
+    for side, proc in procs.items():
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    assert (tmp_path / "a.out").read_bytes() == data["b"]
+    assert (tmp_path / "b.out").read_bytes() == data["a"]
+
+
+def test_ucat_rendezvous_arguments():
+    import sys
+    for argv, message in (
+        (["--rendezvous", "k"], "needs --tracker"),
+        (["--tracker", "udp://127.0.0.1:1"], "needs --rendezvous"),
+        (["--rendezvous", "k", "--tracker", "http://x:1"], "not a UDP tracker URL"),
+        (["--rendezvous", "k", "--tracker", "udp://127.0.0.1:1", "-l"], "takes no host"),
+        (["--rendezvous", "k", "--tracker", "udp://127.0.0.1:1", "h", "1"], "takes no host"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "ucat", *argv], capture_output=True, text=True,
+                           env=_ucat_env(), cwd=tempfile.gettempdir())
+        assert r.returncode == 2 and message in r.stderr, (argv, r.stderr)
