@@ -1,5 +1,8 @@
 """``dht`` / ``python -m dht``: ping, get-peers, announce, serve.
 
+ping, get-peers and announce run as read-only nodes (BEP 43): they ask
+but never answer, and other nodes keep them out of their tables.
+
 Exit status: 0 success; 1 the operation failed (no answer to a ping, no
 node reachable, no node accepted an announce); 2 usage error.  No node is
 contacted that is not named with --bootstrap (or given to ping).
@@ -93,8 +96,11 @@ async def _run(args: Any) -> int:
     host, port = args.bind if args.bind else ("0.0.0.0", 0)
     boot = args.bootstrap or []
     async with utp.open_endpoint(host, port) as ep:
-        async with open_node(ep, bootstrap=boot, state_file=args.state,
-                             wait_bootstrap=args.command != "serve") as node:
+        # ping, get-peers and announce are short-lived: they run read-only
+        # (BEP 43), so other nodes do not put a soon-dead node in their tables.
+        serving = args.command == "serve"
+        async with open_node(ep, bootstrap=boot, state_file=args.state, read_only=not serving,
+                             wait_bootstrap=not serving) as node:
             if args.command == "serve":
                 local = ep.local_address
                 # SIGTERM and SIGINT end the block normally, so --state is saved.
