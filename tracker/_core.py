@@ -242,10 +242,11 @@ class UDPTrackerProtocol:
                 return
             self.counters["dropped"] += 1
             return
-        req = self._by_tid.get(tid)
-        if req is None or req.phase != "sent":
+        found = self._by_tid.get(tid)
+        if found is None or found.phase != "sent":
             self.counters["dropped"] += 1
             return
+        req = found
         if action == ACTION_ERROR:
             self._finish(req, TrackerFailure(req.request_id, _error_text_untrusted(data[8:])))
             return
@@ -258,6 +259,7 @@ class UDPTrackerProtocol:
             self._finish(req, TrackerFailure(req.request_id, "empty announce answer (is the info "
                                                              "hash on the tracker's whitelist?)"))
             return
+        result: Event | None
         if action == ACTION_ANNOUNCE:
             result = self._parse_announce_untrusted(req.request_id, data)
         else:
