@@ -328,19 +328,30 @@ def _check_id(v: bytes) -> None:
         raise ValueError("expected a 20-byte id / infohash")
 
 
+async def _save_loop(core: DHTCore, path: str, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        try:
+            save_state(path, core.id, core.export_nodes())
+        except OSError:
+            pass    # a full disk must not stop the node; the next attempt may work
+
+
 @asynccontextmanager
 async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: bytes | None = None,
                     state_file: str | None = None, read_only: bool = False,
                     enforce_bep42: bool = False, families: Iterable[int] | None = None,
                     wait_bootstrap: bool = True, seed: int | None = None,
-                    queue_size: int = 1024, **core_options: Any) -> AsyncIterator[DHTNode]:
+                    queue_size: int = 1024, save_interval: float = 600.0,
+                    **core_options: Any) -> AsyncIterator[DHTNode]:
     """Run a DHT node on ``endpoint`` (a :class:`utp.Endpoint`) for the
     duration of the block.
 
     ``bootstrap`` lists ``(host, port)`` nodes to start from; nothing else
     is contacted (no public bootstrap nodes by default).  ``state_file``
     keeps the node id and the routing table across runs: it is read at the
-    start (its nodes join the bootstrap addresses) and written at the end.
+    start (its nodes join the bootstrap addresses), written every
+    ``save_interval`` seconds (so a crash loses little) and at the end.
     When ``endpoint`` has ``vote_external_address(addr, reporter=, source=)``
     the node calls it with every address another node reports for us
     (BEP 42 ``ip``), so the Endpoint can tally votes across sources.  With
@@ -372,6 +383,8 @@ async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: b
             nursery.start_soon(node._receive_loop)
             nursery.start_soon(node._send_loop)
             nursery.start_soon(node._timer_loop)
+            if state_file is not None:
+                nursery.start_soon(_save_loop, core, state_file, save_interval)
             now = trio.current_time()
             boot = list(bootstrap) + [a for _, a in saved_nodes]
             if boot:

@@ -5,6 +5,7 @@ on one Endpoint at the same time."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from contextlib import AsyncExitStack
 
@@ -67,6 +68,8 @@ async def test_state_file_restart_bootstraps_without_bootstrap_nodes(autojump_cl
             async with dht.open_node(ep, bootstrap=[("10.0.0.1", PORT)], state_file=path) as node:
                 first_id = node.node_id
                 assert node.statistics()["nodes"]["ipv4"] >= 5
+                await trio.sleep(601)                  # saved periodically, not only at the end
+                assert len(json.loads(open(path).read())["nodes"]) >= 5
         async with net.endpoint("10.0.1.1", PORT) as ep:
             async with dht.open_node(ep, state_file=path) as node:      # no bootstrap
                 assert node.node_id == first_id
