@@ -122,3 +122,15 @@ def test_cli_serve_saves_state_on_sigterm(server, tmp_path):
     doc = json.loads(state.read_text())
     assert doc["id"] == first["id"]
     assert int(server.rsplit(":", 1)[1]) in [n["port"] for n in doc["nodes"]]
+
+
+def test_bench_runs(capsys):
+    """python -m dht.bench keeps working (tiny sizes; the numbers are not checked)."""
+    from dht import bench
+    bench.bench_virtual(60, 5)
+    bench.bench_loopback(3, 3, 300)
+    bench.bench_memory(2000, 100)
+    bench.bench_core_qps(0.1)
+    out = capsys.readouterr().out
+    for word in ("exact k closest", "queries/s", "per 1,000 peers", "latency"):
+        assert word in out
