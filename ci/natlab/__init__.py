@@ -283,12 +283,13 @@ class Lab:
         _run(["ip", "-n", hns, "route", "add", "default", "via", router_lan])
         ex = ["ip", "netns", "exec", rns]
         _run(ex + ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        if self.udp_timeout is not None:
-            for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
-                _run(ex + ["sysctl", "-qw", f"net.netfilter.{key}={self.udp_timeout}"], check=False)
         _run(ex + ["nft", "-f", "-"], input=_nft_ruleset(kind, wan, lan_net, host_ip, loss))
         host = Host(self, name, hns, host_ip, kind, wan, rns, loss)
         self.hosts[name] = host
+        if self.udp_timeout is not None:
+            # After the ruleset: its NAT rules load nf_conntrack, whose
+            # sysctls exist only from then on.
+            self.set_udp_timeout(host, self.udp_timeout)
         return host
 
     def set_udp_timeout(self, host: Host, seconds: int) -> None:

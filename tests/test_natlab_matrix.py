@@ -1,0 +1,98 @@
+"""The NAT success matrix over real kernel NATs (issue 5): ``ucat
+--rendezvous`` through opentracker for every pair of (no NAT, full cone,
+port-restricted, symmetric), 4 MiB each way with sha256 equality where
+theory allows, a clear error within the deadline where it does not; then
+the punchable pairs again with 5% random loss on every router.
+
+Needs root (network namespaces, nftables) and opentracker: skips without
+them, fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_natlab():
+    """ci/natlab from the checkout (it is a tool, not part of the wheel)."""
+    if "natlab" in sys.modules:
+        return sys.modules["natlab"]
+    where = ROOT / "ci" / "natlab"
+    spec = importlib.util.spec_from_file_location("natlab", where / "__init__.py",
+                                                  submodule_search_locations=[str(where)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["natlab"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+natlab = _load_natlab()
+from natlab.matrix import format_matrix, punchable, run_matrix  # noqa: E402
+
+DEADLINE = 10.0
+SIZE = 4 << 20
+
+
+@pytest.fixture(autouse=True)
+def _need_lab():
+    why = natlab.can_build()
+    if why is None and shutil.which("opentracker") is None:
+        why = "opentracker is not installed (Debian package opentracker)"
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, but the NAT lab cannot run: {why}")
+        pytest.skip(why)
+
+
+def test_theory():
+    assert not punchable("symmetric", "restricted") and not punchable("restricted", "symmetric")
+    assert not punchable("symmetric", "symmetric")
+    assert punchable("symmetric", "full") and punchable("none", "symmetric")
+    assert punchable("restricted", "restricted")
+
+
+def test_matrix(capsys):
+    results = run_matrix(natlab.NAT_KINDS, size=SIZE, deadline=DEADLINE)
+    text = format_matrix(results, size=SIZE, loss=0, deadline=DEADLINE)
+    with capsys.disabled():
+        print("\n" + text)
+    assert len(results) == 16
+    for r in results:
+        if punchable(r.a, r.b):
+            assert r.ok, f"{r.a} -> {r.b} should connect: {r.error}"
+            assert r.connect_time is not None and r.connect_time < DEADLINE
+        else:
+            assert not r.ok
+            # A clear error, on both sides, within the deadline.
+            assert r.error.count("hole punching to") == 2, r.error
+            assert "timed out" in r.error
+            assert r.elapsed < DEADLINE + 5
+
+
+def test_punchable_pairs_with_5_percent_loss(capsys):
+    pairs = [(a, b) for a in natlab.NAT_KINDS for b in natlab.NAT_KINDS if punchable(a, b)]
+    results = run_matrix(natlab.NAT_KINDS, loss=5, size=SIZE, deadline=20.0, pairs=pairs)
+    with capsys.disabled():
+        print("\n" + format_matrix(results, size=SIZE, loss=5, deadline=20.0))
+    assert len(results) == 13
+    # Every pair connects and moves every byte both ways.
+    failed = [f"{r.a} -> {r.b}: {r.error}" for r in results if not r.delivered]
+    assert not failed, "\n".join(failed)
+    # Known, and not the punching: with loss, the side that receives the
+    # last FIN may exit before its final ACK arrives (the engine keeps no
+    # TIME_WAIT state), and the other side then sees a reset although all
+    # its data was delivered.  Reported, not failed, until the engine has
+    # a TIME_WAIT; everything else must exit 0.
+    closing = [r for r in results if r.delivered and not r.ok]
+    for r in closing:
+        assert "reset" in r.error, f"{r.a} -> {r.b}: {r.error}"
+        warnings.warn(f"{r.a} -> {r.b}: all data delivered, then {r.error}")
