@@ -284,6 +284,9 @@ async def test_arguments(autojump_clock):
             await utp.punch(a, (PUB_A, PORT), timeout=1)
         with pytest.raises(ValueError, match="keepalive"):
             await utp.punch(a, (PUB_B, PORT), timeout=1, keepalive=30)
+        async with net.endpoint("0.0.0.0", PORT) as wild:
+            with pytest.raises(ValueError, match="needs local_public"):
+                await utp.punch(wild, (PUB_B, PORT), timeout=1)
         a.listen()
         with pytest.raises(RuntimeError, match="listener"):
             # B's endpoint sorts higher: we would answer, and need our own listener.

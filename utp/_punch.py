@@ -158,6 +158,10 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
         raise ValueError("punch needs a timeout or a deadline")
     if local_public is None:
         local_public = ep.local_address
+        if _ip(local_public).is_unspecified:
+            raise ValueError("punch needs local_public (our public endpoint, as the rendezvous "
+                             "saw it): the Endpoint is bound to the wildcard address, and both "
+                             "sides must compare the same pair of endpoints")
     initiator = is_initiator(local_public, peer)
     ep._check_open()
     queue: DatagramQueue | None = None
