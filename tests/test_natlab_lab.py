@@ -81,11 +81,16 @@ PROBE = textwrap.dedent("""
     t, p1, p2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", 5555))
-    s.settimeout(2)
+    s.settimeout(0.5)
     seen = []
     for port in (p1, p2):
-        s.sendto(b"hi", (t, port))
-        seen.append(s.recvfrom(100)[0].decode())
+        for attempt in range(20):   # the echo server may still be starting
+            s.sendto(b"hi", (t, port))
+            try:
+                seen.append(s.recvfrom(100)[0].decode())
+                break
+            except OSError:
+                continue
     print(" ".join(seen))
 """)
 
@@ -121,6 +126,7 @@ def test_nat_kinds_map_and_filter_as_named(lab):
         s.settimeout(1.5)
         s.sendto(b"open", (sys.argv[1], 7000))   # open a mapping towards t only
         s.recvfrom(100)
+        print("ready", flush=True)
         try:
             s.recvfrom(100)
             print("reached")
@@ -130,13 +136,14 @@ def test_nat_kinds_map_and_filter_as_named(lab):
     for kind, host in hosts.items():
         proc = host.popen([sys.executable, "-c", listen, t.ip], env=env, stdout=subprocess.PIPE,
                           text=True)
-        time.sleep(0.4)
+        assert proc.stdout.readline().strip() == "ready"
         port = mapped[kind][0].split(":")[1]
         other.run([sys.executable, "-c",
                    f"import socket;socket.socket(socket.AF_INET,socket.SOCK_DGRAM)"
                    f".sendto(b'poke',('{host.public_ip}',{port}))"])
         out, _ = proc.communicate(timeout=10)
         assert out.strip() == ("reached" if kind == "full" else "filtered"), kind
+    assert hosts["restricted"].router(["nft", "list", "chain", "ip", "natlab", "input"]).returncode == 0
 
 
 def test_teardown_always_and_names_unique():
