@@ -54,6 +54,13 @@ async def resolve_tracker(host: str, port: int, family: int = 0) -> tuple[str, i
     return str(addr[0]), int(addr[1])
 
 
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _key(addr: Any) -> tuple[Any, int]:
     ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -186,13 +193,21 @@ async def open_tracker_client(ep: Any, *, retry_base: float = DEFAULT_RETRY_BASE
     queue = ep.datagram_queue("tracker")
     client = TrackerClient(ep, retry_base=retry_base, max_retries=max_retries)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._receive_loop, queue)
-            nursery.start_soon(client._timer_loop)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._receive_loop, queue)
+                nursery.start_soon(client._timer_loop)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery is ours, not the caller's: an exception from the
+            # caller's block comes out as itself (newer trio wraps it).
+            inner = _single(group)
+            if inner is group:
+                raise
+            raise inner from None
     finally:
         queue.close()
         # Let a later client register (the Endpoint has no unregister call).

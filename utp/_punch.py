@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _utp
+from ._api import _unwrapped
 from ._connect import check_address
 from ._stream import UTPStream, _format_peer
 
@@ -228,7 +229,7 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
                 lot.unpark_all()
 
     try:
-        async with trio.open_nursery() as nursery:
+        async with _unwrapped(), trio.open_nursery() as nursery:
             if queue is not None:
                 nursery.start_soon(read_probes)
             while winner is None:
@@ -326,7 +327,7 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
 
     try:
         with trio.move_on_at(end):
-            async with trio.open_nursery() as nursery:
+            async with _unwrapped(), trio.open_nursery() as nursery:
                 nursery.start_soon(send_probes)
                 if queue is not None:
                     nursery.start_soon(read_probes)
