@@ -60,15 +60,23 @@ async def test_ipv6_and_dual_stack_nodes6():
 
 # ---- the command line ------------------------------------------------------------------
 
+# Child processes import the same dht/utp these tests imported (the
+# installed wheel in CI, the source tree in development), never whatever
+# happens to sit in the current directory.
+_IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(dht.__file__)))
+_CHILD_ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=_IMPORT_ROOT)
+_CHILD_CWD = "/"
+
+
 def _dht(*args, timeout=30):
     return subprocess.run([sys.executable, "-m", "dht", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                          timeout=timeout, env=_CHILD_ENV, cwd=_CHILD_CWD)
 
 
 @pytest.fixture
 def server():
     p = subprocess.Popen([sys.executable, "-m", "dht", "serve", "--bind", "127.0.0.1:0", "--json"],
-                         stdout=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, text=True, env=_CHILD_ENV, cwd=_CHILD_CWD)
     try:
         line = json.loads(p.stdout.readline())
         assert line["event"] == "serving"
@@ -111,7 +119,8 @@ def test_cli_failures():
 def test_cli_serve_saves_state_on_sigterm(server, tmp_path):
     state = tmp_path / "node.json"
     p = subprocess.Popen([sys.executable, "-m", "dht", "serve", "--bind", "127.0.0.1:0", "--json",
-                          "--bootstrap", server, "--state", str(state)], stdout=subprocess.PIPE, text=True)
+                          "--bootstrap", server, "--state", str(state)], stdout=subprocess.PIPE, text=True,
+                         env=_CHILD_ENV, cwd=_CHILD_CWD)
     try:
         first = json.loads(p.stdout.readline())
         r = _dht("ping", first["address"])
