@@ -16,7 +16,6 @@ What it is:
   one connection.
 - :mod:`utp.testing`: several engines over a seeded, simulated network on a
   virtual clock.
-
 - :func:`punch` connects two peers behind NATs that call it at the same
   time; :func:`rendezvous` finds the peer by a shared key at a UDP tracker
   (package ``tracker``) and then punches.
