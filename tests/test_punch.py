@@ -135,6 +135,20 @@ def test_tie_break_is_antisymmetric_and_family_blind():
         is_initiator(a, ("::ffff:198.18.0.10", 5000))
 
 
+def test_probe_is_neither_utp_nor_dht_nor_tracker():
+    # The demultiplexer hands probes to the "other" owner; an Endpoint that
+    # is not punching counts and drops them.
+    assert utp.classify(PROBE) == utp.UTPKIT_CLASS_OTHER
+
+
+async def test_stray_probes_are_dropped_by_an_endpoint_not_punching(autojump_clock):
+    async with NatNet(seed=11, delay=DELAY) as net, net.endpoint(PUB_A, PORT) as a, \
+            net.endpoint(PUB_B, PORT) as b:
+        await a.sendto(PROBE, (PUB_B, PORT))
+        await trio.sleep(0.1)
+        assert b.statistics()["owners"]["other"]["unowned_dropped"] == 1
+
+
 async def test_no_nat_one_syn_connects_and_lower_endpoint_initiates(autojump_clock):
     async with NatNet(seed=1, trace=True, delay=DELAY) as net, \
             net.endpoint(PUB_A, PORT) as a, net.endpoint(PUB_B, PORT) as b:
