@@ -95,6 +95,20 @@ def _addr_key(addr: Any) -> tuple[Any, int]:
     return _ip(addr), int(addr[1])
 
 
+def end_time(start: float, timeout: float | None, deadline: float | None, what: str) -> float:
+    """The earlier of ``start + timeout`` and ``deadline``; one is required."""
+    end = math.inf
+    if timeout is not None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        end = start + timeout
+    if deadline is not None:
+        end = min(end, deadline)
+    if end == math.inf:
+        raise ValueError(f"{what} needs a timeout or a deadline")
+    return end
+
+
 class _Pacer:
     """Times of the next attempt/probe: ``interval`` apart during the first
     ``fast_period`` seconds, ``keepalive`` apart after."""
@@ -148,15 +162,7 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
         raise ValueError(f"keepalive {keepalive!r} s is too long: NATs drop idle mappings "
                          f"after ~30 s, so keep it at most 25 s")
     start = trio.current_time()
-    end = math.inf
-    if timeout is not None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, not {timeout!r}")
-        end = start + timeout
-    if deadline is not None:
-        end = min(end, deadline)
-    if end == math.inf:
-        raise ValueError("punch needs a timeout or a deadline")
+    end = end_time(start, timeout, deadline, "punch")
     if local_public is None:
         local_public = ep.local_address
         if _ip(local_public).is_unspecified:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
-from ._punch import is_initiator, punch
+from ._punch import end_time, is_initiator, punch
 from ._stream import UTPStream, _format_peer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,13 +87,7 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     import tracker as _tracker  # a sibling package; imported late, utp works without it
 
     start = trio.current_time()
-    end = math.inf
-    if timeout is not None:
-        end = start + timeout
-    if deadline is not None:
-        end = min(end, deadline)
-    if end == math.inf:
-        raise ValueError("rendezvous needs a timeout or a deadline")
+    end = end_time(start, timeout, deadline, "rendezvous")
     say = log or (lambda line: None)
     if isinstance(via, str):
         host, port = _tracker.parse_tracker_url(via)
