@@ -235,8 +235,7 @@ def _idle_pair(idle: int, keepalive_ms: int) -> list[tuple[int, str, str]]:
         tracker = lab.start_opentracker(t, [hashlib.sha1(key.encode()).digest()])
         # The mapping really does expire without traffic: the routers'
         # conntrack timeout is what we set.
-        r = a.router(["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout_stream"])
-        assert r.stdout.strip() == "10"
+        assert natlab.read_sysctl(a.router_ns, "net.netfilter.nf_conntrack_udp_timeout_stream") == "10"
         env = _env()
         procs = [h.popen([sys.executable, "-c", IDLE_SCRIPT, key, tracker[0], str(tracker[1]),
                           str(idle), str(keepalive_ms), h.name], env=env, stdout=subprocess.PIPE,

@@ -70,6 +70,20 @@ def _run(cmd: Sequence[str], *, input: str | None = None, check: bool = True) ->
     return proc
 
 
+def _sysctl(ns: str, key: str, value: int, *, check: bool = True) -> None:
+    """Set a sysctl inside namespace ``ns`` (through /proc/sys, so procps'
+    sysctl is not needed; the namespace's own values, as ip netns exec
+    mounts its /proc/sys view)."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    _run(["ip", "netns", "exec", ns, "sh", "-c", f'echo {int(value)} > "$1"', "sh", path], check=check)
+
+
+def read_sysctl(ns: str, key: str) -> str:
+    """A sysctl's value inside namespace ``ns``."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    return _run(["ip", "netns", "exec", ns, "cat", path]).stdout.strip()
+
+
 def can_build() -> str | None:
     """None if this process can build a lab, else why not (root, the ip and
     nft tools, network namespaces)."""
@@ -223,8 +237,8 @@ class Lab:
         ex = ["ip", "netns", "exec", name]
         _run(ex + ["ip", "link", "set", "lo", "up"])
         # No IPv6 chatter (DAD, router solicitations) inside the lab.
-        _run(ex + ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=False)
-        _run(ex + ["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"], check=False)
+        _sysctl(name, "net.ipv6.conf.all.disable_ipv6", 1, check=False)
+        _sysctl(name, "net.ipv6.conf.default.disable_ipv6", 1, check=False)
         return name
 
     def _build_internet(self) -> None:
@@ -282,7 +296,7 @@ class Lab:
         _run(["ip", "-n", hns, "link", "set", "eth0", "up"])
         _run(["ip", "-n", hns, "route", "add", "default", "via", router_lan])
         ex = ["ip", "netns", "exec", rns]
-        _run(ex + ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        _sysctl(rns, "net.ipv4.ip_forward", 1)
         _run(ex + ["nft", "-f", "-"], input=_nft_ruleset(kind, wan, lan_net, host_ip, loss))
         host = Host(self, name, hns, host_ip, kind, wan, rns, loss)
         self.hosts[name] = host
@@ -297,8 +311,7 @@ class Lab:
         mapping refresh in less time).  Needs nf_conntrack loaded, which the
         router's NAT rules do."""
         for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
-            _run(["ip", "netns", "exec", host.router_ns or host.ns, "sysctl", "-qw",
-                  f"net.netfilter.{key}={seconds}"])
+            _sysctl(host.router_ns or host.ns, f"net.netfilter.{key}", seconds)
 
     def tempdir(self) -> str:
         d = tempfile.mkdtemp(prefix=f"{self.prefix}-")
