@@ -436,3 +436,49 @@ async def test_external_address_votes(autojump_clock):
             assert a.external_address == ("198.18.0.5", 4000)
             stats = a.statistics()["external_address"]
             assert stats["reporters"] == 3 and stats["by_source"] == {"dht": 2, "tracker": 1}
+
+
+class _DropFinAck(SimNetwork):
+    """Drops the one ACK that B sends for A's FIN."""
+
+    fin_seen = False
+    dropped = 0
+
+    def _send(self, src, dst, data):
+        if src[0] == A and data[0] >> 4 == ST_FIN:
+            self.fin_seen = True
+        if src[0] == B and data[0] >> 4 == ST_STATE and self.fin_seen and not self.dropped:
+            self.dropped += 1
+            return
+        super()._send(src, dst, data)
+
+
+async def test_lost_last_ack_is_answered_after_close(autojump_clock):
+    """TIME_WAIT: B closes right after acknowledging A's FIN and that ACK is
+    lost.  A resends its FIN; the engine remembers the closed connection and
+    ACKs it again instead of resetting, so A ends cleanly."""
+    async with _DropFinAck(seed=1, delay=0.01) as net, net.endpoint(A, PORT) as a, \
+            net.endpoint(B, PORT) as b:
+        listener = b.listen()
+        async with trio.open_nursery() as n:
+            box = {}
+            n.start_soon(lambda: _accept_into(listener, box))
+            sa = await a.connect((B, PORT))
+        sb = box["s"]
+        events = []
+        sa.on_state_change = events.append
+        await sb.send_eof()
+        await trio.sleep(0.5)
+        await sa.send_all(b"x" * 3000)
+        await sa.send_eof()
+        got = b""
+        while chunk := await sb.receive_some():
+            got += chunk
+        assert len(got) == 3000
+        await sb.aclose()
+        await sa.wait_send_complete()
+        assert await sa.receive_some() == b""
+        await trio.sleep(5)
+        assert net.dropped == 1
+        # No reset: the resent FIN was acknowledged.
+        assert not [e for e in events if e.startswith("error")], events

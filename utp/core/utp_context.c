@@ -582,6 +582,56 @@ void utp_send_reset_to(utp_context *ctx, const struct sockaddr *to, socklen_t to
 	utp_send_datagram(ctx, to, tolen, pkt, sizeof pkt, 0);
 }
 
+/* ---- TIME_WAIT ---------------------------------------------------------------------------- */
+
+void utp_timewait_add(utp_socket *s)
+{
+	utp_context *ctx = s->ctx;
+	utp_timewait *tw = &ctx->timewait[ctx->timewait_next];
+	uint64 hold = 4 * (uint64)UTP_MAX(s->rto, 500000u);
+	ctx->timewait_next = (ctx->timewait_next + 1) % UTP_TIMEWAIT_MAX;
+	memcpy(&tw->addr, &s->addr, sizeof tw->addr);
+	tw->addrlen = s->addrlen;
+	tw->recv_id = s->recv_id;
+	tw->send_id = s->send_id;
+	tw->ack_nr = s->ack_nr;
+	tw->seq_nr = s->next_send;
+	tw->have_fin = s->got_fin && s->ack_nr == s->eof_seq;
+	/* Long enough for the peer's FIN retransmissions (RTO backoff). */
+	tw->expires = ctx->now + UTP_MIN(hold, (uint64)30000000u);
+}
+
+/* A FIN (or a duplicate) for a connection we closed a moment ago: ACK it
+ * as the socket would have.  A FIN we had not seen yet, arriving right
+ * after we left, is acknowledged too: the peer ends cleanly.  Anything
+ * carrying new data still gets a RESET.  Returns 1 when answered. */
+int utp_timewait_answer(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from, socklen_t fromlen)
+{
+	uint32 i;
+	for (i = 0; i < UTP_TIMEWAIT_MAX; i++) {
+		utp_timewait *tw = &ctx->timewait[i];
+		uint16 d;
+		byte pkt[UTP_HEADER_SIZE];
+		if (tw->expires == 0 || tw->expires < ctx->now || tw->recv_id != pk->conn_id ||
+		    !utp_addr_equal((struct sockaddr *)&tw->addr, tw->addrlen, from, fromlen))
+			continue;
+		d = seq_dist((uint16)(tw->ack_nr + 1), pk->seq_nr);
+		if (pk->type == ST_STATE)
+			return 1;  /* an ACK of ours being answered: nothing to say */
+		if (pk->type == ST_FIN && d == 0 && !tw->have_fin) {
+			tw->ack_nr = pk->seq_nr;
+			tw->have_fin = 1;
+		} else if (!(d >= 0x8000 && (pk->type == ST_FIN || pk->payload_len == 0))) {
+			return 0;  /* new data: the RESET path */
+		}
+		utp_packet_write_header(pkt, ST_STATE, tw->send_id, (uint32)ctx->now, 0, 0, tw->seq_nr,
+		                        tw->ack_nr, NULL, 0);
+		utp_send_datagram(ctx, from, fromlen, pkt, sizeof pkt, 0);
+		return 1;
+	}
+	return 0;
+}
+
 /* ---- incoming datagrams ----------------------------------------------------------------- */
 
 int utp_addr_valid(const struct sockaddr *a, socklen_t len)
@@ -656,7 +706,7 @@ int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct 
 		s = utp_table_find(ctx, from, fromlen, pk.conn_id);
 		if (s) {
 			utp_in_on_packet(s, &pk);
-		} else {
+		} else if (!utp_timewait_answer(ctx, &pk, from, fromlen)) {
 			ctx->counters.drop_unknown++;
 			utp_send_reset_to(ctx, from, fromlen, pk.conn_id, pk.seq_nr, 1);
 		}

@@ -273,6 +273,22 @@ struct UTPSocket {
 
 /* ---- context --------------------------------------------------------------- */
 
+/* A connection closed gracefully, remembered for a while (TCP's TIME_WAIT,
+ * without keeping the socket): if our last ACK was lost, the peer resends
+ * its FIN, and it must get that ACK again, not a RESET. */
+typedef struct {
+	struct sockaddr_storage addr;
+	socklen_t addrlen;
+	uint16 recv_id;
+	uint16 send_id;
+	uint16 ack_nr;             /* the last sequence number we acknowledged */
+	uint16 seq_nr;             /* our next sequence number, for the STATE */
+	uint8 have_fin;            /* ack_nr is the peer's FIN */
+	uint64 expires;
+} utp_timewait;
+
+#define UTP_TIMEWAIT_MAX 256
+
 struct struct_utp_context {
 	void *userdata;
 	utp_callback_t *callbacks[UTP_ARRAY_SIZE];
@@ -303,6 +319,9 @@ struct struct_utp_context {
 	utp_outpkt **pool;         /* recycled packets (UTP_POOL_CAP) */
 	uint32 pool_n;
 
+	utp_timewait timewait[UTP_TIMEWAIT_MAX];
+	uint32 timewait_next;      /* ring: the oldest entry is overwritten */
+
 	uint64 reset_refill;       /* token bucket for RESETs */
 	uint32 reset_tokens;
 
@@ -332,6 +351,8 @@ void utp_send_datagram(utp_context *ctx, const struct sockaddr *to, socklen_t to
 void utp_send_reset_to(utp_context *ctx, const struct sockaddr *to, socklen_t tolen,
                        uint16 conn_id, uint16 ack_nr, int rate_limited);
 void utp_socket_destroy_later(utp_socket *s);
+void utp_timewait_add(utp_socket *s);
+int utp_timewait_answer(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from, socklen_t fromlen);
 
 /* ---- utp_socket.c ---------------------------------------------------------- */
 utp_socket *utp_socket_new(utp_context *ctx);

@@ -206,8 +206,10 @@ void utp_socket_fail(utp_socket *s, int code)
 
 void utp_socket_maybe_finish(utp_socket *s)
 {
-	if (!s->zombie && s->state == UTPKIT_SOCK_CLOSING && s->fin_acked)
+	if (!s->zombie && s->state == UTPKIT_SOCK_CLOSING && s->fin_acked) {
+		utp_timewait_add(s);
 		utp_socket_destroy_later(s);
+	}
 }
 
 /* Earliest armed timer of the socket, 0 when none. */
