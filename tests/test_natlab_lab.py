@@ -185,7 +185,7 @@ def test_connect_with_retry_from_behind_a_nat_to_a_public_listener(lab):
     import time
     time.sleep(0.8)
     r = subprocess.run(client.cmd([sys.executable, "-m", "ucat", "-w", "20", server.ip, "4000"]),
-                       input=data, capture_output=True, env=env, timeout=60)
+                       input=data, capture_output=True, env=env, timeout=60, cwd="/")
     assert r.returncode == 0, r.stderr.decode()
     out, err = listener.communicate(timeout=30)
     assert listener.returncode == 0, err.decode()

@@ -117,12 +117,17 @@ class Host:
     def cmd(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *argv]
 
+    # Commands run from a neutral directory: `python -m ucat` puts its working
+    # directory first on sys.path, and the source tree's utp (without its
+    # compiled module) must not shadow the installed one.
     def run(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
+        kw.setdefault("cwd", "/")
         return subprocess.run(self.cmd(argv), **kw)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+        kw.setdefault("cwd", "/")
         proc = subprocess.Popen(self.cmd(argv), **kw)
         self.lab._procs.append(proc)
         return proc
