@@ -170,22 +170,11 @@ async def test_connect_rejects_bad_addresses(autojump_clock, addr, message):
 # ---- streams: errors, flow control ------------------------------------------------------
 
 
-async def _pair(net, **kw):
-    a_cm = net.endpoint(A, PORT, **kw)
-    b_cm = net.endpoint(B, PORT, **kw)
-    return a_cm, b_cm
-
-
 async def test_peer_reset_breaks_the_stream_with_cause(autojump_clock):
     async with SimNetwork(seed=1, delay=0.01) as net:
         async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
-            listener = b.listen()
-            async with trio.open_nursery() as n:
-                box = {}
-                n.start_soon(lambda: _accept_into(listener, box))
-                s = await a.connect((B, PORT))
-            peer = box["s"]
-            peer._abort()  # the peer resets the connection
+            s, accepted, listener = await _connect_pair(a, b)
+            accepted.abort()  # the peer resets the connection
             with pytest.raises(trio.BrokenResourceError) as info:
                 await s.receive_some()
             assert isinstance(info.value.__cause__, utp.UTPError)
@@ -197,18 +186,24 @@ async def test_peer_reset_breaks_the_stream_with_cause(autojump_clock):
                 await s.send_all(b"x")
 
 
-async def _accept_into(listener, box):
-    box["s"] = await listener.accept()
+async def _connect_pair(a, b, **listen):
+    """a connects to b's new listener: (a's stream, b's stream, listener)."""
+    listener = b.listen(**listen)
+    box = {}
+
+    async def accept():
+        box["s"] = await listener.accept()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(accept)
+        stream = await a.connect((B, PORT))
+    return stream, box["s"], listener
 
 
 async def test_dead_peer_breaks_a_waiting_receiver(autojump_clock):
     async with SimNetwork(seed=1, delay=0.01) as net:
         async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
-            listener = b.listen()
-            async with trio.open_nursery() as n:
-                box = {}
-                n.start_soon(lambda: _accept_into(listener, box))
-                s = await a.connect((B, PORT))
+            s, accepted, listener = await _connect_pair(a, b)
             net.set_link(A, B, up=False)
             t0 = trio.current_time()
             with pytest.raises(trio.BrokenResourceError) as info:
@@ -223,12 +218,8 @@ async def test_slow_reader_bounds_memory_and_slows_sender(autojump_clock):
     async with SimNetwork(seed=1, delay=0.005) as net:
         async with net.endpoint(A, PORT, recv_buffer=rcv) as a, \
                 net.endpoint(B, PORT, recv_buffer=rcv) as b:
-            listener = b.listen()
-            async with trio.open_nursery() as n:
-                box = {}
-                n.start_soon(lambda: _accept_into(listener, box))
-                s = await a.connect((B, PORT))
-            peer = box["s"]
+            s, accepted, listener = await _connect_pair(a, b)
+            peer = accepted
             sent = 0
 
             async def writer():
@@ -257,11 +248,7 @@ async def test_slow_reader_bounds_memory_and_slows_sender(autojump_clock):
 async def test_concurrent_senders_are_busy(autojump_clock):
     async with SimNetwork(seed=1, delay=0.01) as net:
         async with net.endpoint(A, PORT, send_buffer=16384) as a, net.endpoint(B, PORT) as b:
-            listener = b.listen()
-            async with trio.open_nursery() as n:
-                box = {}
-                n.start_soon(lambda: _accept_into(listener, box))
-                s = await a.connect((B, PORT))
+            s, accepted, listener = await _connect_pair(a, b)
             # trio >= 0.25 wraps what a nursery raises in an ExceptionGroup.
             with pytest.raises((trio.BusyResourceError, BaseExceptionGroup)) as info:
                 async with trio.open_nursery() as n:
@@ -360,14 +347,9 @@ async def test_datagrams_of_other_owners_share_the_socket(autojump_clock):
         async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
             dht = b.datagram_queue("dht", maxlen=4)
             tracker = b.datagram_queue("tracker")
-            listener = b.listen()
             ping = b"d1:ad2:id20:" + b"x" * 20 + b"e1:q4:ping1:t2:aa1:y1:qe"
             connect_req = (0x41727101980).to_bytes(8, "big") + (0).to_bytes(4, "big") + b"tran"
-
-            async with trio.open_nursery() as n:
-                box = {}
-                n.start_soon(lambda: _accept_into(listener, box))
-                s = await a.connect((B, PORT))
+            s, accepted, listener = await _connect_pair(a, b)
             payload = random.Random(2).randbytes(2_000_000)
             async with trio.open_nursery() as n:
                 n.start_soon(s.send_all, payload)
@@ -378,7 +360,7 @@ async def test_datagrams_of_other_owners_share_the_socket(autojump_clock):
                 h = hashlib.sha256()
                 got = 0
                 while got < len(payload):
-                    chunk = await box["s"].receive_some()
+                    chunk = await accepted.receive_some()
                     h.update(chunk)
                     got += len(chunk)
             assert h.digest() == hashlib.sha256(payload).digest()
@@ -459,12 +441,8 @@ async def test_lost_last_ack_is_answered_after_close(autojump_clock):
     ACKs it again instead of resetting, so A ends cleanly."""
     async with _DropFinAck(seed=1, delay=0.01) as net, net.endpoint(A, PORT) as a, \
             net.endpoint(B, PORT) as b:
-        listener = b.listen()
-        async with trio.open_nursery() as n:
-            box = {}
-            n.start_soon(lambda: _accept_into(listener, box))
-            sa = await a.connect((B, PORT))
-        sb = box["s"]
+        sa, accepted, listener = await _connect_pair(a, b)
+        sb = accepted
         events = []
         sa.on_state_change = events.append
         await sb.send_eof()
