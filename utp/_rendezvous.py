@@ -3,20 +3,29 @@
 Both peers announce ``sha1(key)`` from the Endpoint's own socket, so what
 the rendezvous records for each of them is the address its NAT maps that
 socket to; each then looks up the other and calls :func:`utp.punch` with
-the pair.  Today the rendezvous is a BEP 15 UDP tracker; the DHT
-(``implied_port=1``) comes next.
+the pair.  The rendezvous is a BEP 15 UDP tracker or the Mainline DHT
+(BEP 5, announcing with ``implied_port=1``).
 
-Which entry of the tracker's peer list is us?  The tracker records our
+Which entry of the tracker's peer list is us (tracker)?  The tracker records our
 public IP and the port we announce (opentracker ignores the source port),
 and lists us too.  We announce our local port, so our entry is the one with
 that port; when both peers happen to have the same port, the IP the
 Endpoint is bound to decides, else we give up with an error that says so.
+
+Which entry of the DHT's peer list is us?  The nodes that store us record
+the address our announce came from (``implied_port``), and every node that
+answers us reports that address in its ``ip`` field; the Endpoint tallies
+those reports (:attr:`Endpoint.external_address`).  An entry is us when some
+node reported it as our address; our public endpoint for the tie-break is
+our entry in the list (what the peer sees too), else the Endpoint's winner.
+The DHT has no "stopped": entries expire, so use a fresh key per meeting.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 import trio
@@ -27,7 +36,7 @@ from ._stream import UTPStream, _format_peer
 if TYPE_CHECKING:  # pragma: no cover
     from ._endpoint import Endpoint
 
-__all__ = ["rendezvous", "RendezvousError", "info_hash_for"]
+__all__ = ["rendezvous", "RendezvousError", "info_hash_for", "split_dht_peers"]
 
 
 class RendezvousError(OSError):
@@ -72,7 +81,11 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     both NATs; returns the uTP stream.
 
     ``via`` is a UDP tracker: ``"udp://HOST:PORT"`` or an ``(ip, port)``
-    tuple.  Both peers announce ``sha1(key)`` (the tracker must accept that
+    tuple; or the DHT: a node from ``dht.open_node`` on this same Endpoint,
+    or ``("dht", [(host, port), ...])`` to run a read-only node (BEP 43)
+    bootstrapped from those nodes for the duration of the call (nothing
+    else is contacted).  With the DHT, both peers announce ``sha1(key)``
+    once (``implied_port=1``) and look it up every ``poll`` seconds.  Both peers announce ``sha1(key)`` (the tracker must accept that
     hash; opentracker's whitelist build needs it listed) every ``poll``
     seconds until the other shows up, then both :func:`punch`.  ``log``, if
     given, is called with a line for each step.  ``deadline`` (trio clock)
@@ -89,6 +102,8 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "rendezvous")
     say = log or (lambda line: None)
+    if _is_dht(via):
+        return await _rendezvous_dht(ep, key, via, start, end, poll, say, punch_options)
     if isinstance(via, str):
         host, port = _tracker.parse_tracker_url(via)
         via = await _tracker.resolve_tracker(host, port)
@@ -145,3 +160,132 @@ async def _meet(client: Any, via: Any, info_hash: bytes, local: Any, end: float,
                 return me, peer
             await trio.sleep(poll)
     return me, peer
+
+
+# ---- the DHT ------------------------------------------------------------------------------
+
+def _is_dht(via: Any) -> bool:
+    if isinstance(via, tuple) and len(via) == 2 and via[0] == "dht":
+        return True
+    return hasattr(via, "get_peers") and hasattr(via, "announce") and hasattr(via, "endpoint")
+
+
+def _key(addr: Any) -> tuple[Any, int]:
+    return _norm_ip(addr[0]), int(addr[1])
+
+
+def _our_addresses(ep: Endpoint, node: Any) -> dict[tuple[Any, int], tuple[str, int]]:
+    """Every address some node reported as ours (the Endpoint's votes, the
+    node's own view), and the bound address when it is a specific one."""
+    found: dict[tuple[Any, int], tuple[str, int]] = {}
+    candidates: list[Any] = [ep.external_address, getattr(node, "external_address", None)]
+    votes = getattr(ep, "_votes", None)
+    if votes is not None:
+        candidates += [addr for addr, _ in getattr(votes, "_by_reporter", {}).values()]
+    local = ep.local_address
+    try:
+        if not _norm_ip(local[0]).is_unspecified:
+            candidates.append(local)
+    except ValueError:
+        pass
+    for a in candidates:
+        if a is None:
+            continue
+        try:
+            found.setdefault(_key(a), (str(_norm_ip(a[0])), int(a[1])))
+        except (ValueError, TypeError, IndexError):
+            continue
+    return found
+
+
+def split_dht_peers(peers: Any, ours: dict[tuple[Any, int], Any],
+                    preferred: Any = None) -> tuple[tuple[str, int] | None, list[tuple[str, int]]]:
+    """(our entry or None, the others) in a DHT peer list, given the
+    addresses reported as ours (``preferred``, the Endpoint's winner, wins
+    when we are listed more than once)."""
+    mine: list[tuple[str, int]] = []
+    others: list[tuple[str, int]] = []
+    for p in peers:
+        entry = (str(_norm_ip(p[0])), int(p[1]))
+        if entry[1] == 0:
+            continue
+        (mine if _key(entry) in ours else others).append(entry)
+    me = mine[0] if mine else None
+    if preferred is not None and len(mine) > 1:
+        for m in mine:
+            if _key(m) == _key(preferred):
+                me = m
+    return me, list(dict.fromkeys(others))
+
+
+async def _rendezvous_dht(ep: Endpoint, key: str | bytes, via: Any, start: float, end: float,
+                          poll: float, say: Callable[[str], None],
+                          punch_options: dict[str, Any]) -> UTPStream:
+    if isinstance(via, tuple):
+        import dht as _dht  # a sibling package, imported late like the tracker client
+
+        boot = [(str(h), int(p)) for h, p in via[1]]
+        if not boot:
+            raise ValueError("rendezvous via the DHT needs at least one bootstrap node")
+        where = ", ".join(_format_peer(b) for b in boot)
+        with trio.move_on_at(end) as bootstrapping:
+            # Read-only (BEP 43): a short-lived node stays out of others'
+            # tables and stores nothing, so only full nodes record us.
+            async with _dht.open_node(ep, bootstrap=boot, read_only=True) as node:
+                # Bootstrapped: from here on the meeting and the punch keep
+                # the deadline themselves and raise their own errors.
+                bootstrapping.deadline = math.inf
+                return await _dht_meet_and_punch(ep, node, key, where, start, end, poll, say,
+                                                 punch_options)
+        raise TimeoutError(f"rendezvous through the DHT at {where} timed out after "
+                           f"{trio.current_time() - start:.1f} s while bootstrapping")
+    if getattr(via, "endpoint", ep) is not ep:
+        raise ValueError("the DHT node given as via must run on the same Endpoint")
+    return await _dht_meet_and_punch(ep, via, key, "the DHT", start, end, poll, say, punch_options)
+
+
+async def _dht_meet_and_punch(ep: Endpoint, node: Any, key: str | bytes, where: str, start: float,
+                              end: float, poll: float, say: Callable[[str], None],
+                              punch_options: dict[str, Any]) -> UTPStream:
+    info_hash = info_hash_for(key)
+    me: tuple[str, int] | None = None
+    peer: tuple[str, int] | None = None
+    accepted = None
+    lookups = 0
+    with trio.move_on_at(end):
+        result = await node.announce(info_hash)         # implied_port=1
+        accepted = result.accepted
+        ext = ep.external_address or getattr(node, "external_address", None)
+        say(f"announced {info_hash.hex()} through {where} (implied port): {result.accepted} "
+            f"node{'s' if result.accepted != 1 else ''} stored us; they see us as "
+            f"{_format_peer(ext) if ext else '(not reported)'}")
+        if result.accepted == 0:
+            raise RendezvousError(f"no DHT node at {where} stored our announce "
+                                  f"({'; '.join(map(str, result.errors)) or 'no node answered'})")
+        while True:
+            peers = await node.get_peers(info_hash).wait()
+            lookups += 1
+            ours = _our_addresses(ep, node)
+            me, others = split_dht_peers(peers, ours, ep.external_address)
+            if others:
+                peer = others[-1]
+                if len(others) > 1:
+                    say(f"{len(others)} peers for this key; taking {_format_peer(peer)}")
+                break
+            await trio.sleep(poll)
+    if peer is None:
+        raise TimeoutError(f"rendezvous through the DHT at {where} timed out after "
+                           f"{trio.current_time() - start:.1f} s: no other peer announced the key "
+                           f"({lookups} lookup{'s' if lookups != 1 else ''}, our announce stored by "
+                           f"{accepted if accepted is not None else 'no'} node"
+                           f"{'s' if accepted != 1 else ''})")
+    if me is None:
+        ext = ep.external_address or getattr(node, "external_address", None)
+        if ext is None:
+            raise RendezvousError(f"no DHT node at {where} reported our address, so our public "
+                                  f"endpoint is unknown")
+        me = (str(_norm_ip(ext[0])), int(ext[1]))
+    role = ("initiator (sending SYNs)" if is_initiator(me, peer)
+            else "responder (probing, accepting)")
+    say(f"peer {_format_peer(peer)}; we are {_format_peer(me)}; punching as the {role}")
+    return await punch(ep, peer, local_public=me, deadline=end, **punch_options)
