@@ -126,15 +126,17 @@ def format_address(address) -> str:
 _USAGE = """\
 ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] host port
        ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout]
-       ucat --rendezvous KEY --tracker udp://HOST:PORT [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout]
+       ucat --rendezvous KEY (--tracker udp://HOST:PORT | --bootstrap HOST:PORT ...) [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout]
        ucat --version"""
 
 _DESCRIPTION = """\
 netcat over uTP (BEP 29): copy stdin to a uTP stream and the stream to stdout.
 The first form connects to host:port; with -l, ucat accepts one connection
 and then behaves exactly like the connecting side.  With --rendezvous, two
-ucats that use the same KEY find each other at a UDP tracker and connect
-through their NATs (hole punching); then each behaves as above."""
+ucats that use the same KEY find each other at a UDP tracker (--tracker) or
+through the Mainline DHT (--bootstrap: the DHT nodes to start from; no
+other node is contacted) and connect through their NATs (hole punching);
+then each behaves as above."""
 
 _EPILOG = """\
 behaviour:
@@ -146,7 +148,9 @@ behaviour:
   -w bounds the connect and, after it, any stretch in which no data moves in
   either direction; it does not bound the wait for a connection under -l.
   With --rendezvous it bounds finding the peer and punching together
-  (default 30 s); the tracker must accept sha1(KEY) as an info hash.
+  (default 30 s); the tracker must accept sha1(KEY) as an info hash.  Over
+  the DHT, entries expire but are never withdrawn: use a fresh KEY for each
+  meeting.
 
 exit status:
   0    both directions finished cleanly
@@ -268,11 +272,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rendezvous", dest="rendezvous", metavar="KEY",
-        help="meet the peer that uses the same KEY at the tracker and connect through NATs",
+        help="meet the peer that uses the same KEY (at the tracker or through the DHT) "
+        "and connect through NATs",
     )
     parser.add_argument(
         "--tracker", dest="tracker", metavar="udp://HOST:PORT",
         help="the UDP tracker (BEP 15) to meet at, with --rendezvous",
+    )
+    parser.add_argument(
+        "--bootstrap", dest="bootstrap", metavar="HOST:PORT", action="append",
+        help="meet through the Mainline DHT, starting from this node (repeatable), "
+        "with --rendezvous",
     )
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument("host", nargs="?", help=argparse.SUPPRESS)
@@ -287,6 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opts = _parser().parse_args(argv)
     if opts.tracker is not None and opts.rendezvous is None:
         raise Failure("--tracker needs --rendezvous KEY", EXIT_USAGE)
+    if opts.bootstrap is not None and opts.rendezvous is None:
+        raise Failure("--bootstrap needs --rendezvous KEY", EXIT_USAGE)
     if opts.rendezvous is not None:
         return _check_rendezvous(opts)
     if opts.listen:
@@ -311,8 +323,16 @@ def _check_rendezvous(opts) -> argparse.Namespace:
                       EXIT_USAGE)
     if not opts.rendezvous:
         raise Failure("--rendezvous needs a non-empty KEY", EXIT_USAGE)
-    if opts.tracker is None:
-        raise Failure("--rendezvous needs --tracker udp://HOST:PORT", EXIT_USAGE)
+    if opts.tracker is None and opts.bootstrap is None:
+        raise Failure("--rendezvous needs --tracker udp://HOST:PORT or --bootstrap HOST:PORT",
+                      EXIT_USAGE)
+    if opts.tracker is not None and opts.bootstrap is not None:
+        raise Failure("--rendezvous meets at a tracker or through the DHT: give --tracker or "
+                      "--bootstrap, not both", EXIT_USAGE)
+    if opts.bootstrap is not None:
+        opts.bootstrap_addresses = [parse_hostport(text) for text in opts.bootstrap]
+        opts.tracker_address = None
+        return _check_local(opts)
     try:
         from tracker import parse_tracker_url
     except ImportError as exc:
@@ -322,6 +342,10 @@ def _check_rendezvous(opts) -> argparse.Namespace:
     except ValueError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
     check_host_name(opts.tracker_address[0])
+    return _check_local(opts)
+
+
+def _check_local(opts) -> argparse.Namespace:
     opts.local_port = 0 if opts.local_port is None else parse_port(opts.local_port, allow_zero=True)
     if opts.local_address is not None:
         check_host_name(opts.local_address)
@@ -329,6 +353,20 @@ def _check_rendezvous(opts) -> argparse.Namespace:
 
 
 # --- name resolution -----------------------------------------------------
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6ADDR]:PORT`` (a --bootstrap node)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            sep = ""  # an IPv6 address needs brackets before its port
+    if not sep or not host:
+        raise Failure(f"bad node {text!r}: want HOST:PORT, or [IPV6]:PORT", EXIT_USAGE)
+    check_host_name(host)
+    return host, parse_port(port)
 
 
 async def _resolve(host: str, port: int, *, numeric: bool, family: int = 0, passive: bool = False):
@@ -809,10 +847,23 @@ async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:
     import trio
 
     utp = _utp_module()
-    thost, tport = opts.tracker_address
     local_family, local_host = await _local(opts)
-    found = await _resolve(thost, tport, numeric=opts.numeric, family=local_family)
-    family, tracker_addr = found[0]
+    if opts.tracker_address is not None:
+        thost, tport = opts.tracker_address
+        found = await _resolve(thost, tport, numeric=opts.numeric, family=local_family)
+        family, tracker_addr = found[0]
+        via = tracker_addr
+        where = f"at {format_address(tracker_addr)}"
+    else:
+        # The first node fixes the family (unless -s did); the others must
+        # have an address of that family.
+        family, nodes = local_family, []
+        for host, port in opts.bootstrap_addresses:
+            found = await _resolve(host, port, numeric=opts.numeric, family=family)
+            family = found[0][0]
+            nodes.append((found[0][1][0], found[0][1][1]))
+        via = ("dht", nodes)
+        where = "through the DHT (bootstrap " + ", ".join(format_address(n) for n in nodes) + ")"
     budget = opts.timeout or DEFAULT_RENDEZVOUS_TIMEOUT
     deadline = trio.current_time() + budget
     bind_host = local_host or ("::" if family == socket.AF_INET6 else "0.0.0.0")
@@ -823,14 +874,14 @@ async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:
         stream = None
         try:
             with trio.move_on_at(deadline + 1.0):  # a backstop
-                stream = await utp.rendezvous(ep, opts.rendezvous, via=tracker_addr,
+                stream = await utp.rendezvous(ep, opts.rendezvous, via=via,
                                               deadline=deadline, log=log)
         except TimeoutError as exc:
             raise Failure(str(exc)) from None
         except OSError as exc:
-            raise Failure(f"rendezvous at {format_address(tracker_addr)} failed: {_why(exc)}") from None
+            raise Failure(f"rendezvous {where} failed: {_why(exc)}") from None
         if stream is None:
-            raise Failure(f"rendezvous at {format_address(tracker_addr)} timed out after {budget:g} s")
+            raise Failure(f"rendezvous {where} timed out after {budget:g} s")
         log(f"connected to {format_address(stream.peer_address)} after "
             f"{trio.current_time() - start:.3f} s")
         await run_session(stream, opts, fds, log)

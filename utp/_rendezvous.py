@@ -224,7 +224,7 @@ async def _rendezvous_dht(ep: Endpoint, key: str | bytes, via: Any, start: float
     if isinstance(via, tuple):
         import dht as _dht  # a sibling package, imported late like the tracker client
 
-        boot = [(str(h), int(p)) for h, p in via[1]]
+        boot = [(str(a[0]), int(a[1])) for a in via[1]]
         if not boot:
             raise ValueError("rendezvous via the DHT needs at least one bootstrap node")
         where = ", ".join(_format_peer(b) for b in boot)
