@@ -2,10 +2,12 @@
 --rendezvous`` through opentracker for every pair of (no NAT, full cone,
 port-restricted, symmetric), 4 MiB each way with sha256 equality where
 theory allows, a clear error within the deadline where it does not; then
-the punchable pairs again with 5% random loss on every router.
+the punchable pairs again with 5% random loss on every router; and the
+whole matrix again meeting through the DHT (a ``python -m dht serve`` node
+on the lab's internet, ``ucat --bootstrap``) instead of the tracker.
 
-Needs root (network namespaces, nftables) and opentracker: skips without
-them, fails under CI=true.
+Needs root (network namespaces, nftables) and opentracker (not for the DHT
+matrix): skips without them, fails under CI=true.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ SIZE = 4 << 20
 
 
 @pytest.fixture(autouse=True)
-def _need_lab():
+def _need_lab(request):
     why = natlab.can_build()
-    if why is None and shutil.which("opentracker") is None:
+    needs_tracker = "dht" not in request.node.name
+    if why is None and needs_tracker and shutil.which("opentracker") is None:
         why = "opentracker is not installed (Debian package opentracker)"
     if why is not None:
         if os.environ.get("CI") == "true":
@@ -96,3 +99,20 @@ def test_punchable_pairs_with_5_percent_loss(capsys):
     for r in closing:
         assert "reset" in r.error, f"{r.a} -> {r.b}: {r.error}"
         warnings.warn(f"{r.a} -> {r.b}: all data delivered, then {r.error}")
+
+
+def test_matrix_through_the_dht(capsys):
+    results = run_matrix(natlab.NAT_KINDS, size=SIZE, deadline=DEADLINE, via="dht")
+    text = format_matrix(results, size=SIZE, loss=0, deadline=DEADLINE, via="dht")
+    with capsys.disabled():
+        print("\n" + text)
+    assert len(results) == 16
+    for r in results:
+        if punchable(r.a, r.b):
+            assert r.ok, f"{r.a} -> {r.b} should connect through the DHT: {r.error}"
+            assert r.connect_time is not None and r.connect_time < DEADLINE
+        else:
+            assert not r.ok
+            assert r.error.count("hole punching to") == 2, r.error
+            assert "timed out" in r.error
+            assert r.elapsed < DEADLINE + 5

@@ -34,7 +34,8 @@ What it is not: an emulator of particular home routers, or anything that
 touches the machine's real interfaces.
 
 ``python -m ci.natlab matrix`` runs ``ucat --rendezvous`` through a tracker
-for every pair of NAT kinds and prints a success matrix.
+(or, with ``--via dht``, through a DHT node on the lab's internet) for every
+pair of NAT kinds and prints a success matrix.
 """
 
 from __future__ import annotations
@@ -349,6 +350,19 @@ class Lab:
         if host.run([sys.executable, "-c", probe]).returncode != 0:
             raise LabError(f"opentracker on {host.ip}:{port} did not answer")
         time.sleep(0.3)  # it loads the whitelist in a thread after starting
+        return host.ip, port
+
+
+    def start_dht_node(self, host: Host, port: int = 6881, *,
+                       env: dict[str, str] | None = None) -> tuple[str, int]:
+        """A DHT node (``python -m dht serve``) on ``host``, the lab's
+        bootstrap node; returns its (ip, port) once it serves.  ``env``
+        is the environment to run it in (PYTHONPATH to find ``dht``)."""
+        proc = host.popen([sys.executable, "-m", "dht", "serve", "--bind", f"{host.ip}:{port}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+        line = proc.stdout.readline() if proc.stdout is not None else ""
+        if not line.startswith("dht: serving on"):
+            raise LabError(f"the DHT node on {host.ip}:{port} did not start ({line.strip()!r})")
         return host.ip, port
 
 

@@ -1,8 +1,9 @@
-"""python -m ci.natlab matrix [--loss N] [--size BYTES] [--deadline S]
+"""python -m ci.natlab matrix [--via tracker|dht] [--loss N] [--size BYTES] [--deadline S]
 python -m ci.natlab cleanup
 
 ``matrix`` builds a NAT lab (as root), runs ucat --rendezvous for every pair
-of NAT kinds, prints the success matrix and exits 0 when every pair did
+of NAT kinds (meeting at an opentracker, or through a DHT node with --via
+dht), prints the success matrix and exits 0 when every pair did
 what theory says.  ``cleanup`` deletes namespaces left by killed runs.
 """
 
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--deadline", type=float, default=10.0, help="ucat -w: seconds to connect")
     m.add_argument("--kinds", default=",".join(NAT_KINDS),
                    help=f"comma-separated NAT kinds (default {','.join(NAT_KINDS)})")
+    m.add_argument("--via", choices=("tracker", "dht"), default="tracker",
+                   help="meet at an opentracker (default) or through a DHT node on the lab's internet")
     m.add_argument("--parallel", type=int, default=3, help="pairs run at once")
     sub.add_parser("cleanup", help="delete namespaces of lab runs that were killed")
     args = parser.parse_args(argv)
@@ -42,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         if k not in NAT_KINDS:
             parser.error(f"unknown NAT kind {k!r}; choose from {','.join(NAT_KINDS)}")
     results = run_matrix(kinds, loss=args.loss, size=args.size, deadline=args.deadline,
-                         parallel=args.parallel)
-    print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline))
+                         parallel=args.parallel, via=args.via)
+    print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline,
+                        via=args.via))
     return 0 if all(r.as_expected for r in results) else 1
 
 

@@ -1,8 +1,10 @@
-"""The success matrix: ``ucat --rendezvous`` through a tracker for every
-pair of NAT kinds (issue 5, "Tests").
+"""The success matrix: ``ucat --rendezvous`` through a tracker (or the DHT)
+for every pair of NAT kinds (issue 5, "Tests").
 
 For each ordered pair (A's NAT, B's NAT) both ucats start at the same
-moment with the same key, meet at an opentracker on the lab's internet,
+moment with the same key, meet at an opentracker on the lab's internet
+(``via="tracker"``) or through a DHT node there (``via="dht"``: ``python
+-m dht serve``, the only bootstrap node; ``ucat --bootstrap``),
 punch, and move ``size`` random bytes each way; a pair succeeds when both
 exit 0 and each side's output has the sha256 of the other side's input.
 Theory says every pair connects except symmetric with port-restricted and
@@ -66,7 +68,7 @@ def _python_env() -> dict[str, str]:
     wheel in CI)."""
     env = dict(os.environ)
     roots = []
-    for name in ("utp", "tracker", "ucat"):
+    for name in ("utp", "tracker", "ucat", "dht"):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin:
             root = os.path.dirname(os.path.dirname(spec.origin))
@@ -88,7 +90,7 @@ def _last_line(path: str) -> str:
     return (errors or lines or [""])[-1]
 
 
-def _run_pair(lab: Lab, tracker: tuple[str, int], a_kind: str, b_kind: str, *, size: int,
+def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: str, *, size: int,
               deadline: float, workdir: str, env: dict[str, str]) -> PairResult:
     a, b = lab.hosts[f"a-{a_kind}"], lab.hosts[f"b-{b_kind}"]
     key = lab.matrix_keys[(a_kind, b_kind)]
@@ -99,8 +101,10 @@ def _run_pair(lab: Lab, tracker: tuple[str, int], a_kind: str, b_kind: str, *, s
                        for name in ("in", "out", "err")}
         with open(files[side]["in"], "wb") as f:
             f.write(os.urandom(size))
-    argv = [sys.executable, "-m", "ucat", "-d", "--rendezvous", key,
-            "--tracker", f"udp://{tracker[0]}:{tracker[1]}", "-w", f"{deadline:g}"]
+    via, (ip, port) = meet
+    where = (["--tracker", f"udp://{ip}:{port}"] if via == "tracker"
+             else ["--bootstrap", f"{ip}:{port}"])
+    argv = [sys.executable, "-m", "ucat", "-d", "--rendezvous", key, *where, "-w", f"{deadline:g}"]
     procs = {}
     start = time.monotonic()
     for side, host in (("a", a), ("b", b)):
@@ -134,32 +138,40 @@ def _run_pair(lab: Lab, tracker: tuple[str, int], a_kind: str, b_kind: str, *, s
     return PairResult(a_kind, b_kind, ok, connect_time, elapsed, error, delivered)
 
 
-def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0) -> tuple[str, int]:
-    """Hosts ``a-KIND`` and ``b-KIND`` for each kind and a tracker; returns
-    the tracker's address.  The a-hosts get the lower public addresses."""
-    t = lab.add_host("tracker")
+def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0,
+                     via: str = "tracker") -> tuple[str, int]:
+    """Hosts ``a-KIND`` and ``b-KIND`` for each kind and a tracker (or a DHT
+    node, ``via="dht"``); returns its address.  The a-hosts get the lower
+    public addresses."""
+    if via not in ("tracker", "dht"):
+        raise ValueError(f"via is 'tracker' or 'dht', not {via!r}")
+    t = lab.add_host("tracker" if via == "tracker" else "dht")
     for side in ("a", "b"):
         for kind in kinds:
             lab.add_host(f"{side}-{kind}", kind, loss=loss if kind != "none" else 0)
     run = secrets.token_hex(4)
     lab.matrix_keys = {(x, y): f"natlab-{run}-{x}-{y}" for x in kinds for y in kinds}
+    if via == "dht":
+        return lab.start_dht_node(t, env=_python_env())
     hashes = [hashlib.sha1(k.encode()).digest() for k in lab.matrix_keys.values()]
     return lab.start_opentracker(t, hashes)
 
 
 def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4 << 20,
                deadline: float = 10.0, parallel: int = 3,
-               pairs: Sequence[tuple[str, str]] | None = None) -> list[PairResult]:
-    """Build a lab, run every pair (``parallel`` at a time), tear it down."""
+               pairs: Sequence[tuple[str, str]] | None = None,
+               via: str = "tracker") -> list[PairResult]:
+    """Build a lab, run every pair (``parallel`` at a time), tear it down.
+    ``via``: meet at an opentracker ("tracker") or through a DHT node ("dht")."""
     with Lab() as lab:
-        tracker = build_matrix_lab(lab, kinds, loss=loss)
+        meet = (via, build_matrix_lab(lab, kinds, loss=loss, via=via))
         workdir = lab.tempdir()
         env = _python_env()
         todo = list(pairs) if pairs is not None else [(x, y) for x in kinds for y in kinds]
         # The pairs expected to fail wait out the deadline: start them first.
         todo.sort(key=lambda p: punchable(*p))
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-            futures = [pool.submit(_run_pair, lab, tracker, x, y, size=size, deadline=deadline,
+            futures = [pool.submit(_run_pair, lab, meet, x, y, size=size, deadline=deadline,
                                    workdir=workdir, env=env) for x, y in todo]
             results = [f.result() for f in futures]
     order = {k: i for i, k in enumerate(kinds)}
@@ -170,11 +182,13 @@ def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4
 _LABEL = {"none": "none", "full": "full cone", "restricted": "port-restr.", "symmetric": "symmetric"}
 
 
-def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadline: float) -> str:
+def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadline: float,
+                  via: str = "tracker") -> str:
     kinds = list(dict.fromkeys([r.a for r in results] + [r.b for r in results]))
     cell = {(r.a, r.b): r for r in results}
     width = 14
-    lines = [f"NAT matrix: ucat --rendezvous via opentracker, {size / 2**20:g} MiB each way, "
+    how = "opentracker" if via == "tracker" else "the DHT (a python -m dht serve node)"
+    lines = [f"NAT matrix: ucat --rendezvous via {how}, {size / 2**20:g} MiB each way, "
              f"sha256-checked; loss {loss}% per router; deadline {deadline:g} s",
              "rows: A (the lower public address), columns: B; cell: time from start to "
              "connected on A, or 'no' with the time until both gave up",
