@@ -194,3 +194,29 @@ async def test_via_an_open_node_on_the_same_endpoint(autojump_clock):
         await _exchange(out["a"], out["b"])
         with pytest.raises(ValueError, match="same Endpoint"):
             await utp.rendezvous(a, "meet-node", via=node_b, timeout=1)
+
+
+async def test_symmetric_nat_seen_at_two_ports_by_two_storing_nodes(autojump_clock):
+    # Two full nodes store A, each at the port A's symmetric NAT opened
+    # towards it: B gets A twice, A has two addresses voted for it.  The
+    # tie-break compares IPs first, and punch accepts by IP and retargets
+    # at the probes' source, so either entry works.
+    async with NatNet(seed=8, delay=DELAY) as net:
+        net.add_nat(PRIV_A, PUB_A, "symmetric")
+        boots = [(PUB_DHT, PORT), ("198.18.0.3", PORT)]
+        async with net.endpoint(*boots[0]) as e1, net.endpoint(*boots[1]) as e2, \
+                dht.open_node(e1, seed=1), dht.open_node(e2, bootstrap=boots[:1], seed=2), \
+                net.endpoint(PRIV_A, PORT) as a, net.endpoint(PUB_B, PORT) as b:
+            out, logs = {}, {"a": [], "b": []}
+
+            async def side(name, ep):
+                out[name] = await utp.rendezvous(ep, "meet-two", via=("dht", boots), timeout=10,
+                                                 log=logs[name].append)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(side, "a", a)
+                n.start_soon(side, "b", b)
+            assert any("2 nodes stored us" in line for line in logs["a"]), logs["a"]
+            assert len({addr for addr, _ in a._votes._by_reporter.values()}) == 2
+            await _exchange(out["a"], out["b"])
+            await _exchange(out["b"], out["a"])
