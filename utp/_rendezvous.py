@@ -6,7 +6,7 @@ socket to; each then looks up the other and calls :func:`utp.punch` with
 the pair.  The rendezvous is a BEP 15 UDP tracker or the Mainline DHT
 (BEP 5, announcing with ``implied_port=1``).
 
-Which entry of the tracker's peer list is us (tracker)?  The tracker records our
+Which entry of the tracker's peer list is us?  The tracker records our
 public IP and the port we announce (opentracker ignores the source port),
 and lists us too.  We announce our local port, so our entry is the one with
 that port; when both peers happen to have the same port, the IP the
@@ -85,25 +85,28 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     or ``("dht", [(host, port), ...])`` to run a read-only node (BEP 43)
     bootstrapped from those nodes for the duration of the call (nothing
     else is contacted).  With the DHT, both peers announce ``sha1(key)``
-    once (``implied_port=1``) and look it up every ``poll`` seconds.  Both peers announce ``sha1(key)`` (the tracker must accept that
-    hash; opentracker's whitelist build needs it listed) every ``poll``
+    once (``implied_port=1``) and look it up every ``poll`` seconds until
+    the other shows up.  With a tracker, both peers announce ``sha1(key)``
+    (the tracker must accept that hash; opentracker's whitelist build needs it listed) every ``poll``
     seconds until the other shows up, then both :func:`punch`.  ``log``, if
     given, is called with a line for each step.  ``deadline`` (trio clock)
     or ``timeout`` bounds everything.  On the way out the announce is
     withdrawn (event "stopped"), so a stale entry does not confuse the next
-    meeting with the same key.
+    meeting with the same key (tracker only: DHT entries just expire).
 
     Raises TimeoutError when the peer never appeared or punching failed
     (the message says which), RendezvousError when the peer list cannot be
-    read, and the tracker client's errors (e.g. tracker.TrackerError).
+    read or no DHT node stored our announce, and the tracker client's
+    errors (e.g. tracker.TrackerError).
     """
-    import tracker as _tracker  # a sibling package; imported late, utp works without it
-
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "rendezvous")
     say = log or (lambda line: None)
     if _is_dht(via):
         return await _rendezvous_dht(ep, key, via, start, end, poll, say, punch_options)
+
+    import tracker as _tracker  # a sibling package; imported late, utp works without it
+
     if isinstance(via, str):
         host, port = _tracker.parse_tracker_url(via)
         via = await _tracker.resolve_tracker(host, port)
