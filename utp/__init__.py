@@ -17,10 +17,11 @@ What it is:
 - :mod:`utp.testing`: several engines over a seeded, simulated network on a
   virtual clock.
 - :func:`punch` connects two peers behind NATs that call it at the same
-  time; :func:`rendezvous` finds the peer by a shared key at a UDP tracker
-  (package ``tracker``) and then punches.
+  time; :func:`rendezvous` finds the peer by a shared key, at a UDP tracker
+  (package ``tracker``) or in the Mainline DHT (package ``dht``), and then
+  punches.
 
-What it is not (yet): a rendezvous through the DHT.
+What it is not: a BitTorrent peer (package ``bt``, coming).
 """
 
 # Context, Socket, ClosedError, classify, ERROR_NAMES, DEFAULT_MTU_IPV4/6 and
