@@ -16,6 +16,8 @@ from typing import Any, AsyncIterator, Iterable, Optional
 
 import trio
 
+from utp._api import _unwrapped
+
 from ._core import (AddressReported, DHTCore, ExternalAddressChanged, LookupDone, PeersFound,
                     PingDone)
 from ._table import load_state, save_state
@@ -379,7 +381,9 @@ async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: b
     queue = endpoint.datagram_queue("dht", maxlen=queue_size)
     node = DHTNode(endpoint, core, queue, dual=is_v6)
     try:
-        async with trio.open_nursery() as nursery:
+        # The node's nursery is ours: an exception from the caller's block
+        # comes out as itself, not in a group (trio >= 0.25).
+        async with _unwrapped(), trio.open_nursery() as nursery:
             nursery.start_soon(node._receive_loop)
             nursery.start_soon(node._send_loop)
             nursery.start_soon(node._timer_loop)
