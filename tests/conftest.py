@@ -13,6 +13,14 @@ import pytest
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
+# Helpers shared by test files (see tests/testsupport.py): registered here
+# because --import-mode=importlib lets test files import no sibling module.
+_spec = importlib.util.spec_from_file_location("testsupport", Path(__file__).with_name("testsupport.py"))
+testsupport = importlib.util.module_from_spec(_spec)
+import sys as _sys  # noqa: E402
+_sys.modules["testsupport"] = testsupport
+_spec.loader.exec_module(testsupport)
+
 
 # --- installed-package guard ------------------------------------------------
 #

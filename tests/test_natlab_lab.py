@@ -9,32 +9,15 @@ except under CI=true, where they fail: CI runs as root and must run them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from testsupport import load_natlab, unavailable
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_natlab():
-    """ci/natlab from the checkout (it is a tool, not part of the wheel)."""
-    if "natlab" in sys.modules:
-        return sys.modules["natlab"]
-    where = ROOT / "ci" / "natlab"
-    spec = importlib.util.spec_from_file_location("natlab", where / "__init__.py",
-                                                  submodule_search_locations=[str(where)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["natlab"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-natlab = _load_natlab()
+natlab = load_natlab()
 
 
 def _need_lab(tracker: bool = False) -> None:
@@ -42,9 +25,7 @@ def _need_lab(tracker: bool = False) -> None:
     if why is None and tracker and not _which("opentracker"):
         why = "opentracker is not installed (Debian package opentracker)"
     if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, but the NAT lab cannot run: {why}")
-        pytest.skip(why)
+        unavailable(why, "CI must run the NAT lab, as root")
 
 
 def _which(name: str) -> bool:

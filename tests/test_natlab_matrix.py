@@ -12,32 +12,13 @@ matrix): skips without them, fails under CI=true.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
+from testsupport import load_natlab, unavailable
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_natlab():
-    """ci/natlab from the checkout (it is a tool, not part of the wheel)."""
-    if "natlab" in sys.modules:
-        return sys.modules["natlab"]
-    where = ROOT / "ci" / "natlab"
-    spec = importlib.util.spec_from_file_location("natlab", where / "__init__.py",
-                                                  submodule_search_locations=[str(where)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["natlab"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-natlab = _load_natlab()
+natlab = load_natlab()
 from natlab.matrix import format_matrix, punchable, run_matrix  # noqa: E402
 
 DEADLINE = 10.0
@@ -51,9 +32,7 @@ def _need_lab(request):
     if why is None and needs_tracker and shutil.which("opentracker") is None:
         why = "opentracker is not installed (Debian package opentracker)"
     if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, but the NAT lab cannot run: {why}")
-        pytest.skip(why)
+        unavailable(why, "CI must run the NAT lab, as root")
 
 
 def test_theory():

@@ -12,9 +12,9 @@ filtering by remote address and port).
 
 from __future__ import annotations
 
-import hashlib
 
 import pytest
+from testsupport import exchange
 import trio
 
 import utp
@@ -100,25 +100,8 @@ async def _both(ep_a, pub_a, ep_b, pub_b, *, b_delay=0.0, **kw):
     return out["a"], out["b"]
 
 
-async def _exchange(sa, sb, size=200_000):
-    data = bytes(range(256)) * (size // 256)
-    got = bytearray()
-
-    async def send():
-        await sa.send_all(data)
-        await sa.send_eof()
-
-    async def recv():
-        while True:
-            chunk = await sb.receive_some()
-            if not chunk:
-                break
-            got.extend(chunk)
-
-    async with trio.open_nursery() as n:
-        n.start_soon(send)
-        n.start_soon(recv)
-    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+async def _exchange(sa, sb):
+    await exchange(sa, sb, 200_000)
 
 
 # ---- tie-break ---------------------------------------------------------------------

@@ -9,9 +9,9 @@ the other by the ``ip`` votes of the nodes that answered it, then punches.
 
 from __future__ import annotations
 
-import hashlib
 
 import pytest
+from testsupport import exchange
 import trio
 
 import dht
@@ -67,25 +67,8 @@ class NatNet(SimNetwork):
         super()._send(src, dst, data)
 
 
-async def _exchange(sa, sb, size=100_000):
-    data = bytes(range(256)) * (size // 256)
-    got = bytearray()
-
-    async def send():
-        await sa.send_all(data)
-        await sa.send_eof()
-
-    async def recv():
-        while True:
-            chunk = await sb.receive_some()
-            if not chunk:
-                break
-            got.extend(chunk)
-
-    async with trio.open_nursery() as n:
-        n.start_soon(send)
-        n.start_soon(recv)
-    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+async def _exchange(sa, sb):
+    await exchange(sa, sb, 100_000)
 
 
 async def _meet(net, kind_a, kind_b, *, key="meet-dht", b_delay=0.0, timeout=10.0):
