@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 import utp
+from testsupport import clogged
 
 
 def _have_ipv6_loopback() -> bool:
@@ -49,9 +50,11 @@ async def _pair(nursery, host="127.0.0.1"):
 
 
 async def test_check_half_closeable_stream_loopback(nursery):
+    """trio's conformance check, with a clogged maker: this is what checks
+    wait_send_all_might_not_block's wake-ups (close, room in the buffer)."""
     async def make():
         return await _pair(nursery)
-    await trio.testing.check_half_closeable_stream(make, None)
+    await trio.testing.check_half_closeable_stream(make, clogged(make))
     nursery.cancel_scope.cancel()
 
 

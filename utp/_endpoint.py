@@ -243,6 +243,8 @@ class Endpoint:
             ctx.set_option(_utp.UTP_SNDBUF, send_buffer)
         self.linger = linger
         self._streams: dict[_utp.Socket, UTPStream] = {}
+        # Streams with a task in wait_send_all_might_not_block().
+        self._room_waiters: set[UTPStream] = set()
         self._listener: UTPListener | None = None
         self._queues: dict[str, DatagramQueue] = {}
         self._unowned: dict[str, int] = collections.defaultdict(int)
@@ -389,6 +391,8 @@ class Endpoint:
             return
         for kind, sock, arg in ctx.take_events():
             self._dispatch(kind, sock, arg)
+        for stream in list(self._room_waiters):
+            stream._check_send_room()
         self._flush()
         self._rearm_timer()
 
