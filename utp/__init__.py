@@ -24,10 +24,40 @@ What it is:
 What it is not: a BitTorrent peer (package ``bt``, coming).
 """
 
+import os as _os
+
+
+def _missing_extension(exc: ImportError) -> ImportError:
+    """The error for a utp without its compiled module.  The usual cause:
+    Python found the source checkout before the installed package, because
+    ``python -m ...`` and scripts put their own directory first on sys.path;
+    the source tree has no compiled ``utp._utp`` unless built in place."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    root = _os.path.dirname(here)
+    in_checkout = all(_os.path.exists(_os.path.join(root, f))
+                      for f in ("pyproject.toml", "setup.py", "utp/_utp.pyx"))
+    if not in_checkout:
+        return ImportError(f"utp's compiled module utp._utp is missing from {here}: "
+                           f"the installation is broken; reinstall utpkit ({exc})",
+                           name="utp._utp")
+    return ImportError(
+        f"utp was imported from the source checkout {root}, which has no compiled "
+        f"utp._utp: the current directory (or the script's) comes first on sys.path, "
+        f"so it hides the installed utpkit. Use the installed commands "
+        f"(.venv/bin/utp-demo, .venv/bin/utp-bench, .venv/bin/ucat, .venv/bin/dht), "
+        f"run Python from another directory, or build in place for working on the "
+        f"source: .venv/bin/pip install -e .", name="utp._utp")
+
+
 # Context, Socket, ClosedError, classify, ERROR_NAMES, DEFAULT_MTU_IPV4/6 and
 # every UTP_* / UTPKIT_* constant of utp.h (see utp/_utp.pyi).
-from utp._utp import *  # noqa: F401,F403
-from utp._utp import __all__ as _binding_all
+try:
+    from utp._utp import *  # noqa: F401,F403
+    from utp._utp import __all__ as _binding_all
+except ModuleNotFoundError as _exc:
+    if _exc.name != "utp._utp":
+        raise
+    raise _missing_extension(_exc) from None
 
 from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
 from ._endpoint import DatagramQueue, Endpoint
