@@ -495,11 +495,15 @@ def test_debug_reports_states_and_statistics(procs, tmp_path):
     assert re.search(r"^ucat: \+\d+\.\d{3}s connected to 127\.0\.0\.1:%d" % port, text, re.M), text
     assert re.search(r"^ucat: \+\d+\.\d{3}s state: \w+", text, re.M), text
     assert "peer: EOF after 0 bytes" in text, text
-    assert re.search(r"bytes: sent \d+, received \d+", text), text
-    assert re.search(r"packets: sent \d+, received \d+", text), text
+    assert re.search(r"on the wire: payload bytes sent \d+ \(retransmissions included\), "
+                     r"received \d+", text), text
+    assert re.search(r"packets \(data and acks\): sent \d+, received \d+", text), text
     assert re.search(r"retransmits \d+", text), text
     assert re.search(r"rtt [\d.]+ ms", text), text
-    assert "stdin->peer 100000 bytes" in text, text
+    # Each figure says what it counts (issue 13): read from stdin, and how
+    # much of it the peer acknowledged (all of it, after a clean exit).
+    assert "stdin: 100000 bytes read and queued for the peer, 100000 of them acknowledged" in text, text
+    assert "stdout: 0 bytes received from the peer and written" in text, text
 
 
 # --- one side goes away -----------------------------------------------------

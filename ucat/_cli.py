@@ -1009,10 +1009,13 @@ async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:
             with trio.move_on_at(deadline + 1.0):  # a backstop
                 stream = await utp.rendezvous(ep, opts.rendezvous, via=via,
                                               deadline=deadline, log=log)
-        except TimeoutError as exc:
-            raise Failure(str(exc)) from None
-        except OSError as exc:
-            raise Failure(f"rendezvous {where} failed: {_why(exc)}") from None
+        except BaseException as exc:  # the tracker client and the DHT node run nurseries
+            leaf = _sole_leaf(exc)
+            if isinstance(leaf, TimeoutError):
+                raise Failure(str(leaf)) from None
+            if isinstance(leaf, OSError):
+                raise Failure(f"rendezvous {where} failed: {_why(leaf)}") from None
+            raise
         if stream is None:
             raise Failure(f"rendezvous {where} timed out after {budget:g} s")
         log(f"connected to {format_address(stream.peer_address)} after "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import ipaddress
 import math
 import socket as _socket
 from typing import TYPE_CHECKING, Any, Callable, Deque, Protocol
@@ -94,6 +95,9 @@ class UDPDriver:
 
     def take_other(self, ctx: _utp.Context) -> list[tuple[int, bytes, Any]]:
         return ctx.take_other()
+
+    def take_unreachable(self, ctx: _utp.Context) -> list[Any]:
+        return ctx.take_unreachable()
 
     def sendto(self, ctx: _utp.Context, data: bytes, addr: Any) -> None:
         ctx.sendto(self.fd, data, addr)
@@ -256,6 +260,10 @@ class Endpoint:
         self._failure: BaseException | None = None
         self._batches = 0
         self._votes = ExternalAddressVotes()
+        # ICMP port unreachable from DHT/tracker destinations: address key
+        # -> trio time of the latest report (bounded, oldest dropped).
+        self._unreachable: dict[tuple[Any, int], float] = {}
+        self._unreachable_lot = trio.lowlevel.ParkingLot()
 
     # ---- public -----------------------------------------------------------------
 
@@ -336,6 +344,46 @@ class Endpoint:
         self._driver.sendto(self._ctx, bytes(data), addr)
         self._flush()
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def port_unreachable(self, addr: tuple[Any, ...], *, since: float | None = None) -> bool:
+        """Whether the kernel reported ICMP port unreachable for a datagram
+        this Endpoint sent to ``addr`` (DHT and tracker traffic; uTP
+        connections get ConnectionRefusedError themselves), at or after
+        ``since`` (trio clock) if given.  Nothing listens there."""
+        when = self._unreachable.get(_addr_key(addr))
+        return when is not None and (since is None or when >= since)
+
+    async def wait_port_unreachable(self, addr: tuple[Any, ...]) -> None:
+        """Return when an ICMP port unreachable for ``addr`` arrives (see
+        :meth:`port_unreachable`); for racing against an answer."""
+        self._check_open()
+        key = _addr_key(addr)
+        start = trio.current_time()
+        while True:
+            when = self._unreachable.get(key)
+            if when is not None and when >= start:
+                return
+            await self._unreachable_lot.park()
+            self._check_open()
+
+    def _note_unreachable(self) -> None:
+        take = getattr(self._driver, "take_unreachable", None)
+        if take is None or self._ctx.closed:
+            return
+        found = take(self._ctx)
+        if not found:
+            return
+        now = trio.current_time()
+        for addr in found:
+            try:
+                key = _addr_key(addr)
+            except (TypeError, ValueError, IndexError):
+                continue
+            self._unreachable.pop(key, None)
+            self._unreachable[key] = now
+        while len(self._unreachable) > 256:
+            del self._unreachable[next(iter(self._unreachable))]
+        self._unreachable_lot.unpark_all()
 
     def statistics(self) -> dict[str, Any]:
         """Per-owner datagram counts and drops, engine counters, socket
@@ -453,6 +501,7 @@ class Endpoint:
                 self._batches += 1
                 ctx.issue_deferred_acks()
                 self._deliver_others()
+            self._note_unreachable()
             self._after_engine()
 
     def _deliver_others(self) -> None:
@@ -522,12 +571,22 @@ class Endpoint:
             q.close()
         if self._listener is not None:
             self._listener._shutdown()
+        self._unreachable_lot.unpark_all()
         try:
             if not self._ctx.closed:
                 self._flush()
         finally:
             self._ctx.close()
             self._driver.close()
+
+
+def _addr_key(addr: Any) -> tuple[Any, int]:
+    """(ip, port) comparable across spellings: IPv4-mapped IPv6 as IPv4,
+    no scope id."""
+    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip, int(addr[1])
 
 
 def _bind_udp(host: str | None, port: int, family: int | None) -> trio.socket.SocketType:

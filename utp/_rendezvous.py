@@ -115,11 +115,17 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     local = ep.local_address
     async with _tracker.open_tracker_client(ep, retry_base=1.0, max_retries=4) as client:
         try:
-            me, peer = await _meet(client, via, info_hash, local, end, poll, say)
+            me, peer, answers = await _meet(client, via, info_hash, local, end, poll, say)
+            if peer is None and answers == 0:
+                # Not the peer's fault: nobody ever told us anything.
+                raise TimeoutError(f"tracker udp://{where} did not answer "
+                                   f"{_unreachable_note(ep, via)}"
+                                   f"in {trio.current_time() - start:.1f} s")
             if peer is None:
-                raise TimeoutError(f"rendezvous at {where} timed out after "
-                                   f"{trio.current_time() - start:.1f} s: no other peer announced "
-                                   f"the key")
+                raise TimeoutError(f"rendezvous at tracker udp://{where} timed out after "
+                                   f"{trio.current_time() - start:.1f} s: the tracker answered "
+                                   f"{answers} announce{'s' if answers != 1 else ''}, but no "
+                                   f"other peer announced the key")
             if me is None:
                 raise RendezvousError(f"the tracker at {where} did not list us among the peers, "
                                       f"so our public endpoint is unknown")
@@ -139,9 +145,20 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
                     pass
 
 
+def _unreachable_note(ep: Any, addr: Any) -> str:
+    """"(ICMP port unreachable) " when the Endpoint saw the kernel report
+    that nothing listens at addr, else ""."""
+    seen = getattr(ep, "port_unreachable", None)
+    try:
+        return "(ICMP port unreachable: nothing listens there) " if seen and seen(addr) else ""
+    except (TypeError, ValueError):
+        return ""
+
+
 async def _meet(client: Any, via: Any, info_hash: bytes, local: Any, end: float, poll: float,
-                say: Callable[[str], None]) -> tuple[Any, Any]:
-    """Announce until another peer shows up (or ``end``); (us, peer)."""
+                say: Callable[[str], None]) -> tuple[Any, Any, int]:
+    """Announce until another peer shows up (or ``end``); (us, peer, how
+    many announces the tracker answered)."""
     import tracker as _tracker
 
     me = peer = None
@@ -160,9 +177,9 @@ async def _meet(client: Any, via: Any, info_hash: bytes, local: Any, end: float,
                 peer = others[-1]
                 if len(others) > 1:
                     say(f"{len(others)} peers for this key; taking the newest, {_format_peer(peer)}")
-                return me, peer
+                return me, peer, announces
             await trio.sleep(poll)
-    return me, peer
+    return me, peer, announces
 
 
 # ---- the DHT ------------------------------------------------------------------------------
