@@ -612,3 +612,25 @@ def test_terminal(procs):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_usage_errors_are_one_line():
+    """An argparse error is one line like every other failure (the README
+    promises that), with where to find the usage."""
+    out = subprocess.run(ucat("-Z", "127.0.0.1", "4000"), capture_output=True, timeout=QUICK,
+                         env=ENV, cwd="/")
+    assert out.returncode == 2
+    assert out.stderr == b"ucat: unrecognized arguments: -Z (see ucat -h)\n", out.stderr
+
+
+def test_rendezvous_at_a_closed_tracker_port_names_the_tracker(procs):
+    """Nothing listens where the tracker should be: the ICMP port
+    unreachable ends ucat at once with a line that blames the tracker, not
+    the peer, and never "internal error" (issue 13)."""
+    port = _free_udp_port()
+    proc = procs.start(ucat("--rendezvous", "k", "--tracker", f"udp://127.0.0.1:{port}", "-w", "20"),
+                       "ucat", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    assert proc.wait(QUICK) == 1
+    line = _assert_one_line_error(proc, r"tracker udp://127\.0\.0\.1:%d did not answer" % port)
+    assert "ICMP port unreachable" in line
+    assert time.monotonic() - proc.started < 15, "waited for the deadline instead of the ICMP"

@@ -248,8 +248,16 @@ def check_host_name(host: str) -> None:
         raise Failure(f"bad host name {host!r}", EXIT_USAGE)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, ``ucat: <what> (see ucat -h)``, like
+    every other failure; the four-line usage is for -h."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{PROG}: {message} (see {PROG} -h)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         usage=_USAGE,
         description=_DESCRIPTION,
@@ -1011,8 +1019,8 @@ async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:
                                               deadline=deadline, log=log)
         except BaseException as exc:  # the tracker client and the DHT node run nurseries
             leaf = _sole_leaf(exc)
-            if isinstance(leaf, TimeoutError):
-                raise Failure(str(leaf)) from None
+            if isinstance(leaf, TimeoutError) or (isinstance(leaf, OSError) and leaf.errno is None):
+                raise Failure(str(leaf)) from None  # utp's and the tracker's messages name the party
             if isinstance(leaf, OSError):
                 raise Failure(f"rendezvous {where} failed: {_why(leaf)}") from None
             raise

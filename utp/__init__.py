@@ -17,9 +17,11 @@ What it is:
 - :mod:`utp.testing`: several engines over a seeded, simulated network on a
   virtual clock.
 - :func:`punch` connects two peers behind NATs that call it at the same
-  time; :func:`rendezvous` finds the peer by a shared key, at a UDP tracker
-  (package ``tracker``) or in the Mainline DHT (package ``dht``), and then
-  punches.
+  time (:func:`is_initiator` says which side sends the SYNs);
+  :func:`rendezvous` finds the peer by a shared key (:func:`info_hash_for`
+  is the hash both announce), at a UDP tracker (package ``tracker``) or in
+  the Mainline DHT (package ``dht``), and then punches; it raises
+  :class:`RendezvousError` when the meeting itself fails.
 
 What it is not: a BitTorrent peer (package ``bt``, coming).
 """
@@ -62,8 +64,8 @@ except ModuleNotFoundError as _exc:
 from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
 from ._endpoint import DatagramQueue, Endpoint
 from ._errors import UTPError
-from ._punch import punch
-from ._rendezvous import rendezvous
+from ._punch import is_initiator, punch
+from ._rendezvous import RendezvousError, info_hash_for, rendezvous
 from ._stream import UTPListener, UTPStream
 
 __version__ = "0.1.0"
@@ -71,4 +73,6 @@ __version__ = "0.1.0"
 __all__ = list(_binding_all) + [
     "open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "Endpoint",
     "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "punch", "rendezvous", "__version__",
+    # named by punch()'s and rendezvous()'s docstrings
+    "is_initiator", "RendezvousError", "info_hash_for",
 ]

@@ -115,7 +115,7 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     local = ep.local_address
     async with _tracker.open_tracker_client(ep, retry_base=1.0, max_retries=4) as client:
         try:
-            me, peer, answers = await _meet(client, via, info_hash, local, end, poll, say)
+            me, peer, answers = await _meet(ep, client, via, info_hash, local, end, poll, say)
             if peer is None and answers == 0:
                 # Not the peer's fault: nobody ever told us anything.
                 raise TimeoutError(f"tracker udp://{where} did not answer "
@@ -155,8 +155,30 @@ def _unreachable_note(ep: Any, addr: Any) -> str:
         return ""
 
 
-async def _meet(client: Any, via: Any, info_hash: bytes, local: Any, end: float, poll: float,
-                say: Callable[[str], None]) -> tuple[Any, Any, int]:
+async def _announce(ep: Any, client: Any, via: Any, info_hash: bytes, event: int) -> Any:
+    """One announce; ConnectionRefusedError as soon as the kernel reports
+    ICMP port unreachable from the tracker (the client would keep
+    retransmitting into the void)."""
+    result: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        async def ask() -> None:
+            result.append(await client.announce(via, info_hash, event=event, left=1, numwant=50))
+            nursery.cancel_scope.cancel()
+
+        async def refused() -> None:
+            await ep.wait_port_unreachable(via)
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(ask)
+        if hasattr(ep, "wait_port_unreachable"):
+            nursery.start_soon(refused)
+    if not result:
+        raise ConnectionRefusedError(f"tracker udp://{_format_peer(via)} did not answer (ICMP port "
+                                     f"unreachable: nothing listens there)")
+    return result[0]
+
+
+async def _meet(ep: Any, client: Any, via: Any, info_hash: bytes, local: Any, end: float,
+                poll: float, say: Callable[[str], None]) -> tuple[Any, Any, int]:
     """Announce until another peer shows up (or ``end``); (us, peer, how
     many announces the tracker answered)."""
     import tracker as _tracker
@@ -166,7 +188,7 @@ async def _meet(client: Any, via: Any, info_hash: bytes, local: Any, end: float,
     with trio.move_on_at(end):
         event = _tracker.EVENT_STARTED
         while True:
-            result = await client.announce(via, info_hash, event=event, left=1, numwant=50)
+            result = await _announce(ep, client, via, info_hash, event)
             announces += 1
             event = _tracker.EVENT_NONE
             me, others = split_peers(result.peers, local)
@@ -257,8 +279,11 @@ async def _rendezvous_dht(ep: Endpoint, key: str | bytes, via: Any, start: float
                 bootstrapping.deadline = math.inf
                 return await _dht_meet_and_punch(ep, node, key, where, start, end, poll, say,
                                                  punch_options)
+        refused = [b for b in boot if ep.port_unreachable(b, since=start)]
+        why = (f"; {', '.join(_format_peer(b) for b in refused)}: ICMP port unreachable "
+               f"(no DHT node listens there)" if refused else ": no bootstrap node answered")
         raise TimeoutError(f"rendezvous through the DHT at {where} timed out after "
-                           f"{trio.current_time() - start:.1f} s while bootstrapping")
+                           f"{trio.current_time() - start:.1f} s while bootstrapping{why}")
     if getattr(via, "endpoint", ep) is not ep:
         raise ValueError("the DHT node given as via must run on the same Endpoint")
     return await _dht_meet_and_punch(ep, via, key, "the DHT", start, end, poll, say, punch_options)
