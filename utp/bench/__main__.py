@@ -12,6 +12,9 @@ BENCHMARKS = {
     "sim": ("utp.bench.sim",
             "the engine over the simulated network: goodput, retransmissions "
             "vs losses, queueing delay (virtual time, ~10 s of real time)"),
+    "dht": ("dht.bench",
+            "DHT lookups (500 simulated nodes, loopback), memory per stored peer, "
+            "queries per second (the same as python -m dht.bench)"),
 }
 
 
