@@ -1,7 +1,7 @@
 """ucat's command line: arguments, stdin/stdout plumbing, error reporting.
 
 The flags are libutp's ucat's (-h -d -l -p -s -B -n, same letters, same
-meanings; -B sizes the engine's socket buffers), plus -w and --version.  What
+meanings; -B sizes the engine's socket buffers), plus -w, --progress and --version.  What
 differs is the behaviour at the edges, where libutp's ucat hangs, spins or
 loses data:
 
