@@ -187,19 +187,20 @@ class UTPStream(trio.abc.HalfCloseableStream):
         if self._destroyed or self._closed or self._send_buffer_has_room():
             self._send_lot.unpark_all()
 
-    async def _wait_for_room(self) -> None:
+    async def _wait_for_room(self, *, watch: bool = False) -> None:
         """Park until the buffer is down to the low watermark (like a kernel
         socket: once full, it takes writes again only when half is free, so
-        a full stream stays blocked for small writes too).  Raises when the
+        a full stream stays blocked for small writes too).  The engine's
+        "writable" event says so after a short write; with ``watch`` the
+        Endpoint also checks after every engine step.  Raises when the
         stream is closed or broken meanwhile."""
-        self._ep._room_waiters.add(self)
+        if watch:
+            self._ep._room_waiters.add(self)
         try:
-            while True:
+            while not self._send_buffer_has_room():
                 await self._send_lot.park()
                 self._raise_if_unusable()
-                if self._send_buffer_has_room():
-                    self._send_full = False
-                    return
+            self._send_full = False
         finally:
             self._ep._room_waiters.discard(self)
 
@@ -212,7 +213,7 @@ class UTPStream(trio.abc.HalfCloseableStream):
             self._raise_if_unusable()
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._send_full and not self._send_buffer_has_room():
-                await self._wait_for_room()
+                await self._wait_for_room(watch=True)
             else:
                 self._send_full = False
                 await trio.lowlevel.cancel_shielded_checkpoint()
