@@ -92,4 +92,5 @@ def test_source_checkout_import_explains_itself(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: utp was imported from the source checkout"), last
     assert "no compiled utp._utp" in last and ".venv/bin/utp-demo" in last, last
+    assert "pip install -e ." in last, last
     assert shutil.which("true") is not None  # PATH above was usable

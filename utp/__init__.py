@@ -42,13 +42,24 @@ def _missing_extension(exc: ImportError) -> ImportError:
         return ImportError(f"utp's compiled module utp._utp is missing from {here}: "
                            f"the installation is broken; reinstall utpkit ({exc})",
                            name="utp._utp")
+    import glob
+    import sys
+
+    installed = [p for p in sys.path if _os.path.abspath(p or _os.curdir) != root
+                 and glob.glob(_os.path.join(p, "utp", "_utp*.so"))]
+    if installed:
+        where = (f": the current directory (or the script's) comes first on sys.path, so it "
+                 f"hides the installed utpkit in {installed[0]}. Use the installed commands "
+                 f"(.venv/bin/utp-demo, .venv/bin/utp-bench, .venv/bin/ucat, .venv/bin/dht), "
+                 f"run Python from another directory")
+    else:
+        where = (f", and utpkit is not installed for {sys.executable}. Install it "
+                 f"(python3 -m venv .venv && .venv/bin/pip install .) and use its commands "
+                 f"(.venv/bin/utp-demo, .venv/bin/ucat, ...)")
     return ImportError(
         f"utp was imported from the source checkout {root}, which has no compiled "
-        f"utp._utp: the current directory (or the script's) comes first on sys.path, "
-        f"so it hides the installed utpkit. Use the installed commands "
-        f"(.venv/bin/utp-demo, .venv/bin/utp-bench, .venv/bin/ucat, .venv/bin/dht), "
-        f"run Python from another directory, or build in place for working on the "
-        f"source: .venv/bin/pip install -e .", name="utp._utp")
+        f"utp._utp{where}, or build in place for working on the source: "
+        f".venv/bin/pip install -e .", name="utp._utp")
 
 
 # Context, Socket, ClosedError, classify, ERROR_NAMES, DEFAULT_MTU_IPV4/6 and
