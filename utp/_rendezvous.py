@@ -94,10 +94,13 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     withdrawn (event "stopped"), so a stale entry does not confuse the next
     meeting with the same key (tracker only: DHT entries just expire).
 
-    Raises TimeoutError when the peer never appeared or punching failed
-    (the message says which), RendezvousError when the peer list cannot be
-    read or no DHT node stored our announce, and the tracker client's
-    errors (e.g. tracker.TrackerError).
+    Raises TimeoutError when the tracker never answered, the peer never
+    appeared or punching failed (the message says which),
+    ConnectionRefusedError at once when the kernel reports ICMP port
+    unreachable from the tracker (nothing listens there),
+    RendezvousError when the peer list cannot be read or no DHT node
+    stored our announce, and the tracker client's errors (e.g.
+    tracker.TrackerError).  Every message names the tracker, node or peer.
     """
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "rendezvous")
