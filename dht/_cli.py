@@ -236,6 +236,28 @@ async def _command(args: Any, ep: Any, boot: list, target: Any) -> int:
     # (BEP 43), so other nodes do not put a soon-dead node in their tables.
     serving = args.command == "serve"
     started = trio.current_time()
+    if serving or not boot:
+        return await _with_node(args, ep, boot, target, started)
+    result: list[int] = []
+    async with trio.open_nursery() as nursery:
+        async def work() -> None:
+            result.append(await _with_node(args, ep, boot, target, started))
+            nursery.cancel_scope.cancel()
+
+        async def all_refused() -> None:
+            # Every bootstrap node answered with ICMP port unreachable:
+            # nothing will come of waiting for the bootstrap to time out.
+            for b in boot:
+                await ep.wait_port_unreachable(b, since=started)
+            raise _Fail(f"no DHT node answered: {_unanswered(ep, boot, started)}")
+        nursery.start_soon(work)
+        if args.command != "ping":
+            nursery.start_soon(all_refused)
+    return result[0]
+
+
+async def _with_node(args: Any, ep: Any, boot: list, target: Any, started: float) -> int:
+    serving = args.command == "serve"
     async with open_node(ep, bootstrap=boot, state_file=args.state, read_only=not serving,
                          wait_bootstrap=not serving) as node:
         if serving:

@@ -353,12 +353,13 @@ class Endpoint:
         when = self._unreachable.get(_addr_key(addr))
         return when is not None and (since is None or when >= since)
 
-    async def wait_port_unreachable(self, addr: tuple[Any, ...]) -> None:
+    async def wait_port_unreachable(self, addr: tuple[Any, ...], *, since: float | None = None) -> None:
         """Return when an ICMP port unreachable for ``addr`` arrives (see
-        :meth:`port_unreachable`); for racing against an answer."""
+        :meth:`port_unreachable`), or has arrived at or after ``since``
+        (trio clock; default: now); for racing against an answer."""
         self._check_open()
         key = _addr_key(addr)
-        start = trio.current_time()
+        start = trio.current_time() if since is None else since
         while True:
             when = self._unreachable.get(key)
             if when is not None and when >= start:
