@@ -56,7 +56,7 @@ async def open_endpoint(host: str | None = None, port: int = 0, *, family: int |
     granted sizes are in ``statistics()``).  ``udp_mtu`` is the largest UDP
     payload to use (default 1402 for IPv4, 1232 for IPv6; above that the
     engine probes the path).  ``options`` sets engine options
-    (``utp.UTPKIT_*`` ids) before anything is sent.
+    (:class:`utp.Option` ids) before anything is sent.
 
     Resource handling: the socket and the Endpoint's tasks belong to this
     block.  Leaving it normally closes every connection gracefully and waits
