@@ -47,6 +47,8 @@ from ._utp import EventKind
 __all__ = ["Endpoint", "DatagramQueue", "Driver", "UDPDriver", "OWNER_DHT", "OWNER_TRACKER",
            "OWNER_OTHER"]
 
+_ACCEPT, _DESTROYED = EventKind.ACCEPT, EventKind.DESTROYED   # per-event dispatch
+
 OWNER_DHT = "dht"
 OWNER_TRACKER = "tracker"
 OWNER_OTHER = "other"
@@ -472,7 +474,7 @@ class Endpoint:
             self._progress_lot.unpark_all()
 
     def _dispatch(self, kind: EventKind, sock: _utp.Socket, arg: Any) -> None:
-        if kind is EventKind.ACCEPT:
+        if kind is _ACCEPT:
             listener = self.listener
             if listener is None:
                 sock.close()  # the engine only accepts while we listen; a race
@@ -485,7 +487,7 @@ class Endpoint:
             if waiter is not None:
                 waiter(kind, arg)  # a connection attempt in progress
             return
-        if kind is EventKind.DESTROYED:
+        if kind is _DESTROYED:
             del self._streams[sock]
             if not self._streams:
                 self._drained_lot.unpark_all()

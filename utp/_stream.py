@@ -30,6 +30,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["UTPStream", "UTPListener"]
 
+# Module-level names for the per-event dispatch (a global lookup and ``is``
+# cost a fifth of an Enum attribute lookup).
+_READABLE, _WRITABLE, _EOF, _ERROR, _DESTROYED, _CONNECT = (
+    EventKind.READABLE, EventKind.WRITABLE, EventKind.EOF, EventKind.ERROR, EventKind.DESTROYED,
+    EventKind.CONNECT)
+
 DEFAULT_RECEIVE_SIZE = 256 * 1024
 
 
@@ -108,28 +114,28 @@ class UTPStream(trio.abc.HalfCloseableStream):
             cb(what)
 
     def _on_event(self, kind: EventKind, arg: Any) -> None:
-        if kind is EventKind.READABLE:
+        if kind is _READABLE:
             self._recv_lot.unpark_all()
-        elif kind is EventKind.WRITABLE:
+        elif kind is _WRITABLE:
             self._send_lot.unpark_all()
             self._notify("writable")
-        elif kind is EventKind.EOF:
+        elif kind is _EOF:
             self._eof_received = True
             self._recv_lot.unpark_all()
             self._notify("eof")
-        elif kind is EventKind.ERROR:
+        elif kind is _ERROR:
             self._error = UTPError(arg, describe(arg, _format_peer(self._peer)))
             self._recv_lot.unpark_all()
             self._send_lot.unpark_all()
             self._notify(f"error: {self._error}")
-        elif kind is EventKind.DESTROYED:
+        elif kind is _DESTROYED:
             self._destroyed = True
             self._final_stats = self._collect_stats()
             self._recv_lot.unpark_all()
             self._send_lot.unpark_all()
             self._closed_lot.unpark_all()
             self._notify("closed")
-        elif kind is EventKind.CONNECT:
+        elif kind is _CONNECT:
             self._notify("connected")
 
     def _on_endpoint_closed(self) -> None:
