@@ -672,4 +672,4 @@ def check_positive(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be positive, not {value!r}")
 
 
-Callback = Callable[[str, Any], None]
+Callback = Callable[[EventKind, Any], None]
