@@ -24,10 +24,10 @@ from typing import Any, NoReturn
 
 import trio
 
-from ._node import open_node
+from _utpkit.addr import split_hostport
+from _utpkit.excgroup import sole_leaf
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+from ._node import open_node
 
 __all__ = ["main"]
 
@@ -56,14 +56,10 @@ def _infohash(text: str) -> bytes:
 def _hostport(text: str) -> tuple:
     """``HOST:PORT`` or ``[V6]:PORT``, HOST a name or an address; checked
     here for its form, resolved later."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-        if ":" in host:
-            raise argparse.ArgumentTypeError(f"write an IPv6 address in brackets: [{host}]:{port}")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
+    try:
+        host, port = split_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not (port.isascii() and port.isdigit() and int(port) <= 65535):
         raise argparse.ArgumentTypeError(f"bad port {port!r} in {text!r}: want 0 to 65535")
     return (host, int(port))
@@ -169,16 +165,9 @@ async def _addresses(args: Any) -> tuple[tuple[str, int], list, Any]:
     return bind, boot, target
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
-    return [exc]
-
-
 def _sole(exc: BaseException) -> BaseException:
     """The one exception that matters inside trio's exception groups."""
-    leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
-    return leaves[0] if len(leaves) == 1 else exc
+    return sole_leaf(exc, (trio.Cancelled,))
 
 
 async def _run(args: Any) -> int:
