@@ -16,7 +16,8 @@ from typing import Any, Union
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["BencodeError", "encode", "decode_untrusted", "MAX_DEPTH", "MAX_SIZE"]
+__all__ = ["BencodeError", "encode", "decode_untrusted", "decode_with_spans_untrusted",
+           "MAX_DEPTH", "MAX_SIZE"]
 
 MAX_DEPTH = 16      # KRPC nests three deep (dict > dict > list); 16 is generous
 MAX_SIZE = 65536    # one UDP datagram
@@ -49,6 +50,51 @@ def decode_untrusted(data: bytes, *, max_depth: int = MAX_DEPTH, max_size: int =
     if i != n:
         raise BencodeError(f"trailing data at offset {i}")
     return value
+
+
+def decode_with_spans_untrusted(data: bytes, *, max_depth: int = MAX_DEPTH,
+                                max_size: int = MAX_SIZE) -> tuple[dict, dict[bytes, tuple[int, int]]]:
+    """Decode a canonical bencoded *dictionary* that spans all of ``data``,
+    and say where each of its values lies in ``data``.
+
+    Returns ``(value, spans)`` with ``spans[key] == (start, end)``, so that
+    ``data[start:end]`` are the exact bytes of ``value[key]`` as received.
+    Why: a torrent's infohash is the SHA-1 of its ``info`` dictionary's
+    bytes as the creator wrote them; re-encoding the decoded value would
+    hash something else whenever a creator's encoding differs from ours.
+    Raises BencodeError for anything that :func:`decode_untrusted` refuses,
+    and when the top-level value is not a dictionary."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("bencode input must be bytes")
+    data = bytes(data)
+    n = len(data)
+    if n > max_size:
+        raise BencodeError(f"input of {n} bytes exceeds {max_size}")
+    if n == 0 or data[0] != 0x64:
+        raise BencodeError("the top-level value is not a dictionary")
+    if max_depth <= 0:
+        raise BencodeError(f"nesting deeper than {max_depth} at offset 0")
+    d: dict = {}
+    spans: dict[bytes, tuple[int, int]] = {}
+    last: bytes | None = None
+    i = 1
+    while True:
+        if i >= n:
+            raise BencodeError("unterminated dictionary")
+        if data[i] == 0x65:
+            break
+        if not 0x30 <= data[i] <= 0x39:
+            raise BencodeError(f"dictionary key at offset {i} is not a string")
+        k, i = _decode_str(data, i, n)
+        if last is not None and k <= last:
+            raise BencodeError(f"dictionary key {k[:32]!r} unsorted or duplicated")
+        last = k
+        start = i
+        d[k], i = _decode(data, i, n, 1, max_depth)
+        spans[k] = (start, i)
+    if i + 1 != n:
+        raise BencodeError(f"trailing data at offset {i + 1}")
+    return d, spans
 
 
 def _decode_int(data: bytes, i: int, n: int, end: int) -> tuple[int, int]:
