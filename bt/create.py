@@ -45,7 +45,7 @@ def piece_size_for(total_size: int) -> int:
     libtorrent aims for a piece list (20 bytes a hash) of about twice the
     square root of the content size, i.e. ``total <= (2 * piece / 20) ** 2``:
     the smallest power of two from 16 KiB to 8 MiB that satisfies it, else
-    16 MiB.  So 1 GiB gets 256 KiB pieces and 4 GiB gets 1 MiB ones."""
+    16 MiB.  So 1 GiB gets 512 KiB pieces and 4 GiB gets 1 MiB ones."""
     piece = _MIN_AUTO
     while piece < _MAX_AUTO:
         # ceil(piece**2 / 100) is (2 * piece / 20) ** 2 rounded up, exactly

@@ -391,16 +391,15 @@ def _parse(top: dict, info: dict, info_bytes: bytes) -> Metainfo:
                     raise MetainfoError(f"{pwhere}: {'/'.join(path)!r} is also info.files[{seen[path]}]")
                 if path in dirs:
                     raise MetainfoError(f"{pwhere}: {'/'.join(path)!r} is also a directory of another file")
-                seen[path] = k
                 for n in range(1, len(path)):
+                    if path[:n] in seen:
+                        raise MetainfoError(f"{pwhere}: {'/'.join(path)!r} lies under info.files"
+                                            f"[{seen[path[:n]]}], which is a file")
                     dirs.add(path[:n])
+                seen[path] = k
             files.append(FileEntry(path, length, offset, attr, _symlink(fd, attr, where),
                                    _mtime(fd, where)))
             offset += length
-        for path, k in seen.items():
-            if path in dirs:
-                raise MetainfoError(f"info.files[{k}].path: {'/'.join(path)!r} is also a directory "
-                                    "of another file")
     total = offset
     if total == 0:
         raise MetainfoError("info: the torrent holds no data (total length 0)")
