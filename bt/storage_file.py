@@ -31,6 +31,7 @@ the wrapper's calls are serialised per piece by its caller.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Any, Callable
@@ -140,8 +141,8 @@ class FileTorrent(BaseTorrent):
                 if create:
                     raise
                 return None
-            except PermissionError:
-                if create:
+            except OSError as exc:
+                if create or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)   # seeding read-only data
             if create and os.fstat(fd).st_size < f.length:
@@ -229,6 +230,8 @@ class FileTorrent(BaseTorrent):
             self._dirty.add(s.file_index)
 
     def _mark(self, index: int, complete: bool) -> None:
+        # The mark holds in memory even when the resume write that may
+        # follow fails (StorageError): the piece *is* verified.
         before = index in self.have
         super()._mark(index, complete)
         if before != complete:
@@ -352,7 +355,10 @@ class FileTorrent(BaseTorrent):
             resumed = True
         self._resume_dirty = True
         if self.resume_path is not None:
-            self.save_resume()
+            try:
+                self.save_resume()
+            except StorageError:
+                pass    # kept in self.error; what the check found is still true
         return CheckResult(frozenset(self.have), hashed, resumed)
 
     def close(self) -> None:
