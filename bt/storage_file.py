@@ -24,17 +24,21 @@ download directory, with a resume file.
   naming the file and the cause, and is kept in ``torrent.error`` for the
   session to show; verified pieces are never forgotten because of it.
 
-Blocking: every method does disk I/O; run it in a worker thread
-(:class:`bt.storage.AsyncTorrentStorage`).  Not thread-safe per torrent:
-the wrapper's calls are serialised per piece by its caller.
+Blocking: every method does disk I/O; run it in worker threads
+(:class:`bt.storage.AsyncTorrentStorage`).  Calls on one torrent may run in
+several threads at once (the descriptor table and the resume write are
+locked); writes to one piece from two threads at once are the caller's
+business, as with any shared buffer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from _utpkit.bencode import BencodeError, decode_untrusted, encode
 
@@ -94,7 +98,10 @@ class FileTorrent(BaseTorrent):
         #: The last StorageError (the session's error state), or None.
         self.error: StorageError | None = None
         self._paths: list[str | None] = []
-        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()           # the descriptor table and _dirty
+        self._save_lock = threading.Lock()      # one resume write at a time
+        self._fds: dict[int, tuple[int, bool]] = {}     # file index -> (fd, writable)
+        self._users: dict[int, int] = {}
         self._dirty: set[int] = set()
         self._resume_dirty = False
         self._last_save = time.monotonic()
@@ -121,17 +128,44 @@ class FileTorrent(BaseTorrent):
         """Where ``files[file_index]`` lives on disk (None for a pad file)."""
         return self._paths[file_index]
 
-    def _fd(self, fi: int, create: bool) -> int | None:
-        fd = self._fds.get(fi)
-        if fd is not None:
-            return fd
+    @contextlib.contextmanager
+    def _open(self, fi: int, create: bool) -> Iterator[int | None]:
+        """The descriptor of ``files[fi]`` for the duration of the block
+        (None: the file is not on disk and ``create`` is false).
+
+        Worker threads share the descriptor table: a lock guards it, and a
+        descriptor in use by another thread is never closed to make room
+        (the cap on open files is then exceeded for a moment instead)."""
+        with self._lock:
+            entry = self._fds.get(fi)
+            if entry is not None and create and not entry[1] and not self._users.get(fi):
+                del self._fds[fi]           # read-only so far; we now need to write
+                os.close(entry[0])
+                entry = None
+            if entry is None:
+                entry = self._open_new(fi, create)
+                if entry is not None:
+                    if len(self._fds) >= _MAX_OPEN_FILES:
+                        self._evict()
+                    self._fds[fi] = entry
+            if entry is not None:
+                self._users[fi] = self._users.get(fi, 0) + 1
+        if entry is None:
+            yield None
+            return
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                self._users[fi] -= 1
+
+    def _open_new(self, fi: int, create: bool) -> tuple[int, bool] | None:
         path = self._paths[fi]
         assert path is not None
         f = self.meta.files[fi]
         try:
             if create:
-                parent = os.path.dirname(path)
-                os.makedirs(parent, exist_ok=True)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
             # Again, just before opening: a symlink may have appeared since.
             self._check_inside(path, f.path)
             flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
@@ -144,18 +178,21 @@ class FileTorrent(BaseTorrent):
             except OSError as exc:
                 if create or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)   # seeding read-only data
+                # Seeding data we may not write: read-only will do.
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
             if create and os.fstat(fd).st_size < f.length:
                 os.ftruncate(fd, f.length)      # sparse: sets the size, allocates nothing
+            return fd, True
         except OSError as exc:
             raise self._fail("create" if create else "open", path, exc) from None
-        if len(self._fds) >= _MAX_OPEN_FILES:
-            self._evict()
-        self._fds[fi] = fd
-        return fd
 
     def _evict(self) -> None:
-        fi, fd = next(iter(self._fds.items()))
+        # The least recently opened descriptor no thread is using.
+        for fi, (fd, _) in self._fds.items():
+            if not self._users.get(fi):
+                break
+        else:
+            return
         del self._fds[fi]
         try:
             if fi in self._dirty:
@@ -189,23 +226,25 @@ class FileTorrent(BaseTorrent):
         out = bytearray()
         for s in self.meta.map_piece(index, offset, length):
             path = self._paths[s.file_index]
-            fd = None if path is None else self._fd(s.file_index, create=False)
-            if fd is None:
-                out += bytes(s.length)
+            if path is None:
+                out += bytes(s.length)      # pad bytes are zeros
                 continue
-            pos, left = s.file_offset, s.length
-            try:
-                while left:
-                    chunk = os.pread(fd, left, pos)
-                    if not chunk:
-                        out += bytes(left)      # a short file reads as zeros
-                        break
-                    out += chunk
-                    pos += len(chunk)
-                    left -= len(chunk)
-            except OSError as exc:
-                assert path is not None
-                raise self._fail("read", path, exc) from None
+            with self._open(s.file_index, create=False) as fd:
+                if fd is None:
+                    out += bytes(s.length)
+                    continue
+                pos, left = s.file_offset, s.length
+                try:
+                    while left:
+                        chunk = os.pread(fd, left, pos)
+                        if not chunk:
+                            out += bytes(left)      # a short file reads as zeros
+                            break
+                        out += chunk
+                        pos += len(chunk)
+                        left -= len(chunk)
+                except OSError as exc:
+                    raise self._fail("read", path, exc) from None
         return bytes(out)
 
     def _write(self, index: int, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -217,17 +256,20 @@ class FileTorrent(BaseTorrent):
             path = self._paths[s.file_index]
             if path is None:
                 continue            # pad bytes are zeros: never stored
-            fd = self._fd(s.file_index, create=True)
-            assert fd is not None
-            pos = s.file_offset
-            try:
-                while chunk:
-                    n = os.pwrite(fd, chunk, pos)
-                    chunk = chunk[n:]
-                    pos += n
-            except OSError as exc:
-                raise self._fail("write", path, exc) from None
-            self._dirty.add(s.file_index)
+            with self._open(s.file_index, create=True) as fd:
+                assert fd is not None
+                pos = s.file_offset
+                try:
+                    while chunk:
+                        n = os.pwrite(fd, chunk, pos)
+                        chunk = chunk[n:]
+                        pos += n
+                except OSError as exc:
+                    raise self._fail("write", path, exc) from None
+                # Marked after the write, inside the use: a save_resume that
+                # took its snapshot before this line fsyncs it next time.
+                with self._lock:
+                    self._dirty.add(s.file_index)
 
     def _mark(self, index: int, complete: bool) -> None:
         # The mark holds in memory even when the resume write that may
@@ -262,18 +304,36 @@ class FileTorrent(BaseTorrent):
         StorageError if that fails; the previous resume file then stays."""
         if self.resume_path is None:
             return
-        for fi in sorted(self._dirty):
-            fd = self._fds.get(fi)
-            if fd is not None:
-                try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    path = self._paths[fi]
-                    assert path is not None
-                    raise self._fail("flush", path, exc) from None
-        self._dirty.clear()
+        with self._save_lock:
+            self._save_resume(self.resume_path)
+
+    def _save_resume(self, path: str) -> None:
+        # The pieces to record are taken first: every one of them was
+        # written (and its file marked dirty) before it was marked complete,
+        # so the fsyncs below cover all of their bytes.
+        have = frozenset(self.have)
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            for fi in dirty:
+                self._users[fi] = self._users.get(fi, 0) + 1     # not evicted meanwhile
+        try:
+            for fi in sorted(dirty):
+                entry = self._fds.get(fi)
+                if entry is not None:
+                    try:
+                        os.fsync(entry[0])
+                    except OSError as exc:
+                        with self._lock:
+                            self._dirty |= dirty
+                        p = self._paths[fi]
+                        assert p is not None
+                        raise self._fail("flush", p, exc) from None
+        finally:
+            with self._lock:
+                for fi in dirty:
+                    self._users[fi] -= 1
         bits = bytearray(-(-self.meta.num_pieces // 8))
-        for i in self.have:
+        for i in have:
             bits[i >> 3] |= 0x80 >> (i & 7)
         record = encode({
             b"format": RESUME_FORMAT,
@@ -283,7 +343,6 @@ class FileTorrent(BaseTorrent):
             b"verified": bytes(bits),
             b"files": self._file_stamps(),
         })
-        path = self.resume_path
         tmp = f"{path}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -374,11 +433,12 @@ class FileTorrent(BaseTorrent):
                 self.save_resume()
             except StorageError as exc:
                 err = exc
-        for fd in self._fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
+        with self._lock:
+            for fd, _ in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
         if err is not None:
             raise err

@@ -236,6 +236,26 @@ def test_resume_after_sigkill_keeps_every_verified_piece(tmp_path, torrent):
     _same_tree(src, tmp_path / "dl" / "content")
 
 
+def test_many_files_keep_a_bounded_number_open(tmp_path):
+    from bt.storage_file import _MAX_OPEN_FILES
+    n = _MAX_OPEN_FILES + 40
+    src = _content(tmp_path / "src", {f"f{k:03d}": 3000 + k for k in range(n)})
+    m = parse_metainfo_untrusted(create_torrent(src, piece_length=PIECE))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    t = FileStorage(tmp_path / "dl", resume_dir=tmp_path / "r").open_torrent(m)
+    _store(t, m, src, range(m.num_pieces))
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= _MAX_OPEN_FILES
+    assert t.check(full=True).have == frozenset(range(m.num_pieces))
+    t.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    for k in range(n):
+        assert (tmp_path / "dl" / "content" / f"f{k:03d}").read_bytes() == (src / f"f{k:03d}").read_bytes()
+    # the evicted files were flushed before the resume file claimed them
+    t = FileStorage(tmp_path / "dl", resume_dir=tmp_path / "r").open_torrent(m)
+    assert t.check().hashed == 0
+    t.close()
+
+
 # ---- symlinks on disk ---------------------------------------------------------------------
 
 
