@@ -14,10 +14,12 @@ import trio.
 """
 
 from .create import CreateError, create_torrent, create_torrent_async, piece_size_for, write_torrent
-from .metainfo import FileEntry, Metainfo, MetainfoError, load_metainfo, parse_metainfo_untrusted
+from .metainfo import (FileEntry, Metainfo, MetainfoError, load_metainfo, parse_info_untrusted,
+                       parse_metainfo_untrusted)
 from .storage import AsyncTorrentStorage, MemoryStorage, Piece, StorageError
 from .storage_file import FileStorage
 
 __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_for", "write_torrent",
-           "FileEntry", "Metainfo", "MetainfoError", "load_metainfo", "parse_metainfo_untrusted",
+           "FileEntry", "Metainfo", "MetainfoError", "load_metainfo", "parse_info_untrusted",
+           "parse_metainfo_untrusted",
            "AsyncTorrentStorage", "MemoryStorage", "Piece", "StorageError", "FileStorage"]

@@ -28,12 +28,13 @@ import bisect
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from _utpkit.bencode import BencodeError, decode_with_spans_untrusted
+from _utpkit.bencode import BencodeError, decode_with_spans_untrusted, encode
 from _utpkit.errors import RemoteProtocolError
 
 __all__ = ["MetainfoError", "FileEntry", "Metainfo", "FileSlice", "parse_metainfo_untrusted",
+           "parse_info_untrusted",
            "load_metainfo", "check_path_components", "MAX_TORRENT_SIZE", "MAX_PIECE_LENGTH",
            "MAX_FILES"]
 
@@ -188,6 +189,33 @@ class Metainfo:
             raise ValueError(f"range {offset}+{length} outside piece {index} of {size} bytes")
         return self.map_range(index * self.piece_length + offset, length)
 
+    def to_torrent_bytes(self) -> bytes:
+        """A .torrent holding this metainfo: the info dictionary's bytes
+        exactly as parsed (so the infohash is unchanged), with the trackers,
+        comment, creator and date around it (e.g. to save a torrent fetched
+        through a magnet link)."""
+        top: dict[bytes, Any] = {}
+        if self.announce:
+            top[b"announce"] = self.announce.encode()
+        if self.announce_list:
+            top[b"announce-list"] = [[u.encode() for u in tier] for tier in self.announce_list]
+        if self.comment:
+            top[b"comment"] = self.comment.encode()
+        if self.created_by:
+            top[b"created by"] = self.created_by.encode()
+        if self.creation_date is not None:
+            top[b"creation date"] = self.creation_date
+        if self.url_list:
+            top[b"url-list"] = [u.encode() for u in self.url_list]
+        # Our encoder cannot embed raw bytes, so splice the info dictionary
+        # in at its sorted place.
+        parts = [b"d"]
+        for k in sorted([*top, b"info"]):
+            parts.append(b"%d:%s" % (len(k), k))
+            parts.append(self.info_bytes if k == b"info" else encode(top[k]))
+        parts.append(b"e")
+        return b"".join(parts)
+
     def file_pieces(self, file_index: int) -> range:
         """The pieces that hold bytes of ``files[file_index]`` (empty for an
         empty file)."""
@@ -227,6 +255,25 @@ def parse_metainfo_untrusted(data: bytes) -> Metainfo:
         raise MetainfoError(f"info: expected a dictionary, got {_kind(info)}")
     start, end = spans[b"info"]
     info_bytes = data[start:end]
+    return _parse(top, info, info_bytes)
+
+
+def parse_info_untrusted(info_bytes: bytes, *, trackers: Sequence[Sequence[str]] = ()) -> Metainfo:
+    """Build a Metainfo from an info dictionary alone -- what a magnet
+    link's ut_metadata exchange (BEP 9) delivers -- with ``trackers`` (tiers,
+    e.g. the magnet's ``tr`` parameters) as its announce-list.  The caller
+    compares ``info_hash`` with the one it asked for."""
+    if not isinstance(info_bytes, (bytes, bytearray, memoryview)):
+        raise TypeError("an info dictionary is bytes")
+    info_bytes = bytes(info_bytes)
+    try:
+        info, _ = decode_with_spans_untrusted(info_bytes, max_depth=MAX_DEPTH, max_size=MAX_TORRENT_SIZE)
+    except BencodeError as exc:
+        raise MetainfoError(f"info: not valid bencode: {exc}") from None
+    tiers = [[u.encode() for u in tier] for tier in trackers if tier]
+    top: dict = {b"announce-list": tiers} if tiers else {}
+    if tiers:
+        top[b"announce"] = tiers[0][0]
     return _parse(top, info, info_bytes)
 
 
@@ -323,6 +370,38 @@ def _mtime(d: dict, where: str) -> int | None:
     return _get(d, b"mtime", where + ".mtime", int, required=False)
 
 
+def _file_tree_leaves(tree: dict, prefix: tuple[bytes, ...], where: str,
+                      out: list[tuple[tuple[bytes, ...], int]]) -> None:
+    # BEP 52: directories are dictionaries keyed by name; a file is the
+    # dictionary under the empty key, holding its length.
+    for k, v in tree.items():
+        w = f"{where}/{_text(k)}" if k else where
+        if type(v) is not dict:
+            raise MetainfoError(f"info.file tree{w}: expected a dictionary, got {_kind(v)}")
+        if k == b"":
+            if not prefix:
+                raise MetainfoError("info.file tree: a file without a name")
+            length = _get(v, b"length", f"info.file tree{w}.length", int)
+            out.append((prefix, length))
+        else:
+            _file_tree_leaves(v, prefix + (k,), w, out)
+    if len(out) > MAX_FILES:
+        raise MetainfoError(f"info.file tree: more than {MAX_FILES} files")
+
+
+def _check_hybrid(tree: dict, files: list[FileEntry], multi: bool) -> None:
+    """A hybrid's v2 file tree must describe the same files as its v1 side
+    (BEP 52): otherwise v1 and v2 peers would be sharing different content
+    under one torrent."""
+    leaves: list[tuple[tuple[bytes, ...], int]] = []
+    _file_tree_leaves(tree, (), "", leaves)
+    v2 = sorted((tuple(_text(c) for c in p), n) for p, n in leaves)
+    v1 = sorted(((f.path[1:] if multi else f.path), f.length) for f in files if not f.pad)
+    if v1 != v2:
+        raise MetainfoError("info.file tree: does not describe the same files as the v1 side "
+                            "(a hybrid torrent must)")
+
+
 def _parse(top: dict, info: dict, info_bytes: bytes) -> Metainfo:
     meta_version = _get(info, b"meta version", "info.meta version", int, required=False) or 1
     if meta_version not in (1, 2):
@@ -401,6 +480,8 @@ def _parse(top: dict, info: dict, info_bytes: bytes) -> Metainfo:
                                    _mtime(fd, where)))
             offset += length
     total = offset
+    if hybrid:
+        _check_hybrid(info[b"file tree"], files, has_files)
     if total == 0:
         raise MetainfoError("info: the torrent holds no data (total length 0)")
     want = -(-total // piece_length)

@@ -5,7 +5,9 @@ download directory, with a resume file.
   sized to its length with ``ftruncate`` (no blocks allocated), and written
   with ``os.pwrite``; reads use ``os.pread`` and see zeros where nothing
   was written or the file does not exist.  Pad files (BEP 47) are never
-  created: their bytes are zeros by definition.
+  created: their bytes are zeros by definition.  A BEP 47 symlink entry
+  (``attr`` ``l``) is stored as a regular file: a torrent never makes us
+  create a symlink.
 - **Paths never escape.**  The metainfo parser already refused ``..``,
   absolute paths and the like; here every file's path is also resolved on
   disk (``realpath``) when the torrent is opened and again before a file is

@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 
 from _utpkit.bencode import BencodeError, decode_with_spans_untrusted, encode
 from _utpkit.errors import ProtocolError, RemoteProtocolError
-from bt.metainfo import MetainfoError, parse_metainfo_untrusted
+from bt.metainfo import MetainfoError, parse_info_untrusted, parse_metainfo_untrusted
 
 
 def _torrent(info: dict, **top) -> bytes:
     d = {b"info": info}
-    d.update({k.replace("_", " ").encode() if k != "announce_list" else b"announce-list": v
-              for k, v in top.items()})
+    hyphened = {"announce_list": b"announce-list", "url_list": b"url-list"}
+    d.update({hyphened.get(k, k.replace("_", " ").encode()): v for k, v in top.items()})
     return encode(d)
 
 
@@ -136,9 +136,37 @@ def test_hybrid_records_the_v2_hash_and_v2_only_is_refused():
     m = parse_metainfo_untrusted(_torrent(info, piece_layers={}))
     assert m.hybrid and m.info_hash_v2 == hashlib.sha256(encode(info)).digest()
     assert m.info_hash == hashlib.sha1(encode(info)).digest()
+    # v1 and v2 sides that disagree are refused (BEP 52)
+    info[b"file tree"] = {b"file.bin": {b"": {b"length": 39999, b"pieces root": b"\x02" * 32}}}
+    with pytest.raises(MetainfoError, match=r"^info\.file tree: does not describe the same files"):
+        parse_metainfo_untrusted(_torrent(info))
+    info[b"file tree"] = {b"file.bin": {b"": b"x"}}
+    with pytest.raises(MetainfoError, match=r"^info\.file tree/file\.bin: expected a dictionary, got a string"):
+        parse_metainfo_untrusted(_torrent(info))
     del info[b"pieces"]
     with pytest.raises(MetainfoError, match=r"^info\.pieces: missing \(a v2-only torrent"):
         parse_metainfo_untrusted(_torrent(info))
+
+
+def test_info_alone_as_from_a_magnet_link_and_back_to_a_torrent():
+    info = _multi([{b"length": 20000, b"path": [b"a"]}, {b"length": 100, b"path": [b"b"]}])
+    raw = encode(info)
+    m = parse_info_untrusted(raw, trackers=[["udp://127.0.0.1:1"], [], ["udp://127.0.0.1:2"]])
+    assert m.info_hash == hashlib.sha1(raw).digest() and m.info_bytes == raw
+    assert m.trackers == (("udp://127.0.0.1:1",), ("udp://127.0.0.1:2",))
+    back = parse_metainfo_untrusted(m.to_torrent_bytes())
+    assert back == m                 # every field, the info bytes included
+    with pytest.raises(MetainfoError, match=r"^info: not valid bencode"):
+        parse_info_untrusted(raw[:-1])
+    with pytest.raises(MetainfoError, match=r"^info\.pieces: length 3"):
+        parse_info_untrusted(encode({**info, b"pieces": b"abc"}))
+
+
+def test_to_torrent_bytes_keeps_every_field():
+    data = _torrent(_single(40000), announce=b"http://127.0.0.1/a", comment=b"c", created_by=b"me",
+                    creation_date=5, announce_list=[[b"http://127.0.0.1/a"]], url_list=[b"http://127.0.0.1/w"])
+    m = parse_metainfo_untrusted(data)
+    assert m.to_torrent_bytes() == data
 
 
 # ---- malformed torrents: one line naming the field ----------------------------------------
