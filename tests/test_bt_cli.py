@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from testsupport import console_script
 
 from _utpkit.bencode import encode
 from bt.metainfo import load_metainfo
@@ -115,12 +115,7 @@ def test_info_of_a_malformed_torrent_names_the_field(tmp_path):
 
 def test_console_script(tmp_path):
     """The `bt` entry point of an installed utpkit (skipped in a checkout)."""
-    script = Path(sys.executable).with_name("bt")
-    if not script.exists():
-        found = shutil.which("bt")
-        if found is None:
-            pytest.skip("utpkit is not installed: no bt console script")
-        script = Path(found)
+    script = console_script("bt")
     f = tmp_path / "f"
     f.write_bytes(b"data" * 5000)
     r = subprocess.run([str(script), "create", str(f), "-o", str(tmp_path / "f.torrent")],
