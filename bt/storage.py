@@ -84,8 +84,14 @@ class Piece:
         return self._t._read(self.index, offset, length)
 
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` at ``offset``.  StorageError when the disk refuses."""
+        """Store ``data`` at ``offset``.  StorageError when the disk refuses.
+
+        A verified piece is never overwritten (a late duplicate block from a
+        peer would otherwise corrupt data already checked): ValueError until
+        :meth:`mark_not_complete` is called."""
         self._check(offset, len(data))
+        if self.index in self._t.have:
+            raise ValueError(f"piece {self.index} is verified; mark_not_complete() it before writing")
         self._t._write(self.index, offset, data)
 
     def hash_ok(self) -> bool:
@@ -113,6 +119,7 @@ class TorrentStorage(Protocol):
 
     meta: Metainfo
     have: set[int]
+    error: StorageError | None
 
     def piece(self, index: int) -> Piece: ...
     def check(self, *, full: bool = False,
@@ -138,6 +145,8 @@ class BaseTorrent:
         #: Pieces hashed since the torrent was opened (by hash_ok or check):
         #: lets a test or a status line see that a resume avoided a rehash.
         self.statistics_hashed = 0
+        #: The last StorageError (the torrent's error state), or None.
+        self.error: StorageError | None = None
         self.closed = False
 
     def piece(self, index: int) -> Piece:

@@ -97,8 +97,6 @@ class FileTorrent(BaseTorrent):
         self.root = os.path.realpath(download_dir)
         self.resume_path = resume_path
         self.resume_interval = resume_interval
-        #: The last StorageError (the session's error state), or None.
-        self.error: StorageError | None = None
         self._paths: list[str | None] = []
         self._lock = threading.Lock()           # the descriptor table and _dirty
         self._save_lock = threading.Lock()      # one resume write at a time

@@ -59,6 +59,21 @@ def test_spans_keep_the_depth_limit():
     assert decode_with_spans_untrusted(deep, max_depth=32)[0][b"a"] is not None
 
 
+_bvalues = st.recursive(st.integers(-10**20, 10**20) | st.binary(max_size=20),
+                        lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.binary(max_size=6), ch, max_size=4),
+                        max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.binary(max_size=8), _bvalues, max_size=6))
+def test_spans_property(d):
+    data = encode(d)
+    value, spans = decode_with_spans_untrusted(data, max_depth=64)
+    assert value == d and set(spans) == set(d)
+    for k, (a, b) in spans.items():
+        assert data[a:b] == encode(d[k])
+
+
 # ---- well-formed torrents -----------------------------------------------------------------
 
 

@@ -89,10 +89,13 @@ def test_memory_backend_three_levels(torrent):
     _store(t, m, src, range(m.num_pieces))
     assert t.have == set(range(m.num_pieces))
     assert t.piece(3).read_at(5, 100) == _piece_data(m, src, 3)[5:105]
+    # a verified piece is not overwritten (a late duplicate block)
+    with pytest.raises(ValueError, match="piece 1 is verified"):
+        t.piece(1).write_at(7, b"\xff\xfe")
     # a corrupted block fails the hash; the piece is not complete
+    t.piece(1).mark_not_complete()
     t.piece(1).write_at(7, b"\xff\xfe")
     assert not t.piece(1).hash_ok()
-    t.piece(1).mark_not_complete()
     assert not t.piece(1).complete
     # reopening the same infohash sees the data but must check it again
     t2 = backend.open_torrent(m)
@@ -380,6 +383,9 @@ async def test_async_wrappers_run_in_threads(tmp_path, torrent):
             n.start_soon(s.write, i, 0, _piece_data(m, src, i))
     ok = [await s.verify(i) for i in range(m.num_pieces)]
     assert all(ok)
+    with pytest.raises(ValueError):
+        await s.write(0, 0, b"bad")
+    s.storage.piece(0).mark_not_complete()
     await s.write(0, 0, b"bad")
     assert not await s.verify(0)
     assert await s.read(1, 10, 20) == _piece_data(m, src, 1)[10:30]
