@@ -308,7 +308,7 @@ def _loose(d: dict, key: bytes, typ: type) -> Any:
     v = d.get(key)
     if type(v) is not typ:
         return None
-    return _text(v) if typ is bytes else v
+    return _text(v) if isinstance(v, bytes) else v
 
 
 def _utf8_variant(d: dict, key: bytes) -> bytes:
