@@ -403,7 +403,9 @@ def _check_hybrid(tree: dict, files: list[FileEntry], multi: bool) -> None:
 
 
 def _parse(top: dict, info: dict, info_bytes: bytes) -> Metainfo:
-    meta_version = _get(info, b"meta version", "info.meta version", int, required=False) or 1
+    meta_version = _get(info, b"meta version", "info.meta version", int, required=False)
+    if meta_version is None:
+        meta_version = 1
     if meta_version not in (1, 2):
         raise MetainfoError(f"info.meta version: unsupported version {meta_version}")
     hybrid = meta_version == 2

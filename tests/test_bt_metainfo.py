@@ -215,6 +215,7 @@ def _bad(mutate):
     (lambda t, i: i[b"files"].insert(0, {b"length": 1, b"path": [b"a", b"b"]}),
      "info.files[1].path: 'dir/a' is also a directory of another file"),
     (lambda t, i: i.__setitem__(b"meta version", 3), "info.meta version: unsupported version 3"),
+    (lambda t, i: i.__setitem__(b"meta version", 0), "info.meta version: unsupported version 0"),
     (lambda t, i: t.__setitem__(b"announce-list", [b"x"]), "announce-list[0]: expected a list, got a string"),
     (lambda t, i: t.__setitem__(b"announce", 1), "announce: expected a string, got an integer"),
     (lambda t, i: i[b"files"][0].__setitem__(b"length", 0) or i[b"files"][1].__setitem__(b"length", 0),
