@@ -122,3 +122,21 @@ def test_console_script(tmp_path):
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert load_metainfo(tmp_path / "f.torrent").total_length == 20000
+
+
+def test_info_of_a_libtorrent_hybrid(tmp_path):
+    lt = pytest.importorskip("libtorrent", reason="libtorrent (the test extra) makes the hybrid torrent")
+    d = _tree(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fs = lt.file_storage()
+        lt.add_files(fs, str(d))
+        ct = lt.create_torrent(fs)          # libtorrent 2's default: v1 + v2
+        lt.set_piece_hashes(ct, str(tmp_path))
+        (tmp_path / "h.torrent").write_bytes(lt.bencode(ct.generate()))
+        ti = lt.torrent_info(str(tmp_path / "h.torrent"))
+    r = bt("info", tmp_path / "h.torrent")
+    assert r.returncode == 0, r.stderr
+    assert f"info hash:   {ti.info_hashes().v1}" in r.stdout.splitlines()
+    assert f"v2 hash:     {ti.info_hashes().v2} (hybrid v1+v2; used through its v1 side)" in r.stdout
+    assert "files:       2 (and 2 pad files)" in r.stdout

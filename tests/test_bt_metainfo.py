@@ -313,7 +313,7 @@ def test_fuzz_random_bytes(data):
     _parse_or_our_error(data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(_keys, _values, max_size=5), st.dictionaries(_keys, _values, max_size=8))
 def test_fuzz_structured_dictionaries(top, info):
     top = dict(top)
