@@ -6,6 +6,7 @@ disk (a 1 MiB tmpfs)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from testsupport import unavailable
 
+from _utpkit.bencode import encode
 from bt.create import create_torrent
 from bt.metainfo import Metainfo, parse_metainfo_untrusted
 from bt.storage import AsyncTorrentStorage, MemoryStorage, StorageError
@@ -393,3 +397,44 @@ async def test_async_wrappers_run_in_threads(tmp_path, torrent):
     await s.aclose()
     assert (await AsyncTorrentStorage(FileStorage(tmp_path / "dl", resume_dir=tmp_path / "r")
                                       .open_torrent(m)).check()).have == frozenset(range(1, m.num_pieces))
+
+
+# ---- any layout, any write order ----------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 40_000), st.booleans()), min_size=1, max_size=6),
+       st.sampled_from([16384, 32768]), st.randoms(use_true_random=False))
+def test_any_layout_written_in_any_order_reads_back(tmp_path_factory, layout, piece_length, rnd):
+    """Files of any sizes (empty ones, pad files anywhere), blocks written
+    in a random order and split at random points: every piece verifies and
+    every file on disk holds exactly its bytes."""
+    files, content = [], bytearray()
+    for k, (size, pad) in enumerate(layout):
+        data = bytes(size) if pad else rnd.randbytes(size)
+        files.append({b"length": size, b"path": [b".pad", b"%d" % size] if pad else [b"f%d" % k]}
+                     | ({b"attr": b"p"} if pad else {}))
+        content += data
+    assume(any(size for size, pad in layout if not pad))   # else no data: not a torrent
+    hashes = b"".join(hashlib.sha1(content[i:i + piece_length]).digest()
+                      for i in range(0, len(content), piece_length))
+    m = parse_metainfo_untrusted(encode({b"info": {b"name": b"t", b"piece length": piece_length,
+                                                    b"pieces": hashes, b"files": files}}))
+    root = tmp_path_factory.mktemp("layout")
+    t = FileStorage(root).open_torrent(m)
+    writes = []
+    for i in range(m.num_pieces):
+        base, size = i * piece_length, m.piece_size(i)
+        cuts = sorted({0, size, *(rnd.randrange(size) for _ in range(3))})
+        writes += [(i, a, content[base + a:base + b]) for a, b in zip(cuts, cuts[1:])]
+    rnd.shuffle(writes)
+    for i, off, data in writes:
+        t.piece(i).write_at(off, data)
+    assert t.check(full=True).have == frozenset(range(m.num_pieces))
+    t.close()
+    for f in m.files:
+        on_disk = root.joinpath(*f.path)
+        if f.pad:
+            assert not on_disk.exists()
+        else:
+            assert on_disk.read_bytes() == bytes(content[f.offset:f.end])
