@@ -39,6 +39,9 @@ class SimPeer:
     finished_at: float | None = None
     endgame_at: float | None = None
     duplicate_blocks: int = 0
+    #: seconds this peer spent unchoked by peers that were still leeching
+    #: (slots that tit-for-tat hands out, as opposed to seeds' slots)
+    unchoked_by_leechers: float = 0.0
     blocks_received: int = 0
 
     @property
@@ -171,6 +174,9 @@ class Swarm:
                 p.endgame_at = self.now
             if self.now >= p.choker.get_timer():
                 self._rechoke(p)
+            if not p.seeding:
+                for d in p.choker.unchoked:
+                    self.peers[d].unchoked_by_leechers += self.tick
         for p in self.peers:
             self._request(p)
         for p in self.rng.sample(self.peers, len(self.peers)):
