@@ -45,9 +45,11 @@ __all__ = ["PeerWire", "ConnState", "RequestsDropped", "ConnectionClosed",
            "DEFAULT_REQQ", "PEER_DEFAULT_REQQ", "KEEPALIVE_INTERVAL", "IDLE_TIMEOUT",
            "HANDSHAKE_TIMEOUT"]
 
-#: Outstanding requests we accept from a peer, advertised as ``reqq``:
-#: libtorrent 2.x's max_allowed_in_request_queue (500).
-DEFAULT_REQQ = 500
+#: Outstanding requests we accept from a peer, advertised as ``reqq``: what
+#: libtorrent 2.1.1 advertises (measured: 2000; older settings_pack
+#: defaults were 250 and 500).  Deep queues keep a fast peer busy; the
+#: cost is a dictionary entry per request.
+DEFAULT_REQQ = 2000
 #: What we assume of a peer that does not advertise ``reqq`` (BEP 10 names
 #: libtorrent's old default, 250).
 PEER_DEFAULT_REQQ = 250

@@ -1,0 +1,157 @@
+"""Our peer-wire core and picker against a real peer: a libtorrent seed
+(PyPI ``libtorrent``, in this process) over plain TCP on loopback.
+
+A small driver here -- a trio TCP stream feeding :class:`bt.PeerWire`, and
+:class:`bt.picker.PiecePicker` choosing blocks -- does the BitTorrent
+handshake with the Fast Extension and the extension protocol, exchanges
+extension handshakes, and downloads every piece, each checked against the
+SHA-1 in the torrent.  The torrent is made with libtorrent's own
+create_torrent (bt's metainfo module is written separately).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import warnings
+
+import pytest
+from testsupport import unavailable
+import trio
+
+from bt.peerwire import PeerWire, RequestsDropped
+from bt.picker import PiecePicker, request_queue_depth
+from bt.wire import (Bitfield, ExtensionHandshake, Geometry, Handshake, HaveAll, HaveNone,
+                     Interested, Piece, Reject, Request, Unchoke)
+
+try:
+    import libtorrent as lt
+except ImportError as exc:   # pragma: no cover - depends on the machine
+    lt = None
+    _why = f"libtorrent is not importable ({exc}); pip install libtorrent"
+
+PIECE = 32768
+SIZE = 40 * PIECE + 12345          # 41 pieces, the last one short, 3 blocks of it partial
+
+
+@pytest.fixture
+def lt_seed(tmp_path):
+    """A libtorrent session seeding one file over TCP only, encryption off."""
+    if lt is None:
+        unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
+    data = random.Random(42).randbytes(SIZE)
+    (tmp_path / "payload.bin").write_bytes(data)
+    with warnings.catch_warnings():
+        # add_files / create_torrent(file_storage): deprecated in 2.1, still
+        # the bindings' simplest way to make a v1-only torrent
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fs = lt.file_storage()
+        lt.add_files(fs, str(tmp_path / "payload.bin"))
+        ct = lt.create_torrent(fs, PIECE, flags=lt.create_torrent.v1_only)
+    lt.set_piece_hashes(ct, str(tmp_path))
+    ti = lt.torrent_info(ct.generate())
+    ses = lt.session({
+        "listen_interfaces": "127.0.0.1:0",
+        "enable_dht": False, "enable_lsd": False, "enable_upnp": False,
+        "enable_natpmp": False, "dht_bootstrap_nodes": "",
+        "enable_outgoing_utp": False, "enable_incoming_utp": False,
+        "in_enc_policy": 2, "out_enc_policy": 2,      # plain BitTorrent handshakes
+        "allow_multiple_connections_per_ip": True,
+    })
+    atp = lt.add_torrent_params()
+    atp.ti = ti
+    atp.save_path = str(tmp_path)
+    handle = ses.add_torrent(atp)
+    yield ses, handle, ti, data
+    ses.remove_torrent(handle)
+    del ses
+
+
+async def _wait_seeding(handle) -> None:
+    with trio.fail_after(20):
+        while handle.status().state != lt.torrent_status.seeding:
+            await trio.sleep(0.05)
+
+
+async def test_download_from_libtorrent_seed_over_tcp(lt_seed):
+    ses, handle, ti, data = lt_seed
+    await _wait_seeding(handle)
+    infohash = bytes.fromhex(str(ti.info_hashes().v1))
+    hashes = [bytes(ti.hash_for_piece(i)) for i in range(ti.num_pieces())]
+    geometry = Geometry(SIZE, PIECE)
+    assert geometry.num_pieces == ti.num_pieces() == 41
+
+    our_id = b"-UK0001-" + os.urandom(12)
+    stream = await trio.open_tcp_stream("127.0.0.1", ses.listen_port())
+    core = PeerWire(now=trio.current_time(), geometry=geometry)
+    picker = PiecePicker(geometry, random.Random(1))
+    blocks: dict[int, dict[int, bytes]] = {}
+    got: dict[int, bytes] = {}
+    seen: list[type] = []
+    lt_ext: ExtensionHandshake | None = None
+    lt_hs: Handshake | None = None
+
+    core.send(Handshake.make(infohash, our_id, extensions=True, fast=True))
+
+    async def flush():
+        out = core.data_to_send()
+        if out:
+            await stream.send_all(out)
+
+    def fill_pipeline(now):
+        if core.peer_choking or not core.am_interested:
+            return
+        depth = request_queue_depth(1e6, 0.001, peer_reqq=core.peer_reqq)
+        for blk in picker.pick("lt", depth - core.outstanding):
+            core.send(Request(*blk))
+            picker.requested("lt", blk, now)
+
+    with trio.fail_after(30):
+        await flush()
+        while len(got) < geometry.num_pieces:
+            chunk = await stream.receive_some(65536)
+            now = trio.current_time()
+            core.receive_data(chunk, now)
+            assert chunk, "libtorrent closed the connection"
+            while (ev := core.next_event()) is not None:
+                seen.append(type(ev))
+                if isinstance(ev, Handshake):
+                    lt_hs = ev
+                    core.send(ExtensionHandshake(m={}, v="utpkit-test", reqq=500))
+                    core.send(HaveNone())
+                elif isinstance(ev, ExtensionHandshake):
+                    lt_ext = ev
+                elif isinstance(ev, (HaveAll, Bitfield)):
+                    picker.add_peer("lt", ev if isinstance(ev, Bitfield) else None,
+                                    have_all=isinstance(ev, HaveAll))
+                    core.send(Interested())
+                elif isinstance(ev, Piece):
+                    picker.received("lt", ev.key, now)
+                    blocks.setdefault(ev.index, {})[ev.begin] = bytes(ev.data)
+                    if picker.piece_complete(ev.index):
+                        piece = b"".join(v for _, v in sorted(blocks.pop(ev.index).items()))
+                        assert hashlib.sha1(piece).digest() == hashes[ev.index]
+                        picker.piece_passed(ev.index)
+                        got[ev.index] = piece
+                elif isinstance(ev, Reject):
+                    picker.cancelled("lt", ev.key)
+                elif isinstance(ev, RequestsDropped):
+                    for r in ev.requests:
+                        picker.cancelled("lt", r.key)
+            fill_pipeline(now)
+            await flush()
+    await stream.aclose()
+
+    # the handshakes: libtorrent sets the extension and fast bits, and
+    # tells us the address it sees us at (BEP 10 yourip)
+    assert lt_hs is not None and lt_hs.extensions and lt_hs.fast
+    assert core.fast and core.extensions
+    assert lt_ext is not None and lt_ext.v and "libtorrent" in lt_ext.v.lower()
+    assert lt_ext.yourip_address == "127.0.0.1"
+    assert "ut_metadata" in lt_ext.m and core.peer_reqq == lt_ext.reqq
+    assert lt_ext.metadata_size == len(ti.info_section())     # passed through
+    assert Unchoke in seen and (HaveAll in seen or Bitfield in seen)
+    assert b"".join(got[i] for i in range(geometry.num_pieces)) == data
+    assert picker.complete and core.outstanding == 0
+    assert handle.status().total_payload_upload >= SIZE
