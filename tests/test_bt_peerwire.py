@@ -445,3 +445,32 @@ def test_fuzz_handshake_and_decoder(data):
         decode_message_untrusted(memoryview(data))
     except RemoteProtocolError:
         pass
+
+
+def test_core_conforms_to_the_stream_core_contract():
+    from _utpkit.contract import StreamCore
+    assert isinstance(PeerWire(now=0), StreamCore)
+
+
+_u32s = st.integers(0, (1 << 32) - 1)
+_generated = st.one_of(
+    st.builds(Have, _u32s), st.builds(Suggest, _u32s), st.builds(AllowedFast, _u32s),
+    st.builds(Request, _u32s, _u32s, _u32s), st.builds(Cancel, _u32s, _u32s, _u32s),
+    st.builds(Reject, _u32s, _u32s, _u32s), st.builds(Port, st.integers(0, 65535)),
+    st.builds(Bitfield, st.binary(max_size=64)),
+    st.builds(Piece, _u32s, _u32s, st.binary(min_size=1, max_size=BLOCK_SIZE)),
+    st.builds(Extended, st.integers(1, 255), st.binary(max_size=200)),
+    st.builds(ExtensionHandshake, st.dictionaries(st.text(min_size=1, max_size=12),
+                                                  st.integers(0, 255), max_size=5),
+              st.none() | st.text(max_size=20), st.none() | st.integers(1, 65535),
+              st.none() | st.integers(1, 5000)),
+    st.sampled_from([KeepAlive(), Choke(), Unchoke(), Interested(), NotInterested(),
+                     HaveAll(), HaveNone()]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_generated)
+def test_fuzz_codec_round_trips_every_message(msg):
+    data = wire(msg)
+    back = decode_message_untrusted(memoryview(data)[4:])
+    assert _norm(back) == _norm(msg)
