@@ -431,27 +431,32 @@ class PeerWire:
             self._queue(Reject(*k))
         return True
 
-    def _r_piece(self, msg: Piece) -> bool:
-        k = msg.key
+    def _answered(self, k: tuple[int, int, int]) -> bool | None:
+        """The peer answered our request ``k`` (a block or a reject): True
+        if it was outstanding, False if we had cancelled it (or a choke had
+        dropped it) and the answer crossed that on the wire, None if we
+        never asked."""
         if k in self._outgoing:
             del self._outgoing[k]
             return True
         if k in self._cancelled:
             del self._cancelled[k]
+            return False
+        return None
+
+    def _r_piece(self, msg: Piece) -> bool:
+        state = self._answered(msg.key)
+        if state is None:
+            raise WireError(Violation.UNREQUESTED_PIECE, f"block {msg.key} was never requested")
+        if state is False:
             self.counters["late_pieces"] += 1
-            return True
-        raise WireError(Violation.UNREQUESTED_PIECE, f"block {k} was never requested")
+        return True
 
     def _r_reject(self, msg: Reject) -> bool:
-        k = msg.key
-        if k in self._outgoing:
-            del self._outgoing[k]
-            return True
-        if k in self._cancelled:
-            del self._cancelled[k]
-        else:
+        state = self._answered(msg.key)
+        if state is None:
             self.counters["stray_rejects"] += 1
-        return False
+        return bool(state)
 
     def _r_ext_handshake(self, msg: ExtensionHandshake) -> bool:
         if not self.extensions:
