@@ -22,8 +22,8 @@ import trio
 
 from bt.peerwire import PeerWire, RequestsDropped
 from bt.picker import PiecePicker, request_queue_depth
-from bt.wire import (Bitfield, ExtensionHandshake, Geometry, Handshake, HaveAll, HaveNone,
-                     Interested, Piece, Reject, Request, Unchoke)
+from bt.wire import (AllowedFast, Bitfield, ExtensionHandshake, Geometry, Handshake, HaveAll, HaveNone,
+                     Interested, Piece, Reject, Request, Unchoke, allowed_fast_set)
 
 try:
     import libtorrent as lt
@@ -35,22 +35,24 @@ PIECE = 32768
 SIZE = 40 * PIECE + 12345          # 41 pieces, the last one short, 3 blocks of it partial
 
 
-@pytest.fixture
-def lt_seed(tmp_path):
-    """A libtorrent session seeding one file over TCP only, encryption off."""
-    if lt is None:
-        unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
+def _make_torrent(where):
+    """A v1-only torrent of one random file, made by libtorrent."""
+    where.mkdir(parents=True, exist_ok=True)
     data = random.Random(42).randbytes(SIZE)
-    (tmp_path / "payload.bin").write_bytes(data)
+    (where / "payload.bin").write_bytes(data)
     with warnings.catch_warnings():
         # add_files / create_torrent(file_storage): deprecated in 2.1, still
         # the bindings' simplest way to make a v1-only torrent
         warnings.simplefilter("ignore", DeprecationWarning)
         fs = lt.file_storage()
-        lt.add_files(fs, str(tmp_path / "payload.bin"))
+        lt.add_files(fs, str(where / "payload.bin"))
         ct = lt.create_torrent(fs, PIECE, flags=lt.create_torrent.v1_only)
-    lt.set_piece_hashes(ct, str(tmp_path))
-    ti = lt.torrent_info(ct.generate())
+    lt.set_piece_hashes(ct, str(where))
+    return lt.torrent_info(ct.generate()), data
+
+
+def _lt_session_with(ti, save_path):
+    """A libtorrent session with one torrent, TCP only, encryption off."""
     ses = lt.session({
         "listen_interfaces": "127.0.0.1:0",
         "enable_dht": False, "enable_lsd": False, "enable_upnp": False,
@@ -61,9 +63,30 @@ def lt_seed(tmp_path):
     })
     atp = lt.add_torrent_params()
     atp.ti = ti
-    atp.save_path = str(tmp_path)
-    handle = ses.add_torrent(atp)
+    atp.save_path = str(save_path)
+    return ses, ses.add_torrent(atp)
+
+
+@pytest.fixture
+def lt_seed(tmp_path):
+    """A libtorrent session seeding the torrent."""
+    if lt is None:
+        unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
+    ti, data = _make_torrent(tmp_path)
+    ses, handle = _lt_session_with(ti, tmp_path)
     yield ses, handle, ti, data
+    ses.remove_torrent(handle)
+    del ses
+
+
+@pytest.fixture
+def lt_leecher(tmp_path):
+    """A libtorrent session that has the torrent and none of its data."""
+    if lt is None:
+        unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
+    ti, data = _make_torrent(tmp_path / "ours")
+    ses, handle = _lt_session_with(ti, tmp_path / "theirs")
+    yield ses, handle, ti, data, tmp_path / "theirs" / "payload.bin"
     ses.remove_torrent(handle)
     del ses
 
@@ -155,3 +178,79 @@ async def test_download_from_libtorrent_seed_over_tcp(lt_seed):
     assert b"".join(got[i] for i in range(geometry.num_pieces)) == data
     assert picker.complete and core.outstanding == 0
     assert handle.status().total_payload_upload >= SIZE
+
+
+async def test_libtorrent_downloads_from_our_core_as_acceptor(lt_leecher):
+    """The accept side: libtorrent connects to us; our core reports its
+    handshake, we confirm for that infohash, offer allowed-fast pieces
+    while choking, then unchoke and serve every request."""
+    ses, handle, ti, data, their_file = lt_leecher
+    infohash = bytes.fromhex(str(ti.info_hashes().v1))
+    geometry = Geometry(SIZE, PIECE)
+    fast_set = allowed_fast_set("127.0.0.1", infohash, geometry.num_pieces, 4)
+    served_choked: list[Request] = []
+    served: list[Request] = []
+    their_hs: list[Handshake] = []
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def serve(stream):
+        core = PeerWire(now=trio.current_time(), geometry=geometry)
+        unchoke_at = None
+        while True:
+            with trio.move_on_after(0.05):
+                chunk = await stream.receive_some(65536)
+                core.receive_data(chunk, trio.current_time())
+                if not chunk:
+                    return
+            now = trio.current_time()
+            while (ev := core.next_event()) is not None:
+                if isinstance(ev, Handshake):
+                    their_hs.append(ev)
+                    # one listener could serve many torrents: we pick by infohash
+                    assert ev.infohash == infohash
+                    core.send(Handshake.make(ev.infohash, b"-UK0001-" + os.urandom(12)))
+                    core.send(ExtensionHandshake(v="utpkit-test", reqq=500,
+                                                 yourip=bytes([127, 0, 0, 1])))
+                    core.send(HaveAll())
+                    for i in fast_set:
+                        core.send(AllowedFast(i))
+                elif isinstance(ev, Interested) and unchoke_at is None:
+                    unchoke_at = now + 1.0        # first a second of allowed-fast only
+                elif isinstance(ev, Request):
+                    (served if not core.am_choking else served_choked).append(ev)
+                    begin = ev.index * PIECE + ev.begin
+                    core.send(Piece(ev.index, ev.begin, data[begin:begin + ev.length]))
+            if unchoke_at is not None and now >= unchoke_at and core.am_choking:
+                core.send(Unchoke())
+            if now >= (core.get_timer() or now + 1):
+                core.handle_timer(now)
+            out = core.data_to_send()
+            if out:
+                await stream.send_all(out)
+
+    async def accept_one():
+        stream = await listeners[0].accept()
+        async with stream:
+            await serve(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_one)
+        handle.connect_peer(("127.0.0.1", port))
+        clients: set[str] = set()
+        with trio.fail_after(30):
+            while not handle.status().is_seeding:
+                # (once it has everything libtorrent drops us, seed to seed)
+                clients.update(p.client if isinstance(p.client, str) else p.client.decode()
+                               for p in handle.get_peer_info())
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    await listeners[0].aclose()
+
+    assert their_hs and their_hs[0].fast and their_hs[0].extensions
+    assert "utpkit-test" in clients, clients       # it read our extension handshake
+    # allowed-fast pieces were requested and served while we choked
+    assert served_choked and {r.index for r in served_choked} <= set(fast_set)
+    assert len(served) + len(served_choked) >= sum(geometry.num_blocks(i)
+                                                    for i in range(geometry.num_pieces))
+    assert their_file.read_bytes() == data
