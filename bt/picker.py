@@ -33,7 +33,7 @@ from typing import Hashable, Iterable
 
 from _utpkit.errors import LocalProtocolError
 
-from .wire import BLOCK_SIZE, Bitfield, Geometry, Request
+from .wire import BLOCK_SIZE, Bitfield, Geometry
 
 __all__ = ["PiecePicker", "Block", "request_queue_depth", "RANDOM_FIRST",
            "REQUEST_QUEUE_TIME", "MIN_QUEUE", "MAX_QUEUE"]
@@ -215,7 +215,7 @@ class PiecePicker:
                 continue
             tier = 0 if i in mine else (1 if i in self._partial else 2)
             if self.sequential:
-                key = (-self.priority[i], i)
+                key = (-self.priority[i], 0, 0, i)
             elif random_phase:
                 key = (-self.priority[i], tier, 0, self._tiebreak[i])
             else:
@@ -323,7 +323,7 @@ class PiecePicker:
         return p.senders
 
     def peer_requests(self, peer: Peer) -> list[Block]:
-        out = []
+        out: list[Block] = []
         for i in self._peer_pieces.get(peer, ()):
             p = self._partial[i]
             out.extend(self.geometry.block(i, b).key for b, who in p.requesters.items()

@@ -153,7 +153,7 @@ class Swarm:
         already = d.picker.has_piece(index)
         for other in d.picker.received(u.name, block, self.now):
             # end game: cancel the duplicate request queued elsewhere
-            oq = self.peers[other].queues.get(d.name, [])
+            oq = self.peers[other].queues.get(d.name, [])  # type: ignore[call-overload]
             if block in oq:
                 oq.remove(block)
         if already:

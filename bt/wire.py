@@ -24,6 +24,7 @@ from typing import Any, Mapping, Union
 
 from _utpkit.bencode import BencodeError, decode_untrusted, encode
 from _utpkit.contract import Event as _CoreEvent
+from _utpkit.contract import StrEnum
 from _utpkit.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -53,9 +54,10 @@ class Event(_CoreEvent):
     __slots__ = ()
 
 
-class Violation(enum.Enum):
+class Violation(StrEnum):
     """Why a peer was disconnected: one member per protocol violation, so a
-    driver can count disconnects by reason (``collections.Counter``)."""
+    driver can count disconnects by reason (``collections.Counter``); equal
+    to its string value, so the counts serialise as they are (JSON-RPC)."""
     BAD_HANDSHAKE = "bad_handshake"
     INFOHASH_MISMATCH = "infohash_mismatch"
     MESSAGE_TOO_LONG = "message_too_long"
