@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import warnings
+from dataclasses import dataclass, field
 
 import pytest
 from testsupport import unavailable
@@ -97,6 +98,80 @@ async def _wait_seeding(handle) -> None:
             await trio.sleep(0.05)
 
 
+@dataclass
+class Download:
+    """What one download through our core saw."""
+    core: PeerWire
+    data: bytes
+    handshake: Handshake | None = None
+    ext: ExtensionHandshake | None = None
+    seen: list[str] = field(default_factory=list)    # message names, in order
+
+
+async def _download_with_core(port: int, infohash: bytes, geometry: Geometry,
+                              hashes: list[bytes], timeout: float) -> Download:
+    """Connect to 127.0.0.1:port, and download every piece through a
+    PeerWire core and a PiecePicker, checking each piece's SHA-1."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    core = PeerWire(now=trio.current_time(), geometry=geometry)
+    picker = PiecePicker(geometry, random.Random(1))
+    blocks: dict[int, dict[int, bytes]] = {}
+    got: dict[int, bytes] = {}
+    result = Download(core, b"")
+    core.send(Handshake.make(infohash, b"-UK0001-" + os.urandom(12)))
+
+    def fill_pipeline(now):
+        if core.peer_choking or not core.am_interested:
+            return
+        depth = request_queue_depth(1e6, 0.001, peer_reqq=core.peer_reqq)
+        for blk in picker.pick("seed", depth - core.outstanding):
+            core.send(Request(*blk))
+            picker.requested("seed", blk, now)
+
+    async with stream:
+        with trio.fail_after(timeout):
+            await stream.send_all(core.data_to_send())
+            while len(got) < geometry.num_pieces:
+                chunk = await stream.receive_some(65536)
+                now = trio.current_time()
+                core.receive_data(chunk, now)
+                assert chunk, "the seed closed the connection"
+                while (ev := core.next_event()) is not None:
+                    result.seen.append(type(ev).__name__)
+                    if isinstance(ev, Handshake):
+                        result.handshake = ev
+                        core.send(ExtensionHandshake(m={}, v="utpkit-test", reqq=500))
+                        core.send(HaveNone())
+                    elif isinstance(ev, ExtensionHandshake):
+                        result.ext = ev
+                    elif isinstance(ev, (HaveAll, Bitfield)):
+                        picker.add_peer("seed", ev if isinstance(ev, Bitfield) else None,
+                                        have_all=isinstance(ev, HaveAll))
+                        core.send(Interested())
+                    elif isinstance(ev, Piece):
+                        picker.received("seed", ev.key, now)
+                        blocks.setdefault(ev.index, {})[ev.begin] = bytes(ev.data)
+                        if picker.piece_complete(ev.index):
+                            piece = b"".join(v for _, v in sorted(blocks.pop(ev.index).items()))
+                            assert hashlib.sha1(piece).digest() == hashes[ev.index]
+                            picker.piece_passed(ev.index)
+                            got[ev.index] = piece
+                    elif isinstance(ev, Reject):
+                        picker.cancelled("seed", ev.key)
+                    elif isinstance(ev, RequestsDropped):
+                        for r in ev.requests:
+                            picker.cancelled("seed", r.key)
+                if now >= (core.get_timer() or now + 1):
+                    core.handle_timer(now)
+                fill_pipeline(now)
+                out = core.data_to_send()
+                if out:
+                    await stream.send_all(out)
+    assert picker.complete and core.outstanding == 0
+    result.data = b"".join(got[i] for i in range(geometry.num_pieces))
+    return result
+
+
 async def test_download_from_libtorrent_seed_over_tcp(lt_seed):
     ses, handle, ti, data = lt_seed
     await _wait_seeding(handle)
@@ -105,78 +180,18 @@ async def test_download_from_libtorrent_seed_over_tcp(lt_seed):
     geometry = Geometry(SIZE, PIECE)
     assert geometry.num_pieces == ti.num_pieces() == 41
 
-    our_id = b"-UK0001-" + os.urandom(12)
-    stream = await trio.open_tcp_stream("127.0.0.1", ses.listen_port())
-    core = PeerWire(now=trio.current_time(), geometry=geometry)
-    picker = PiecePicker(geometry, random.Random(1))
-    blocks: dict[int, dict[int, bytes]] = {}
-    got: dict[int, bytes] = {}
-    seen: list[type] = []
-    lt_ext: ExtensionHandshake | None = None
-    lt_hs: Handshake | None = None
-
-    core.send(Handshake.make(infohash, our_id, extensions=True, fast=True))
-
-    async def flush():
-        out = core.data_to_send()
-        if out:
-            await stream.send_all(out)
-
-    def fill_pipeline(now):
-        if core.peer_choking or not core.am_interested:
-            return
-        depth = request_queue_depth(1e6, 0.001, peer_reqq=core.peer_reqq)
-        for blk in picker.pick("lt", depth - core.outstanding):
-            core.send(Request(*blk))
-            picker.requested("lt", blk, now)
-
-    with trio.fail_after(30):
-        await flush()
-        while len(got) < geometry.num_pieces:
-            chunk = await stream.receive_some(65536)
-            now = trio.current_time()
-            core.receive_data(chunk, now)
-            assert chunk, "libtorrent closed the connection"
-            while (ev := core.next_event()) is not None:
-                seen.append(type(ev))
-                if isinstance(ev, Handshake):
-                    lt_hs = ev
-                    core.send(ExtensionHandshake(m={}, v="utpkit-test", reqq=500))
-                    core.send(HaveNone())
-                elif isinstance(ev, ExtensionHandshake):
-                    lt_ext = ev
-                elif isinstance(ev, (HaveAll, Bitfield)):
-                    picker.add_peer("lt", ev if isinstance(ev, Bitfield) else None,
-                                    have_all=isinstance(ev, HaveAll))
-                    core.send(Interested())
-                elif isinstance(ev, Piece):
-                    picker.received("lt", ev.key, now)
-                    blocks.setdefault(ev.index, {})[ev.begin] = bytes(ev.data)
-                    if picker.piece_complete(ev.index):
-                        piece = b"".join(v for _, v in sorted(blocks.pop(ev.index).items()))
-                        assert hashlib.sha1(piece).digest() == hashes[ev.index]
-                        picker.piece_passed(ev.index)
-                        got[ev.index] = piece
-                elif isinstance(ev, Reject):
-                    picker.cancelled("lt", ev.key)
-                elif isinstance(ev, RequestsDropped):
-                    for r in ev.requests:
-                        picker.cancelled("lt", r.key)
-            fill_pipeline(now)
-            await flush()
-    await stream.aclose()
-
+    dl = await _download_with_core(ses.listen_port(), infohash, geometry, hashes, 30)
+    assert dl.data == data
     # the handshakes: libtorrent sets the extension and fast bits, and
     # tells us the address it sees us at (BEP 10 yourip)
-    assert lt_hs is not None and lt_hs.extensions and lt_hs.fast
-    assert core.fast and core.extensions
-    assert lt_ext is not None and lt_ext.v and "libtorrent" in lt_ext.v.lower()
-    assert lt_ext.yourip_address == "127.0.0.1"
-    assert "ut_metadata" in lt_ext.m and core.peer_reqq == lt_ext.reqq
-    assert lt_ext.metadata_size == len(ti.info_section())     # passed through
-    assert Unchoke in seen and (HaveAll in seen or Bitfield in seen)
-    assert b"".join(got[i] for i in range(geometry.num_pieces)) == data
-    assert picker.complete and core.outstanding == 0
+    assert dl.handshake is not None and dl.handshake.extensions and dl.handshake.fast
+    assert dl.core.fast and dl.core.extensions
+    ext = dl.ext
+    assert ext is not None and ext.v and "libtorrent" in ext.v.lower()
+    assert ext.yourip_address == "127.0.0.1"
+    assert "ut_metadata" in ext.m and dl.core.peer_reqq == ext.reqq
+    assert ext.metadata_size == len(ti.info_section())     # passed through
+    assert "Unchoke" in dl.seen and ("HaveAll" in dl.seen or "Bitfield" in dl.seen)
     assert handle.status().total_payload_upload >= SIZE
 
 
