@@ -1,5 +1,6 @@
-"""Our peer-wire core and picker against a real peer: a libtorrent seed
-(PyPI ``libtorrent``, in this process) over plain TCP on loopback.
+"""Our peer-wire core and picker against real peers over plain TCP on
+loopback: libtorrent (PyPI ``libtorrent``, in this process) as seed and as
+leecher, and Transmission 3.00 (Debian ``transmission-daemon``) as seed.
 
 A small driver here -- a trio TCP stream feeding :class:`bt.PeerWire`, and
 :class:`bt.picker.PiecePicker` choosing blocks -- does the BitTorrent
@@ -13,7 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import base64
+import json
 import random
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
 import warnings
 from dataclasses import dataclass, field
 
@@ -269,3 +277,114 @@ async def test_libtorrent_downloads_from_our_core_as_acceptor(lt_leecher):
     assert len(served) + len(served_choked) >= sum(geometry.num_blocks(i)
                                                     for i in range(geometry.num_pieces))
     assert their_file.read_bytes() == data
+
+
+# ---- Transmission ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _TransmissionRPC:
+    """Transmission's JSON-RPC, with its session-id dance (HTTP 409)."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/transmission/rpc"
+        self.session_id = ""
+
+    def call(self, method: str, **arguments):
+        body = json.dumps({"method": method, "arguments": arguments}).encode()
+        for _ in range(2):
+            req = urllib.request.Request(self.url, body, {
+                "X-Transmission-Session-Id": self.session_id,
+                "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    reply = json.load(r)
+                    assert reply["result"] == "success", reply
+                    return reply["arguments"]
+            except urllib.error.HTTPError as exc:
+                if exc.code != 409:
+                    raise
+                self.session_id = exc.headers["X-Transmission-Session-Id"]
+        raise AssertionError("Transmission kept answering 409")
+
+
+@pytest.fixture
+def transmission_seed(tmp_path):
+    """transmission-daemon seeding the torrent, TCP only, encryption off,
+    DHT/LPD/PEX off (PEERS.md)."""
+    if lt is None:
+        unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
+    if shutil.which("transmission-daemon") is None:
+        unavailable("transmission-daemon is not installed", ".ci/run installs transmission-daemon")
+    ti, data = _make_torrent(tmp_path / "data")
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    rpc_port, peer_port = _free_port(), _free_port()
+    (conf / "settings.json").write_text(json.dumps({
+        "bind-address-ipv4": "127.0.0.1", "bind-address-ipv6": "::1",
+        "rpc-bind-address": "127.0.0.1", "rpc-port": rpc_port,
+        "rpc-authentication-required": False, "rpc-whitelist-enabled": False,
+        "rpc-host-whitelist-enabled": False,
+        "peer-port": peer_port, "peer-port-random-on-start": False,
+        "dht-enabled": False, "lpd-enabled": False, "pex-enabled": False,
+        "port-forwarding-enabled": False, "utp-enabled": False, "encryption": 0,
+        "speed-limit-down-enabled": False, "speed-limit-up-enabled": False,
+        "download-dir": str(tmp_path / "data"), "start-added-torrents": True,
+    }))
+    proc = subprocess.Popen(["transmission-daemon", "-f", "-g", str(conf), "--log-error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        rpc = _TransmissionRPC(rpc_port)
+        yield rpc, peer_port, ti, data
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _rpc(rpc: _TransmissionRPC, method: str, **arguments):
+    return await trio.to_thread.run_sync(lambda: rpc.call(method, **arguments))
+
+
+async def test_download_from_transmission_seed_over_tcp(transmission_seed):
+    """Transmission sends its extension handshake *before* its bitfield
+    (libtorrent sends it after): the first-message rule must allow that.
+    It unchokes ~10.7 s after the handshake (its rechoke timer)."""
+    rpc, peer_port, ti, data = transmission_seed
+    with trio.fail_after(20):
+        while True:
+            try:
+                await _rpc(rpc, "session-get")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                await trio.sleep(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        metainfo = lt.bencode(lt.create_torrent(ti).generate())
+    added = await _rpc(rpc, "torrent-add", metainfo=base64.b64encode(metainfo).decode())
+    tid = (added.get("torrent-added") or added.get("torrent-duplicate"))["id"]
+    await _rpc(rpc, "torrent-verify", ids=[tid])
+    with trio.fail_after(20):
+        while True:
+            (t,) = (await _rpc(rpc, "torrent-get", ids=[tid],
+                               fields=["percentDone", "status"]))["torrents"]
+            if t["percentDone"] == 1 and t["status"] == 6:        # seeding
+                break
+            await trio.sleep(0.1)
+    infohash = bytes.fromhex(str(ti.info_hashes().v1))
+    hashes = [bytes(ti.hash_for_piece(i)) for i in range(ti.num_pieces())]
+    dl = await _download_with_core(peer_port, infohash, Geometry(SIZE, PIECE), hashes, 40)
+    assert dl.data == data
+    assert dl.handshake is not None and dl.core.extensions
+    assert dl.ext is not None and dl.ext.v and "transmission" in dl.ext.v.lower()
+    assert "Unchoke" in dl.seen and dl.core.fast
+    have = "HaveAll" if "HaveAll" in dl.seen else "Bitfield"
+    assert dl.seen.index("ExtensionHandshake") < dl.seen.index(have)    # measured order
