@@ -40,6 +40,8 @@ except ImportError as exc:   # pragma: no cover - depends on the machine
     lt = None
     _why = f"libtorrent is not importable ({exc}); pip install libtorrent"
 
+pytestmark = pytest.mark.interop
+
 PIECE = 32768
 SIZE = 40 * PIECE + 12345          # 41 pieces, the last one short, 3 blocks of it partial
 
@@ -354,6 +356,7 @@ async def _rpc(rpc: _TransmissionRPC, method: str, **arguments):
     return await trio.to_thread.run_sync(lambda: rpc.call(method, **arguments))
 
 
+@pytest.mark.slow       # Transmission unchokes after its 10 s rechoke timer
 async def test_download_from_transmission_seed_over_tcp(transmission_seed):
     """Transmission sends its extension handshake *before* its bitfield
     (libtorrent sends it after): the first-message rule must allow that.
