@@ -94,7 +94,10 @@ class PiecePicker:
         self._done = 0
         for i in have:
             self._mark_have(i)
-        self.priority = [1] * n
+        self._priority = [1] * n
+        self._order: list[int] | None = None     # cached base order (see _base_order)
+        self._order_mode = ""
+        self._keys: list[int] = []
         self._tiebreak = list(range(n))
         rng.shuffle(self._tiebreak)
         self._partial: dict[int, _Partial] = {}
@@ -120,6 +123,7 @@ class PiecePicker:
                     bits[i] = 1
                     self._avail[i] += 1
         self._peer_bits[peer] = bits
+        self._order = None
 
     def have(self, peer: Peer, index: int) -> None:
         """The peer announced a piece (Have)."""
@@ -129,6 +133,7 @@ class PiecePicker:
         if not bits[index]:
             bits[index] = 1
             self._avail[index] += 1
+            self._order = None
 
     def remove_peer(self, peer: Peer) -> list[Block]:
         """The peer disconnected.  Returns the blocks it had outstanding,
@@ -140,6 +145,7 @@ class PiecePicker:
             for i, b in enumerate(bits):
                 if b:
                     self._avail[i] -= 1
+            self._order = None
         self._last_progress.pop(peer, None)
         return released
 
@@ -151,7 +157,7 @@ class PiecePicker:
 
     def interesting(self, peer: Peer) -> bool:
         """Whether the peer has a wanted piece we lack (send Interested)."""
-        return any(not self._have[i] and self.priority[i] and self.peer_has(peer, i)
+        return any(not self._have[i] and self._priority[i] and self.peer_has(peer, i)
                    for i in range(self._n))
 
     def distributed_copies(self) -> float:
@@ -167,7 +173,7 @@ class PiecePicker:
 
     @property
     def complete(self) -> bool:
-        return all(self._have[i] or not self.priority[i] for i in range(self._n))
+        return all(self._have[i] or not self._priority[i] for i in range(self._n))
 
     @property
     def num_have(self) -> int:
@@ -176,16 +182,20 @@ class PiecePicker:
     def has_piece(self, index: int) -> bool:
         return bool(self._have[index])
 
+    def priority(self, index: int) -> int:
+        return self._priority[index]
+
     def set_priority(self, index: int, priority: int) -> None:
         """0 skips the piece; higher is picked first."""
         if priority < 0:
             raise LocalProtocolError("priority must be >= 0")
-        self.priority[index] = priority
+        self._priority[index] = priority
+        self._order = None
 
     def end_game(self) -> bool:
         """Every block we still want is requested or received."""
         for i in range(self._n):
-            if self._have[i] or not self.priority[i]:
+            if self._have[i] or not self._priority[i]:
                 continue
             p = self._partial.get(i)
             if p is None:
@@ -197,6 +207,38 @@ class PiecePicker:
 
     # ---- picking ----------------------------------------------------------------------
 
+    def _base_order(self) -> list[int]:
+        """Every piece, best first by (priority, availability, tie-break),
+        or (priority, tie-break) in the random phase, or (priority, index)
+        in sequential mode.  Cached: sorting is O(n log n) in C, but only
+        when availability or priorities changed since the last pick."""
+        mode = ("seq" if self.sequential else
+                "random" if self._done < self.random_first else "rarest")
+        if self._order is None or self._order_mode != mode:
+            n = self._n
+            tie = self._tiebreak
+            if mode == "seq":
+                tie = list(range(n))
+            if mode == "rarest":
+                scale = (max(self._avail, default=0) + 1) * n
+                key = [-p * scale + a * n + t
+                       for p, a, t in zip(self._priority, self._avail, tie)]
+            else:
+                key = [-p * n + t for p, t in zip(self._priority, tie)]
+            self._order = sorted(range(n), key=key.__getitem__)
+            self._keys = key
+            self._order_mode = mode
+        return self._order
+
+    def _free_blocks(self, i: int, out: list[Block], count: int) -> None:
+        p = self._partial.get(i)
+        for b in range(self.geometry.num_blocks(i)):
+            if p is not None and (b in p.received or p.requesters.get(b)):
+                continue
+            out.append(self.geometry.block(i, b).key)
+            if len(out) >= count:
+                return
+
     def pick(self, peer: Peer, count: int, *, allowed: Iterable[int] | None = None) -> list[Block]:
         """Up to ``count`` blocks to request from ``peer``, best first.
         ``allowed`` restricts to those pieces (a choked peer's allowed-fast
@@ -205,39 +247,39 @@ class PiecePicker:
         if count <= 0:
             return []
         allowed_set = None if allowed is None else set(allowed)
-        mine = self._peer_pieces.get(peer, set())
-        random_phase = self._done < self.random_first and not self.sequential
-        cands = []
-        for i in range(self._n):
-            if self._have[i] or not self.priority[i] or not self.peer_has(peer, i):
-                continue
-            if allowed_set is not None and i not in allowed_set:
-                continue
-            tier = 0 if i in mine else (1 if i in self._partial else 2)
-            if self.sequential:
-                key = (-self.priority[i], 0, 0, i)
-            elif random_phase:
-                key = (-self.priority[i], tier, 0, self._tiebreak[i])
-            else:
-                key = (-self.priority[i], tier, self.availability(i), self._tiebreak[i])
-            cands.append((key, i))
-        cands.sort()
+        seed = peer in self._seeds
+        bits = None if seed else self._peer_bits[peer]
+        have, prio = self._have, self._priority
+
+        def wanted(i: int) -> bool:
+            return (not have[i] and prio[i] > 0 and (seed or bits[i])      # type: ignore[index]
+                    and (allowed_set is None or i in allowed_set))
+
+        order = self._base_order()
         out: list[Block] = []
-        for _, i in cands:
-            p = self._partial.get(i)
-            for b in range(self.geometry.num_blocks(i)):
-                if p is not None and (b in p.received or p.requesters.get(b)):
-                    continue
-                out.append(self.geometry.block(i, b).key)
+        if not self.sequential:
+            # Partial pieces first: this peer's own (whole-piece preference),
+            # then others' (finish what is started), each in base order.
+            keys = self._keys
+            mine = self._peer_pieces.get(peer, set())
+            started = sorted((i for i in self._partial if wanted(i)),
+                             key=lambda i: (-prio[i], i not in mine, keys[i]))
+            for i in started:
+                self._free_blocks(i, out, count)
                 if len(out) >= count:
                     return out
+        for i in order:
+            if (not self.sequential and i in self._partial) or not wanted(i):
+                continue
+            self._free_blocks(i, out, count)
+            if len(out) >= count:
+                return out
         if out or not self.end_game():
             return out
         # End game: duplicate requests, least-requested blocks first.
         dup = []
-        for _, i in cands:
-            p = self._partial.get(i)
-            if p is None:
+        for i, p in self._partial.items():
+            if not wanted(i):
                 continue
             for b, who in p.requesters.items():
                 if b not in p.received and who and peer not in who:
