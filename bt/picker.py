@@ -252,8 +252,9 @@ class PiecePicker:
         have, prio = self._have, self._priority
 
         def wanted(i: int) -> bool:
-            return (not have[i] and prio[i] > 0 and (seed or bits[i])      # type: ignore[index]
-                    and (allowed_set is None or i in allowed_set))
+            return bool(not have[i] and prio[i] > 0
+                        and (seed or bits[i])                      # type: ignore[index]
+                        and (allowed_set is None or i in allowed_set))
 
         order = self._base_order()
         out: list[Block] = []
