@@ -359,6 +359,17 @@ def test_each_violation_has_its_reason():
         assert _violation(data, **kw) is reason, (data[:20], reason)
 
 
+def test_acceptor_buffer_is_capped_until_it_confirms():
+    a = PeerWire(now=0, geometry=G)
+    a.send(Handshake.make(IH, b"A" * 20))
+    b = PeerWire(now=0, geometry=G)
+    b.receive_data(a.data_to_send(), 0)
+    b.receive_data(wire(Interested()) * 2000, 0)             # 10 kB: held
+    with pytest.raises(WireError) as ei:
+        b.receive_data(wire(Interested()) * 2000, 0)         # beyond one message's worth
+    assert ei.value.reason is Violation.BUFFER_OVERFLOW
+
+
 def test_unknown_messages_pass_through():
     a, b = pair()
     a.receive_data(wire(UnknownMessage(21, b"abc")), 0)
@@ -420,6 +431,28 @@ def _norm(e):
     return e
 
 
+def _accepting(fast: bool) -> PeerWire:
+    """An acceptor that has the peer's handshake and not yet confirmed."""
+    a = PeerWire(now=0, geometry=G)
+    a.receive_data(b"\x13BitTorrent protocol" + Handshake.make(IH, b"B" * 20, fast=fast).reserved
+                   + IH + b"B" * 20, 0)
+    drain(a)
+    return a
+
+
+def _run_accepting(fast: bool, chunks) -> tuple[list, Violation | None]:
+    """Feed ``chunks`` before the acceptor confirms; the confirmation then
+    parses what was held."""
+    core = _accepting(fast)
+    try:
+        for c in chunks:
+            core.receive_data(c, 1.0)
+        core.send(Handshake.make(IH, b"A" * 20, fast=fast))
+    except WireError as exc:
+        return [_norm(e) for e in drain(core)], exc.reason
+    return [_norm(e) for e in drain(core)], None
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300) | st.lists(_msgs, max_size=12).map(
     lambda ms: b"".join(wire(m) for m in ms)), st.booleans(), st.data())
@@ -431,6 +464,9 @@ def test_fuzz_core_any_input_parses_or_raises_and_chunking_is_invisible(data, fa
     chunked, chunked_err = _run(_opened(fast), pieces)
     assert whole == split == chunked
     assert whole_err == split_err == chunked_err
+    # the same bytes held by an acceptor until it confirms: the same events
+    held, held_err = _run_accepting(fast, pieces)
+    assert (held, held_err) == (whole, whole_err)
 
 
 @settings(max_examples=300, deadline=None)
