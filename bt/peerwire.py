@@ -293,31 +293,28 @@ class PeerWire:
     def _parse(self, data: bytes) -> None:
         max_len = self._max_len()
         buf = self._buf
+        mv = memoryview(data)
+        n = len(mv)
+        pos = 0
         if buf:
             # Finish the message split across reads (a copy of one message),
             # then parse the rest of ``data`` in place.
             if len(buf) < 4:
-                take = 4 - len(buf)
-                buf += data[:take]
-                data = data[take:]
+                pos = min(n, 4 - len(buf))
+                buf += mv[:pos]
                 if len(buf) < 4:
                     return
             length = _L4.unpack_from(buf)[0]
             if length > max_len:
                 raise WireError(Violation.MESSAGE_TOO_LONG, f"message of {length} bytes")
-            take = length + 4 - len(buf)
-            buf += data[:take]
-            data = data[take:]
+            take = min(n - pos, length + 4 - len(buf))
+            buf += mv[pos:pos + take]
+            pos += take
             if len(buf) < length + 4:
                 return
             body = memoryview(bytes(buf))[4:]
             buf.clear()
             self._on_message(decode_message_untrusted(body))
-            if not data:
-                return
-        mv = memoryview(data)
-        n = len(mv)
-        pos = 0
         while n - pos >= 4:
             length = _L4.unpack_from(mv, pos)[0]
             if length > max_len:
@@ -327,8 +324,6 @@ class PeerWire:
             body = mv[pos + 4:pos + 4 + length]
             pos += 4 + length
             self._on_message(decode_message_untrusted(body))
-            if self.error is not None:
-                return
         buf += mv[pos:]
 
     def _check_index(self, index: int) -> None:
@@ -593,12 +588,12 @@ class PeerWire:
         self._s_plain(msg)
 
     def _s_answer(self, msg: Piece | Reject) -> None:
+        if type(msg) is Reject and not self.fast:
+            raise LocalProtocolError("Reject needs the Fast Extension")
         k = msg.key
         if k not in self._incoming:
             self.counters["answers_dropped"] += 1
             return
-        if type(msg) is Reject and not self.fast:
-            raise LocalProtocolError("Reject needs the Fast Extension")
         del self._incoming[k]
         self._s_plain(msg)
 
