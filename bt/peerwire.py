@@ -55,7 +55,8 @@ DEFAULT_REQQ = 2000
 PEER_DEFAULT_REQQ = 250
 #: BEP 3 suggests a keep-alive every two minutes, but libtorrent closes a
 #: peer silent for 120 s (peer_timeout): one sent at 120 s races its
-#: timer, so we send after 60 s of our own silence.
+#: timer.  We do as libtorrent itself does (keep_alive() after half its
+#: peer_timeout): send one after 60 s of our own silence.
 KEEPALIVE_INTERVAL = 60.0
 #: A peer silent this long is gone: 1.5x the two-minute keep-alive period
 #: that some clients use exactly.
