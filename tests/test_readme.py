@@ -65,7 +65,7 @@ def test_quick_start_is_one_line_and_uses_the_installed_demo():
 
 
 def test_console_scripts_the_readme_uses_are_installed():
-    """utp-demo, utp-bench, ucat, dht: next to the interpreter running the
+    """utp-demo, utp-bench, ucat, dht, bt: next to the interpreter running the
     tests when utpkit is installed into a venv (as ci/test.sh does)."""
     bindir = Path(sys.executable).parent
     if not (bindir / "ucat").exists():
@@ -73,7 +73,7 @@ def test_console_scripts_the_readme_uses_are_installed():
         from testsupport import unavailable
         unavailable("utpkit's console scripts are not next to this interpreter (not a venv install)")
         pytest.skip()
-    for name in ("utp-demo", "utp-bench", "ucat", "dht"):
+    for name in ("utp-demo", "utp-bench", "ucat", "dht", "bt"):
         assert f".venv/bin/{name}" in README, name
         out = subprocess.run([str(bindir / name), "--help" if name != "utp-bench" else "help"],
                              capture_output=True, text=True, timeout=60, cwd="/")
