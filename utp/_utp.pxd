@@ -180,6 +180,9 @@ cdef extern from "utp.h" nogil:
         UTPKIT_DEAD_RETRIES
         UTPKIT_RESET_RATE
         UTPKIT_MTU_PROBING
+        UTPKIT_HALF_OPEN_MAX
+        UTPKIT_HALF_OPEN_PER_ADDR
+        UTPKIT_SYNACK_RATE
         UTPKIT_OPTION_END
 
     enum:
@@ -208,6 +211,14 @@ cdef extern from "utp.h" nogil:
         uint64 sockets_freed
         uint32 sockets_live
         uint32 sockets_peak
+        uint64 syn_invalid
+        uint64 syn_cookies
+        uint64 cookie_accepted
+        uint64 unauth_limited
+        uint64 unauth_bytes_in
+        uint64 unauth_bytes_out
+        uint32 half_open
+        uint32 half_open_peak
 
     ctypedef struct utpkit_socket_info:
         int state

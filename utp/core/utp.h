@@ -198,6 +198,9 @@ enum {
 	UTPKIT_DEAD_RETRIES,    /* unanswered timeouts in a row before ETIMEDOUT (5) */
 	UTPKIT_RESET_RATE,      /* RESETs per second to unknown connections (100) */
 	UTPKIT_MTU_PROBING,     /* 1: probe for a larger packet size with DONTFRAG (1) */
+	UTPKIT_HALF_OPEN_MAX,   /* accepted, unconfirmed sockets kept; past it SYNs get a cookie (64) */
+	UTPKIT_HALF_OPEN_PER_ADDR, /* the same, per source address (8) */
+	UTPKIT_SYNACK_RATE,     /* SYN replies per second to one source address (200) */
 	UTPKIT_OPTION_END
 };
 
@@ -230,6 +233,15 @@ typedef struct {
 	uint64 sockets_freed;
 	uint32 sockets_live;
 	uint32 sockets_peak;
+	/* SYN defence (utp_accept.c) and replies to unauthenticated packets. */
+	uint64 syn_invalid;       /* SYNs of the wrong shape (payload, bad extensions, zero window): dropped */
+	uint64 syn_cookies;       /* SYNs answered statelessly with a cookie SYN-ACK */
+	uint64 cookie_accepted;   /* connections created when a cookie came back */
+	uint64 unauth_limited;    /* replies to unauthenticated packets not sent (rate or byte budget) */
+	uint64 unauth_bytes_in;   /* bytes of SYNs and of packets for no connection */
+	uint64 unauth_bytes_out;  /* bytes sent in answer to them (RESET, SYN-ACK, TIME_WAIT ACK) */
+	uint32 half_open;         /* accepted sockets the initiator has not confirmed yet */
+	uint32 half_open_peak;
 } utpkit_counters;
 
 /* A snapshot of one connection's transport state. */
