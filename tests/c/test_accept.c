@@ -309,7 +309,7 @@ static void test_syn_flood(void)
 	if (pair[1])
 		CHECK(pair[1]->rx_len == 1 << 20 && memcmp(pair[1]->rx, tx, 1 << 20) == 0);
 	CHECK(k->half_open_peak <= 64);
-	CHECK(k->syn_cookies > 90000);
+	CHECK(k->syn_cookies > 10000 && k->syn_cookies < 90000);  /* 250 sources, 16/s each after a burst */
 	CHECKF(k->unauth_bytes_out <= k->unauth_bytes_in, "%llu bytes out for %llu in",
 	       (unsigned long long)k->unauth_bytes_out, (unsigned long long)k->unauth_bytes_in);
 	printf("    flood: accepted after %llu us; %llu cookies, %llu limited, peak %u sockets\n",

@@ -200,7 +200,7 @@ enum {
 	UTPKIT_MTU_PROBING,     /* 1: probe for a larger packet size with DONTFRAG (1) */
 	UTPKIT_HALF_OPEN_MAX,   /* accepted, unconfirmed sockets kept; past it SYNs get a cookie (64) */
 	UTPKIT_HALF_OPEN_PER_ADDR, /* the same, per source address (8) */
-	UTPKIT_SYNACK_RATE,     /* SYN replies per second to one source address (200) */
+	UTPKIT_SYNACK_RATE,     /* cookie SYN-ACKs per second to one source address, burst 4x (16) */
 	UTPKIT_OPTION_END
 };
 

@@ -37,6 +37,8 @@
  *    only 16 bits, so a blind attacker creates a connection with about one
  *    packet in 8,192; such a connection is confirmed garbage that times out
  *    like any dead peer, and it costs the attacker thousands of packets.
+ *    Cookies are checked only while they are being issued (within two time
+ *    slots of the latest), so outside a flood no guess can succeed.
  *    Eviction of old half-open sockets was the alternative: it keeps
  *    acceptor-first protocols working under load but delivers every spoofed
  *    SYN to the application (ON_ACCEPT, then a reset), and a legitimate
@@ -48,10 +50,16 @@
  *    connections, refusals, SYN-ACKs of both kinds, repeated SYN-ACKs, the
  *    TIME_WAIT ACK, RESETs of unconfirmed sockets the application refuses):
  *    utp_unauth_permit.  Every reply is paid for from the bytes such packets
- *    brought in (so bytes out never exceed bytes in), and then by a token
- *    bucket: UTPKIT_RESET_RATE for RESETs, UTPKIT_SYNACK_RATE per source
- *    address for SYN replies (a victim whose address is spoofed gets at most
- *    that many 20-byte packets a second from us).
+ *    brought in, so bytes out never exceed bytes in -- plus a small standing
+ *    allowance (UTP_UNAUTH_ALLOW bytes, refilled at UTP_UNAUTH_ALLOW_RATE
+ *    bytes/s), without which an idle listener could not both answer a SYN
+ *    and later refuse that connection with a RESET (a full backlog): that
+ *    exchange is 40 bytes out for 20 in.  Then a token bucket: RESETs share
+ *    UTPKIT_RESET_RATE; cookie SYN-ACKs are limited per source address by
+ *    UTPKIT_SYNACK_RATE (a burst of four seconds' worth), so a victim whose
+ *    address is spoofed gets little from us and a flood from a few hundred
+ *    addresses is answered only in part.  SYN-ACKs of sockets (no pressure)
+ *    pay only bytes: 10,000 quick connections from one address stay quick.
  */
 #include "utp_internal.h"
 
@@ -59,6 +67,8 @@
 #define UTP_SYN_EXT_MAX 64
 /* Most unauthenticated bytes kept as credit for replies. */
 #define UTP_UNAUTH_CREDIT_MAX (256u * 1024u)
+#define UTP_UNAUTH_ALLOW 4096u
+#define UTP_UNAUTH_ALLOW_RATE 1024u
 /* A cookie is valid in the time slot it was issued in and the next one
  * (2^23 us, about 8.4 s each): initiators answer a SYN-ACK at once. */
 #define UTP_COOKIE_SLOT_SHIFT 23
@@ -189,12 +199,12 @@ static int take_synack_token(utp_context *ctx, const struct sockaddr *to)
 	if (sl == NULL)
 		return 0;
 	if (sl->refill == 0) {
-		sl->tokens = ctx->synack_rate;
+		sl->tokens = 4 * ctx->synack_rate;
 		sl->refill = ctx->now;
 	}
 	add = (ctx->now - sl->refill) * ctx->synack_rate / 1000000u;
 	if (add > 0) {
-		sl->tokens = (uint32)UTP_MIN((uint64)ctx->synack_rate, sl->tokens + add);
+		sl->tokens = (uint32)UTP_MIN(4 * (uint64)ctx->synack_rate, sl->tokens + add);
 		sl->refill = ctx->now;
 	}
 	if (sl->tokens == 0)
@@ -203,11 +213,33 @@ static int take_synack_token(utp_context *ctx, const struct sockaddr *to)
 	return 1;
 }
 
+/* Pays len bytes from the credit, else from the allowance; 0 if neither has them. */
+static int pay_bytes(utp_context *ctx, size_t len, int commit)
+{
+	uint64 add = (ctx->now - ctx->unauth_allow_refill) * UTP_UNAUTH_ALLOW_RATE / 1000000u;
+	if (add > 0 || ctx->unauth_allow_refill == 0) {
+		ctx->unauth_allow = (uint32)UTP_MIN((uint64)UTP_UNAUTH_ALLOW,
+		                                    ctx->unauth_allow_refill == 0 ? UTP_UNAUTH_ALLOW : ctx->unauth_allow + add);
+		ctx->unauth_allow_refill = ctx->now ? ctx->now : 1;
+	}
+	if (ctx->unauth_credit >= len) {
+		if (commit)
+			ctx->unauth_credit -= len;
+		return 1;
+	}
+	if (ctx->unauth_allow >= len) {
+		if (commit)
+			ctx->unauth_allow -= (uint32)len;
+		return 1;
+	}
+	return 0;
+}
+
 int utp_unauth_permit(utp_context *ctx, const struct sockaddr *to, socklen_t tolen, size_t len, int kind)
 {
 	int ok;
 	(void)tolen;
-	if (ctx->unauth_credit < len) {
+	if (!pay_bytes(ctx, len, 0)) {
 		ok = 0;
 	} else if (kind == UTP_UNAUTH_RESET) {
 		ok = take_reset_token(ctx);
@@ -220,7 +252,7 @@ int utp_unauth_permit(utp_context *ctx, const struct sockaddr *to, socklen_t tol
 		ctx->counters.unauth_limited++;
 		return 0;
 	}
-	ctx->unauth_credit -= len;
+	pay_bytes(ctx, len, 1);
 	ctx->counters.unauth_bytes_out += len;
 	return 1;
 }
@@ -340,6 +372,7 @@ static void send_cookie(utp_context *ctx, const utp_packet *pk, const struct soc
 	utp_packet_write_header(out, ST_STATE, pk->conn_id, (uint32)ctx->now, (uint32)ctx->now - pk->ts,
 	                        ctx->opt_rcvbuf, c, pk->seq_nr, NULL, 0);
 	ctx->counters.syn_cookies++;
+	ctx->cookie_slot = (ctx->now >> UTP_COOKIE_SLOT_SHIFT) + 1;
 	utp_send_datagram(ctx, from, fromlen, out, sizeof out, 0);
 }
 
@@ -357,15 +390,16 @@ void utp_accept_syn(utp_context *ctx, const utp_packet *pk, size_t len, const st
 		refuse(ctx, pk, from, fromlen);
 		return;
 	}
-	if (!utp_unauth_permit(ctx, from, fromlen, UTP_HEADER_SIZE, UTP_UNAUTH_SYNACK))
-		return;
 	ensure_key(ctx);
 	sl = src_slot(ctx, from);
 	if (ctx->counters.half_open >= ctx->half_open_max || sl == NULL ||
 	    sl->half_open >= ctx->half_open_per_addr) {
-		send_cookie(ctx, pk, from, fromlen);
+		if (utp_unauth_permit(ctx, from, fromlen, UTP_HEADER_SIZE, UTP_UNAUTH_SYNACK))
+			send_cookie(ctx, pk, from, fromlen);
 		return;
 	}
+	if (!utp_unauth_permit(ctx, from, fromlen, UTP_HEADER_SIZE, UTP_UNAUTH_OTHER))
+		return;
 	s = new_acceptor(ctx, from, pk->conn_id, pk->seq_nr, (uint16)utp_random32(ctx), pk->wnd);
 	if (s == NULL) {
 		ctx->counters.syn_refused++;
@@ -387,8 +421,11 @@ int utp_accept_cookie(utp_context *ctx, const utp_packet *pk, const struct socka
 	int k, age, slack = pk->type == ST_STATE ? 1 : UTP_COOKIE_SEQ_SLACK, found = 0;
 	utp_socket *s;
 
-	if ((pk->type != ST_DATA && pk->type != ST_FIN && pk->type != ST_STATE) || !ctx->cookie_keyed ||
-	    ctx->callbacks[UTP_ON_ACCEPT] == NULL)
+	/* Only while cookies are in use (one issued in this slot or the one
+	 * before): otherwise no packet can carry one, and a blind guess should
+	 * not get its one-in-thousands chance. */
+	if ((pk->type != ST_DATA && pk->type != ST_FIN && pk->type != ST_STATE) || ctx->cookie_slot == 0 ||
+	    ctx->cookie_slot < slot || ctx->callbacks[UTP_ON_ACCEPT] == NULL)
 		return 0;
 	for (age = 0; age < 2 && !found && slot >= (uint64)age; age++) {
 		for (k = 0; k < slack && !found; k++) {

@@ -78,7 +78,7 @@ utp_context *utp_init(int version)
 	ctx->mtu_probing = 1;
 	ctx->half_open_max = 64;
 	ctx->half_open_per_addr = 8;
-	ctx->synack_rate = 200;
+	ctx->synack_rate = 16;
 	ctx->nbuckets = 64;
 	ctx->buckets = calloc(ctx->nbuckets, sizeof *ctx->buckets);
 	if (ctx->buckets == NULL) {
@@ -694,7 +694,7 @@ int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct 
 		} else if (s->is_acceptor && s->syn_seq == pk.seq_nr && s->state != UTPKIT_SOCK_DESTROYED) {
 			/* Our reply was lost: answer again, create nothing. */
 			ctx->counters.syn_duplicate++;
-			if (utp_unauth_permit(ctx, from, fromlen, UTP_HEADER_SIZE, UTP_UNAUTH_SYNACK))
+			if (utp_unauth_permit(ctx, from, fromlen, UTP_HEADER_SIZE, UTP_UNAUTH_OTHER))
 				utp_out_send_synack(s);
 		} else {
 			ctx->counters.drop_invalid++;

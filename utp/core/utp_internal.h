@@ -345,9 +345,12 @@ struct struct_utp_context {
 	 * replies, the per-source table (allocated on first use) and the key
 	 * of SYN cookies (drawn on first use, from UTP_GET_RANDOM). */
 	uint64 unauth_credit;
+	uint64 unauth_allow_refill;
+	uint32 unauth_allow;       /* the standing allowance, bytes (see utp_accept.c) */
 	utp_src_slot *src;
 	uint32 cookie_key[4];
 	int cookie_keyed;
+	uint64 cookie_slot;        /* time slot of the latest cookie issued, + 1 (0: never) */
 
 	byte scratch[65536 + 256]; /* one outgoing datagram */
 };
