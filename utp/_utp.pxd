@@ -239,11 +239,13 @@ cdef extern from "utp.h" nogil:
         int slow_start
         uint16 seq_nr
         uint16 ack_nr
+        int peer_confirmed
 
     int64 utpkit_next_timeout(utp_context *ctx)
     const utpkit_counters *utpkit_get_counters(utp_context *ctx)
     int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info)
     void utpkit_abort(utp_socket *s)
+    int utpkit_probe(utp_socket *s)
 
     enum:
         UTPKIT_CLASS_OTHER

@@ -12,6 +12,9 @@ BENCHMARKS = {
     "sim": ("utp.bench.sim",
             "the engine over the simulated network: goodput, retransmissions "
             "vs losses, queueing delay (virtual time, ~10 s of real time)"),
+    "flood": ("utp.bench.flood",
+              "a listener under SYN floods of 1k/10k/100k per second from many 127/8 "
+              "sources: legitimate connect latency p50/p99, memory, reply ratio"),
 }
 
 

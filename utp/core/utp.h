@@ -264,6 +264,8 @@ typedef struct {
 	int slow_start;           /* 1 while in slow start */
 	uint16 seq_nr;            /* next sequence number we send */
 	uint16 ack_nr;            /* last in-order sequence number received */
+	int peer_confirmed;       /* the peer has sent a packet after the handshake (always 1 for
+	                           * an initiator once connected): its address is not forged */
 } utpkit_socket_info;
 
 /* Microseconds until the earliest engine timer is due (0: due now), or -1
@@ -277,6 +279,12 @@ UTP_EXPORT int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info);
  * (UTP_STATE_DESTROYING follows).  For refusing a peer after accepting it
  * and for closes that must not wait.  Valid in every state. */
 UTP_EXPORT void utpkit_abort(utp_socket *s);
+/* Ask a connected peer to answer now: a zero-length keepalive probe, which
+ * every uTP peer acknowledges.  An accepted connection whose initiator has
+ * sent nothing yet becomes peer_confirmed when the answer comes; a forged
+ * SYN's never does.  A probe of an unconfirmed connection counts as a reply
+ * to an unauthenticated packet (rate and byte limited).  -1 if not connected. */
+UTP_EXPORT int utpkit_probe(utp_socket *s);
 
 /* What kind of datagram is this?  Used by the demultiplexer in front of the
  * engine so one UDP socket can carry uTP, the DHT and UDP tracker traffic. */

@@ -343,6 +343,21 @@ void utpkit_abort(utp_socket *s)
 	utp_ctx_leave(s->ctx);
 }
 
+int utpkit_probe(utp_socket *s)
+{
+	int ok = -1;
+	if (s == NULL || s->zombie || s->state != UTPKIT_SOCK_CONNECTED)
+		return -1;
+	utp_ctx_enter(s->ctx);
+	if (!s->is_acceptor || s->confirmed ||
+	    utp_unauth_permit(s->ctx, (struct sockaddr *)&s->addr, s->addrlen, UTP_HEADER_SIZE, UTP_UNAUTH_OTHER)) {
+		utp_out_send_keepalive(s);
+		ok = 0;
+	}
+	utp_ctx_leave(s->ctx);
+	return ok;
+}
+
 void utp_read_drained(utp_socket *s)
 {
 	uint32 wnd, mss;
@@ -452,5 +467,6 @@ int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info)
 	info->slow_start = s->slow_start;
 	info->seq_nr = s->seq_nr;
 	info->ack_nr = s->ack_nr;
+	info->peer_confirmed = s->is_acceptor ? s->confirmed : s->state != UTPKIT_SOCK_SYN_SENT && s->state != UTPKIT_SOCK_IDLE;
 	return 0;
 }
