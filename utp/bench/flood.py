@@ -113,10 +113,14 @@ def flood(host: str, port: int, kind: str, count: int, rate: float, nsources: in
 
 def start_flooder(host: str, port: int, kind: str, count: int, rate: float,
                   nsources: int) -> subprocess.Popen:
-    """The flooder as a separate process (its own CPU, like a real attacker)."""
+    """The flooder as a separate process (its own CPU, like a real attacker).
+    It imports the same utp as this process, whatever the working directory."""
+    import utp
+    root = os.path.dirname(os.path.dirname(os.path.abspath(utp.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
     return subprocess.Popen([sys.executable, "-m", "utp.bench.flood", "worker", host, str(port), kind,
                              str(count), str(rate), str(nsources)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/")
 
 
 def flooder_result(proc: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
