@@ -135,27 +135,26 @@ async def test_syn_flood_legit_client_connects_and_moves_data():
     assert engine["unauth_bytes_out"] <= engine["unauth_bytes_in"]
 
 
-async def _wait_counted(ep, n: int, timeout: float = 20) -> dict:
-    with trio.move_on_after(timeout):
-        while ep.statistics()["engine"]["packets_in"] < n:
-            await trio.sleep(0.05)
-    return ep.statistics()["engine"]
+async def _flood_listener(kind: str, count: int, rate: int, sources: int) -> tuple[dict, dict]:
+    """Flood a listening Endpoint; return the flooder's result and the
+    engine's counters once every datagram sent has been handled (or 20 s)."""
+    async with utp.open_endpoint("127.0.0.1", 0) as server:
+        server.listen()
+        proc = fl.start_flooder("127.0.0.1", server.local_address[1], kind, count, rate, sources)
+        result = await trio.to_thread.run_sync(fl.flooder_result, proc)
+        with trio.move_on_after(20):
+            while server.statistics()["engine"]["packets_in"] < result["sent"]:
+                await trio.sleep(0.05)
+        return result, server.statistics()["engine"]
 
 
 async def test_junk_starting_0x41_is_refused_and_counted():
     """10,000 datagrams of 1,000 random bytes starting 0x41 (a SYN's first
     byte): none becomes a connection, each is counted as an invalid SYN or a
     malformed packet, and nothing is sent back."""
-    async with utp.open_endpoint("127.0.0.1", 0) as server:
-        server.listen()
-        port = server.local_address[1]
-        proc = fl.start_flooder("127.0.0.1", port, "junk", 10_000, 5_000, 50)
-        result = await trio.to_thread.run_sync(fl.flooder_result, proc)
-        engine = await _wait_counted(server, result["sent"])
-        io = server.statistics().get("io", {})
+    result, engine = await _flood_listener("junk", 10_000, 5_000, 50)
     assert result["sent"] == 10_000
-    lost = 10_000 - engine["packets_in"]
-    assert lost == 0, f"{lost} datagrams never reached the engine ({io})"
+    assert engine["packets_in"] == 10_000, "datagrams never reached the engine (kernel queue?)"
     assert engine["syn_invalid"] + engine["drop_malformed"] == 10_000
     assert engine["sockets_created"] == 0
     assert engine["bytes_out"] == 0 and result["reply_bytes"] == 0
@@ -165,12 +164,7 @@ async def test_data_flood_to_unknown_connections_reflects_less_than_it_gets():
     """20,000 DATA packets for connections nobody has, from 100 addresses:
     the RESETs that answer them pass the one gate (UTPKIT_RESET_RATE) and
     the sources get back far fewer bytes than they sent."""
-    async with utp.open_endpoint("127.0.0.1", 0) as server:
-        server.listen()
-        port = server.local_address[1]
-        proc = fl.start_flooder("127.0.0.1", port, "data", 20_000, 10_000, 100)
-        result = await trio.to_thread.run_sync(fl.flooder_result, proc)
-        engine = await _wait_counted(server, result["sent"])
+    result, engine = await _flood_listener("data", 20_000, 10_000, 100)
     ratio = result["reply_bytes"] / result["sent_bytes"]
     assert result["reply_bytes"] == 20 * result["reply_packets"]
     assert ratio <= 1 and result["reply_packets"] <= engine["resets_sent"]

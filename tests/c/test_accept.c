@@ -7,42 +7,9 @@
  * Usage: test_accept [substring...]   runs the tests whose names match.
  */
 #include <arpa/inet.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
-#include "sim.h"
-
-static int test_failed, fail_lines;
-
-static void fail_at(int line, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail_at(int line, const char *fmt, ...)
-{
-	va_list ap;
-	test_failed = 1;
-	if (++fail_lines > 25)
-		return;
-	printf("    line %d: ", line);
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	printf("\n");
-}
-
-#define CHECK(cond) \
-	do { if (!(cond)) fail_at(__LINE__, "%s", #cond); } while (0)
-#define CHECKF(cond, ...) \
-	do { if (!(cond)) fail_at(__LINE__, __VA_ARGS__); } while (0)
-#define CHECK_EQ(a, b) \
-	do { long long va_ = (long long)(a), vb_ = (long long)(b); \
-	     if (va_ != vb_) fail_at(__LINE__, "%s == %s (%lld != %lld)", #a, #b, va_, vb_); } while (0)
-
-#define MS 1000ull
-#define SEC 1000000ull
-#define START_US (0x100000000ull - 5 * SEC)
-
-static const utpkit_counters *counters(struct sim_node *n) { return utpkit_get_counters(n->ctx); }
+#include "check.h"
 
 /* A spoofed IPv4 source 10.x.y.z:port (no node there: replies vanish). */
 static void spoofed(struct sockaddr_storage *ss, socklen_t *len, unsigned i)
@@ -343,10 +310,7 @@ static void test_abort_unconfirmed_is_limited(void)
 	sim_free();
 }
 
-static const struct {
-	const char *name;
-	void (*fn)(void);
-} tests[] = {
+static const struct check_test tests[] = {
 	{ "syn_shape", test_syn_shape },
 	{ "half_open_bounds", test_half_open_bounds },
 	{ "cookie_transfer", test_cookie_transfer },
@@ -358,27 +322,5 @@ static const struct {
 
 int main(int argc, char **argv)
 {
-	size_t i;
-	int passed = 0, failed = 0, j;
-
-	setvbuf(stdout, NULL, _IOLBF, 0);
-	for (i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
-		int selected = argc < 2;
-		for (j = 1; j < argc; j++)
-			if (strstr(tests[i].name, argv[j]))
-				selected = 1;
-		if (!selected)
-			continue;
-		test_failed = 0;
-		fail_lines = 0;
-		printf("%s ...\n", tests[i].name);
-		tests[i].fn();
-		printf("%s %s\n", test_failed ? "FAIL" : "ok  ", tests[i].name);
-		if (test_failed)
-			failed++;
-		else
-			passed++;
-	}
-	printf("%d passed, %d failed\n", passed, failed);
-	return failed ? 1 : 0;
+	return check_main(tests, sizeof tests / sizeof tests[0], argc, argv);
 }
