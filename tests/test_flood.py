@@ -217,3 +217,50 @@ def test_idle_ucat_listener_survives_junk_and_takes_the_real_peer(tmp_path):
     m = re.search(r"engine: syn_invalid (\d+), .*drop_malformed (\d+)", err)
     assert m, err
     assert int(m.group(1)) + int(m.group(2)) >= 9_900, err   # a few may die in the kernel's queue
+
+
+async def test_libtorrent_initiator_connects_through_a_cookie(tmp_path):
+    """Interop of the stateless path: with UTPKIT_HALF_OPEN_MAX 0 every SYN is
+    answered with a cookie, and libtorrent's uTP initiator (which, like
+    libutp's, sends its BitTorrent handshake right after the SYN-ACK) still
+    gets through: its SYN passes the strict shape check, its first DATA
+    echoes the cookie, and the listener reads the handshake."""
+    try:
+        import libtorrent as lt
+    except ImportError as exc:   # pragma: no cover - depends on the machine
+        from testsupport import unavailable
+        unavailable(f"libtorrent is not importable ({exc})", "libtorrent is in the test extra")
+    fs = lt.file_storage()
+    fs.add_file("a.bin", 16384)
+    ct = lt.create_torrent(fs, 16384, flags=lt.create_torrent.v1_only)
+    ct.set_hash(0, hashlib.sha1(bytes(16384)).digest())
+    ti = lt.torrent_info(lt.bencode(ct.generate()))
+    ses = lt.session({
+        "listen_interfaces": "127.0.0.1:0", "enable_dht": False, "enable_lsd": False,
+        "enable_upnp": False, "enable_natpmp": False, "dht_bootstrap_nodes": "",
+        "enable_outgoing_tcp": False, "enable_incoming_tcp": False,
+        "enable_outgoing_utp": True, "enable_incoming_utp": True,
+        "in_enc_policy": 2, "out_enc_policy": 2, "allow_multiple_connections_per_ip": True,
+    })
+    try:
+        async with utp.open_endpoint("127.0.0.1", 0, options={utp.UTPKIT_HALF_OPEN_MAX: 0}) as server:
+            listener = server.listen()
+            port = server.local_address[1]
+            h = ses.add_torrent({"ti": ti, "save_path": str(tmp_path)})
+            with trio.fail_after(30):
+                stream = None
+                while stream is None:
+                    h.connect_peer(("127.0.0.1", port))
+                    with trio.move_on_after(2):
+                        stream = await listener.accept()
+                data = b""
+                while len(data) < 20:
+                    data += await stream.receive_some(68)
+            engine = server.statistics()["engine"]
+            stream.abort()
+    finally:
+        ses.pause()
+        del ses
+    assert data[:20] == b"\x13BitTorrent protocol"
+    assert engine["syn_cookies"] >= 1 and engine["cookie_accepted"] >= 1
+    assert engine["syn_invalid"] == 0 and engine["half_open_peak"] == 0

@@ -234,7 +234,7 @@ typedef struct {
 	uint32 sockets_live;
 	uint32 sockets_peak;
 	/* SYN defence (utp_accept.c) and replies to unauthenticated packets. */
-	uint64 syn_invalid;       /* SYNs of the wrong shape (payload, bad extensions, zero window): dropped */
+	uint64 syn_invalid;       /* SYNs of the wrong shape (a payload, long extensions): dropped */
 	uint64 syn_cookies;       /* SYNs answered statelessly with a cookie SYN-ACK */
 	uint64 cookie_accepted;   /* connections created when a cookie came back */
 	uint64 unauth_limited;    /* replies to unauthenticated packets not sent (rate or byte budget) */

@@ -7,7 +7,7 @@
  * reflector.  What this module does:
  *
  * 1. Strict shape.  A SYN is exactly a header plus well-formed extensions (at
- *    most UTP_SYN_EXT_MAX bytes of them), no payload, and a non-zero window.
+ *    most UTP_SYN_EXT_MAX bytes of them) and no payload.
  *    Anything else is dropped without an answer and counted (syn_invalid):
  *    random datagrams that happen to start with 0x41 never pass.
  *
@@ -291,11 +291,12 @@ void utp_accept_confirmed(utp_socket *s)
 
 /* ---- accepting -------------------------------------------------------------------- */
 
-/* Exactly a header, well-formed extensions of modest length, no payload, and
- * a window to send into.  (The parser has already checked the chain fits.) */
+/* Exactly a header and well-formed extensions of modest length, no payload.
+ * (The parser has already checked that the chain fits.)  The window cannot
+ * be part of it: libtorrent's SYN advertises a window of 0. */
 static int syn_well_formed(const utp_packet *pk, size_t len)
 {
-	return pk->payload_len == 0 && len <= UTP_HEADER_SIZE + UTP_SYN_EXT_MAX && pk->wnd > 0;
+	return pk->payload_len == 0 && len <= UTP_HEADER_SIZE + UTP_SYN_EXT_MAX;
 }
 
 /* Would the application take a connection from here now? */
