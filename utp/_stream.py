@@ -330,9 +330,9 @@ class UTPStream(trio.abc.HalfCloseableStream):
             return False
         try:
             if probe:
-                self._ep._sync_time()
+                self._ep.before_engine_call()
                 if self._sock.probe():
-                    self._ep._kick()  # the probe goes out now, not with the next batch
+                    self._ep.after_engine_call()  # the probe goes out now, not with the next batch
             return bool(self._sock.info().get("peer_confirmed"))
         except (_utp.ClosedError, RuntimeError):
             return False
