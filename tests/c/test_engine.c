@@ -1035,6 +1035,9 @@ static void test_options(void)
 	CHECK(utp_get_userdata(s) == &y);
 	CHECK(utp_get_context_stats(a->ctx) != NULL);
 	CHECK(utpkit_next_timeout(a->ctx) >= -1);
+	/* sim.c's callbacks take a socket's userdata for its sim_conn: an int
+	 * there would be written over when the socket is destroyed. */
+	utp_set_userdata(s, NULL);
 	utp_close(s);
 	sim_run(NULL, NULL, 100 * MS);
 	check_all_freed(a);
