@@ -6,8 +6,9 @@ a listener that accepts everything is probed by a legitimate client that
 connects, sends one byte and waits for its echo, again and again.  Printed
 per rate: the rate the flooder reached, the legitimate connect latency
 (p50, p99: connect + first byte echoed), the listener's memory (RSS growth
-and peak engine sockets), and the reply ratio (bytes the flood's sources
-received back / bytes they sent).  A benchmark prints numbers; it asserts
+and peak engine sockets), the reply ratio (bytes the flood's sources
+received back / bytes they sent) and the datagrams the kernel dropped at
+the listener's socket (a dropped legitimate SYN costs a 1 s retry).  A benchmark prints numbers; it asserts
 nothing (tests/test_flood.py asserts the bounds).
 
 The flooder is also a worker the tests use:
@@ -186,7 +187,9 @@ async def _probe_under_flood(rate: int, seconds: float, nsources: int) -> dict[s
                 await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
         result = await trio.to_thread.run_sync(flooder_result, proc)
-        engine = server.statistics()["engine"]
+        st = server.statistics()
+        engine = st["engine"]
+        kernel_drops = st.get("io", {}).get("kernel_drops", 0)
     lat = sorted(latencies)
 
     def pct(p: float) -> float:
@@ -195,6 +198,7 @@ async def _probe_under_flood(rate: int, seconds: float, nsources: int) -> dict[s
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "samples": len(lat), "failures": failures,
             "rss_growth_kib": peak_rss - rss0, "sockets_peak": engine.get("sockets_peak"),
             "half_open_peak": engine.get("half_open_peak"), "cookies": engine.get("syn_cookies"),
+            "kernel_drops": kernel_drops,
             "reply_ratio": result["reply_bytes"] / result["sent_bytes"] if result["sent_bytes"] else 0.0}
 
 
@@ -212,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     import trio
     rows = [trio.run(_probe_under_flood, int(r), opts.seconds, opts.sources) for r in opts.rates.split(",")]
     print(f"{'SYN/s asked':>11} {'reached':>8} {'p50 ms':>7} {'p99 ms':>7} {'n':>4} {'fail':>4} "
-          f"{'RSS +KiB':>8} {'sockets':>7} {'cookies':>8} {'reply ratio':>11}")
+          f"{'RSS +KiB':>8} {'sockets':>7} {'cookies':>8} {'reply ratio':>11} {'kernel drops':>12}")
     for r in rows:
         print(f"{r['rate_asked']:>11} {r['rate']:>8.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
               f"{r['samples']:>4} {r['failures']:>4} {r['rss_growth_kib']:>8} {r['sockets_peak']:>7} "
-              f"{r['cookies']:>8} {r['reply_ratio']:>11.3f}")
+              f"{r['cookies']:>8} {r['reply_ratio']:>11.3f} {r['kernel_drops']:>12}")
     if rows and not any(r["samples"] for r in rows):
         print("no legitimate connection completed", file=sys.stderr)
     base = rows[0]
