@@ -220,6 +220,7 @@ def test_idle_ucat_listener_survives_junk_and_takes_the_real_peer(tmp_path):
     assert int(m.group(1)) + int(m.group(2)) >= 9_900, err   # a few may die in the kernel's queue
 
 
+@pytest.mark.interop
 async def test_libtorrent_initiator_connects_through_a_cookie(tmp_path):
     """Interop of the stateless path: with UTPKIT_HALF_OPEN_MAX 0 every SYN is
     answered with a cookie, and libtorrent's uTP initiator (which, like
