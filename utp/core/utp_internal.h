@@ -183,6 +183,7 @@ struct UTPSocket {
 	unsigned tlp_sent : 1;     /* tail loss probe sent since the last ACK progress */
 	unsigned in_recovery : 1;
 	unsigned confirmed : 1;    /* acceptor: the initiator has sent something after its SYN */
+	unsigned peer_sacks : 1;   /* the peer has sent a SACK: its ACKs say what they cover */
 
 	/* lists: all sockets, hash chain, deferred ACKs, zombies */
 	utp_socket *next, *prev;

@@ -647,7 +647,12 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 		return 0;
 	}
 	s->peer_wnd = pk->wnd;
-	s->sack_limit = (uint16)(pk->ack_nr + 1 + (pk->sack ? pk->sack_len * 8 : 0));
+	if (pk->sack)
+		s->peer_sacks = 1;
+	/* A peer that never sent a SACK tells nothing about what it holds past
+	 * the first hole: judge every packet by time (no limit). */
+	s->sack_limit = s->peer_sacks ? (uint16)(pk->ack_nr + 1 + (pk->sack ? pk->sack_len * 8 : 0))
+	                              : (uint16)(s->next_send - 1);
 
 	for (i = 0; i < acked_new; i++) {
 		utp_outpkt *p = out_get(s, (uint16)(s->acked_seq + 1));
@@ -825,10 +830,11 @@ void utp_out_on_rto(utp_socket *s)
 		if (p == NULL || p->sacked)
 			continue;
 		leave_flight(s, p);
-		if (first) {
+		/* Without SACKs from the peer nothing would later show what it
+		 * lacks: go back N. */
+		if (first || !s->peer_sacks)
 			utp_out_mark_lost(s, p, 1);
-			first = 0;
-		}
+		first = 0;
 	}
 	utp_rto_backoff(s);
 	s->dup_acks = 0;
