@@ -508,16 +508,23 @@ void utp_out_mark_lost(utp_socket *s, utp_outpkt *p, int by_timeout)
  * sent once, when dupthresh packets above it were SACKed.  Deliveries the
  * receiver's bitmap cannot show (libutp's covers only 30 packets after the
  * hole) still move rack_xmit_ts, so a burst of drops at a full socket
- * buffer is repaired within a round trip or two instead of by a timeout. */
-void utp_out_detect_losses(utp_socket *s)
+ * buffer is repaired within a round trip or two instead of by a timeout.
+ *
+ * The head rule: an ACK that arrives well over a round trip after the first
+ * unacknowledged packet was (re)sent, without acknowledging it, says it was
+ * lost.  A retransmission dropped again by a still-full socket buffer is
+ * otherwise invisible -- nothing sent after it may have got through, and
+ * libutp's bitmap does not show what did -- and only the timeout would
+ * find it. */
+void utp_out_detect_losses(utp_socket *s, int on_ack)
 {
 	uint16 seq;
 	uint32 sacked_seen = 0, reo, run = 0, longest_run = 0;
 	uint64 now = s->ctx->now;
-	int lost = 0;
+	int lost = 0, head = on_ack && s->peer_sacks;
 
 	s->reorder_deadline = 0;
-	if (!s->rtt_valid || (s->sacked_count == 0 && s->rack_xmit_ts == 0))
+	if (!s->rtt_valid || (s->sacked_count == 0 && s->rack_xmit_ts == 0 && !head))
 		return;
 	reo = UTP_MAX(s->srtt / 4 * s->reo_wnd_mult, 1000u);
 	for (seq = (uint16)(s->acked_seq + 1); seq != s->next_send; seq++) {
@@ -529,6 +536,14 @@ void utp_out_detect_losses(utp_socket *s)
 			sacked_seen++;
 			run = 0;
 			continue;
+		}
+		if (head) {
+			head = 0;
+			if (!p->lost && p->transmissions > 0 && now >= p->time_sent + s->srtt + reo + s->rttvar) {
+				utp_out_mark_lost(s, p, 0);
+				lost = 1;
+				continue;
+			}
 		}
 		/* Packets sent first after the newest delivered one, and all after
 		 * them, cannot be judged yet (unless SACKs above them count). */
@@ -778,7 +793,7 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 	if (s->peer_wnd >= utp_out_payload_max(s))
 		s->zwp_interval = 0;
 	if (s->next_send != (uint16)(s->acked_seq + 1))
-		utp_out_detect_losses(s);
+		utp_out_detect_losses(s, 1);
 	if (bytes_acked > 0) {
 		utp_cc_on_ack(s, bytes_acked, flight_before);
 		utp_pace_on_ack(s, bytes_acked);
