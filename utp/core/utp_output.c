@@ -385,12 +385,13 @@ void utp_out_flush(utp_socket *s)
 				break;
 		}
 		/* The congestion window always admits one packet, and packets
-		 * marked lost: they left the flight when marked, so resending them
-		 * never takes it past what it was before the loss.  The window cut
-		 * acts on new data; holding repairs back for it would deadlock when
-		 * the flight is full of packets the receiver holds but cannot show
-		 * (libutp's SACK covers 30 packets past the hole). */
-		if (s->cur_window > 0 && s->cur_window + p->payload > s->cwnd && !p->lost)
+		 * found lost from ACKs: they left the flight when marked, so
+		 * resending them never takes it past what it was before the loss.
+		 * The window cut acts on new data; holding repairs back for it would
+		 * deadlock when the flight is full of packets the receiver holds but
+		 * cannot show (libutp's SACK covers 30 packets past the hole).  After
+		 * a timeout the window restarts from one packet for everything. */
+		if (s->cur_window > 0 && s->cur_window + p->payload > s->cwnd && !(p->lost && !p->lost_by_timeout))
 			break;
 		if (s->cur_window + p->payload > s->peer_wnd) {
 			if (s->cur_window == 0 && s->zwp_deadline == 0) {
