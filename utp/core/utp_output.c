@@ -511,9 +511,9 @@ void utp_out_mark_lost(utp_socket *s, utp_outpkt *p, int by_timeout)
  * hole) still move rack_xmit_ts, so a burst of drops at a full socket
  * buffer is repaired within a round trip or two instead of by a timeout.
  *
- * The head rule: an ACK that arrives well over a round trip after the first
- * unacknowledged packet was (re)sent, without acknowledging it, says it was
- * lost.  A retransmission dropped again by a still-full socket buffer is
+ * The head rule: an ACK that arrives well over two round trips after the
+ * first unacknowledged packet was (re)sent, without acknowledging it, says
+ * it was lost.  A retransmission dropped again by a still-full socket buffer is
  * otherwise invisible -- nothing sent after it may have got through, and
  * libutp's bitmap does not show what did -- and only the timeout would
  * find it. */
@@ -540,7 +540,11 @@ void utp_out_detect_losses(utp_socket *s, int on_ack)
 		}
 		if (head) {
 			head = 0;
-			if (!p->lost && p->transmissions > 0 && now >= p->time_sent + s->srtt + reo + s->rttvar) {
+			/* Well over: a probe timeout (two round trips) plus the
+			 * variation, so a receiver slow to answer (a busy reader, a
+			 * deferred ACK) is not taken for a loss. */
+			if (!p->lost && p->transmissions > 0 &&
+			    now >= p->time_sent + 2 * (uint64)s->srtt + 4 * (uint64)s->rttvar + reo) {
 				utp_out_mark_lost(s, p, 0);
 				lost = 1;
 				continue;
