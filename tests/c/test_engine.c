@@ -732,7 +732,8 @@ static void hostile_barrage(struct hostile *h, int during_transfer)
 	 * what was acknowledged already (the cumulative ack B last had is not
 	 * known; use an old one far behind) or one past what was sent. */
 	for (i = 0; i < 64; i++) {
-		size_t sack_len = 4 * (1 + sim_rand() % 8);
+		/* Any length 1..255: real stacks send odd ones (libtorrent). */
+		size_t sack_len = 1 + sim_rand() % 255;
 		size_t j;
 		n = legit_to_b(h, p, ST_STATE);
 		utpkit_get_socket_info(h->cb->s, &bi);

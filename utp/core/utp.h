@@ -17,6 +17,9 @@
 extern "C" {
 #endif
 
+/* What libutp's utp.h and utp_types.h pull in: programs written for libutp
+ * use va_start & co. and the socket API without including them. */
+#include <stdarg.h>
 #include <stddef.h>
 #include <sys/types.h>
 #include <sys/socket.h>
@@ -44,8 +47,12 @@ typedef long long int64;
 typedef struct UTPSocket utp_socket;
 typedef struct struct_utp_context utp_context;
 
-/* Flag passed to UTP_SENDTO for MTU probes: send with "don't fragment". */
-#define UTP_UDP_DONTFRAG 2
+/* Flag passed to UTP_SENDTO for MTU probes: send with "don't fragment".
+ * An enum member, as in libutp (a program may test it with #ifdef only to
+ * find it absent there, and must see the same here). */
+enum {
+	UTP_UDP_DONTFRAG = 2
+};
 
 /* Socket states reported through UTP_ON_STATE_CHANGE. */
 enum {

@@ -231,6 +231,12 @@ struct UTPSocket {
 	uint64 tlp_deadline;       /* 0: not armed */
 	uint64 reorder_deadline;   /* 0: not armed (time-based loss detection) */
 	uint64 zwp_deadline;       /* 0: not armed (zero-window probe) */
+	uint64 pace_deadline;      /* 0: not armed (the pacer lets the next packet go then) */
+	uint64 pace_stamp;         /* when pace_tokens was last refilled */
+	uint64 rack_xmit_ts;       /* RACK: latest send time of a packet known delivered (0: none) */
+	uint16 sack_limit;         /* last sequence number the peer's latest ACK said anything about */
+	double pace_tokens;        /* bytes that may leave back to back now */
+	uint32 pace_burst;         /* most bytes back to back (shrinks after burst losses) */
 	uint64 syn_deadline;       /* 0: not armed */
 	uint64 keepalive_deadline; /* 0: not armed */
 	uint64 ack_due;            /* deferred ACK must go by then; 0: none */
@@ -402,6 +408,21 @@ void utp_cc_on_ack(utp_socket *s, uint32 bytes_acked, uint32 flight_before);
 void utp_cc_on_loss(utp_socket *s);
 void utp_cc_on_timeout(utp_socket *s);
 void utp_cc_undo(utp_socket *s);
+
+/* Pacing (utp_ledbat.c): the window is spread over the round trip in bursts
+ * of at most pace_burst bytes.  A receiver on a stock 208 KiB socket buffer
+ * holds about 90 full packets behind a busy reader; a third of that may come
+ * at once, and a run of consecutive losses shrinks the burst further. */
+#define UTP_PACE_BURST_MAX (32 * 1400u)
+#define UTP_PACE_BURST_MIN (4 * 1400u)
+/* Losing this many packets in a row is a burst loss: the burst was more than
+ * the receiver's socket absorbed. */
+#define UTP_BURST_LOSS_RUN 8
+/* 0 when a packet of `bytes` may go now; otherwise the time it may. */
+uint64 utp_pace_wait(utp_socket *s, uint32 bytes);
+void utp_pace_consume(utp_socket *s, uint32 bytes);
+void utp_pace_on_burst_loss(utp_socket *s, uint32 run);
+void utp_pace_on_ack(utp_socket *s, uint32 bytes_acked);
 
 /* ---- utp_mtu.c ------------------------------------------------------------- */
 void utp_mtu_init(utp_socket *s);

@@ -217,7 +217,7 @@ uint64 utp_socket_next_deadline(const utp_socket *s)
 {
 	const utp_context *ctx = s->ctx;
 	uint64 d = 0;
-	uint64 cand[7];
+	uint64 cand[8];
 	int i, n = 0;
 
 	if (s->state == UTPKIT_SOCK_IDLE || s->state == UTPKIT_SOCK_ERROR || s->state == UTPKIT_SOCK_DESTROYED)
@@ -227,6 +227,7 @@ uint64 utp_socket_next_deadline(const utp_socket *s)
 	cand[n++] = s->tlp_deadline;
 	cand[n++] = s->reorder_deadline;
 	cand[n++] = s->zwp_deadline;
+	cand[n++] = s->pace_deadline;
 	cand[n++] = s->ack_pending ? s->ack_due : 0;
 	if (s->state != UTPKIT_SOCK_SYN_SENT && s->rto_deadline == 0) {
 		uint64 ka = (uint64)ctx->keepalive_ms * 1000u;
@@ -289,6 +290,8 @@ void utp_socket_on_timer(utp_socket *s)
 		utp_out_detect_losses(s);
 		utp_out_flush(s);
 	}
+	if (s->pace_deadline && now >= s->pace_deadline)
+		utp_out_flush(s);  /* the pacer lets the next burst go */
 	if (s->zwp_deadline && now >= s->zwp_deadline) {
 		s->zwp_deadline = 0;
 		utp_out_flush_probe(s);
