@@ -140,6 +140,19 @@ async def _watch_utp(peer: Any, result: RunResult, placement: Placement, stop: t
         await trio.sleep(0.25)
 
 
+async def _file_matches(path: Path, sha256: str, wait: float = 15.0) -> bool:
+    """Whether the file the peer wrote has ``sha256``.  A client reports a
+    piece done once it passed its hash check, which may be before its disk
+    thread wrote it: allow ``wait`` seconds for the last writes."""
+    with trio.move_on_after(wait):
+        while True:
+            data = path.read_bytes() if path.is_file() else b""
+            if hashlib.sha256(data).hexdigest() == sha256:
+                return True
+            await trio.sleep(0.5)
+    return False
+
+
 def _endpoint(placement: Placement) -> Any:
     """Our Endpoint, its socket created inside our namespace (the thread
     goes there only for the bind)."""
@@ -202,8 +215,8 @@ async def run_transfer(kind: str, direction: str, torrent: Torrent, workdir: str
                             await complete.wait()
                             marks["done"] = trio.current_time()
                             result.receiver_drops = peer.socket_drops()
-                            written = Path(data_dir, torrent.name).read_bytes()
-                            result.sha256_equal = hashlib.sha256(written).hexdigest() == torrent.sha256
+                            result.sha256_equal = await _file_matches(
+                                Path(data_dir, torrent.name), torrent.sha256)
                         stats = stream.statistics()
                         # Their list of peers, once more, while we are still connected.
                         stop.set()
@@ -225,6 +238,9 @@ async def run_transfer(kind: str, direction: str, torrent: Torrent, workdir: str
             result.retransmits, result.timeouts = st["retransmits"], st["timeouts"]
             result.timeout_retransmits = st["timeout_retransmits"]
             result.fast_retransmits = st["fast_retransmits"]
+        log = Path(run_dir, "transmission", "transmission.log")
+        if log.is_file():
+            result.extra["peer_log"] = log.read_text(errors="replace")[-2000:]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
