@@ -153,6 +153,14 @@ async def _file_matches(path: Path, sha256: str, wait: float = 15.0) -> bool:
     return False
 
 
+def _endpoint_counters(ep: Any) -> dict[str, Any]:
+    """The non-zero engine and socket counters of an Endpoint."""
+    st = ep.statistics()
+    out = {k: v for k, v in st.get("engine", {}).items() if isinstance(v, int) and v}
+    out.update({f"io.{k}": v for k, v in st.get("io", {}).items() if isinstance(v, int) and v})
+    return out
+
+
 def _endpoint(placement: Placement) -> Any:
     """Our Endpoint, its socket created inside our namespace (the thread
     goes there only for the bind)."""
@@ -193,33 +201,38 @@ async def run_transfer(kind: str, direction: str, torrent: Torrent, workdir: str
                 ep = _endpoint(placement)
                 async with utp.run_endpoint(ep):
                     stop = trio.Event()
-                    async with trio.open_nursery() as nursery:
-                        if direction == "download":
-                            nursery.start_soon(_watch_utp, peer, result, placement, stop, None)
-                            stream = await ep.connect((placement.peer_ip, peer.port))
-                            got = await leech(stream, torrent.info_hash, torrent.hashes,
-                                              len(torrent.data), torrent.piece_length, marks)
-                            marks["done"] = trio.current_time()
-                            result.sha256_equal = hashlib.sha256(got).hexdigest() == torrent.sha256
-                            result.receiver_drops = ep.statistics()["io"].get("kernel_drops")
-                        else:
-                            complete = trio.Event()
-                            nursery.start_soon(_watch_utp, peer, result, placement, stop, complete)
-                            if kind == "libtorrent":
-                                listener = ep.listen()
-                                await peer.connect_peer(placement.our_public_ip, ep.local_address[1])
-                                stream = await listener.accept()
-                            else:   # Transmission cannot dial a given peer: we dial it
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            if direction == "download":
+                                nursery.start_soon(_watch_utp, peer, result, placement, stop, None)
                                 stream = await ep.connect((placement.peer_ip, peer.port))
-                            await seed(stream, torrent, complete, marks)
-                            await complete.wait()
-                            marks["done"] = trio.current_time()
-                            result.receiver_drops = peer.socket_drops()
-                            result.sha256_equal = await _file_matches(
-                                Path(data_dir, torrent.name), torrent.sha256)
-                        stats = stream.statistics()
-                        # Their list of peers, once more, while we are still connected.
-                        stop.set()
+                                got = await leech(stream, torrent.info_hash, torrent.hashes,
+                                                  len(torrent.data), torrent.piece_length, marks)
+                                marks["done"] = trio.current_time()
+                                result.sha256_equal = hashlib.sha256(got).hexdigest() == torrent.sha256
+                                result.receiver_drops = ep.statistics()["io"].get("kernel_drops")
+                            else:
+                                complete = trio.Event()
+                                nursery.start_soon(_watch_utp, peer, result, placement, stop, complete)
+                                if kind == "libtorrent":
+                                    listener = ep.listen()
+                                    await peer.connect_peer(placement.our_public_ip, ep.local_address[1])
+                                    stream = await listener.accept()
+                                else:   # Transmission cannot dial a given peer: we dial it
+                                    stream = await ep.connect((placement.peer_ip, peer.port))
+                                await seed(stream, torrent, complete, marks)
+                                await complete.wait()
+                                marks["done"] = trio.current_time()
+                                result.receiver_drops = peer.socket_drops()
+                                result.sha256_equal = await _file_matches(
+                                    Path(data_dir, torrent.name), torrent.sha256)
+                            stats = stream.statistics()
+                            # Their list of peers, once more, while we are still connected.
+                            stop.set()
+                    except BaseException:
+                        # What our engine saw, before the Endpoint closes.
+                        result.extra["endpoint"] = _endpoint_counters(ep)
+                        raise
                     await stream.aclose()
         result.seconds = marks["done"] - marks.get("first_piece", marks["done"])
         for key in ("retransmits", "timeout_retransmits", "fast_retransmits", "timeouts"):
@@ -238,6 +251,7 @@ async def run_transfer(kind: str, direction: str, torrent: Torrent, workdir: str
             result.retransmits, result.timeouts = st["retransmits"], st["timeouts"]
             result.timeout_retransmits = st["timeout_retransmits"]
             result.fast_retransmits = st["fast_retransmits"]
+            result.extra["stream"] = st
         log = Path(run_dir, "transmission", "transmission.log")
         if log.is_file():
             result.extra["peer_log"] = log.read_text(errors="replace")[-2000:]

@@ -213,7 +213,8 @@ def _libtorrent_worker(ip: str, buffers: int) -> None:
         "dht_bootstrap_nodes": "",
         "allow_multiple_connections_per_ip": True,
         "in_enc_policy": 2, "out_enc_policy": 2,          # plain handshakes
-        "alert_mask": lt.alert_category.error | lt.alert_category.status,
+        # errors and why peers were dropped, reported by "status"
+        "alert_mask": lt.alert_category.error | lt.alert_category.peer | lt.alert_category.connect,
     }
     if buffers:
         settings["recv_socket_buffer_size"] = buffers
@@ -247,7 +248,8 @@ def _libtorrent_worker(ip: str, buffers: int) -> None:
                          for p in handle.get_peer_info()]
                 reply = {"progress": st.progress, "is_seeding": st.is_seeding, "peers": peers,
                          "errors": [a.message() for a in ses.pop_alerts()
-                                    if a.category() & lt.alert_category.error]}
+                                    if isinstance(a, (lt.peer_disconnected_alert, lt.peer_error_alert))
+                                    or a.category() & lt.alert_category.error]}
             else:
                 reply = {"error": f"unknown op {op!r}"}
         except Exception as exc:  # reported to the driver, which raises it
