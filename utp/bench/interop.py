@@ -171,6 +171,40 @@ def _endpoint(placement: Placement) -> Any:
                                  udp_mtu=None, options=None)
 
 
+async def _download(peer: Any, ep: Any, torrent: Torrent, placement: Placement,
+                    result: RunResult, marks: dict[str, float]) -> Any:
+    """We dial the peer and leech; returns our stream."""
+    stream = await ep.connect((placement.peer_ip, peer.port))
+    result.extra["stream_obj"] = stream
+    got = await leech(stream, torrent.info_hash, torrent.hashes, len(torrent.data),
+                      torrent.piece_length, marks)
+    marks["done"] = trio.current_time()
+    result.sha256_equal = hashlib.sha256(got).hexdigest() == torrent.sha256
+    result.receiver_drops = ep.statistics()["io"].get("kernel_drops")
+    return stream
+
+
+async def _upload(kind: str, peer: Any, ep: Any, torrent: Torrent, placement: Placement,
+                  result: RunResult, marks: dict[str, float], complete: trio.Event,
+                  data_dir: str) -> Any:
+    """We seed: libtorrent is told to dial us; Transmission cannot dial a
+    given peer, so we dial it and seed on that connection.  Returns our
+    stream once the peer has every piece."""
+    if kind == "libtorrent":
+        listener = ep.listen()
+        await peer.connect_peer(placement.our_public_ip, ep.local_address[1])
+        stream = await listener.accept()
+    else:
+        stream = await ep.connect((placement.peer_ip, peer.port))
+    result.extra["stream_obj"] = stream
+    await seed(stream, torrent, complete, marks)
+    await complete.wait()
+    marks["done"] = trio.current_time()
+    result.receiver_drops = peer.socket_drops()
+    result.sha256_equal = await _file_matches(Path(data_dir, torrent.name), torrent.sha256)
+    return stream
+
+
 async def run_transfer(kind: str, direction: str, torrent: Torrent, workdir: str, *,
                        placement: Placement | None = None, peer_buffers: int | None = None,
                        timeout: float = 300.0) -> RunResult:
@@ -193,52 +227,31 @@ async def run_transfer(kind: str, direction: str, torrent: Torrent, workdir: str
     if direction == "download":
         Path(data_dir, torrent.name).write_bytes(torrent.data)
     marks: dict[str, float] = {}
-    stream = None
     try:
         with trio.fail_after(timeout):
             async with _make_peer(kind, run_dir, placement, peer_buffers) as peer:
                 await peer.add(torrent.metainfo(), data_dir, seed=direction == "download")
                 ep = _endpoint(placement)
                 async with utp.run_endpoint(ep):
-                    stop = trio.Event()
+                    stop, complete = trio.Event(), trio.Event()
                     try:
                         async with trio.open_nursery() as nursery:
+                            nursery.start_soon(_watch_utp, peer, result, placement, stop,
+                                               complete if direction == "upload" else None)
                             if direction == "download":
-                                nursery.start_soon(_watch_utp, peer, result, placement, stop, None)
-                                stream = await ep.connect((placement.peer_ip, peer.port))
-                                got = await leech(stream, torrent.info_hash, torrent.hashes,
-                                                  len(torrent.data), torrent.piece_length, marks)
-                                marks["done"] = trio.current_time()
-                                result.sha256_equal = hashlib.sha256(got).hexdigest() == torrent.sha256
-                                result.receiver_drops = ep.statistics()["io"].get("kernel_drops")
+                                stream = await _download(peer, ep, torrent, placement, result, marks)
                             else:
-                                complete = trio.Event()
-                                nursery.start_soon(_watch_utp, peer, result, placement, stop, complete)
-                                if kind == "libtorrent":
-                                    listener = ep.listen()
-                                    await peer.connect_peer(placement.our_public_ip, ep.local_address[1])
-                                    stream = await listener.accept()
-                                else:   # Transmission cannot dial a given peer: we dial it
-                                    stream = await ep.connect((placement.peer_ip, peer.port))
-                                await seed(stream, torrent, complete, marks)
-                                await complete.wait()
-                                marks["done"] = trio.current_time()
-                                result.receiver_drops = peer.socket_drops()
-                                result.sha256_equal = await _file_matches(
-                                    Path(data_dir, torrent.name), torrent.sha256)
+                                stream = await _upload(kind, peer, ep, torrent, placement, result,
+                                                       marks, complete, data_dir)
                             stats = stream.statistics()
-                            # Their list of peers, once more, while we are still connected.
-                            stop.set()
+                            stop.set()   # the watcher polls once more while we are connected
                     except BaseException:
                         # What our engine saw, before the Endpoint closes.
                         result.extra["endpoint"] = _endpoint_counters(ep)
                         raise
                     await stream.aclose()
         result.seconds = marks["done"] - marks.get("first_piece", marks["done"])
-        for key in ("retransmits", "timeout_retransmits", "fast_retransmits", "timeouts"):
-            setattr(result, key, int(stats.get(key, 0)))
-        result.extra["stream"] = {k: stats[k] for k in ("packets_sent", "packets_received",
-                                                         "duplicates_received", "mtu", "rtt_ms")}
+        _take_stats(result, stats)
         result.ok = result.sha256_equal and result.peer_saw_utp
         if not result.sha256_equal:
             result.error = "the data that arrived differs (sha256)"
@@ -246,18 +259,23 @@ async def run_transfer(kind: str, direction: str, torrent: Torrent, workdir: str
             result.error = f"{kind} never listed our connection as uTP"
     except Exception as exc:   # reported in the result: a failed run is a result too
         result.error = f"{type(exc).__name__}: {exc}"
-        if stream is not None:
-            st = stream.statistics()
-            result.retransmits, result.timeouts = st["retransmits"], st["timeouts"]
-            result.timeout_retransmits = st["timeout_retransmits"]
-            result.fast_retransmits = st["fast_retransmits"]
-            result.extra["stream"] = st
+        if "stream_obj" in result.extra:
+            _take_stats(result, result.extra["stream_obj"].statistics())
         log = Path(run_dir, "transmission", "transmission.log")
         if log.is_file():
             result.extra["peer_log"] = log.read_text(errors="replace")[-2000:]
     finally:
+        result.extra.pop("stream_obj", None)
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _take_stats(result: RunResult, stats: dict[str, Any]) -> None:
+    for key in ("retransmits", "timeout_retransmits", "fast_retransmits", "timeouts"):
+        setattr(result, key, int(stats.get(key, 0)))
+    result.extra["stream"] = {k: stats[k] for k in ("bytes_sent", "bytes_received", "packets_sent",
+                                                     "packets_received", "duplicates_received",
+                                                     "mtu", "rtt_ms", "loss_events") if k in stats}
 
 
 # ---- the benchmark ----------------------------------------------------------------------
