@@ -29,7 +29,8 @@ What it is not: a general key-value store (no BEP 44 put/get), and it never
 contacts a node the user did not name: there are no default bootstrap
 nodes.
 
-Bencode: our own strict decoder (``dht/_bencode.py``), not a PyPI library.
+Bencode: our own strict decoder (``_utpkit/bencode.py``, shared with the
+tracker and the BitTorrent peer), not a PyPI library.
 A KRPC datagram is attacker-controlled; the decoder accepts only canonical
 bencode (no leading zeros, no ``-0``, sorted unique keys, no trailing
 bytes), bounds depth and size, raises one exception type, and is ~150 lines
@@ -37,13 +38,20 @@ with no dependency -- cheaper to audit and fuzz (tests/test_dht_core.py)
 than to vet a third-party decoder's failure modes on malformed input.
 """
 
-from ._bencode import BencodeError, decode_untrusted, encode
-from ._core import (DHTCore, ExternalAddressChanged, LookupDone, PeersFound, PingDone)
-from ._node import AnnounceResult, DHTNode, PeerSearch, open_node
+from _utpkit.bencode import BencodeError, decode_untrusted, encode
+from _utpkit.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+
+from ._core import (DHTCore, Event, ExternalAddressChanged, LookupDone, LookupKind, PeersFound,
+                    PingDone)
+from ._node import DHTAnnounceResult, DHTNode, PeerSearch, open_node
+from ._node import AnnounceResult  # noqa: F401  (deprecated name of DHTAnnounceResult)
+from ._wire import KRPCError
 from ._table import AddressVotes, PeerStore, RoutingTable
 
 __all__ = [
-    "open_node", "DHTNode", "PeerSearch", "AnnounceResult",
-    "DHTCore", "PeersFound", "LookupDone", "PingDone", "ExternalAddressChanged",
-    "AddressVotes", "PeerStore", "RoutingTable", "encode", "decode_untrusted", "BencodeError",
+    "open_node", "DHTNode", "PeerSearch", "DHTAnnounceResult",
+    "DHTCore", "Event", "PeersFound", "LookupDone", "LookupKind", "PingDone",
+    "ExternalAddressChanged", "AddressVotes", "PeerStore", "RoutingTable", "encode",
+    "decode_untrusted", "BencodeError", "ProtocolError", "LocalProtocolError",
+    "RemoteProtocolError", "KRPCError",
 ]

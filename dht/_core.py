@@ -20,15 +20,18 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from ._bencode import encode
+from _utpkit.contract import Event as _CoreEvent
+from _utpkit.contract import StrEnum
+
+from _utpkit.bencode import encode
 from ._table import (AddressVotes, NodeEntry, PeerStore, RoutingTable, TokenManager, K)
 from ._wire import (ERROR_GENERIC, ERROR_METHOD, ERROR_PROTOCOL, ID_LEN, Addr, Error,
                     ProtocolError, Query, Response, build_error, build_query, build_response,
                     exempt_from_bep42, family_of, is_secure_id, pack_addr, pack_nodes,
                     parse_untrusted, secure_id, unpack_addr_untrusted, unpack_nodes_untrusted)
 
-__all__ = ["DHTCore", "PeersFound", "LookupDone", "PingDone", "ExternalAddressChanged", "NodeIdChanged",
-           "AddressReported",
+__all__ = ["DHTCore", "Event", "PeersFound", "LookupDone", "PingDone", "ExternalAddressChanged",
+           "NodeIdChanged", "AddressReported", "LookupKind", "LookupPhase", "CandidateState",
            "VERSION", "ALPHA"]
 
 VERSION = b"UK\x00\x01"     # client "UK" (utpkit), version 0.1
@@ -42,24 +45,66 @@ MAX_PENDING = 2048
 AMPLIFICATION = 4           # a response is at most this many times its request
 
 
+# ---- states ------------------------------------------------------------------------------
+
+
+class LookupKind(StrEnum):
+    """What a lookup is for (``LookupDone.kind``); equal to its string
+    value, as the field was before it became an Enum."""
+    FIND_NODE = "find_node"
+    GET_PEERS = "get_peers"
+    ANNOUNCE = "announce"
+    BOOTSTRAP = "bootstrap"
+    REFRESH = "refresh"     # internal: bucket refresh, never reported
+
+
+class LookupPhase(StrEnum):
+    """A lookup searches for the k closest nodes, then (announce lookups)
+    sends announce_peer to them, then is done."""
+    SEARCH = "search"
+    ANNOUNCE = "announce"
+    DONE = "done"
+
+
+class CandidateState(StrEnum):
+    """A node a lookup may ask: not yet asked, asked, answered, failed."""
+    NEW = "new"
+    PENDING = "pending"
+    OK = "ok"
+    FAILED = "failed"
+
+
+# Module-level names for the lookup loop's hot comparisons (``is``).
+_NEW, _PENDING, _OK, _FAILED = (CandidateState.NEW, CandidateState.PENDING, CandidateState.OK,
+                                CandidateState.FAILED)
+_FIND_KINDS = (LookupKind.FIND_NODE, LookupKind.BOOTSTRAP, LookupKind.REFRESH)
+_PEER_KINDS = (LookupKind.GET_PEERS, LookupKind.ANNOUNCE)
+
+
 # ---- events -----------------------------------------------------------------------------
 
 
+class Event(_CoreEvent):
+    """Base of the events :meth:`DHTCore.next_event` returns."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
-class PeersFound:
+class PeersFound(Event):
     """New peers from a get_peers or announce lookup (each reported once)."""
     lookup: int
     peers: tuple
 
 
 @dataclass(frozen=True, slots=True)
-class LookupDone:
+class LookupDone(Event):
     """A lookup finished.  ``nodes`` are the k closest nodes that answered,
     closest first, as ``(id, addr)``; ``announced`` is how many of them
     accepted our announce_peer (announce lookups only); ``hops`` is the
     longest referral chain among those nodes."""
     lookup: int
-    kind: str
+    kind: LookupKind
     target: bytes
     nodes: tuple
     queried: int
@@ -70,7 +115,7 @@ class LookupDone:
 
 
 @dataclass(frozen=True, slots=True)
-class PingDone:
+class PingDone(Event):
     request: int
     addr: Addr
     node_id: Optional[bytes]    # None: no answer
@@ -78,12 +123,12 @@ class PingDone:
 
 
 @dataclass(frozen=True, slots=True)
-class ExternalAddressChanged:
+class ExternalAddressChanged(Event):
     addr: Optional[Addr]
 
 
 @dataclass(frozen=True, slots=True)
-class AddressReported:
+class AddressReported(Event):
     """A node (``reporter``, an IP) told us our address is ``addr`` (BEP 42
     ``ip`` field) -- reported when that node's vote is new or changed, for
     a tally that also counts other sources (the Endpoint's)."""
@@ -92,7 +137,7 @@ class AddressReported:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeIdChanged:
+class NodeIdChanged(Event):
     """We took a BEP 42 id matching our newly learned external IP."""
     node_id: bytes
 
@@ -120,12 +165,12 @@ class _Cand:
     addr: Addr
     dist: int
     depth: int
-    state: str = "new"      # new / pending / ok / failed
+    state: CandidateState = CandidateState.NEW
     token: Optional[bytes] = None
 
 
 class _Lookup:
-    def __init__(self, lid: int, kind: str, target: bytes, family: int, *, internal: bool,
+    def __init__(self, lid: int, kind: LookupKind, target: bytes, family: int, *, internal: bool,
                  port: Optional[int] = None, implied: bool = False) -> None:
         self.id = lid
         self.kind = kind
@@ -140,7 +185,7 @@ class _Lookup:
         self.peers: set[bytes] = set()
         self.queried = 0
         self.responded = 0
-        self.phase = "search"
+        self.phase = LookupPhase.SEARCH
         self.announce_pending = 0
         self.announced = 0
         self.announce_errors: list[str] = []
@@ -158,7 +203,7 @@ class _Lookup:
         self.cands[addr] = _Cand(nid, addr, dist, depth)
         if len(self.cands) > MAX_LOOKUP_CANDIDATES:
             # Forget the farthest candidate nobody is waiting on.
-            far = max((c for c in self.cands.values() if c.state in ("new", "failed")),
+            far = max((c for c in self.cands.values() if c.state is _NEW or c.state is _FAILED),
                       key=lambda c: c.dist, default=None)
             if far is not None:
                 del self.cands[far.addr]
@@ -191,7 +236,8 @@ class _RateLimiter:
 
 
 class DHTCore:
-    """One Mainline DHT node (BEP 5, with BEP 32, 42 and 43), sans-I/O.
+    """One Mainline DHT node (BEP 5, with BEP 32, 42 and 43), sans-I/O; a
+    :class:`~_utpkit.contract.DatagramCore`.
 
     ``families`` is ``(4,)``, ``(6,)`` or ``(4, 6)`` -- one routing table
     each (BEP 32).  ``read_only`` nodes (BEP 43) ask but never answer and
@@ -288,18 +334,23 @@ class DHTCore:
             self._maintain(now)
 
     def get_timer(self) -> float:
-        """The next time ``handle_timer`` has work to do."""
+        """The next time ``handle_timer`` has work to do (never None:
+        table maintenance is always scheduled)."""
         t = self._next_maintenance
         for p in self._pending.values():
             if p.deadline < t:
                 t = p.deadline
         return t
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+    def datagrams_to_send(self, now: float | None = None) -> list[tuple[bytes, Addr]]:
+        """Remove and return ``(data, addr)`` to send.  ``now`` is accepted
+        for the :class:`~_utpkit.contract.DatagramCore` contract; the DHT
+        queues its datagrams when they are made, so it is not needed."""
         out, self._out = self._out, []
         return out
 
-    def next_event(self) -> Any:
+    def next_event(self) -> Event | None:
+        """Remove and return the oldest event, or None."""
         return self._events.popleft() if self._events else None
 
     # ---- user calls -------------------------------------------------------------------
@@ -314,7 +365,7 @@ class DHTCore:
                 seeds[f].append((None, (a[0], int(a[1]))))
         ids = []
         for f in self.families:
-            ids.append(self._start("bootstrap", self.id, f, now, seeds=seeds[f], internal=False))
+            ids.append(self._start(LookupKind.BOOTSTRAP, self.id, f, now, seeds=seeds[f], internal=False))
         return ids
 
     def add_node(self, node_id: bytes, addr: Addr, now: float) -> None:
@@ -323,10 +374,10 @@ class DHTCore:
         self._verify(addr, now)
 
     def find_node(self, target: bytes, now: float, family: int | None = None) -> int:
-        return self._start("find_node", target, family or self.families[0], now)
+        return self._start(LookupKind.FIND_NODE, target, family or self.families[0], now)
 
     def get_peers(self, infohash: bytes, now: float, family: int | None = None) -> int:
-        return self._start("get_peers", infohash, family or self.families[0], now)
+        return self._start(LookupKind.GET_PEERS, infohash, family or self.families[0], now)
 
     def announce(self, infohash: bytes, now: float, port: int | None = None,
                  family: int | None = None, *, local_port: int | None = None) -> int:
@@ -338,7 +389,7 @@ class DHTCore:
         for p in (port, local_port):
             if p is not None and not 0 < p < 65536:
                 raise ValueError("port must be 1..65535")
-        return self._start("announce", infohash, family or self.families[0], now,
+        return self._start(LookupKind.ANNOUNCE, infohash, family or self.families[0], now,
                            port=port if port is not None else (local_port or 1),
                            implied=port is None)
 
@@ -657,7 +708,7 @@ class DHTCore:
             if lk is not None:
                 c = lk.cands.get(p.addr)
                 if c is not None:
-                    c.state = "failed"
+                    c.state = _FAILED
                 self._step(lk, now)
         elif owner[0] == "announce":
             lk = self._lookups.get(owner[1])
@@ -668,7 +719,7 @@ class DHTCore:
 
     # ---- lookups ----------------------------------------------------------------------
 
-    def _start(self, kind: str, target: bytes, family: int, now: float, *,
+    def _start(self, kind: LookupKind, target: bytes, family: int, now: float, *,
                seeds: Iterable[tuple[Optional[bytes], Addr]] = (), internal: bool = False,
                port: Optional[int] = None, implied: bool = False) -> int:
         if len(target) != ID_LEN:
@@ -695,10 +746,10 @@ class DHTCore:
             c.dist = lk.tint ^ int.from_bytes(r.sender, "big")
             lk.seen_ids.add(r.sender)
         elif c.id != r.sender:
-            c.state = "failed"   # someone else answers at that address
+            c.state = _FAILED   # someone else answers at that address
             self._step(lk, now)
             return
-        c.state = "ok"
+        c.state = _OK
         lk.responded += 1
         key = b"nodes" if lk.family == 4 else b"nodes6"
         raw = r.values.get(key)
@@ -709,7 +760,7 @@ class DHTCore:
                         lk.add(nid, naddr, c.depth + 1)
             except ProtocolError:
                 self.counters["malformed_nodes"] += 1
-        if lk.kind in ("get_peers", "announce"):
+        if lk.kind in _PEER_KINDS:
             tok = r.values.get(b"token")
             if isinstance(tok, bytes) and len(tok) <= 64:
                 c.token = tok
@@ -736,27 +787,27 @@ class DHTCore:
         fails: with 5% loss, 150 nodes, 35 of 40 lookups end with exactly
         the true k closest this way, about half when stalled nodes are
         dropped; the price is up to one more timeout (1.5 s) per dead node."""
-        if lk.phase != "search":
+        if lk.phase is not LookupPhase.SEARCH:
             return
         mine = [p for p in self._pending.values() if p.owner == ("lookup", lk.id)]
         stalled = {p.addr for p in mine if p.stalled}
         inflight = len(mine) - len(stalled)
-        ordered = sorted((c for c in lk.cands.values() if c.state != "failed"), key=lambda c: c.dist)
+        ordered = sorted((c for c in lk.cands.values() if c.state is not _FAILED), key=lambda c: c.dist)
         top = ordered[:self.k]
-        method = b"find_node" if lk.kind in ("find_node", "bootstrap", "refresh") else b"get_peers"
+        method = b"find_node" if lk.kind in _FIND_KINDS else b"get_peers"
         key = b"target" if method == b"find_node" else b"info_hash"
         for c in top:
             if inflight >= self.alpha or lk.queried >= MAX_LOOKUP_QUERIES:
                 break
-            if c.state == "new":
+            if c.state is _NEW:
                 if not self._query(c.addr, method, {key: lk.target}, now, ("lookup", lk.id), c.id):
                     break
-                c.state = "pending"
+                c.state = _PENDING
                 lk.queried += 1
                 inflight += 1
-        if any(c.state == "pending" for c in top):
+        if any(c.state is _PENDING for c in top):
             return
-        if inflight and lk.queried < MAX_LOOKUP_QUERIES and any(c.state == "new" for c in top):
+        if inflight and lk.queried < MAX_LOOKUP_QUERIES and any(c.state is _NEW for c in top):
             return      # waiting for a slot
         self._finish_search(lk, now)
 
@@ -764,12 +815,12 @@ class DHTCore:
         # Forget queries still out for this lookup: their answers are too late.
         for tid in [t for t, p in self._pending.items() if p.owner == ("lookup", lk.id)]:
             del self._pending[tid]
-        ok = sorted((c for c in lk.cands.values() if c.state == "ok" and c.id is not None),
+        ok = sorted((c for c in lk.cands.values() if c.state is _OK and c.id is not None),
                     key=lambda c: c.dist)[:self.k]
         lk.result = tuple((c.id, c.addr) for c in ok)
         lk.hops = max((c.depth for c in ok), default=0)
-        if lk.kind == "announce":
-            lk.phase = "announce"
+        if lk.kind is LookupKind.ANNOUNCE:
+            lk.phase = LookupPhase.ANNOUNCE
             for c in ok:
                 if c.token is None:
                     continue
@@ -784,20 +835,20 @@ class DHTCore:
         self._done(lk)
 
     def _maybe_finish_announce(self, lk: _Lookup, now: float) -> None:
-        if lk.phase == "announce" and lk.announce_pending <= 0:
+        if lk.phase is LookupPhase.ANNOUNCE and lk.announce_pending <= 0:
             self._done(lk)
 
     def _done(self, lk: _Lookup) -> None:
-        lk.phase = "done"
+        lk.phase = LookupPhase.DONE
         self._lookups.pop(lk.id, None)
         self.counters["lookups_done"] += 1
-        if lk.kind == "refresh":
+        if lk.kind is LookupKind.REFRESH:
             self._refreshing.discard((lk.family, lk.id))
         if lk.internal:
             return
         self._events.append(LookupDone(
             lk.id, lk.kind, lk.target, lk.result, lk.queried, lk.responded, lk.hops,
-            lk.announced if lk.kind == "announce" else None, tuple(lk.announce_errors)))
+            lk.announced if lk.kind is LookupKind.ANNOUNCE else None, tuple(lk.announce_errors)))
 
     # ---- maintenance ------------------------------------------------------------------
 
@@ -805,7 +856,7 @@ class DHTCore:
         if now - self._last_expire >= 60:
             self._last_expire = now
             self.store.expire(now)
-        running = {lk.family for lk in self._lookups.values() if lk.kind == "refresh"}
+        running = {lk.family for lk in self._lookups.values() if lk.kind is LookupKind.REFRESH}
         for fam, table in self.tables.items():
             if fam in running or len(table) == 0:
                 continue
@@ -814,4 +865,4 @@ class DHTCore:
                 i = stale[0]
                 table.buckets[i].last_changed = now
                 target = table.random_id_in_bucket(i, self.rng)
-                self._start("refresh", target, fam, now, internal=True)
+                self._start(LookupKind.REFRESH, target, fam, now, internal=True)

@@ -2,13 +2,16 @@
 
 The core never sees trio; this module feeds it the Endpoint's ``"dht"``
 datagram queue and trio's clock, sends what it produces with
-``Endpoint.sendto`` and turns its events into awaitable results.
+``Endpoint.sendto`` and turns its events into awaitable results.  The
+plumbing (``_pump``, the receive, send and timer loops) uses only the
+:class:`~_utpkit.contract.DatagramCore` contract; the user calls (ping,
+get_peers, announce, ...) are the DHT's own.
 """
 
 from __future__ import annotations
 
 import collections
-import ipaddress
+import math
 import os
 import random
 from contextlib import asynccontextmanager
@@ -16,34 +19,29 @@ from typing import Any, AsyncIterator, Iterable, Optional
 
 import trio
 
-from utp._api import _unwrapped
+from _utpkit.addr import parse_hostport as _parse_hostport
+from _utpkit.addr import unmap_host
+from _utpkit.contract import DatagramCore
+from _utpkit.excgroup import unwrapped
 
 from ._core import (AddressReported, DHTCore, ExternalAddressChanged, LookupDone, PeersFound,
                     PingDone)
 from ._table import load_state, save_state
 from ._wire import ID_LEN, Addr
 
-__all__ = ["open_node", "DHTNode", "PeerSearch", "AnnounceResult", "parse_hostport"]
+__all__ = ["open_node", "DHTNode", "PeerSearch", "DHTAnnounceResult", "parse_hostport"]
 
 
 def parse_hostport(text: str) -> Addr:
-    """``HOST:PORT`` or ``[V6HOST]:PORT`` with a literal IP address."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, not {text!r}")
-    ipaddress.ip_address(host)
-    p = int(port)
-    if not 0 <= p <= 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return (host, p)
+    """``HOST:PORT`` or ``[V6HOST]:PORT`` with a literal IP address (a bare
+    IPv6 address splits at its last colon).  Raises ValueError."""
+    return _parse_hostport(text, bare_ipv6=True)
 
 
-class AnnounceResult:
-    """What an announce achieved: ``accepted`` of the closest ``nodes``
-    stored us; ``errors`` says why the others did not."""
+class DHTAnnounceResult:
+    """What a DHT announce achieved: ``accepted`` of the closest ``nodes``
+    stored us; ``errors`` says why the others did not.  (Not the tracker's
+    :class:`tracker.TrackerAnnounceResult`, a peer list.)"""
 
     def __init__(self, accepted: int, nodes: tuple, errors: tuple) -> None:
         self.accepted = accepted
@@ -51,7 +49,7 @@ class AnnounceResult:
         self.errors = errors
 
     def __repr__(self) -> str:
-        return f"AnnounceResult(accepted={self.accepted}, nodes={len(self.nodes)}, errors={list(self.errors)})"
+        return f"DHTAnnounceResult(accepted={self.accepted}, nodes={len(self.nodes)}, errors={list(self.errors)})"
 
 
 class _Waiter:
@@ -125,6 +123,8 @@ class DHTNode:
     def __init__(self, endpoint: Any, core: DHTCore, queue: Any, *, dual: bool) -> None:
         self.endpoint = endpoint
         self.core = core
+        # The plumbing below sees only the contract.
+        self._core: DatagramCore = core
         self._queue = queue
         self._dual = dual       # an AF_INET6 socket: IPv4 peers appear as ::ffff:a.b.c.d
         self._out: collections.deque[tuple[bytes, Addr]] = collections.deque()
@@ -155,10 +155,7 @@ class DHTNode:
     # ---- address mapping ------------------------------------------------------------------
 
     def _from_socket(self, addr: Any) -> Addr:
-        host = addr[0]
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
-        return (host, int(addr[1]))
+        return (unmap_host(addr[0]), int(addr[1]))
 
     def _to_socket(self, addr: Addr) -> Any:
         if self._dual and ":" not in addr[0]:
@@ -170,12 +167,13 @@ class DHTNode:
     def _pump(self) -> None:
         """After every core call: queue its datagrams, deliver its events,
         re-arm the timer."""
-        out = self.core.datagrams_to_send()
+        core = self._core
+        out = core.datagrams_to_send(trio.current_time())
         if out:
             self._out.extend(out)
             self._send_lot.unpark_all()
         while True:
-            ev = self.core.next_event()
+            ev = core.next_event()
             if ev is None:
                 break
             self._dispatch(ev)
@@ -208,7 +206,7 @@ class DHTNode:
                 src = self._from_socket(addr)
             except (TypeError, ValueError, IndexError):
                 continue
-            self.core.receive_datagram(data, src, trio.current_time())
+            self._core.receive_datagram(data, src, trio.current_time())
             self._pump()
 
     async def _send_loop(self) -> None:
@@ -222,10 +220,13 @@ class DHTNode:
                 self.send_errors += 1   # unreachable address family, bad address
 
     async def _timer_loop(self) -> None:
+        core = self._core
         while True:
-            deadline = self.core.get_timer()
+            deadline = core.get_timer()
+            if deadline is None:
+                deadline = math.inf
             if trio.current_time() >= deadline:
-                self.core.handle_timer(trio.current_time())
+                core.handle_timer(trio.current_time())
                 self._pump()
                 await trio.lowlevel.checkpoint()
                 continue
@@ -271,7 +272,7 @@ class DHTNode:
         return PeerSearch(self, self._track(ids))
 
     async def announce(self, infohash: bytes, port: int | None = None, *,
-                       family: int | None = None) -> AnnounceResult:
+                       family: int | None = None) -> DHTAnnounceResult:
         """Announce that we are a peer for ``infohash`` to the k closest
         nodes.  ``port`` None sends ``implied_port=1``: the port other nodes
         see our datagrams come from, which behind a NAT is the mapping our
@@ -290,7 +291,7 @@ class DHTNode:
         w = self._track(ids)
         await w.done.wait()
         self._check_open()
-        return AnnounceResult(sum(r.announced or 0 for r in w.results),
+        return DHTAnnounceResult(sum(r.announced or 0 for r in w.results),
                               tuple(n for r in w.results for n in r.nodes),
                               tuple(e for r in w.results for e in r.announce_errors))
 
@@ -323,6 +324,10 @@ class DHTNode:
         s["send_backlog"] = len(self._out)
         s["send_errors"] = self.send_errors
         return s
+
+
+# The name before the tracker's result got its own (deprecated; kept working).
+AnnounceResult = DHTAnnounceResult
 
 
 def _check_id(v: bytes) -> None:
@@ -383,7 +388,7 @@ async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: b
     try:
         # The node's nursery is ours: an exception from the caller's block
         # comes out as itself, not in a group (trio >= 0.25).
-        async with _unwrapped(), trio.open_nursery() as nursery:
+        async with unwrapped(), trio.open_nursery() as nursery:
             nursery.start_soon(node._receive_loop)
             nursery.start_soon(node._send_loop)
             nursery.start_soon(node._timer_loop)

@@ -13,15 +13,27 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
+from _utpkit.contract import StrEnum
+
 from ._wire import ID_LEN, Addr, distance, family_of, pack_addr
 
-__all__ = ["NodeEntry", "RoutingTable", "TokenManager", "PeerStore", "AddressVotes",
+__all__ = ["NodeEntry", "NodeState", "RoutingTable", "TokenManager", "PeerStore", "AddressVotes",
            "GOOD_INTERVAL", "REFRESH_INTERVAL"]
 
 K = 8
 GOOD_INTERVAL = 15 * 60      # BEP 5: good = responded within the last 15 minutes
 REFRESH_INTERVAL = 15 * 60   # BEP 5: buckets unchanged for 15 minutes are refreshed
 MAX_FAILS = 2                # consecutive unanswered queries before a node is bad
+
+
+class NodeState(StrEnum):
+    """BEP 5's judgement of a node (equal to the strings it used to be)."""
+    GOOD = "good"
+    QUESTIONABLE = "questionable"
+    BAD = "bad"
+
+
+_GOOD, _QUESTIONABLE, _BAD = NodeState.GOOD, NodeState.QUESTIONABLE, NodeState.BAD
 
 
 @dataclass(slots=True)
@@ -33,14 +45,14 @@ class NodeEntry:
     last_query: float = -1.0        # when it last queried us
     fails: int = 0
 
-    def state(self, now: float) -> str:
-        """'good', 'questionable' or 'bad' as BEP 5 defines them."""
+    def state(self, now: float) -> NodeState:
+        """Good, questionable or bad as BEP 5 defines them."""
         if self.fails >= MAX_FAILS:
-            return "bad"
+            return _BAD
         if self.last_response >= 0 and (now - self.last_response < GOOD_INTERVAL
                                         or now - self.last_query < GOOD_INTERVAL):
-            return "good"
-        return "questionable"
+            return _GOOD
+        return _QUESTIONABLE
 
     @property
     def last_seen(self) -> float:
@@ -138,7 +150,7 @@ class RoutingTable:
             return "updated"
         other = self._by_addr.get(addr)
         if other is not None:
-            if other.state(now) != "bad":
+            if other.state(now) is not _BAD:
                 return "rejected"
             self.remove(other.id)
         if not responded:
@@ -151,7 +163,7 @@ class RoutingTable:
                 self._insert(b, entry, now)
                 return "added"
             for i, old in enumerate(b.nodes):
-                if old.state(now) == "bad":
+                if old.state(now) is _BAD:
                     self._drop(old)
                     b.nodes.pop(i)
                     self._insert(b, entry, now)
@@ -168,7 +180,7 @@ class RoutingTable:
         idx = self._bucket_index(node_id)
         b = self.buckets[idx]
         return (len(b.nodes) < self.k or idx == len(self.buckets) - 1
-                or any(e.state(now) == "bad" for e in b.nodes))
+                or any(e.state(now) is _BAD for e in b.nodes))
 
     def _insert(self, b: Bucket, entry: NodeEntry, now: float) -> None:
         b.nodes.append(entry)
@@ -214,13 +226,13 @@ class RoutingTable:
         recently seen questionable node: pinging it decides whether the
         newcomer gets its place (BEP 5)."""
         b = self.bucket_for(node_id)
-        qs = [e for e in b.nodes if e.state(now) == "questionable"]
+        qs = [e for e in b.nodes if e.state(now) is _QUESTIONABLE]
         return min(qs, key=lambda e: e.last_seen) if qs else None
 
     def closest(self, target: bytes, count: int = K, now: float | None = None) -> list[NodeEntry]:
         """The ``count`` nodes closest to ``target``, bad ones left out."""
         t = int.from_bytes(target, "big")
-        cands = (e for e in self._by_id.values() if now is None or e.state(now) != "bad")
+        cands = (e for e in self._by_id.values() if now is None or e.state(now) is not _BAD)
         return heapq.nsmallest(count, cands, key=lambda e: t ^ int.from_bytes(e.id, "big"))
 
     def stale_buckets(self, now: float) -> list[int]:

@@ -9,12 +9,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ._bencode import BencodeError, decode_untrusted, encode
+from _utpkit.bencode import BencodeError, decode_untrusted, encode
+from _utpkit.errors import RemoteProtocolError
 
 __all__ = [
     "Addr", "ID_LEN", "distance", "family_of", "pack_addr", "unpack_addr_untrusted",
     "pack_nodes", "unpack_nodes_untrusted", "crc32c", "secure_id", "is_secure_id",
-    "exempt_from_bep42", "Query", "Response", "Error", "ProtocolError", "parse_untrusted",
+    "exempt_from_bep42", "Query", "Response", "Error", "KRPCError", "ProtocolError", "parse_untrusted",
     "ERROR_GENERIC", "ERROR_SERVER", "ERROR_PROTOCOL", "ERROR_METHOD",
 ]
 
@@ -148,16 +149,21 @@ def is_secure_id(node_id: bytes, host: str) -> bool:
 # ---- KRPC messages --------------------------------------------------------------------
 
 
-class ProtocolError(Exception):
-    """A message we cannot act on.  ``code`` is the KRPC error to answer
-    with (203 or 204); ``tid`` is set when the message had one, so an error
-    reply can be sent."""
+class KRPCError(RemoteProtocolError):
+    """A message we cannot act on (a :class:`RemoteProtocolError`).
+    ``code`` is the KRPC error to answer with (203 or 204); ``tid`` is set
+    when the message had one, so an error reply can be sent."""
 
     def __init__(self, code: int, message: str, tid: bytes | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.tid = tid
+
+
+# The name this module used before the error family (_utpkit.errors); the
+# core still raises and catches it under this name.
+ProtocolError = KRPCError
 
 
 @dataclass(frozen=True, slots=True)

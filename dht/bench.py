@@ -20,7 +20,7 @@ import statistics
 import time
 import tracemalloc
 
-from ._bencode import decode_untrusted, encode
+from _utpkit.bencode import decode_untrusted, encode
 from ._core import DHTCore, LookupDone
 from ._table import PeerStore
 from ._wire import distance

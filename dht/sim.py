@@ -55,7 +55,7 @@ class SimDHT:
         node = self.nodes.get(addr)
         if node is None:
             return
-        for data, dst in node.datagrams_to_send():
+        for data, dst in node.datagrams_to_send(self.now):
             self.sent += 1
             if self.loss and self.rng.random() < self.loss:
                 self.lost += 1

@@ -32,7 +32,7 @@ _spec.loader.exec_module(testsupport)
 
 def _installed_problems():
     problems = []
-    for name in ("utp", "utp._utp", "dht", "bt", "ucat", "tracker"):
+    for name in ("_utpkit", "utp", "utp._utp", "dht", "bt", "ucat", "tracker"):
         try:
             module = importlib.import_module(name)
         except ImportError as exc:

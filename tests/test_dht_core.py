@@ -8,7 +8,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dht._bencode import BencodeError, decode_untrusted, encode
+from dht import BencodeError, decode_untrusted, encode
 from dht._core import DHTCore, ExternalAddressChanged, LookupDone, PeersFound, PingDone
 from dht._table import AddressVotes, PeerStore, RoutingTable, TokenManager, load_state, save_state
 from dht._wire import (ProtocolError, distance, is_secure_id, pack_addr, parse_untrusted,

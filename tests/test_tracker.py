@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import socket
 import struct
@@ -46,14 +47,35 @@ def _tid(req: bytes) -> int:
     return struct.unpack_from(">I", req, 12)[0]
 
 
+TRACKER = ("198.18.0.1", 6969)
+TRACKER6 = ("2001:db8::69", 6969)
+
+
+def _proto(**options) -> UDPTrackerProtocol:
+    """A core for TRACKER (TRACKER6 with ipv6=True), seeded."""
+    return UDPTrackerProtocol(TRACKER6 if options.get("ipv6") else TRACKER,
+                              rng=random.Random(15), **options)
+
+
+def _out(p: UDPTrackerProtocol, now: float) -> list[bytes]:
+    """The core's datagrams (all addressed to its tracker), without the address."""
+    out = p.datagrams_to_send(now)
+    assert all(addr == p.address for _, addr in out)
+    return [data for data, _ in out]
+
+
+def _receive(p: UDPTrackerProtocol, data: bytes, now: float) -> None:
+    p.receive_datagram(data, p.address, now)
+
+
 def test_connect_then_announce_wire_format():
-    p = UDPTrackerProtocol(retry_base=15)
+    p = _proto(retry_base=15)
     rid = p.announce(HASH, PEER_ID, 6881, now=0.0, event=tracker.EVENT_STARTED, left=5,
                      numwant=50, key=7)
-    (connect,) = p.datagrams_to_send(0.0)
+    (connect,) = _out(p, 0.0)
     assert len(connect) == 16
-    p.receive_datagram_untrusted(_connect_reply(connect), 0.1)
-    (ann,) = p.datagrams_to_send(0.1)
+    _receive(p, _connect_reply(connect), 0.1)
+    (ann,) = _out(p, 0.1)
     assert len(ann) == 98
     assert ann[:8] == b"\x11" * 8 and struct.unpack_from(">I", ann, 8)[0] == 1
     assert ann[16:36] == HASH and ann[36:56] == PEER_ID
@@ -61,19 +83,19 @@ def test_connect_then_announce_wire_format():
     assert (downloaded, left, uploaded, event, ip, key, numwant, port) == (0, 5, 0, 2, 0, 7, 50, 6881)
     peers = socket.inet_aton("198.18.0.10") + struct.pack(">H", 4000) \
         + socket.inet_aton("198.18.0.11") + struct.pack(">H", 5000)
-    p.receive_datagram_untrusted(struct.pack(">IIIII", 1, _tid(ann), 1800, 3, 4) + peers, 0.2)
+    _receive(p, struct.pack(">IIIII", 1, _tid(ann), 1800, 3, 4) + peers, 0.2)
     ev = p.next_event()
     assert ev == AnnounceResult(rid, 1800, 3, 4, (("198.18.0.10", 4000), ("198.18.0.11", 5000)))
     assert p.next_event() is None and p.get_timer() is None
 
 
 def test_retransmission_schedule_is_15_times_2_to_the_n():
-    p = UDPTrackerProtocol()
+    p = _proto()
     rid = p.announce(HASH, PEER_ID, 6881, now=0.0)
     sends = []
     now = 0.0
     while True:
-        if p.datagrams_to_send(now):
+        if _out(p, now):
             sends.append(now)
         ev = p.next_event()
         if ev is not None:
@@ -87,83 +109,83 @@ def test_retransmission_schedule_is_15_times_2_to_the_n():
 
 
 def test_shortened_schedule():
-    p = UDPTrackerProtocol(retry_base=0.5, max_retries=2)
+    p = _proto(retry_base=0.5, max_retries=2)
     p.scrape([HASH], now=10.0)
     times = [10.0]
-    p.datagrams_to_send(10.0)
+    _out(p, 10.0)
     while (t := p.get_timer()) is not None:
         p.handle_timer(t)
-        if p.datagrams_to_send(t):
+        if _out(p, t):
             times.append(t)
     assert times == [10.0, 10.5, 11.5]
     assert isinstance(p.next_event(), RequestTimedOut)
 
 
 def test_connection_id_is_reused_for_one_minute():
-    p = UDPTrackerProtocol()
+    p = _proto()
     p.announce(HASH, PEER_ID, 1, now=0.0)
-    (c,) = p.datagrams_to_send(0.0)
-    p.receive_datagram_untrusted(_connect_reply(c, b"\x22" * 8), 1.0)
-    (a,) = p.datagrams_to_send(1.0)
-    p.receive_datagram_untrusted(struct.pack(">IIIII", 1, _tid(a), 60, 0, 0), 1.1)
+    (c,) = _out(p, 0.0)
+    _receive(p, _connect_reply(c, b"\x22" * 8), 1.0)
+    (a,) = _out(p, 1.0)
+    _receive(p, struct.pack(">IIIII", 1, _tid(a), 60, 0, 0), 1.1)
     assert isinstance(p.next_event(), AnnounceResult)
     # 59.9 s after the connect answer: straight to the request.
     p.scrape([HASH], now=60.9)
-    (s,) = p.datagrams_to_send(60.9)
+    (s,) = _out(p, 60.9)
     assert len(s) == 36 and s[:8] == b"\x22" * 8
-    p.receive_datagram_untrusted(struct.pack(">IIIII", 2, _tid(s), 1, 2, 3), 61.0)
+    _receive(p, struct.pack(">IIIII", 2, _tid(s), 1, 2, 3), 61.0)
     assert p.next_event() == ScrapeResult(2, ((1, 2, 3),))
     # A minute after it: a new connect first.
     p.announce(HASH, PEER_ID, 1, now=61.0)
-    (c2,) = p.datagrams_to_send(61.0)
+    (c2,) = _out(p, 61.0)
     assert len(c2) == 16 and struct.unpack_from(">Q", c2)[0] == 0x41727101980
 
 
 def test_connection_id_expiring_during_retries_reconnects():
-    p = UDPTrackerProtocol()
+    p = _proto()
     p.announce(HASH, PEER_ID, 1, now=0.0)
-    (c,) = p.datagrams_to_send(0.0)
-    p.receive_datagram_untrusted(_connect_reply(c), 0.0)
-    p.datagrams_to_send(0.0)                      # announce at 0
+    (c,) = _out(p, 0.0)
+    _receive(p, _connect_reply(c), 0.0)
+    _out(p, 0.0)                      # announce at 0
     p.handle_timer(15.0)
-    assert len(p.datagrams_to_send(15.0)[0]) == 98  # id still valid: resend
+    assert len(_out(p, 15.0)[0]) == 98  # id still valid: resend
     p.handle_timer(45.0)
-    (again,) = p.datagrams_to_send(45.0)            # 45 s > ... still < 60: resend
+    (again,) = _out(p, 45.0)            # 45 s > ... still < 60: resend
     assert len(again) == 98
     p.handle_timer(105.0)
-    (connect,) = p.datagrams_to_send(105.0)         # expired: connect again
+    (connect,) = _out(p, 105.0)         # expired: connect again
     assert len(connect) == 16
 
 
 def test_ipv6_peers_and_garbage():
-    p = UDPTrackerProtocol(ipv6=True)
+    p = _proto(ipv6=True)
     rid = p.announce(HASH, PEER_ID, 1, now=0.0)
-    (c,) = p.datagrams_to_send(0.0)
+    (c,) = _out(p, 0.0)
     # Garbage and answers to transactions we never started are dropped.
-    p.receive_datagram_untrusted(b"\x00\x00", 0.0)
-    p.receive_datagram_untrusted(struct.pack(">II", 0, 12345) + b"\x00" * 8, 0.0)
+    _receive(p, b"\x00\x00", 0.0)
+    _receive(p, struct.pack(">II", 0, 12345) + b"\x00" * 8, 0.0)
     assert p.counters["dropped"] == 2
-    p.receive_datagram_untrusted(_connect_reply(c), 0.0)
-    (a,) = p.datagrams_to_send(0.0)
+    _receive(p, _connect_reply(c), 0.0)
+    (a,) = _out(p, 0.0)
     # A truncated peer entry: malformed, dropped, still waiting.
-    p.receive_datagram_untrusted(struct.pack(">IIIII", 1, _tid(a), 1, 0, 0) + b"\x00" * 7, 0.0)
+    _receive(p, struct.pack(">IIIII", 1, _tid(a), 1, 0, 0) + b"\x00" * 7, 0.0)
     assert p.next_event() is None
     six = socket.inet_pton(socket.AF_INET6, "2001:db8::1") + struct.pack(">H", 7000)
-    p.receive_datagram_untrusted(struct.pack(">IIIII", 1, _tid(a), 1, 0, 1) + six, 0.0)
+    _receive(p, struct.pack(">IIIII", 1, _tid(a), 1, 0, 1) + six, 0.0)
     assert p.next_event() == AnnounceResult(rid, 1, 0, 1, (("2001:db8::1", 7000),))
 
 
 def test_error_answers():
-    p = UDPTrackerProtocol()
+    p = _proto()
     rid = p.announce(HASH, PEER_ID, 1, now=0.0)
-    (c,) = p.datagrams_to_send(0.0)
-    p.receive_datagram_untrusted(_connect_reply(c), 0.0)
-    (a,) = p.datagrams_to_send(0.0)
-    p.receive_datagram_untrusted(struct.pack(">II", 3, _tid(a)) + b"go away\x00\x07", 0.0)
+    (c,) = _out(p, 0.0)
+    _receive(p, _connect_reply(c), 0.0)
+    (a,) = _out(p, 0.0)
+    _receive(p, struct.pack(">II", 3, _tid(a)) + b"go away\x00\x07", 0.0)
     assert p.next_event() == TrackerFailure(rid, "go away??")
     rid2 = p.announce(HASH, PEER_ID, 1, now=1.0)
-    (a2,) = p.datagrams_to_send(1.0)
-    p.receive_datagram_untrusted(struct.pack(">II", 1, _tid(a2)), 1.0)
+    (a2,) = _out(p, 1.0)
+    _receive(p, struct.pack(">II", 1, _tid(a2)), 1.0)
     ev = p.next_event()
     assert isinstance(ev, TrackerFailure) and ev.request_id == rid2 and "whitelist" in ev.message
     with pytest.raises(tracker.LocalProtocolError):

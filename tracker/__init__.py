@@ -10,16 +10,20 @@ reach us on (through a NAT: the mapping).
 What it is not: an HTTP tracker client, or a tracker.
 """
 
+from _utpkit.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+
 from ._core import (
     CONNECTION_ID_LIFETIME, EVENT_COMPLETED, EVENT_NONE, EVENT_STARTED, EVENT_STOPPED,
-    AnnounceResult, LocalProtocolError, RequestTimedOut, ScrapeResult, TrackerFailure,
-    UDPTrackerProtocol,
+    AnnounceEvent, Event, RequestPhase, RequestTimedOut, ScrapeResult, TrackerAnnounceResult,
+    TrackerFailure, UDPTrackerProtocol,
 )
+from ._core import AnnounceResult  # noqa: F401  (deprecated name of TrackerAnnounceResult)
 from ._trio import TrackerClient, TrackerError, open_tracker_client, parse_tracker_url, resolve_tracker
 
 __all__ = [
-    "UDPTrackerProtocol", "AnnounceResult", "ScrapeResult", "TrackerFailure", "RequestTimedOut",
-    "LocalProtocolError", "CONNECTION_ID_LIFETIME", "EVENT_NONE", "EVENT_COMPLETED",
+    "UDPTrackerProtocol", "TrackerAnnounceResult", "ScrapeResult", "TrackerFailure",
+    "RequestTimedOut", "Event", "AnnounceEvent", "RequestPhase", "ProtocolError",
+    "LocalProtocolError", "RemoteProtocolError", "CONNECTION_ID_LIFETIME", "EVENT_NONE", "EVENT_COMPLETED",
     "EVENT_STARTED", "EVENT_STOPPED", "TrackerClient", "TrackerError", "open_tracker_client",
     "parse_tracker_url", "resolve_tracker",
 ]

@@ -1,12 +1,14 @@
 """The BEP 15 UDP tracker protocol, sans-I/O.
 
-:class:`UDPTrackerProtocol` talks to one tracker address.  It is driven by
-three sources only, as aioquic's connection is: user calls
+:class:`UDPTrackerProtocol` talks to one tracker address; it is a
+:class:`~_utpkit.contract.DatagramCore`, like the DHT's core.  It is driven
+by three sources only, as aioquic's connection is: user calls
 (:meth:`~UDPTrackerProtocol.announce`, :meth:`~UDPTrackerProtocol.scrape`),
-datagrams (:meth:`~UDPTrackerProtocol.receive_datagram_untrusted`) and the
-timer (:meth:`~UDPTrackerProtocol.handle_timer`); it never reads a clock or
-touches a socket.  Output: :meth:`~UDPTrackerProtocol.datagrams_to_send` and
-:meth:`~UDPTrackerProtocol.next_event`.
+datagrams (:meth:`~UDPTrackerProtocol.receive_datagram`) and the timer
+(:meth:`~UDPTrackerProtocol.handle_timer`); it never reads a clock, draws
+unseeded randomness or touches a socket.  Output:
+:meth:`~UDPTrackerProtocol.datagrams_to_send` (each to the tracker's
+address) and :meth:`~UDPTrackerProtocol.next_event`.
 
 From BEP 15:
 
@@ -25,33 +27,64 @@ From BEP 15:
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import random
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
+
+from _utpkit.addr import addr_key
+from _utpkit.contract import Address, StrEnum
+from _utpkit.contract import Event as _CoreEvent
+from _utpkit.errors import LocalProtocolError
 
 __all__ = [
-    "UDPTrackerProtocol", "AnnounceResult", "ScrapeResult", "TrackerFailure", "RequestTimedOut",
-    "Event", "EVENT_NONE", "EVENT_COMPLETED", "EVENT_STARTED", "EVENT_STOPPED",
-    "PROTOCOL_ID", "CONNECTION_ID_LIFETIME", "LocalProtocolError",
+    "UDPTrackerProtocol", "TrackerAnnounceResult", "ScrapeResult",
+    "TrackerFailure", "RequestTimedOut", "Event", "AnnounceEvent", "RequestPhase", "EVENT_NONE",
+    "EVENT_COMPLETED", "EVENT_STARTED", "EVENT_STOPPED", "PROTOCOL_ID", "CONNECTION_ID_LIFETIME",
+    "LocalProtocolError",
 ]
 
 PROTOCOL_ID = 0x41727101980
 ACTION_CONNECT, ACTION_ANNOUNCE, ACTION_SCRAPE, ACTION_ERROR = 0, 1, 2, 3
-EVENT_NONE, EVENT_COMPLETED, EVENT_STARTED, EVENT_STOPPED = 0, 1, 2, 3
+
+
+class AnnounceEvent(enum.IntEnum):
+    """The ``event`` field of an announce (BEP 15)."""
+    NONE = 0
+    COMPLETED = 1
+    STARTED = 2
+    STOPPED = 3
+
+
+# The names before AnnounceEvent (kept: they are the BEP's own spelling).
+EVENT_NONE, EVENT_COMPLETED, EVENT_STARTED, EVENT_STOPPED = (
+    AnnounceEvent.NONE, AnnounceEvent.COMPLETED, AnnounceEvent.STARTED, AnnounceEvent.STOPPED)
 CONNECTION_ID_LIFETIME = 60.0   # BEP 15: the client may use it for one minute
 DEFAULT_RETRY_BASE = 15.0       # BEP 15: 15 * 2^n seconds
 DEFAULT_MAX_RETRIES = 8         # ... n up to 8 (3840 s)
 MAX_SCRAPE_HASHES = 74          # BEP 15: about 74 fit in one UDP packet
 
 
-class LocalProtocolError(ValueError):
-    """We were asked to send something BEP 15 cannot express."""
+class RequestPhase(StrEnum):
+    """A request waits for a connection id, then is sent (and resent)."""
+    WAITING = "waiting"
+    SENT = "sent"
+
+
+class Event(_CoreEvent):
+    """Base of the events :meth:`UDPTrackerProtocol.next_event` returns;
+    each carries the ``request_id`` :meth:`~UDPTrackerProtocol.announce` or
+    :meth:`~UDPTrackerProtocol.scrape` returned."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
-class AnnounceResult:
+class TrackerAnnounceResult(Event):
+    """A tracker's answer to an announce: its peer list.  (Not the DHT's
+    :class:`dht.DHTAnnounceResult`, which counts the nodes that stored us.)"""
     request_id: int
     interval: int
     leechers: int
@@ -59,29 +92,31 @@ class AnnounceResult:
     peers: tuple[tuple[str, int], ...]
 
 
+# The name before the DHT's result got its own (deprecated; kept working).
+AnnounceResult = TrackerAnnounceResult
+
+
 @dataclass(frozen=True, slots=True)
-class ScrapeResult:
+class ScrapeResult(Event):
     request_id: int
     # One (seeders, completed, leechers) per requested hash, in order.
     files: tuple[tuple[int, int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
-class TrackerFailure:
+class TrackerFailure(Event):
     """The tracker answered with an error (action 3)."""
     request_id: int
     message: str
 
 
 @dataclass(frozen=True, slots=True)
-class RequestTimedOut:
+class RequestTimedOut(Event):
     """No answer after the last retransmission."""
     request_id: int
     sent: int
     waited: float
 
-
-Event = Union[AnnounceResult, ScrapeResult, TrackerFailure, RequestTimedOut]
 
 
 @dataclass(slots=True)
@@ -95,24 +130,32 @@ class _Request:
     first_sent: float | None = None
     total_sent: int = 0
     hashes: int = 0
-    phase: str = "waiting"      # waiting (for a connection id), sent
+    phase: RequestPhase = RequestPhase.WAITING
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class UDPTrackerProtocol:
-    """BEP 15 with one tracker.  ``ipv6`` says the tracker is reached over
-    IPv6 (its announce answers then carry 18-byte peers)."""
+    """BEP 15 with the tracker at ``address`` (an ``(ip, port)`` literal).
+    ``ipv6`` says the tracker is reached over IPv6 (its announce answers
+    then carry 18-byte peers); by default it follows ``address``.  ``rng``
+    draws the transaction ids (required, as for every core: a seeded run
+    is reproducible)."""
 
-    def __init__(self, *, ipv6: bool = False, retry_base: float = DEFAULT_RETRY_BASE,
-                 max_retries: int = DEFAULT_MAX_RETRIES, rng: random.Random | None = None) -> None:
+    def __init__(self, address: Address, *, rng: random.Random, ipv6: bool | None = None,
+                 retry_base: float = DEFAULT_RETRY_BASE,
+                 max_retries: int = DEFAULT_MAX_RETRIES) -> None:
         if not retry_base > 0:
             raise ValueError(f"retry_base must be positive, not {retry_base!r}")
         if not 0 <= max_retries <= 30:
             raise ValueError(f"max_retries must be 0..30, not {max_retries!r}")
-        self.ipv6 = ipv6
+        if not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
+        self.address = (str(address[0]), int(address[1]))
+        self._key = addr_key(self.address)  # ValueError for a host name
+        self.ipv6 = self._key[0].version == 6 if ipv6 is None else ipv6
         self.retry_base = retry_base
         self.max_retries = max_retries
-        self._rng = rng or random.Random()
+        self._rng = rng
         self._conn_id: bytes | None = None
         self._conn_expires = 0.0
         self._connect: _Request | None = None
@@ -134,7 +177,7 @@ class UDPTrackerProtocol:
             raise LocalProtocolError("info_hash and peer_id must be 20 bytes each")
         if not 0 <= port <= 65535:
             raise LocalProtocolError(f"port must be 0..65535, not {port}")
-        if event not in (EVENT_NONE, EVENT_COMPLETED, EVENT_STARTED, EVENT_STOPPED):
+        if event not in AnnounceEvent.__members__.values():
             raise LocalProtocolError(f"unknown announce event {event!r}")
         try:
             body = (info_hash + peer_id
@@ -162,17 +205,22 @@ class UDPTrackerProtocol:
 
     # ---- output ---------------------------------------------------------------
 
-    def datagrams_to_send(self, now: float) -> list[bytes]:
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """Remove and return the datagrams to send, each with the tracker's
+        address."""
         out, self._out = self._out, []
-        return out
+        addr = self.address
+        return [(data, addr) for data in out]
 
     def next_event(self) -> Event | None:
+        """Remove and return the oldest event (an answer, a failure or a
+        timeout of one request), or None."""
         return self._events.pop(0) if self._events else None
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must be called next (None: nothing is
         outstanding)."""
-        deadlines = [r.deadline for r in self._requests.values() if r.phase == "sent"]
+        deadlines = [r.deadline for r in self._requests.values() if r.phase is RequestPhase.SENT]
         if self._connect is not None:
             deadlines.append(self._connect.deadline)
         found = [d for d in deadlines if d is not None]
@@ -191,13 +239,13 @@ class UDPTrackerProtocol:
                 self._connect = None
                 self._by_tid.pop(conn.tid, None)
                 for req in list(self._requests.values()):
-                    if req.phase == "waiting":
+                    if req.phase is RequestPhase.WAITING:
                         self._fail_timeout(req, now, conn.total_sent, conn.first_sent)
             else:
                 self.counters["retransmits"] += 1
                 self._send_connect(now)
         for req in list(self._requests.values()):
-            if req.phase != "sent" or req.deadline is None or now < req.deadline:
+            if req.phase is not RequestPhase.SENT or req.deadline is None or now < req.deadline:
                 continue
             if req.tries > self.max_retries:
                 self._fail_timeout(req, now, req.total_sent, req.first_sent)
@@ -206,16 +254,34 @@ class UDPTrackerProtocol:
             if self._conn_id is None or now >= self._conn_expires:
                 # The connection id has expired while we waited: connect
                 # again first (the retry count goes on).
-                req.phase = "waiting"
+                req.phase = RequestPhase.WAITING
                 self._ensure_connect(now)
             else:
                 self._send_request(req, now)
 
     # ---- input ----------------------------------------------------------------------
 
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Take one datagram from ``addr``.  Anything not from the tracker's
+        address, garbage and answers to nothing we asked are dropped and
+        counted, never trusted."""
+        try:
+            ours = addr_key(addr) == self._key
+        except (ValueError, TypeError, IndexError):
+            ours = False
+        if not ours:
+            self.counters["received"] += 1
+            self.counters["dropped"] += 1
+            return
+        self._receive_untrusted(data, now)
+
     def receive_datagram_untrusted(self, data: bytes, now: float) -> None:
-        """Take one datagram from the tracker's address.  Garbage and
-        answers to nothing we asked are dropped and counted."""
+        """Deprecated: :meth:`receive_datagram` with the tracker's address
+        (the spelling before the :class:`~_utpkit.contract.DatagramCore`
+        contract)."""
+        self._receive_untrusted(data, now)
+
+    def _receive_untrusted(self, data: bytes, now: float) -> None:
         self.counters["received"] += 1
         if len(data) < 8:
             self.counters["dropped"] += 1
@@ -229,7 +295,7 @@ class UDPTrackerProtocol:
                 self._conn_id = bytes(data[8:16])
                 self._conn_expires = now + CONNECTION_ID_LIFETIME
                 for req in list(self._requests.values()):
-                    if req.phase == "waiting":
+                    if req.phase is RequestPhase.WAITING:
                         self._send_request(req, now)
                 return
             if action == ACTION_ERROR:
@@ -237,13 +303,13 @@ class UDPTrackerProtocol:
                 self._connect = None
                 msg = _error_text_untrusted(data[8:])
                 for req in list(self._requests.values()):
-                    if req.phase == "waiting":
+                    if req.phase is RequestPhase.WAITING:
                         self._finish(req, TrackerFailure(req.request_id, msg))
                 return
             self.counters["dropped"] += 1
             return
         found = self._by_tid.get(tid)
-        if found is None or found.phase != "sent":
+        if found is None or found.phase is not RequestPhase.SENT:
             self.counters["dropped"] += 1
             return
         req = found
@@ -308,7 +374,7 @@ class UDPTrackerProtocol:
         self._by_tid.pop(req.tid, None)
         req.tid = self._new_tid()
         self._by_tid[req.tid] = req
-        req.phase = "sent"
+        req.phase = RequestPhase.SENT
         self._out.append(self._conn_id + struct.pack(">II", req.action, req.tid) + req.body)
         self._mark_sent(req, now)
 
@@ -329,7 +395,7 @@ class UDPTrackerProtocol:
         self._by_tid.pop(req.tid, None)
         self._events.append(event)
 
-    def _parse_announce_untrusted(self, rid: int, data: bytes) -> AnnounceResult | None:
+    def _parse_announce_untrusted(self, rid: int, data: bytes) -> TrackerAnnounceResult | None:
         if len(data) < 20:
             return None
         interval, leechers, seeders = struct.unpack_from(">III", data, 8)
@@ -345,7 +411,7 @@ class UDPTrackerProtocol:
             if port == 0:
                 continue  # unusable; some trackers pad with zeros
             peers.append((str(ip), port))
-        return AnnounceResult(rid, interval, leechers, seeders, tuple(peers))
+        return TrackerAnnounceResult(rid, interval, leechers, seeders, tuple(peers))
 
     def _parse_scrape_untrusted(self, req: _Request, data: bytes) -> ScrapeResult | None:
         rest = len(data) - 8

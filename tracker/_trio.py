@@ -5,12 +5,17 @@ Endpoint's demultiplexer recognizes them (first word an action 0..3) and
 queues them for the ``"tracker"`` owner, which is this client.  Sending from
 the shared socket is the point: the address and port the tracker records
 for us are the NAT mapping other peers can reach.
+
+The plumbing (flush, deliver, the receive and timer loops) uses only the
+:class:`~_utpkit.contract.DatagramCore` contract; starting a request is
+BEP 15's own (announce, scrape).
 """
 
 from __future__ import annotations
 
-import ipaddress
+import math
 import os
+import random
 import socket as _socket
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -18,9 +23,13 @@ from urllib.parse import urlsplit
 
 import trio
 
+from _utpkit.addr import addr_key as _key
+from _utpkit.contract import DatagramCore
+from _utpkit.excgroup import unwrapped
+
 from ._core import (
-    DEFAULT_MAX_RETRIES, DEFAULT_RETRY_BASE, EVENT_NONE, AnnounceResult, RequestTimedOut,
-    ScrapeResult, TrackerFailure, UDPTrackerProtocol,
+    DEFAULT_MAX_RETRIES, DEFAULT_RETRY_BASE, EVENT_NONE, RequestTimedOut, ScrapeResult,
+    TrackerAnnounceResult, TrackerFailure, UDPTrackerProtocol,
 )
 
 __all__ = ["TrackerClient", "open_tracker_client", "TrackerError", "parse_tracker_url",
@@ -54,20 +63,6 @@ async def resolve_tracker(host: str, port: int, family: int = 0) -> tuple[str, i
     return str(addr[0]), int(addr[1])
 
 
-def _single(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) single-member exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _key(addr: Any) -> tuple[Any, int]:
-    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip, int(addr[1])
-
-
 class TrackerClient:
     """BEP 15 announces and scrapes to any number of UDP trackers, from one
     Endpoint.  Create it with :func:`open_tracker_client`.
@@ -78,13 +73,17 @@ class TrackerClient:
 
     Error handling: an error answer raises :class:`TrackerError`; no answer
     after the last retransmission raises TimeoutError.
+
+    ``rng`` draws the transaction ids of every tracker's protocol core
+    (default: seeded from os.urandom).
     """
 
     def __init__(self, ep: Any, *, retry_base: float = DEFAULT_RETRY_BASE,
-                 max_retries: int = DEFAULT_MAX_RETRIES) -> None:
+                 max_retries: int = DEFAULT_MAX_RETRIES, rng: random.Random | None = None) -> None:
         self._ep = ep
         self.retry_base = retry_base
         self.max_retries = max_retries
+        self._rng = rng if rng is not None else random.Random(int.from_bytes(os.urandom(16), "big"))
         self._protocols: dict[tuple[Any, int], tuple[UDPTrackerProtocol, tuple[str, int]]] = {}
         self._waiting: dict[tuple[int, int], tuple[trio.Event, list[Any]]] = {}
         self._wakeup = trio.lowlevel.ParkingLot()
@@ -93,20 +92,20 @@ class TrackerClient:
     def _protocol(self, tracker: tuple[str, int]) -> tuple[UDPTrackerProtocol, tuple[str, int]]:
         key = _key(tracker)
         if key not in self._protocols:
-            ipv6 = key[0].version == 6
-            self._protocols[key] = (UDPTrackerProtocol(ipv6=ipv6, retry_base=self.retry_base,
-                                                       max_retries=self.max_retries),
-                                    (str(tracker[0]), int(tracker[1])))
+            addr = (str(tracker[0]), int(tracker[1]))
+            self._protocols[key] = (UDPTrackerProtocol(addr, rng=self._rng,
+                                                       retry_base=self.retry_base,
+                                                       max_retries=self.max_retries), addr)
         return self._protocols[key]
 
-    async def _flush(self, proto: UDPTrackerProtocol, addr: tuple[str, int]) -> None:
-        for data in proto.datagrams_to_send(trio.current_time()):
+    async def _flush(self, proto: DatagramCore) -> None:
+        for data, addr in proto.datagrams_to_send(trio.current_time()):
             await self._ep.sendto(data, addr)
         self._wakeup.unpark_all()  # the timer may have moved earlier
 
-    def _deliver(self, proto: UDPTrackerProtocol) -> None:
+    def _deliver(self, proto: DatagramCore) -> None:
         while (event := proto.next_event()) is not None:
-            slot = self._waiting.get((id(proto), event.request_id))
+            slot = self._waiting.get((id(proto), getattr(event, "request_id", None)))
             if slot is not None:
                 slot[1].append(event)
                 slot[0].set()
@@ -118,7 +117,7 @@ class TrackerClient:
         box: list[Any] = []
         self._waiting[(id(proto), rid)] = (done, box)
         try:
-            await self._flush(proto, addr)
+            await self._flush(proto)
             await done.wait()
         finally:
             del self._waiting[(id(proto), rid)]
@@ -135,7 +134,7 @@ class TrackerClient:
 
     async def announce(self, tracker: tuple[str, int], info_hash: bytes, *, port: int | None = None,
                        event: int = EVENT_NONE, downloaded: int = 0, left: int = 0,
-                       uploaded: int = 0, numwant: int = -1, key: int = 0) -> AnnounceResult:
+                       uploaded: int = 0, numwant: int = -1, key: int = 0) -> TrackerAnnounceResult:
         """Announce ``info_hash`` to ``tracker`` (a ``(ip, port)`` tuple);
         ``port`` defaults to the Endpoint's port.  Returns the tracker's
         peer list (which may include ourselves)."""
@@ -159,24 +158,25 @@ class TrackerClient:
                 continue
             if found is None:
                 continue
-            proto, taddr = found
-            proto.receive_datagram_untrusted(data, trio.current_time())
+            proto: DatagramCore = found[0]
+            proto.receive_datagram(data, addr, trio.current_time())
             self._deliver(proto)
-            await self._flush(proto, taddr)
+            await self._flush(proto)
 
     async def _timer_loop(self) -> None:
         while True:
-            timers = [(p.get_timer(), p, a) for p, a in self._protocols.values()]
-            due = [t for t, _, _ in timers if t is not None]
-            with trio.move_on_at(min(due) if due else float("inf")):
+            cores: list[DatagramCore] = [p for p, _ in self._protocols.values()]
+            timers = [(p.get_timer(), p) for p in cores]
+            due = [t for t, _ in timers if t is not None]
+            with trio.move_on_at(min(due) if due else math.inf):
                 await self._wakeup.park()
                 continue
             now = trio.current_time()
-            for t, proto, addr in timers:
+            for t, proto in timers:
                 if t is not None and t <= now:
                     proto.handle_timer(now)
                     self._deliver(proto)
-                    await self._flush(proto, addr)
+                    await self._flush(proto)
 
     def statistics(self) -> dict[str, Any]:
         return {f"{a[0]}:{a[1]}": dict(p.counters) for p, a in self._protocols.values()}
@@ -184,32 +184,26 @@ class TrackerClient:
 
 @asynccontextmanager
 async def open_tracker_client(ep: Any, *, retry_base: float = DEFAULT_RETRY_BASE,
-                              max_retries: int = DEFAULT_MAX_RETRIES) -> AsyncIterator[TrackerClient]:
+                              max_retries: int = DEFAULT_MAX_RETRIES,
+                              rng: random.Random | None = None) -> AsyncIterator[TrackerClient]:
     """A :class:`TrackerClient` on Endpoint ``ep`` for the duration of the
-    block (it takes the Endpoint's ``"tracker"`` datagram queue).
+    block (it takes the Endpoint's ``"tracker"`` datagram queue; ``rng``:
+    see :class:`TrackerClient`).
 
     Resource handling: leaving the block stops its tasks; requests still
     waiting are cancelled."""
     queue = ep.datagram_queue("tracker")
-    client = TrackerClient(ep, retry_base=retry_base, max_retries=max_retries)
+    client = TrackerClient(ep, retry_base=retry_base, max_retries=max_retries, rng=rng)
     try:
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._receive_loop, queue)
-                nursery.start_soon(client._timer_loop)
-                try:
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The nursery is ours, not the caller's: an exception from the
-            # caller's block comes out as itself (newer trio wraps it).
-            inner = _single(group)
-            if inner is group:
-                raise
-            raise inner from None
+        # The nursery is ours, not the caller's: an exception from the
+        # caller's block comes out as itself (newer trio wraps it).
+        async with unwrapped(), trio.open_nursery() as nursery:
+            nursery.start_soon(client._receive_loop, queue)
+            nursery.start_soon(client._timer_loop)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
-        queue.close()
-        # Let a later client register (the Endpoint has no unregister call).
-        if getattr(ep, "_queues", {}).get("tracker") is queue:
-            del ep._queues["tracker"]
+        # Closes the queue and lets a later client register.
+        ep.release_datagram_queue(queue)

@@ -36,6 +36,10 @@ import sys
 import time
 import traceback
 
+from _utpkit.addr import split_hostport
+from _utpkit.excgroup import leaves as _leaves
+from _utpkit.excgroup import sole_leaf
+
 PROG = "ucat"
 
 # Reads from stdin and from the stream ask for this much at once: large
@@ -357,14 +361,10 @@ def _check_local(opts) -> argparse.Namespace:
 
 def parse_hostport(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6ADDR]:PORT`` (a --bootstrap node)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-        if ":" in host:
-            sep = ""  # an IPv6 address needs brackets before its port
-    if not sep or not host:
-        raise Failure(f"bad node {text!r}: want HOST:PORT, or [IPV6]:PORT", EXIT_USAGE)
+    try:
+        host, port = split_hostport(text)  # an IPv6 address needs its brackets
+    except ValueError:
+        raise Failure(f"bad node {text!r}: want HOST:PORT, or [IPV6]:PORT", EXIT_USAGE) from None
     check_host_name(host)
     return host, parse_port(port)
 
@@ -925,23 +925,12 @@ async def _amain(opts, fds: StdFds) -> None:
 # --- exceptions to exit statuses ---------------------------------------
 
 
-def _leaves(exc: BaseException):
-    """The exceptions inside (nested) exception groups, in order."""
-    inner = getattr(exc, "exceptions", None)
-    if isinstance(inner, (list, tuple)) and isinstance(exc, BaseException) and type(exc).__name__.endswith(
-        "ExceptionGroup"
-    ):
-        for item in inner:
-            yield from _leaves(item)
-    else:
-        yield exc
-
-
 def _sole_leaf(exc: BaseException) -> BaseException:
     """The one exception that matters in exc: trio's Cancelled aside, the
-    only leaf; with several, exc itself."""
-    leaves = [e for e in _leaves(exc) if type(e).__name__ != "Cancelled"]
-    return leaves[0] if len(leaves) == 1 else exc
+    only leaf; with several, exc itself.  (Without trio imported there can
+    be no Cancelled, and ``ucat -h`` does not import it.)"""
+    trio = sys.modules.get("trio")
+    return sole_leaf(exc, (trio.Cancelled,) if trio is not None else ())
 
 
 def exit_status(exc: BaseException, debug: int) -> int:

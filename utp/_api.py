@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import socket as _socket
 from contextlib import asynccontextmanager
-import sys
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+from _utpkit.excgroup import unwrapped
 
 from ._endpoint import Endpoint, make_udp_endpoint
 from ._stream import UTPListener, UTPStream
 
 __all__ = ["open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint"]
-
-
-def _single(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) single-member exception groups.
-
-    The Endpoint's nursery is an implementation detail: an exception raised
-    in the caller's ``async with`` body must reach the caller as itself, not
-    wrapped in a group (newer trio wraps everything a nursery raises)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 @asynccontextmanager
@@ -35,31 +22,21 @@ async def run_endpoint(ep: Endpoint) -> AsyncIterator[Endpoint]:
     nursery for the duration of the block; on a normal exit it closes every
     connection gracefully (lingering up to ``ep.linger`` seconds for their
     FIN exchanges), on an exception or cancellation at once.  Exceptions
-    from the block come out unwrapped."""
+    from the block come out unwrapped (the Endpoint's nursery is an
+    implementation detail; newer trio wraps what a nursery raises)."""
     try:
-        async with _unwrapped(), trio.open_nursery() as nursery:
-            run_scope = await nursery.start(ep._run)
+        async with unwrapped(), trio.open_nursery() as nursery:
+            run_scope = await nursery.start(ep.run)
             try:
                 yield ep
             except BaseException:
                 run_scope.cancel()
                 raise
             with trio.CancelScope(shield=True):
-                await ep._graceful_close()
+                await ep.shutdown()
             run_scope.cancel()
     finally:
-        ep._close_now()
-
-
-@asynccontextmanager
-async def _unwrapped() -> AsyncIterator[None]:
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        inner = _single(group)
-        if inner is group:
-            raise
-        raise inner from None
+        ep.close_now()
 
 
 @asynccontextmanager
@@ -79,7 +56,7 @@ async def open_endpoint(host: str | None = None, port: int = 0, *, family: int |
     granted sizes are in ``statistics()``).  ``udp_mtu`` is the largest UDP
     payload to use (default 1402 for IPv4, 1232 for IPv6; above that the
     engine probes the path).  ``options`` sets engine options
-    (``utp.UTPKIT_*`` ids) before anything is sent.
+    (:class:`utp.Option` ids) before anything is sent.
 
     Resource handling: the socket and the Endpoint's tasks belong to this
     block.  Leaving it normally closes every connection gracefully and waits
@@ -120,14 +97,14 @@ class _OwnedEndpoint:
     async def run(self) -> None:
         try:
             with self.scope:
-                await self.ep._run()
+                await self.ep.run()
         finally:
-            self.ep._close_now()
+            self.ep.close_now()
             self.done.set()
 
     async def shutdown(self) -> None:
         with trio.CancelScope(shield=True):
-            await self.ep._graceful_close()
+            await self.ep.shutdown()
         self.scope.cancel()
         await self.done.wait()
 

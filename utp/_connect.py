@@ -17,6 +17,7 @@ import trio
 
 from . import _utp
 from ._errors import describe
+from ._utp import EventKind
 from ._stream import UTPStream, _format_peer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,38 +42,42 @@ def check_address(addr: Any) -> tuple[Any, ...]:
     return addr
 
 
+# The events that end a connection attempt.
+_FINAL = (EventKind.CONNECT, EventKind.ERROR, EventKind.DESTROYED)
+
+
 async def _attempt(ep: Endpoint, addr: tuple[Any, ...], limit: float) -> UTPStream | int | None:
     """One connection attempt: a stream, an engine error code, or None when
     ``limit`` seconds passed without an answer."""
-    events: list[tuple[str, Any]] = []
+    events: list[tuple[EventKind, Any]] = []
     lot = trio.lowlevel.ParkingLot()
 
-    def waiter(kind: str, arg: Any) -> None:
+    def waiter(kind: EventKind, arg: Any) -> None:
         events.append((kind, arg))
         lot.unpark_all()
 
-    sock = ep._open_socket(addr)
+    sock = ep.open_engine_socket(addr)
     sock.userdata = waiter
     connected = False
     try:
-        ep._kick()  # the SYN leaves now
+        ep.after_engine_call()  # the SYN leaves now
         with trio.move_on_after(limit):
-            while not any(k in ("connect", "error", "destroyed") for k, _ in events):
+            while not any(k in _FINAL for k, _ in events):
                 await lot.park()
         for kind, arg in events:
-            if kind == "connect":
+            if kind is EventKind.CONNECT:
                 connected = True
                 return UTPStream(ep, sock, addr)
-            if kind == "error":
+            if kind is EventKind.ERROR:
                 return int(arg)
         return None
     finally:
         if not connected:
             # Timed out, failed or cancelled: leave nothing half-open.
             sock.userdata = None
-            if not sock.destroyed and not ep._ctx.closed:
+            if not sock.destroyed and not ep.engine_closed:
                 sock.close()
-                ep._kick()
+                ep.after_engine_call()
 
 
 async def connect_with_retry(ep: Endpoint, addr: tuple[Any, ...], *, attempt_timeout: float,

@@ -16,6 +16,17 @@ for streams, datagrams for other owners) and flush the engine's output with
 The same Endpoint runs over a simulated network (:mod:`utp.testing`) under
 trio's ``MockClock``: the I/O sits behind a small driver interface, and in
 that mode the engine's clock is trio's.
+
+The seams other modules use (streams, the listener, connect, punch, the DHT
+and tracker drivers) are the Endpoint's public methods, each documented:
+opening an engine socket (:meth:`Endpoint.open_engine_socket`), bracketing
+engine calls (:meth:`Endpoint.before_engine_call`,
+:meth:`Endpoint.after_engine_call`), datagram queues
+(:meth:`Endpoint.datagram_queue`, :meth:`Endpoint.release_datagram_queue`),
+accepting (:meth:`Endpoint.set_accepting`) and the lifecycle
+(:meth:`Endpoint.run`, :meth:`Endpoint.shutdown`, :meth:`Endpoint.close_now`).
+Nothing outside this module touches an underscore member of an Endpoint
+(tests/test_contract.py checks).
 """
 
 from __future__ import annotations
@@ -24,18 +35,19 @@ import collections
 import errno
 import math
 import socket as _socket
-from typing import TYPE_CHECKING, Any, Callable, Deque, Protocol
+from typing import Any, Callable, Deque, Protocol
 
 import trio
 
 from . import _utp
-from ._errors import UTPError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ._stream import UTPListener, UTPStream
+from ._connect import connect_with_retry
+from ._stream import UTPListener, UTPStream
+from ._utp import EventKind
 
 __all__ = ["Endpoint", "DatagramQueue", "Driver", "UDPDriver", "OWNER_DHT", "OWNER_TRACKER",
            "OWNER_OTHER"]
+
+_ACCEPT, _DESTROYED = EventKind.ACCEPT, EventKind.DESTROYED   # per-event dispatch
 
 OWNER_DHT = "dht"
 OWNER_TRACKER = "tracker"
@@ -209,6 +221,11 @@ class ExternalAddressVotes:
             return None
         return max(counts, key=lambda a: (counts[a], last[a]))
 
+    def addresses(self) -> list[tuple[Any, ...]]:
+        """Every address some reporter currently says is ours, oldest
+        report first (repeats included)."""
+        return [addr for addr, _ in self._by_reporter.values()]
+
     def statistics(self) -> dict[str, Any]:
         sources = collections.Counter(src for _, src in self._by_reporter.values())
         return {"winner": self.winner, "reporters": len(self._by_reporter), "votes": self.total,
@@ -250,6 +267,10 @@ class Endpoint:
         self._send_blocked = False
         self._send_unblocked = trio.lowlevel.ParkingLot()
         self._writer_lot = trio.lowlevel.ParkingLot()
+        # Woken when the last stream is destroyed (shutdown waits on it) and
+        # after every round of engine work (wait_engine_progress).
+        self._drained_lot = trio.lowlevel.ParkingLot()
+        self._progress_lot = trio.lowlevel.ParkingLot()
         self._closed = False
         self._failure: BaseException | None = None
         self._batches = 0
@@ -278,6 +299,12 @@ class Endpoint:
         ``source`` says who reported it ("dht", "tracker", "bt", ...)."""
         self._votes.vote(addr, reporter, source)
 
+    def reported_addresses(self) -> list[tuple[Any, ...]]:
+        """Every address some peer currently reports as ours (not just the
+        winner): a rendezvous uses them to recognise itself in a peer
+        list."""
+        return self._votes.addresses()
+
     async def connect(self, addr: tuple[Any, ...], *, attempt_timeout: float = 2.0,
                       timeout: float | None = 10.0,
                       deadline: float | None = None) -> UTPStream:
@@ -297,20 +324,24 @@ class Endpoint:
 
         Cancellation: cancelling leaves no half-open connection behind.
         """
-        from ._connect import connect_with_retry
         return await connect_with_retry(self, addr, attempt_timeout=attempt_timeout,
                                         timeout=timeout, deadline=deadline)
 
     def listen(self, *, backlog: int = 128) -> UTPListener:
         """Accept incoming connections on this Endpoint (one listener per
         Endpoint).  See :class:`UTPListener`."""
-        from ._stream import UTPListener
-        self._check_open()
-        if self._listener is not None and not self._listener.closed:
+        self.check_open()
+        if self.listener is not None:
             raise RuntimeError("this Endpoint already has a listener")
         self._listener = UTPListener(self, backlog)
         self._ctx.listening = True
         return self._listener
+
+    @property
+    def listener(self) -> UTPListener | None:
+        """The Endpoint's open listener, or None."""
+        listener = self._listener
+        return listener if listener is not None and not listener.closed else None
 
     def datagram_queue(self, owner: str, *, maxlen: int = 1024) -> DatagramQueue:
         """Register for the datagrams of one owner: ``"dht"`` (bencoded
@@ -319,17 +350,26 @@ class Endpoint:
         are counted and dropped."""
         if owner not in (OWNER_DHT, OWNER_TRACKER, OWNER_OTHER):
             raise ValueError(f"unknown owner {owner!r}; expected 'dht', 'tracker' or 'other'")
-        self._check_open()
+        self.check_open()
         if owner in self._queues:
             raise RuntimeError(f"the {owner!r} datagrams already have a queue")
         q = DatagramQueue(owner, maxlen)
         self._queues[owner] = q
         return q
 
+    def release_datagram_queue(self, queue: DatagramQueue) -> None:
+        """Close ``queue`` and unregister it, so a later
+        :meth:`datagram_queue` call (another punch, another tracker client)
+        can take its owner's datagrams.  Releasing a queue that is no longer
+        registered just closes it."""
+        queue.close()
+        if self._queues.get(queue.owner) is queue:
+            del self._queues[queue.owner]
+
     async def sendto(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Send one datagram from the shared socket (for the DHT and tracker
         clients).  It leaves in order with the engine's own packets."""
-        self._check_open()
+        self.check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
         self._driver.sendto(self._ctx, bytes(data), addr)
         self._flush()
@@ -354,34 +394,73 @@ class Endpoint:
             stats.update(self._driver.statistics(self._ctx))
         return stats
 
-    # ---- engine plumbing (used by streams, listener, connect) -------------------
+    # ---- engine seams (for streams, the listener, connect, punch) ---------------
+    #
+    # The engine is driven from two places: the Endpoint's own tasks (receive,
+    # timer, writer) and the callers of these methods.  A caller brackets
+    # every engine call: before_engine_call(), the call(s) on a Socket,
+    # after_engine_call().
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise trio.ClosedResourceError if the Endpoint is closed."""
         if self._closed:
             raise trio.ClosedResourceError("the Endpoint is closed")
 
-    def _sync_time(self) -> None:
-        """In simulated mode the engine's clock is trio's; call before every
-        engine call."""
+    @property
+    def engine_closed(self) -> bool:
+        """Whether the engine is gone (the Endpoint closed): engine sockets
+        must not be called any more."""
+        return self._ctx.closed
+
+    def before_engine_call(self) -> None:
+        """Call before calling the engine (a Socket's write, read, close,
+        ...) from outside the Endpoint's tasks.  In simulated mode the
+        engine's clock is trio's and this advances it; otherwise it does
+        nothing."""
         if self._virtual:
             now = int(trio.current_time() * 1_000_000)
             if now > self._ctx.now_us:
                 self._ctx.now_us = now
 
-    def _open_socket(self, addr: tuple[Any, ...]) -> _utp.Socket:
-        self._check_open()
-        self._sync_time()
+    def after_engine_call(self) -> None:
+        """Call after calling the engine from outside the Endpoint's tasks:
+        delivers the events the call caused, sends (flushes) what it queued,
+        and re-arms the timer.  Without it the engine's output would wait
+        for the next received datagram or timer."""
+        self._after_engine()
+
+    def open_engine_socket(self, addr: tuple[Any, ...]) -> _utp.Socket:
+        """A new engine socket connecting to ``addr``; its SYN leaves at the
+        next :meth:`after_engine_call`.  Until it is given to a stream
+        (:meth:`register_stream`), its events go to ``sock.userdata``, a
+        callable taking ``(kind, arg)``."""
+        self.check_open()
+        self.before_engine_call()
         sock = self._ctx.create_socket()
         sock.connect(addr)
         return sock
 
-    def _register(self, sock: _utp.Socket, stream: UTPStream) -> None:
+    def register_stream(self, sock: _utp.Socket, stream: UTPStream) -> None:
+        """Route the events of engine socket ``sock`` to ``stream`` (its
+        ``_on_event``) until the engine destroys the socket."""
         self._streams[sock] = stream
 
-    def _kick(self) -> None:
-        """After an engine call from outside the receive task: deliver the
-        events it caused, send what it queued, and re-arm the timer."""
-        self._after_engine()
+    def set_accepting(self, accepting: bool) -> None:
+        """Whether the engine accepts incoming SYNs (while not, it refuses
+        them with a RESET).  For pausing and closing a listener; does
+        nothing once the engine is closed."""
+        if not self._ctx.closed:
+            self._ctx.listening = accepting
+
+    async def wait_engine_progress(self) -> None:
+        """Wait until the engine has next handled input, a timer or a call
+        (and its events were delivered), or the Endpoint closed: for
+        waiting on a condition of the engine's state (everything
+        acknowledged, ...) without polling."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._progress_lot.park()
 
     def _after_engine(self) -> None:
         ctx = self._ctx
@@ -391,13 +470,16 @@ class Endpoint:
             self._dispatch(kind, sock, arg)
         self._flush()
         self._rearm_timer()
+        if self._progress_lot:
+            self._progress_lot.unpark_all()
 
-    def _dispatch(self, kind: str, sock: _utp.Socket, arg: Any) -> None:
-        if kind == "accept":
-            if self._listener is None or self._listener.closed:
+    def _dispatch(self, kind: EventKind, sock: _utp.Socket, arg: Any) -> None:
+        if kind is _ACCEPT:
+            listener = self.listener
+            if listener is None:
                 sock.close()  # the engine only accepts while we listen; a race
                 return
-            self._listener._on_accept(sock, arg)
+            listener._on_accept(sock, arg)
             return
         stream = self._streams.get(sock)
         if stream is None:
@@ -405,8 +487,10 @@ class Endpoint:
             if waiter is not None:
                 waiter(kind, arg)  # a connection attempt in progress
             return
-        if kind == "destroyed":
+        if kind is _DESTROYED:
             del self._streams[sock]
+            if not self._streams:
+                self._drained_lot.unpark_all()
         stream._on_event(kind, arg)
 
     def _flush(self) -> None:
@@ -444,7 +528,7 @@ class Endpoint:
         driver, ctx = self._driver, self._ctx
         while True:
             await driver.wait_readable()
-            self._sync_time()
+            self.before_engine_call()
             if driver.receive(ctx):
                 self._batches += 1
                 ctx.issue_deferred_acks()
@@ -469,7 +553,7 @@ class Endpoint:
                 scope.deadline = math.inf if t is None else trio.current_time() + t / 1_000_000
                 await trio.sleep_forever()
             self._timer_scope = None
-            self._sync_time()
+            self.before_engine_call()
             ctx.check_timeouts()
             self._after_engine()
 
@@ -485,7 +569,10 @@ class Endpoint:
                 # is full; back off a little instead of spinning.
                 await trio.sleep(0.001)
 
-    async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the Endpoint's tasks (receive, timer, writer) until
+        cancelled; ``task_status.started()`` gets their cancel scope.
+        :func:`utp.run_endpoint` and :func:`utp.open_endpoint` call it."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive_loop)
             nursery.start_soon(self._timer_loop)
@@ -494,23 +581,28 @@ class Endpoint:
 
     # ---- shutdown -----------------------------------------------------------------
 
-    async def _graceful_close(self) -> None:
+    async def shutdown(self) -> None:
         """Close every connection and wait (at most ``linger`` seconds) for
         the engine to finish their FIN exchanges, so data written just before
-        the Endpoint closes still arrives."""
+        the Endpoint closes still arrives.  The tasks must still run
+        (:meth:`run`); :meth:`close_now` follows."""
         if self._listener is not None:
             self._listener._shutdown()
         for stream in list(self._streams.values()):
             stream._close_engine_socket()
-        self._kick()
+        self.after_engine_call()
         with trio.move_on_after(self.linger):
             while self._streams:
-                await trio.sleep(0.01)
+                await self._drained_lot.park()
 
-    def _close_now(self) -> None:
+    def close_now(self) -> None:
+        """Close at once: streams fail, queues close, the socket closes.
+        Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._progress_lot.unpark_all()
+        self._drained_lot.unpark_all()
         for stream in list(self._streams.values()):
             stream._on_endpoint_closed()
         self._streams.clear()
@@ -580,4 +672,4 @@ def check_positive(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be positive, not {value!r}")
 
 
-Callback = Callable[[str, Any], None]
+Callback = Callable[[EventKind, Any], None]

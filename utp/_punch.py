@@ -41,9 +41,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from _utpkit.addr import addr_key as _addr_key
+from _utpkit.addr import normalize_ip
+from _utpkit.excgroup import unwrapped
+
 from . import _utp
-from ._api import _unwrapped
 from ._connect import check_address
+from ._utp import EventKind
 from ._stream import UTPStream, _format_peer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,10 +64,7 @@ MAX_PENDING = 64
 
 
 def _ip(addr: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return normalize_ip(addr[0])
 
 
 def tie_break_key(addr: Any) -> tuple[bytes, int]:
@@ -89,10 +90,6 @@ def _same_ip(a: Any, b: Any) -> bool:
         return _ip(a) == _ip(b)
     except (ValueError, TypeError, IndexError):
         return False
-
-
-def _addr_key(addr: Any) -> tuple[Any, int]:
-    return _ip(addr), int(addr[1])
 
 
 def end_time(start: float, timeout: float | None, deadline: float | None, what: str) -> float:
@@ -170,7 +167,7 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
                              "saw it): the Endpoint is bound to the wildcard address, and both "
                              "sides must compare the same pair of endpoints")
     initiator = is_initiator(local_public, peer)
-    ep._check_open()
+    ep.check_open()
     queue: DatagramQueue | None = None
     try:
         queue = ep.datagram_queue("other", maxlen=64)
@@ -184,10 +181,8 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
                               _Pacer(start, interval, fast_period, keepalive))
     finally:
         if queue is not None:
-            queue.close()
             # Unregister, so a later punch (or another owner) can have it.
-            if ep._queues.get("other") is queue:
-                del ep._queues["other"]
+            ep.release_datagram_queue(queue)
 
 
 def _is_probe_from(data: bytes, addr: Any, peer: Any) -> bool:
@@ -205,7 +200,7 @@ class _Attempt:
 
 async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
                     start: float, end: float, pacer: _Pacer) -> UTPStream:
-    events: list[tuple[_Attempt, str, Any]] = []
+    events: list[tuple[_Attempt, EventKind, Any]] = []
     lot = trio.lowlevel.ParkingLot()
     pending: list[_Attempt] = []
     target: tuple[Any, ...] = peer
@@ -214,7 +209,7 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
     winner: _Attempt | None = None
 
     def waiter_for(att: _Attempt) -> Any:
-        def waiter(kind: str, arg: Any) -> None:
+        def waiter(kind: EventKind, arg: Any) -> None:
             events.append((att, kind, arg))
             lot.unpark_all()
         return waiter
@@ -235,18 +230,18 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
                 lot.unpark_all()
 
     try:
-        async with _unwrapped(), trio.open_nursery() as nursery:
+        async with unwrapped(), trio.open_nursery() as nursery:
             if queue is not None:
                 nursery.start_soon(read_probes)
             while winner is None:
                 while events:
                     att, kind, arg = events.pop(0)
-                    if kind == "connect":
+                    if kind is EventKind.CONNECT:
                         winner = att
                         break
                     if att in pending:
                         pending.remove(att)
-                        if kind == "error" and arg == _utp.UTP_ETIMEDOUT:
+                        if kind is EventKind.ERROR and arg == _utp.UTP_ETIMEDOUT:
                             timed_out += 1
                         else:
                             refused += 1
@@ -257,12 +252,12 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
                     break
                 if now >= pacer.next:
                     if len(pending) < MAX_PENDING:
-                        sock = ep._open_socket(target)
+                        sock = ep.open_engine_socket(target)
                         att = _Attempt(sock, target, now)
                         sock.userdata = waiter_for(att)
                         pending.append(att)
                         opened += 1
-                        ep._kick()  # the SYN leaves now
+                        ep.after_engine_call()  # the SYN leaves now
                     pacer.advance(now)
                 with trio.move_on_at(min(pacer.next, end)):
                     await lot.park()
@@ -273,10 +268,10 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
     finally:
         for att in pending:
             att.sock.userdata = None
-            if not att.sock.destroyed and not ep._ctx.closed:
+            if not att.sock.destroyed and not ep.engine_closed:
                 att.sock.close()
-        if pending and not ep._ctx.closed:
-            ep._kick()
+        if pending and not ep.engine_closed:
+            ep.after_engine_call()
     elapsed = trio.current_time() - start
     where = " then ".join(_format_peer(t) for t in targets)
     heard = (f"{probes_seen} probe{'s' if probes_seen != 1 else ''} from the peer arrived"
@@ -289,7 +284,7 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
 
 async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
                    start: float, end: float, pacer: _Pacer) -> UTPStream:
-    if ep._listener is not None and not ep._listener.closed:
+    if ep.listener is not None:
         raise RuntimeError("punch cannot answer on an Endpoint that already has a listener; "
                            "close it first")
     listener = ep.listen(backlog=1)
@@ -333,7 +328,7 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
 
     try:
         with trio.move_on_at(end):
-            async with _unwrapped(), trio.open_nursery() as nursery:
+            async with unwrapped(), trio.open_nursery() as nursery:
                 nursery.start_soon(send_probes)
                 if queue is not None:
                     nursery.start_soon(read_probes)

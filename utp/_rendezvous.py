@@ -24,11 +24,13 @@ The DHT has no "stopped": entries expire, so use a fresh key per meeting.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
 import trio
+
+from _utpkit.addr import addr_key as _key
+from _utpkit.addr import normalize_ip as _norm_ip
 
 from ._punch import end_time, is_initiator, punch
 from ._stream import UTPStream, _format_peer
@@ -46,13 +48,6 @@ class RendezvousError(OSError):
 def info_hash_for(key: str | bytes) -> bytes:
     """The 20-byte hash both peers announce for ``key``."""
     return hashlib.sha1(key.encode("utf-8") if isinstance(key, str) else key).digest()
-
-
-def _norm_ip(host: Any) -> Any:
-    ip = ipaddress.ip_address(str(host).split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def split_peers(peers: Any, local: tuple[Any, ...]) -> tuple[tuple[str, int] | None, list[tuple[str, int]]]:
@@ -173,18 +168,12 @@ def _is_dht(via: Any) -> bool:
     return hasattr(via, "get_peers") and hasattr(via, "announce") and hasattr(via, "endpoint")
 
 
-def _key(addr: Any) -> tuple[Any, int]:
-    return _norm_ip(addr[0]), int(addr[1])
-
-
 def _our_addresses(ep: Endpoint, node: Any) -> dict[tuple[Any, int], tuple[str, int]]:
     """Every address some node reported as ours (the Endpoint's votes, the
     node's own view), and the bound address when it is a specific one."""
     found: dict[tuple[Any, int], tuple[str, int]] = {}
     candidates: list[Any] = [ep.external_address, getattr(node, "external_address", None)]
-    votes = getattr(ep, "_votes", None)
-    if votes is not None:
-        candidates += [addr for addr, _ in getattr(votes, "_by_reporter", {}).values()]
+    candidates += ep.reported_addresses()
     local = ep.local_address
     try:
         if not _norm_ip(local[0]).is_unspecified:

@@ -23,11 +23,18 @@ import trio
 
 from . import _utp
 from ._errors import UTPError, describe
+from ._utp import EventKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._endpoint import Endpoint
 
 __all__ = ["UTPStream", "UTPListener"]
+
+# Module-level names for the per-event dispatch (a global lookup and ``is``
+# cost a fifth of an Enum attribute lookup).
+_READABLE, _WRITABLE, _EOF, _ERROR, _DESTROYED, _CONNECT = (
+    EventKind.READABLE, EventKind.WRITABLE, EventKind.EOF, EventKind.ERROR, EventKind.DESTROYED,
+    EventKind.CONNECT)
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
 
@@ -97,7 +104,7 @@ class UTPStream(trio.abc.HalfCloseableStream):
             self._destroyed = True
             self._final_stats = self._collect_stats()
         else:
-            endpoint._register(sock, self)
+            endpoint.register_stream(sock, self)
 
     # ---- events from the Endpoint --------------------------------------------------
 
@@ -106,29 +113,29 @@ class UTPStream(trio.abc.HalfCloseableStream):
         if cb is not None:
             cb(what)
 
-    def _on_event(self, kind: str, arg: Any) -> None:
-        if kind == "readable":
+    def _on_event(self, kind: EventKind, arg: Any) -> None:
+        if kind is _READABLE:
             self._recv_lot.unpark_all()
-        elif kind == "writable":
+        elif kind is _WRITABLE:
             self._send_lot.unpark_all()
             self._notify("writable")
-        elif kind == "eof":
+        elif kind is _EOF:
             self._eof_received = True
             self._recv_lot.unpark_all()
             self._notify("eof")
-        elif kind == "error":
+        elif kind is _ERROR:
             self._error = UTPError(arg, describe(arg, _format_peer(self._peer)))
             self._recv_lot.unpark_all()
             self._send_lot.unpark_all()
             self._notify(f"error: {self._error}")
-        elif kind == "destroyed":
+        elif kind is _DESTROYED:
             self._destroyed = True
             self._final_stats = self._collect_stats()
             self._recv_lot.unpark_all()
             self._send_lot.unpark_all()
             self._closed_lot.unpark_all()
             self._notify("closed")
-        elif kind == "connect":
+        elif kind is _CONNECT:
             self._notify("connected")
 
     def _on_endpoint_closed(self) -> None:
@@ -164,11 +171,11 @@ class UTPStream(trio.abc.HalfCloseableStream):
             view = memoryview(data).cast("B")
             ep = self._ep
             while view:
-                ep._sync_time()
+                ep.before_engine_call()
                 n = self._sock.write(view)
                 if n:
                     view = view[n:]
-                    ep._kick()
+                    ep.after_engine_call()
                 if view:
                     await self._send_lot.park()
                     self._raise_if_unusable()
@@ -197,9 +204,9 @@ class UTPStream(trio.abc.HalfCloseableStream):
                 if self._closed:
                     raise trio.ClosedResourceError("the stream was closed while receiving")
                 if self._sock.readable:
-                    self._ep._sync_time()
+                    self._ep.before_engine_call()
                     data = self._sock.read(max_bytes if max_bytes is not None else DEFAULT_RECEIVE_SIZE)
-                    self._ep._kick()  # reading may reopen the window: an ACK goes out
+                    self._ep.after_engine_call()  # reading may reopen the window: an ACK goes out
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 if self._eof_received:
@@ -218,9 +225,9 @@ class UTPStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             if not self._eof_sent and self._error is None and not self._destroyed:
                 self._eof_sent = True
-                self._ep._sync_time()
+                self._ep.before_engine_call()
                 self._sock.shutdown_write()
-                self._ep._kick()
+                self._ep.after_engine_call()
             self._eof_sent = True
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -234,27 +241,29 @@ class UTPStream(trio.abc.HalfCloseableStream):
             self._closed = True
             self._recv_lot.unpark_all()
             self._send_lot.unpark_all()
-            if not self._destroyed and not self._ep._ctx.closed:
-                self._ep._sync_time()
+            if not self._destroyed and not self._ep.engine_closed:
+                self._ep.before_engine_call()
                 self._sock.close()
-                self._ep._kick()
+                self._ep.after_engine_call()
         await trio.lowlevel.checkpoint()
 
-    async def wait_send_complete(self, *, poll: float = 0.005) -> None:
+    async def wait_send_complete(self, *, poll: float | None = None) -> None:
         """Wait until the peer has acknowledged every byte given to
         ``send_all``.
 
         Returns as soon as nothing is outstanding, even if the peer has
         closed or reset the connection since.  Raises BrokenResourceError if
         the connection fails with data still unacknowledged, and
-        ClosedResourceError if the stream was closed first."""
+        ClosedResourceError if the stream was closed first.  It checks after
+        each round of the engine's work (an ACK can only arrive then), so
+        ``poll`` is ignored (kept for callers that passed it)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             stats = self.statistics()
             if stats["send_queue"] == 0 and stats["in_flight"] == 0:
                 break
             self._raise_if_unusable()
-            await trio.sleep(poll)
+            await self._ep.wait_engine_progress()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def abort(self) -> None:
@@ -270,9 +279,9 @@ class UTPStream(trio.abc.HalfCloseableStream):
     def _abort(self) -> None:
         """Reset the connection (used for refused connections and for
         streams an Endpoint drops on close)."""
-        if not self._destroyed and not self._ep._ctx.closed:
+        if not self._destroyed and not self._ep.engine_closed:
             self._sock.abort()
-            self._ep._kick()
+            self._ep.after_engine_call()
 
     # ---- information ---------------------------------------------------------------------
 
@@ -370,13 +379,13 @@ class UTPListener(trio.abc.Listener[UTPStream]):
     def pause(self) -> None:
         """Stop accepting: new SYNs are refused with a RESET."""
         self._paused = True
-        if not self._ep._ctx.closed:
-            self._ep._ctx.listening = False
+        self._ep.set_accepting(False)
 
     def resume(self) -> None:
+        """Accept again (undoes :meth:`pause`; nothing once closed)."""
         self._paused = False
-        if not self._closed and not self._ep._ctx.closed:
-            self._ep._ctx.listening = True
+        if not self._closed:
+            self._ep.set_accepting(True)
 
     def _on_accept(self, sock: _utp.Socket, addr: Any) -> None:
         fw = self.firewall
@@ -424,8 +433,7 @@ class UTPListener(trio.abc.Listener[UTPStream]):
         if self._closed:
             return
         self._closed = True
-        if not self._ep._ctx.closed:
-            self._ep._ctx.listening = False
+        self._ep.set_accepting(False)
         while self._queue:
             self._queue.popleft()._abort()
         self._lot.unpark_all()

@@ -2,6 +2,8 @@
 
 from typing import Any, Final, Literal, Protocol, TypeAlias, Union, final
 
+from _utpkit.contract import StrEnum as _StrEnum
+
 
 _IPv4Address: TypeAlias = tuple[str, int]
 _IPv6Address: TypeAlias = tuple[str, int, int, int]
@@ -12,15 +14,23 @@ _FileDescriptor: TypeAlias = Union[int, "_HasFileno"]
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
-_EventKind: TypeAlias = Literal[
-    "accept", "connect", "writable", "readable", "eof", "error", "destroyed"
-]
+class EventKind(_StrEnum):
+    ACCEPT = "accept"
+    CONNECT = "connect"
+    WRITABLE = "writable"
+    READABLE = "readable"
+    EOF = "eof"
+    ERROR = "error"
+    DESTROYED = "destroyed"
+
+_EventKind: TypeAlias = EventKind
 
 __all__ = [
     "Context",
     "Socket",
     "ClosedError",
     "classify",
+    "EventKind",
     "ERROR_NAMES",
     "DEFAULT_MTU_IPV4",
     "DEFAULT_MTU_IPV6",

@@ -29,6 +29,8 @@ import errno as _errno
 import os as _os
 import warnings as _warnings
 
+from _utpkit.contract import StrEnum as _StrEnum
+
 # --------------------------------------------------------------------------
 # Constants of utp.h, as module attributes.
 # --------------------------------------------------------------------------
@@ -96,6 +98,7 @@ __all__ = [  # the public names; utp/__init__.py re-exports them
     "Socket",
     "ClosedError",
     "classify",
+    "EventKind",
     "ERROR_NAMES",
     "DEFAULT_MTU_IPV4",
     "DEFAULT_MTU_IPV6",
@@ -190,8 +193,21 @@ cdef enum:
     EV_ERROR
     EV_DESTROYED
 
-_EVENT_NAMES = (None, "accept", "connect", "writable", "readable", "eof",
-                "error", "destroyed")
+class EventKind(_StrEnum):
+    """The kind of a ``take_events()`` record.  Each member equals its
+    string ("accept", ...), the form these events had before the Enum."""
+    ACCEPT = "accept"
+    CONNECT = "connect"
+    WRITABLE = "writable"
+    READABLE = "readable"
+    EOF = "eof"
+    ERROR = "error"
+    DESTROYED = "destroyed"
+
+
+# Indexed by the C event kind (EV_*); take_events() hands out the members.
+_EVENT_NAMES = (None, EventKind.ACCEPT, EventKind.CONNECT, EventKind.WRITABLE,
+                EventKind.READABLE, EventKind.EOF, EventKind.ERROR, EventKind.DESTROYED)
 
 cdef struct Rec
 cdef struct CtxState
@@ -1007,7 +1023,7 @@ cdef class Context:
 
     def take_events(self) -> list:
         """Remove and return what happened since the last call, in order, as
-        (kind, socket, arg) tuples:
+        (kind, socket, arg) tuples, ``kind`` an :class:`EventKind`:
 
         - ("accept", sock, peer_address): a new incoming connection (it is
           connected and writable at once; no "connect" follows)

@@ -960,7 +960,7 @@ class Network:
                  options: dict[int, int] | None = None, listen: bool = False) -> Node:
         """Add a node with its own engine.  `addr` defaults to the next free
         documentation address of the family; `options` are context options
-        (``{utp.UTPKIT_MIN_RTO: 200, ...}``); `udp_mtu` is passed to the
+        (``{utp.Option.MIN_RTO: 200, ...}``); `udp_mtu` is passed to the
         Context."""
         if addr is None:
             addr = self.next_address(ipv6)

@@ -213,7 +213,7 @@ def bench_idle_connections(n: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        opts = {utp.UTPKIT_MAX_SOCKETS: n + 100}
+        opts = {utp.Option.MAX_SOCKETS: n + 100}
         async with utp.open_endpoint("127.0.0.1", 0, options=opts, linger=0.5) as server, \
                 utp.open_endpoint("127.0.0.1", 0, options=opts, linger=0.5) as client:
             listener = server.listen(backlog=n)

@@ -101,7 +101,7 @@ def run_transfer(group: str, scenario: str, *, rate: float, rtt_ms: float, nbyte
 def run_ledbat(flows: int, *, seconds: int = 60, rate: float = 10e6, rtt_ms: float = 50,
                queue: int = 1_000_000, seed: int = 1, target_us: int | None = None) -> Row:
     t0 = time.perf_counter()
-    opts = {utp.UTP_TARGET_DELAY: target_us} if target_us else None
+    opts = {utp.Option.TARGET_DELAY: target_us} if target_us else None
     net = Network(seed=seed)
     a = net.add_node("a", options=opts)
     b = net.add_node("b", options=opts)

@@ -1,4 +1,5 @@
-"""Strict bencode (BEP 3) for KRPC.
+"""Strict bencode (BEP 3): one decoder and one encoder for every package
+(the DHT's KRPC, the tracker, the BitTorrent peer).
 
 Our own decoder rather than a PyPI one: a KRPC message is attacker-controlled
 and at most one UDP datagram, and what the DHT needs from a decoder is narrow
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+from .errors import LocalProtocolError, RemoteProtocolError
+
 __all__ = ["BencodeError", "encode", "decode_untrusted", "MAX_DEPTH", "MAX_SIZE"]
 
 MAX_DEPTH = 16      # KRPC nests three deep (dict > dict > list); 16 is generous
@@ -21,8 +24,11 @@ MAX_SIZE = 65536    # one UDP datagram
 Value = Union[int, bytes, list, dict]
 
 
-class BencodeError(ValueError):
-    """Input that is not canonical bencode (or is too large or too deep)."""
+class BencodeError(RemoteProtocolError, ValueError):
+    """Input that is not canonical bencode (or is too large or too deep).
+
+    A :class:`RemoteProtocolError` (the bytes came from a peer) and, as it
+    always was, a ValueError."""
 
 
 _DIGITS = b"0123456789"
@@ -163,7 +169,8 @@ def _encode_dict(v: dict, out: list[bytes]) -> None:
     prev = None
     for k, x in items:
         if k == prev:
-            raise ValueError(f"duplicate key {k!r}")
+            raise LocalProtocolError(f"cannot bencode a dictionary with the key {k!r} twice "
+                                     f"(once as str, once as bytes)")
         prev = k
         out.append(b"%d:" % len(k))
         out.append(k)
