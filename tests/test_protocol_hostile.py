@@ -430,7 +430,7 @@ def test_syn_flood_past_the_socket_cap():
 
 # --- property tests -----------------------------------------------------------
 
-_TEMPLATES = ("syn", "state", "data", "fin", "reset", "sack")
+_TEMPLATES = ("syn", "state", "data", "fin", "reset", "sack", "sack_odd", "ext_bits")
 
 
 def _template(kind, cid, seq, ack):
@@ -444,6 +444,10 @@ def _template(kind, cid, seq, ack):
         return pkt(ST_FIN, cid, seq, ack)
     if kind == "reset":
         return pkt(ST_RESET, cid, seq, ack)
+    if kind == "sack_odd":       # libtorrent's byte-granular bitmap
+        return pkt(ST_STATE, cid, seq, ack, ext=[(1, b"\xf0\x0f\x55")])
+    if kind == "ext_bits":       # libutp's extension-bits link, then a SACK
+        return pkt(ST_STATE, cid, seq, ack, ext=[(2, b"\0" * 8), (1, b"\x0f" * 5)])
     return pkt(ST_STATE, cid, seq, ack, ext=[(1, b"\xf0\x0f\x55\xaa")])
 
 

@@ -183,6 +183,7 @@ struct UTPSocket {
 	unsigned tlp_sent : 1;     /* tail loss probe sent since the last ACK progress */
 	unsigned in_recovery : 1;
 	unsigned confirmed : 1;    /* acceptor: the initiator has sent something after its SYN */
+	unsigned peer_sacks : 1;   /* the peer has sent a SACK: its ACKs say what they cover */
 
 	/* lists: all sockets, hash chain, deferred ACKs, zombies */
 	utp_socket *next, *prev;
@@ -385,7 +386,8 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk);
 void utp_out_repacketize(utp_socket *s);
 void utp_out_on_rto(utp_socket *s);
 void utp_out_on_tlp(utp_socket *s);
-void utp_out_detect_losses(utp_socket *s);
+/* on_ack: called for an arriving ACK (the head rule applies), not a timer. */
+void utp_out_detect_losses(utp_socket *s, int on_ack);
 void utp_out_mark_lost(utp_socket *s, utp_outpkt *p, int by_timeout);
 void utp_out_maybe_writable(utp_socket *s);
 uint32 utp_out_payload_max(const utp_socket *s);

@@ -385,12 +385,13 @@ void utp_out_flush(utp_socket *s)
 				break;
 		}
 		/* The congestion window always admits one packet, and packets
-		 * marked lost: they left the flight when marked, so resending them
-		 * never takes it past what it was before the loss.  The window cut
-		 * acts on new data; holding repairs back for it would deadlock when
-		 * the flight is full of packets the receiver holds but cannot show
-		 * (libutp's SACK covers 30 packets past the hole). */
-		if (s->cur_window > 0 && s->cur_window + p->payload > s->cwnd && !p->lost)
+		 * found lost from ACKs: they left the flight when marked, so
+		 * resending them never takes it past what it was before the loss.
+		 * The window cut acts on new data; holding repairs back for it would
+		 * deadlock when the flight is full of packets the receiver holds but
+		 * cannot show (libutp's SACK covers 30 packets past the hole).  After
+		 * a timeout the window restarts from one packet for everything. */
+		if (s->cur_window > 0 && s->cur_window + p->payload > s->cwnd && !(p->lost && !p->lost_by_timeout))
 			break;
 		if (s->cur_window + p->payload > s->peer_wnd) {
 			if (s->cur_window == 0 && s->zwp_deadline == 0) {
@@ -508,16 +509,23 @@ void utp_out_mark_lost(utp_socket *s, utp_outpkt *p, int by_timeout)
  * sent once, when dupthresh packets above it were SACKed.  Deliveries the
  * receiver's bitmap cannot show (libutp's covers only 30 packets after the
  * hole) still move rack_xmit_ts, so a burst of drops at a full socket
- * buffer is repaired within a round trip or two instead of by a timeout. */
-void utp_out_detect_losses(utp_socket *s)
+ * buffer is repaired within a round trip or two instead of by a timeout.
+ *
+ * The head rule: an ACK that arrives well over two round trips after the
+ * first unacknowledged packet was (re)sent, without acknowledging it, says
+ * it was lost.  A retransmission dropped again by a still-full socket buffer is
+ * otherwise invisible -- nothing sent after it may have got through, and
+ * libutp's bitmap does not show what did -- and only the timeout would
+ * find it. */
+void utp_out_detect_losses(utp_socket *s, int on_ack)
 {
 	uint16 seq;
 	uint32 sacked_seen = 0, reo, run = 0, longest_run = 0;
 	uint64 now = s->ctx->now;
-	int lost = 0;
+	int lost = 0, head = on_ack && s->peer_sacks;
 
 	s->reorder_deadline = 0;
-	if (!s->rtt_valid || (s->sacked_count == 0 && s->rack_xmit_ts == 0))
+	if (!s->rtt_valid || (s->sacked_count == 0 && s->rack_xmit_ts == 0 && !head))
 		return;
 	reo = UTP_MAX(s->srtt / 4 * s->reo_wnd_mult, 1000u);
 	for (seq = (uint16)(s->acked_seq + 1); seq != s->next_send; seq++) {
@@ -529,6 +537,18 @@ void utp_out_detect_losses(utp_socket *s)
 			sacked_seen++;
 			run = 0;
 			continue;
+		}
+		if (head) {
+			head = 0;
+			/* Well over: a probe timeout (two round trips) plus the
+			 * variation, so a receiver slow to answer (a busy reader, a
+			 * deferred ACK) is not taken for a loss. */
+			if (!p->lost && p->transmissions > 0 &&
+			    now >= p->time_sent + 2 * (uint64)s->srtt + 4 * (uint64)s->rttvar + reo) {
+				utp_out_mark_lost(s, p, 0);
+				lost = 1;
+				continue;
+			}
 		}
 		/* Packets sent first after the newest delivered one, and all after
 		 * them, cannot be judged yet (unless SACKs above them count). */
@@ -647,7 +667,12 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 		return 0;
 	}
 	s->peer_wnd = pk->wnd;
-	s->sack_limit = (uint16)(pk->ack_nr + 1 + (pk->sack ? pk->sack_len * 8 : 0));
+	if (pk->sack)
+		s->peer_sacks = 1;
+	/* A peer that never sent a SACK tells nothing about what it holds past
+	 * the first hole: judge every packet by time (no limit). */
+	s->sack_limit = s->peer_sacks ? (uint16)(pk->ack_nr + 1 + (pk->sack ? pk->sack_len * 8 : 0))
+	                              : (uint16)(s->next_send - 1);
 
 	for (i = 0; i < acked_new; i++) {
 		utp_outpkt *p = out_get(s, (uint16)(s->acked_seq + 1));
@@ -773,7 +798,7 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 	if (s->peer_wnd >= utp_out_payload_max(s))
 		s->zwp_interval = 0;
 	if (s->next_send != (uint16)(s->acked_seq + 1))
-		utp_out_detect_losses(s);
+		utp_out_detect_losses(s, 1);
 	if (bytes_acked > 0) {
 		utp_cc_on_ack(s, bytes_acked, flight_before);
 		utp_pace_on_ack(s, bytes_acked);
@@ -825,10 +850,11 @@ void utp_out_on_rto(utp_socket *s)
 		if (p == NULL || p->sacked)
 			continue;
 		leave_flight(s, p);
-		if (first) {
+		/* Without SACKs from the peer nothing would later show what it
+		 * lacks: go back N. */
+		if (first || !s->peer_sacks)
 			utp_out_mark_lost(s, p, 1);
-			first = 0;
-		}
+		first = 0;
 	}
 	utp_rto_backoff(s);
 	s->dup_acks = 0;

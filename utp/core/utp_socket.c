@@ -287,7 +287,7 @@ void utp_socket_on_timer(utp_socket *s)
 		utp_out_on_tlp(s);
 	if (s->reorder_deadline && now >= s->reorder_deadline) {
 		s->reorder_deadline = 0;
-		utp_out_detect_losses(s);
+		utp_out_detect_losses(s, 0);
 		utp_out_flush(s);
 	}
 	if (s->pace_deadline && now >= s->pace_deadline)
