@@ -26,7 +26,7 @@ import trio
 from testsupport import load_natlab, unavailable
 
 from utp.bench.interop import lab_placement, run_transfer
-from utp.bench.peerwire import Torrent, bencode, make_torrent
+from utp.bench.peerwire import Torrent, make_torrent
 
 try:
     import libtorrent as lt
@@ -50,12 +50,9 @@ def torrent() -> Torrent:
     return make_torrent(SIZE, 1 << 20)
 
 
-def test_bencode_and_metainfo_read_by_libtorrent():
+def test_metainfo_read_by_libtorrent():
     """Our .torrent is what a real client parses: same info-hash, pieces,
     length (the interop runs depend on it)."""
-    assert bencode({"b": [1, -2, b"x"], "a": "\u00e9"}) == b"d1:a2:\xc3\xa91:bli1ei-2e1:xee"
-    with pytest.raises(TypeError):
-        bencode(True)
     _need("libtorrent")
     small = make_torrent(5 * 16384 + 7, 32768)
     info = lt.torrent_info(lt.bdecode(small.metainfo()))
@@ -74,6 +71,15 @@ def test_bencode_and_metainfo_read_by_libtorrent():
 LT_TIMES_US_OUT = "disconnecting (uTP) [sock_read] [system]: Connection timed out"
 
 
+def every_peer_and_direction(test):
+    """Each real peer, each direction; slow, and an interop test."""
+    for mark in (pytest.mark.parametrize("direction", ["download", "upload"]),
+                 pytest.mark.parametrize("peer", ["libtorrent", "transmission"]),
+                 pytest.mark.interop, pytest.mark.slow):
+        test = mark(test)
+    return test
+
+
 async def _run(torrent, tmp_path, peer, direction, record_property, placement=None):
     result = await run_transfer(peer, direction, torrent, str(tmp_path), placement=placement,
                                 timeout=240)
@@ -87,10 +93,7 @@ async def _run(torrent, tmp_path, peer, direction, record_property, placement=No
     return result
 
 
-@pytest.mark.slow
-@pytest.mark.interop
-@pytest.mark.parametrize("direction", ["download", "upload"])
-@pytest.mark.parametrize("peer", ["libtorrent", "transmission"])
+@every_peer_and_direction
 async def test_64_mib_with_a_real_peer_on_loopback(torrent, tmp_path, peer, direction,
                                                    record_property):
     _need(peer)
@@ -98,10 +101,7 @@ async def test_64_mib_with_a_real_peer_on_loopback(torrent, tmp_path, peer, dire
     await _run(torrent, tmp_path, peer, direction, record_property)
 
 
-@pytest.mark.slow
-@pytest.mark.interop
-@pytest.mark.parametrize("direction", ["download", "upload"])
-@pytest.mark.parametrize("peer", ["libtorrent", "transmission"])
+@every_peer_and_direction
 async def test_64_mib_with_a_real_peer_through_2_percent_loss(torrent, tmp_path, peer, direction,
                                                               record_property):
     _need(peer)

@@ -1,7 +1,7 @@
 """Just enough BitTorrent to move a file to and from real clients over uTP.
 
-What it is: a bencoder, a single-file metainfo builder, and the BEP 3 peer
-wire (handshake, bitfield, have, choke/unchoke, interested, request,
+What it is: a single-file metainfo builder (bencoded by
+``_utpkit.bencode``) and the BEP 3 peer wire (handshake, bitfield, have, choke/unchoke, interested, request,
 piece) as two coroutines over any trio stream: :func:`leech` downloads
 every piece and checks it against its SHA-1, :func:`seed` serves requests
 until told to stop.  The interop tests and ``python -m utp.bench interop``
@@ -24,7 +24,9 @@ from typing import Any
 
 import trio
 
-__all__ = ["bencode", "Torrent", "make_torrent", "PeerWire", "WireError", "leech", "seed",
+from _utpkit.bencode import encode as bencode
+
+__all__ = ["Torrent", "make_torrent", "PeerWire", "WireError", "leech", "seed",
            "BLOCK", "peer_id"]
 
 BLOCK = 16384                  # the request size every client accepts
@@ -37,25 +39,6 @@ CHOKE, UNCHOKE, INTERESTED, NOT_INTERESTED, HAVE, BITFIELD, REQUEST, PIECE, CANC
 
 class WireError(Exception):
     """The peer broke the protocol (the message says how) or hung up early."""
-
-
-def bencode(obj: Any) -> bytes:
-    """BEP 3 bencoding of int, bytes, str (as UTF-8), list and dict (keys
-    sorted as raw bytes)."""
-    if isinstance(obj, bool):
-        raise TypeError("bencode has no booleans")
-    if isinstance(obj, int):
-        return b"i%de" % obj
-    if isinstance(obj, str):
-        obj = obj.encode()
-    if isinstance(obj, (bytes, bytearray)):
-        return b"%d:%s" % (len(obj), bytes(obj))
-    if isinstance(obj, list):
-        return b"l" + b"".join(bencode(x) for x in obj) + b"e"
-    if isinstance(obj, dict):
-        items = sorted((k.encode() if isinstance(k, str) else k, v) for k, v in obj.items())
-        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
-    raise TypeError(f"cannot bencode {type(obj).__name__}")
 
 
 @dataclass
