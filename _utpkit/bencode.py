@@ -16,7 +16,8 @@ from typing import Any, Union
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["BencodeError", "encode", "decode_untrusted", "MAX_DEPTH", "MAX_SIZE"]
+__all__ = ["BencodeError", "encode", "decode_untrusted", "decode_with_spans_untrusted",
+           "MAX_DEPTH", "MAX_SIZE"]
 
 MAX_DEPTH = 16      # KRPC nests three deep (dict > dict > list); 16 is generous
 MAX_SIZE = 65536    # one UDP datagram
@@ -39,16 +40,46 @@ def decode_untrusted(data: bytes, *, max_depth: int = MAX_DEPTH, max_size: int =
 
     Raises BencodeError for anything else.  Strings come back as ``bytes``;
     dictionaries as ``dict`` with ``bytes`` keys."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError("bencode input must be bytes")
-    data = bytes(data)
+    data = _input(data, max_size)
     n = len(data)
-    if n > max_size:
-        raise BencodeError(f"input of {n} bytes exceeds {max_size}")
     value, i = _decode(data, 0, n, 0, max_depth)
     if i != n:
         raise BencodeError(f"trailing data at offset {i}")
     return value
+
+
+def decode_with_spans_untrusted(data: bytes, *, max_depth: int = MAX_DEPTH,
+                                max_size: int = MAX_SIZE) -> tuple[dict, dict[bytes, tuple[int, int]]]:
+    """Decode a canonical bencoded *dictionary* that spans all of ``data``,
+    and say where each of its values lies in ``data``.
+
+    Returns ``(value, spans)`` with ``spans[key] == (start, end)``, so that
+    ``data[start:end]`` are the exact bytes of ``value[key]`` as received.
+    Why: a torrent's infohash is the SHA-1 of its ``info`` dictionary's
+    bytes as the creator wrote them; re-encoding the decoded value would
+    hash something else whenever a creator's encoding differs from ours.
+    Raises BencodeError for anything that :func:`decode_untrusted` refuses,
+    and when the top-level value is not a dictionary."""
+    data = _input(data, max_size)
+    n = len(data)
+    if n == 0 or data[0] != 0x64:
+        raise BencodeError("the top-level value is not a dictionary")
+    if max_depth <= 0:
+        raise BencodeError(f"nesting deeper than {max_depth} at offset 0")
+    spans: dict[bytes, tuple[int, int]] = {}
+    d, i = _decode_dict(data, 1, n, 0, max_depth, spans)
+    if i != n:
+        raise BencodeError(f"trailing data at offset {i}")
+    return d, spans
+
+
+def _input(data: Any, max_size: int) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("bencode input must be bytes")
+    data = bytes(data)
+    if len(data) > max_size:
+        raise BencodeError(f"input of {len(data)} bytes exceeds {max_size}")
+    return data
 
 
 def _decode_int(data: bytes, i: int, n: int, end: int) -> tuple[int, int]:
@@ -102,23 +133,31 @@ def _decode(data: bytes, i: int, n: int, depth: int, max_depth: int) -> tuple[An
             v, i = _decode(data, i, n, depth + 1, max_depth)
             out.append(v)
     if c == 0x64:  # d
-        d: dict = {}
-        last: bytes | None = None
-        i += 1
-        while True:
-            if i >= n:
-                raise BencodeError("unterminated dictionary")
-            if data[i] == 0x65:
-                return d, i + 1
-            if not 0x30 <= data[i] <= 0x39:
-                raise BencodeError(f"dictionary key at offset {i} is not a string")
-            k, i = _decode_str(data, i, n)
-            if last is not None and k <= last:
-                raise BencodeError(f"dictionary key {k[:32]!r} unsorted or duplicated")
-            last = k
-            v, i = _decode(data, i, n, depth + 1, max_depth)
-            d[k] = v
+        return _decode_dict(data, i + 1, n, depth, max_depth, None)
     raise BencodeError(f"unexpected byte 0x{c:02x} at offset {i}")
+
+
+def _decode_dict(data: bytes, i: int, n: int, depth: int, max_depth: int,
+                 spans: dict[bytes, tuple[int, int]] | None) -> tuple[dict, int]:
+    # data[i] is the first byte after the 'd'; ``spans`` (when given)
+    # receives each value's (start, end) offsets.
+    d: dict = {}
+    last: bytes | None = None
+    while True:
+        if i >= n:
+            raise BencodeError("unterminated dictionary")
+        if data[i] == 0x65:
+            return d, i + 1
+        if not 0x30 <= data[i] <= 0x39:
+            raise BencodeError(f"dictionary key at offset {i} is not a string")
+        k, i = _decode_str(data, i, n)
+        if last is not None and k <= last:
+            raise BencodeError(f"dictionary key {k[:32]!r} unsorted or duplicated")
+        last = k
+        start = i
+        d[k], i = _decode(data, i, n, depth + 1, max_depth)
+        if spans is not None:
+            spans[k] = (start, i)
 
 
 def encode(value: Any) -> bytes:

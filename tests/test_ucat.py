@@ -24,7 +24,6 @@ import pty
 import re
 import select
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testsupport import console_script
 
 BIG = 64 * 1024 * 1024
 SMALL = 4 * 1024 * 1024
@@ -282,12 +282,7 @@ def test_help_lists_libutp_flags():
 
 def test_console_script():
     """The `ucat` entry point of an installed utpkit (skipped in a checkout)."""
-    script = Path(sys.executable).with_name("ucat")
-    if not script.exists():
-        found = shutil.which("ucat")
-        if found is None:
-            pytest.skip("utpkit is not installed: no ucat console script")
-        script = Path(found)
+    script = console_script("ucat")
     out = subprocess.run([str(script), "--version"], capture_output=True, timeout=QUICK, env=ENV, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(b"ucat (utpkit) ")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,19 @@ def unavailable(reason: str, fix: str = ".ci/run installs what the tests need") 
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: {fix})")
     pytest.skip(reason)
+
+
+def console_script(name: str) -> Path:
+    """The `name` entry point of an installed utpkit, next to the running
+    interpreter or on PATH; skips the test in a plain checkout, where no
+    console script exists (ci/test.sh always installs the wheel)."""
+    script = Path(sys.executable).with_name(name)
+    if script.exists():
+        return script
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"utpkit is not installed: no {name} console script")
+    return Path(found)
 
 
 def load_natlab() -> ModuleType:
