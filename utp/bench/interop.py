@@ -12,10 +12,10 @@ the ``drops`` column of /proc/PID/net/udp).  Then the upload to libtorrent
 once more with its socket buffers at 8 MiB, and the ratio of the two
 (issue 12's target: default buffers >= 50% of 8 MiB).
 
-``--loss N`` runs the same through the NAT lab (ci/natlab from the
-checkout in the working directory; root): the client on the lab's
-internet, us behind a full-cone router that drops N% of the datagrams each
-way.
+``--loss N`` runs the same through the NAT lab (root; the lab is a tool
+of the checkout, not of the wheel: ``--natlab CHECKOUT/ci/natlab`` when
+running from outside the checkout): the client on the lab's internet, us
+behind a full-cone router that drops N% of the datagrams each way.
 
 :func:`run_transfer` is what the interop tests call; a benchmark prints
 numbers and asserts nothing.
