@@ -20,13 +20,16 @@ each skips without, and fails under CI=true.
 from __future__ import annotations
 
 import shutil
+import struct
 
 import pytest
 import trio
+import trio.testing
 from testsupport import load_natlab, unavailable
 
 from utp.bench.interop import lab_placement, run_transfer
-from utp.bench.peerwire import Torrent, make_torrent
+from utp.bench.peerwire import (BLOCK, INTERESTED, PIECE, REQUEST, PeerWire, Torrent, WireError,
+                                leech, make_torrent, peer_id, seed)
 
 try:
     import libtorrent as lt
@@ -75,6 +78,48 @@ def test_metainfo_read_by_libtorrent():
 # That one failure, and only it, is an expected failure until the engine
 # is fixed; anything else fails.
 LT_TIMES_US_OUT = "disconnecting (uTP) [sock_read] [system]: Connection timed out"
+
+
+async def test_peer_wire_leech_from_seed_over_memory_streams():
+    """Our leech and seed against each other (the peer-wire code alone):
+    an odd last piece, every byte; a wrong piece hash is caught."""
+    t = make_torrent(5 * 32768 + 1000, 32768)
+    a, b = trio.testing.memory_stream_pair()
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        n.start_soon(seed, b, t, stop)
+        got = await leech(a, t.info_hash, t.hashes, len(t.data), t.piece_length)
+        stop.set()
+    assert got == t.data
+    a, b = trio.testing.memory_stream_pair()
+    bad = list(t.hashes)
+    bad[3] = bytes(20)
+    async with trio.open_nursery() as n:
+        n.start_soon(seed, b, t, trio.Event())
+        with pytest.raises(WireError, match="piece 3"):
+            await leech(a, t.info_hash, bad, len(t.data), t.piece_length)
+        n.cancel_scope.cancel()
+
+
+async def test_seed_ends_when_the_leecher_hangs_up():
+    """A client that completes closes its connection to a seed: serving
+    ends there (the caller checks the client's own progress)."""
+    t = make_torrent(4 * BLOCK, 2 * BLOCK)
+    a, b = trio.testing.memory_stream_pair()
+
+    async def leecher():
+        wire = PeerWire(a)
+        await wire.handshake(t.info_hash, peer_id())
+        await wire.send(INTERESTED)
+        await wire.send(REQUEST, struct.pack(">III", 1, BLOCK, BLOCK))
+        while (msg := await wire.receive()) is None or msg[0] != PIECE:
+            pass
+        assert msg[1][8:] == t.data[3 * BLOCK:]
+        await a.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(leecher)
+        assert await seed(b, t, trio.Event()) == BLOCK
 
 
 def every_peer_and_direction(test):

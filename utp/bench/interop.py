@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import trio
 
 from .peers import LibtorrentPeer, TransmissionPeer, in_netns
-from .peerwire import Torrent, leech, make_torrent, seed
+from .peerwire import Torrent, WireError, leech, make_torrent, seed
 
 __all__ = ["Placement", "RunResult", "run_transfer", "lab_placement", "PEERS", "DIRECTIONS"]
 
@@ -198,7 +198,10 @@ async def _upload(kind: str, peer: Any, ep: Any, torrent: Torrent, placement: Pl
         stream = await ep.connect((placement.peer_ip, peer.port))
     result.extra["stream_obj"] = stream
     await seed(stream, torrent, complete, marks)
-    await complete.wait()
+    with trio.move_on_after(30):   # it may have hung up as it completed
+        await complete.wait()
+    if not complete.is_set():
+        raise WireError(f"{kind} hung up before it had every piece")
     marks["done"] = trio.current_time()
     result.receiver_drops = peer.socket_drops()
     result.sha256_equal = await _file_matches(Path(data_dir, torrent.name), torrent.sha256)

@@ -26,7 +26,7 @@ import trio
 
 from _utpkit.bencode import encode as bencode
 
-__all__ = ["Torrent", "make_torrent", "PeerWire", "WireError", "leech", "seed",
+__all__ = ["Torrent", "make_torrent", "PeerWire", "WireError", "PeerClosed", "leech", "seed",
            "BLOCK", "peer_id"]
 
 BLOCK = 16384                  # the request size every client accepts
@@ -39,6 +39,10 @@ CHOKE, UNCHOKE, INTERESTED, NOT_INTERESTED, HAVE, BITFIELD, REQUEST, PIECE, CANC
 
 class WireError(Exception):
     """The peer broke the protocol (the message says how) or hung up early."""
+
+
+class PeerClosed(WireError):
+    """The peer closed the connection (EOF between or inside messages)."""
 
 
 @dataclass
@@ -105,7 +109,7 @@ class PeerWire:
         while len(self._buf) < n:
             chunk = await self.stream.receive_some()
             if not chunk:
-                raise WireError(f"the peer closed the connection ({len(self._buf)} of {n} bytes read)")
+                raise PeerClosed(f"the peer closed the connection ({len(self._buf)} of {n} bytes read)")
             self._buf += chunk
         out = bytes(self._buf[:n])
         del self._buf[:n]
@@ -220,7 +224,9 @@ async def seed(stream: trio.abc.Stream, torrent: Torrent, stop: trio.Event,
                marks: dict[str, float] | None = None) -> int:
     """Serve ``torrent`` to the peer on ``stream`` (bitfield full, unchoke
     when interested, answer requests) until ``stop`` is set or the peer
-    has every piece; returns the payload bytes served.
+    has every piece or hangs up (a client that completes closes its
+    connections to seeds: whether it really has everything is for the
+    caller to check on its side); returns the payload bytes served.
     ``marks["first_piece"]`` gets the trio time of the first request."""
     wire = PeerWire(stream)
     await wire.handshake(torrent.info_hash, peer_id())
@@ -235,7 +241,10 @@ async def seed(stream: trio.abc.Stream, torrent: Torrent, stop: trio.Event,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             while len(theirs) < torrent.num_pieces:
-                msg = await wire.receive()
+                try:
+                    msg = await wire.receive()
+                except PeerClosed:
+                    break
                 if msg is None:
                     continue
                 kind, payload = msg
