@@ -14,7 +14,10 @@ import struct
 from utp.testing import Network, transfer
 
 MiB = 1 << 20
-BURST_MAX = 32          # packets; UTP_PACE_BURST_MAX / 1400 in utp_internal.h
+# Packets (utp_internal.h, in units of 1400 bytes): bursts start at 32 and
+# grow by a packet per loss-free window up to 64, one GSO batch.
+BURST_START = 32
+BURST_MAX = 64
 
 
 def _data_seq(data):
@@ -85,8 +88,8 @@ def test_a_burst_loss_shrinks_the_burst():
     before = [n for t, n in per_instant.items() if loss_time - 10 * srtt <= t < loss_time]
     after = [n for t, n in per_instant.items() if loss_time + 2 * srtt <= t < loss_time + 6 * srtt]
     assert before and after
-    assert max(before) == BURST_MAX, sorted(before)[-5:]
-    assert max(after) <= BURST_MAX // 2, sorted(after)[-5:]
+    assert max(before) >= BURST_START, sorted(before)[-5:]
+    assert max(after) <= max(before) // 2, (sorted(before)[-5:], sorted(after)[-5:])
     # Repaired by SACK, not by a timeout.
     assert r.a_stats["rexmit"] == 0 and r.a_stats["fastrexmit"] >= 20, r.a_stats
 

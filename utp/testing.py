@@ -637,16 +637,22 @@ class Node:
             ctx.check_timeouts()
         self._drain()
 
+    def _process(self, data: bytes, src: Address) -> bool:
+        """One datagram into the engine; False (and recorded) if not uTP."""
+        if self.ctx.process_udp(data, src):
+            return True
+        self.not_utp.append((self.net.now, data, src))
+        if self.on_raw is not None:
+            self.on_raw(data, src)
+        return False
+
     def _receive_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         ctx = self.ctx
         if ctx.closed:
             return
         self._enter()
         for data, src in batch:
-            if not ctx.process_udp(data, src):
-                self.not_utp.append((self.net.now, data, src))
-                if self.on_raw is not None:
-                    self.on_raw(data, src)
+            self._process(data, src)
         ctx.issue_deferred_acks()
         self._drain()
 
@@ -661,11 +667,7 @@ class Node:
         now = net.now
         if ctx.now_us != now:
             ctx.now_us = now
-        if not ctx.process_udp(data, src):
-            self.not_utp.append((now, data, src))
-            if self.on_raw is not None:
-                self.on_raw(data, src)
-        elif net.deferred_acks and not self._ack_pending:
+        if self._process(data, src) and net.deferred_acks and not self._ack_pending:
             self._ack_pending = True
             net._ack_nodes.append(self)
         self._drain()

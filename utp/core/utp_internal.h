@@ -413,9 +413,13 @@ void utp_cc_undo(utp_socket *s);
 
 /* Pacing (utp_ledbat.c): the window is spread over the round trip in bursts
  * of at most pace_burst bytes.  A receiver on a stock 208 KiB socket buffer
- * holds about 90 full packets behind a busy reader; a third of that may come
- * at once, and a run of consecutive losses shrinks the burst further. */
-#define UTP_PACE_BURST_MAX (32 * 1400u)
+ * holds about 90 full packets (the kernel charges ~2.3 KiB each) behind a
+ * busy reader: a connection starts with bursts of a third of that, grows
+ * them by a packet per loss-free window up to one GSO batch (64 datagrams,
+ * which an empty buffer still takes), and a run of consecutive losses halves
+ * them. */
+#define UTP_PACE_BURST_START (32 * 1400u)
+#define UTP_PACE_BURST_MAX (64 * 1400u)
 #define UTP_PACE_BURST_MIN (4 * 1400u)
 /* Losing this many packets in a row is a burst loss: the burst was more than
  * the receiver's socket absorbed. */

@@ -29,8 +29,8 @@ void utp_cc_init(utp_socket *s)
 	s->dupthresh = 3;
 	s->reo_wnd_mult = 1;
 	s->rto = utp_rto_base(s);
-	s->pace_burst = UTP_PACE_BURST_MAX;
-	s->pace_tokens = UTP_PACE_BURST_MAX;
+	s->pace_burst = UTP_PACE_BURST_START;
+	s->pace_tokens = UTP_PACE_BURST_START;
 }
 
 uint32 utp_rto_base(const utp_socket *s)

@@ -701,7 +701,7 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 	}
 
 	if (pk->sack) {
-		uint32 nbits = pk->sack_len * 8, k, shown = 0;
+		uint32 nbits = pk->sack_len * 8, k, shown = 0, top = 0;
 		for (k = 0; k < nbits; k++) {
 			uint16 seq = (uint16)(pk->ack_nr + 2 + k);
 			utp_outpkt *p;
@@ -710,6 +710,7 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 			if (!utp_sack_bit(pk->sack, pk->sack_len, k) || !seq_lt(s->acked_seq, seq))
 				continue;
 			shown++;
+			top = k;
 			p = out_get(s, seq);
 			if (p == NULL || p->sacked)
 				continue;
@@ -731,8 +732,15 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 			}
 			check_spurious(s, p, now);
 		}
+		/* The time rule judges up to the bitmap's end, except that libutp's
+		 * four bytes carry only 30 bits: its last two say nothing.  A
+		 * bitmap showing nothing speaks of what lies past its end. */
+		if (pk->sack_len == 4)
+			s->sack_limit = (uint16)(s->sack_limit - 2);
 		if (shown == 0)
 			rack_beyond_bitmap(s, pk, now);
+		else if (seq_lt(s->sack_limit, (uint16)(pk->ack_nr + 2 + top)))
+			s->sack_limit = (uint16)(pk->ack_nr + 2 + top);
 	}
 
 	if (have_rtt)
