@@ -1,4 +1,5 @@
 """python -m ci.natlab matrix [--via tracker|dht] [--loss N] [--size BYTES] [--deadline S]
+    [--kinds K,K] [--offset SECONDS]
 python -m ci.natlab cleanup
 
 ``matrix`` builds a NAT lab (as root), runs ucat --rendezvous for every pair
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import NAT_KINDS, can_build, cleanup_stale
+from . import ALL_NAT_KINDS, NAT_KINDS, can_build, cleanup_stale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--size", type=int, default=4 << 20, help="bytes each way (default 4 MiB)")
     m.add_argument("--deadline", type=float, default=10.0, help="ucat -w: seconds to connect")
     m.add_argument("--kinds", default=",".join(NAT_KINDS),
-                   help=f"comma-separated NAT kinds (default {','.join(NAT_KINDS)})")
+                   help=f"comma-separated NAT kinds of {','.join(ALL_NAT_KINDS)} "
+                        f"(default {','.join(NAT_KINDS)})")
+    m.add_argument("--offset", type=float, default=0.0,
+                   help="start B this many seconds after A (negative: A after B)")
     m.add_argument("--via", choices=("tracker", "dht"), default="tracker",
                    help="meet at an opentracker (default) or through a DHT node on the lab's internet")
     m.add_argument("--parallel", type=int, default=3, help="pairs run at once")
@@ -42,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for k in kinds:
-        if k not in NAT_KINDS:
-            parser.error(f"unknown NAT kind {k!r}; choose from {','.join(NAT_KINDS)}")
+        if k not in ALL_NAT_KINDS:
+            parser.error(f"unknown NAT kind {k!r}; choose from {','.join(ALL_NAT_KINDS)}")
     results = run_matrix(kinds, loss=args.loss, size=args.size, deadline=args.deadline,
-                         parallel=args.parallel, via=args.via)
+                         parallel=args.parallel, via=args.via, offset=args.offset)
     print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline,
-                        via=args.via))
+                        via=args.via, offset=args.offset))
     return 0 if all(r.as_expected for r in results) else 1
 
 
