@@ -14,10 +14,22 @@ What exists (no trio at import, no sockets):
   (open a torrent, get a piece, read/write/verify/mark complete), a file
   backend (pread/pwrite, sparse, a resume file) and a memory backend,
   blocking calls with thin trio wrappers that run them in threads;
+- :mod:`bt.wire`: the stateless peer-wire codec -- every BEP 3 message,
+  ``port`` (BEP 5), the Fast Extension (BEP 6), the extension protocol and
+  its handshake (BEP 10), the 68-byte handshake and its reserved bits, and
+  BEP 6's allowed-fast set;
+- :mod:`bt.peerwire`: :class:`PeerWire`, one connection's sans-I/O protocol
+  core (h11's shape: ``receive_data(data, now)``, ``next_event()``,
+  ``send(event)``, ``data_to_send()``, ``get_timer()``, ``handle_timer``),
+  which disconnects a misbehaving peer with a counted :class:`Violation`;
+- :mod:`bt.picker` (rarest-first piece picker, end game, sequential mode,
+  request pipelining depth), :mod:`bt.choker` (tit-for-tat, optimistic
+  unchoke, anti-snubbing), :mod:`bt.ratelimit` (token bucket): pure policy
+  fed ``now``; :mod:`bt.swarmsim`, a seeded swarm on a virtual clock
+  driving them;
 - the ``bt create`` and ``bt info`` commands (``python -m bt``).
 
-Not written yet: the peer wire, the picker and the choker (another branch
-is building them), the trio drivers (session, torrent, peer connections
+Not written yet: the trio drivers (session, torrent, peer connections
 over TCP and uTP), trackers for torrents, ``bt download`` / ``bt seed``,
 events and RPC, MSE and the extensions (ut_metadata, ut_pex,
 ut_holepunch).  It is not a client UI.
@@ -26,10 +38,14 @@ ut_holepunch).  It is not a client UI.
 from .create import CreateError, create_torrent, create_torrent_async, piece_size_for, write_torrent
 from .metainfo import (FileEntry, Metainfo, MetainfoError, load_metainfo, parse_info_untrusted,
                        parse_metainfo_untrusted)
+from .peerwire import ConnState, ConnectionClosed, PeerWire, RequestsDropped
 from .storage import AsyncTorrentStorage, MemoryStorage, Piece, StorageError
 from .storage_file import FileStorage
+from .wire import Event, Geometry, Violation, WireError
 
 __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_for", "write_torrent",
            "FileEntry", "Metainfo", "MetainfoError", "load_metainfo", "parse_info_untrusted",
            "parse_metainfo_untrusted",
-           "AsyncTorrentStorage", "MemoryStorage", "Piece", "StorageError", "FileStorage"]
+           "AsyncTorrentStorage", "MemoryStorage", "Piece", "StorageError", "FileStorage",
+           "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
+           "ConnectionClosed", "RequestsDropped"]
