@@ -288,16 +288,16 @@ class Lab:
         it) and every packet between it and the internet crosses one more
         hop that decrements the TTL."""
         isp = self._ns(f"i-{name}")
-        self._attach(isp, "up", self._public_ip())
+        self._attach(isp, "uplink", self._public_ip())
         gw = f"100.127.{n}.1"
-        _run(["ip", "-n", isp, "link", "add", "down", "type", "veth", "peer", "name", "wan",
+        _run(["ip", "-n", isp, "link", "add", "cust", "type", "veth", "peer", "name", "wan",
               "netns", rns])
-        _run(["ip", "-n", isp, "addr", "add", f"{gw}/32", "dev", "down"])
-        _run(["ip", "-n", isp, "link", "set", "down", "up"])
-        _run(["ip", "-n", isp, "route", "add", f"{wan}/32", "dev", "down"])
-        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.up.proxy_arp", 1),
-                           ("net.ipv4.conf.all.rp_filter", 0), ("net.ipv4.conf.down.rp_filter", 0),
-                           ("net.ipv4.conf.up.rp_filter", 0)):
+        _run(["ip", "-n", isp, "addr", "add", f"{gw}/32", "dev", "cust"])
+        _run(["ip", "-n", isp, "link", "set", "cust", "up"])
+        _run(["ip", "-n", isp, "route", "add", f"{wan}/32", "dev", "cust"])
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.uplink.proxy_arp", 1),
+                           ("net.ipv4.conf.all.rp_filter", 0), ("net.ipv4.conf.cust.rp_filter", 0),
+                           ("net.ipv4.conf.uplink.rp_filter", 0)):
             _sysctl(isp, key, value)
         _run(["ip", "-n", rns, "addr", "add", f"{wan}/32", "dev", "wan"])
         _run(["ip", "-n", rns, "link", "set", "wan", "up"])

@@ -32,7 +32,8 @@ from . import NAT_KINDS, Lab
 
 _PORT_RESTRICTED = {"restricted", "answering"}
 
-__all__ = ["PairResult", "run_matrix", "format_matrix", "punchable"]
+__all__ = ["PairResult", "run_matrix", "run_offsets", "format_matrix", "punchable",
+           "later_connect_time"]
 
 _CONNECTED = re.compile(r"\+(\d+\.\d+)s connected to \S+ after (\d+\.\d+) s")
 
@@ -154,9 +155,10 @@ def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: 
 
 
 def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0,
-                     via: str = "tracker") -> tuple[str, int]:
+                     via: str = "tracker", extra_keys: Sequence[str] = ()) -> tuple[str, int]:
     """Hosts ``a-KIND`` and ``b-KIND`` for each kind and a tracker (or a DHT
-    node, ``via="dht"``); returns its address.  The a-hosts get the lower
+    node, ``via="dht"``), which also accepts ``extra_keys``; returns its
+    address.  The a-hosts get the lower
     public addresses."""
     if via not in ("tracker", "dht"):
         raise ValueError(f"via is 'tracker' or 'dht', not {via!r}")
@@ -168,7 +170,7 @@ def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0,
     lab.matrix_keys = {(x, y): f"natlab-{run}-{x}-{y}" for x in kinds for y in kinds}
     if via == "dht":
         return lab.start_dht_node(t, env=_python_env())
-    hashes = [hashlib.sha1(k.encode()).digest() for k in lab.matrix_keys.values()]
+    hashes = [hashlib.sha1(k.encode()).digest() for k in [*lab.matrix_keys.values(), *extra_keys]]
     return lab.start_opentracker(t, hashes)
 
 
@@ -193,6 +195,31 @@ def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4
     order = {k: i for i, k in enumerate(kinds)}
     results.sort(key=lambda r: (order[r.a], order[r.b]))
     return results
+
+
+def run_offsets(kinds: Sequence[str], jobs: Sequence[tuple[str, str, float]], *, loss: int = 0,
+                size: int = 1 << 20, deadline: float = 10.0, parallel: int = 3,
+                via: str = "tracker") -> list[PairResult]:
+    """Run each ``(a_kind, b_kind, offset)`` of ``jobs`` in one lab (each
+    with a key of its own, so one pair of hosts can run many times), in
+    the order given; for start-offset sweeps and repetitions."""
+    run = secrets.token_hex(4)
+    keys = [f"natlab-{run}-job{i}" for i in range(len(jobs))]
+    with Lab() as lab:
+        meet = (via, build_matrix_lab(lab, kinds, loss=loss, via=via, extra_keys=keys))
+        workdir = lab.tempdir()
+        env = _python_env()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = [pool.submit(_run_pair, lab, meet, x, y, size=size, deadline=deadline,
+                                   workdir=workdir, env=env, offset=o, key=key)
+                       for (x, y, o), key in zip(jobs, keys)]
+            return [f.result() for f in futures]
+
+
+def later_connect_time(r: PairResult) -> float | None:
+    """Seconds from the later ucat's start to its "connected": what a user
+    who starts second waits (the earlier one also waits for the peer)."""
+    return r.connect_time_b if r.offset >= 0 else r.connect_time
 
 
 _LABEL = {"none": "none", "full": "full cone", "restricted": "port-restr.", "symmetric": "symmetric",
