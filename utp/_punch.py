@@ -63,8 +63,8 @@ Whatever got remapped anyway (a symmetric NAT, a router we could not keep
 from answering) is still met by re-aiming: the initiator retargets at the
 source of the peer's first probe and the responder accepts from any port of
 the peer's IP.  Where the TTL cannot be limited (a simulated network, a
-full socket buffer) the opening probe is skipped, and the hold alone keeps
-full packets back.
+full socket buffer at the first probe) there is no opening phase and no
+hold: full packets start at once, as before.
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
     ``hold`` is how long only NAT-opening probes with IP TTL ``open_ttl``
     go out before full packets (see the module docs: it must cover the gap
     between the two sides' calls); ``open_ttl=None`` sends no opening
-    probes, ``hold=0`` starts full at once (the behaviour before issue 10).
+    probes and holds nothing back, nor does ``hold=0`` (either is the
+    behaviour before issue 10).
 
     Raises TimeoutError naming what was tried (attempts, probes, what came
     back) when nothing connected in time; ValueError when ``peer`` is our own
@@ -258,12 +259,16 @@ class _Phase:
         self._go_full(trio.current_time())
 
     async def run_opening(self) -> None:
+        # Holding back only makes sense while our low-TTL probes open our
+        # NAT: without them (open_ttl None, or a network that cannot limit
+        # the TTL) go full at once, exactly as before issue 10.
         with trio.move_on_at(self.full_at):
-            while not self.full.is_set():
-                if self.ttl is not None:
-                    for t in list(self.targets):
-                        if await self.ep.sendto_with_ttl(PROBE, t, self.ttl):
-                            self.opening_sent += 1
+            while not self.full.is_set() and self.ttl is not None:
+                for t in list(self.targets):
+                    if await self.ep.sendto_with_ttl(PROBE, t, self.ttl):
+                        self.opening_sent += 1
+                if not self.opening_sent:
+                    break
                 with trio.move_on_after(self.interval):
                     await self.full.wait()
         self._go_full(trio.current_time())
@@ -378,7 +383,7 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
 
 
 def _opening_note(phase: _Phase) -> str:
-    if phase.ttl is None:
+    if not phase.opening_sent:
         return ""
     return (f"; {phase.opening_sent} NAT-opening probe{'s' if phase.opening_sent != 1 else ''} "
             f"with TTL {phase.ttl} before that")
