@@ -637,6 +637,15 @@ class Endpoint:
         with trio.move_on_after(self.linger):
             while self._streams:
                 await self._drained_lot.park()
+            # TIME_WAIT: a peer whose last FIN-ACK from us was lost resends
+            # its FIN; stay (about two RTOs, see utpkit_timewait_linger) to
+            # ACK it, else it hits a closed port and reports a reset after
+            # every byte arrived.
+            while not self._ctx.closed:
+                wait = self._ctx.timewait_linger()
+                if wait is None:
+                    break
+                await trio.sleep(wait / 1_000_000)
 
     def close_now(self) -> None:
         """Close at once: streams fail, queues close, the socket closes.
