@@ -642,6 +642,7 @@ class Endpoint:
             # ACK it, else it hits a closed port and reports a reset after
             # every byte arrived.
             while not self._ctx.closed:
+                self.before_engine_call()  # the simulated clock, for the query
                 wait = self._ctx.timewait_linger()
                 if wait is None:
                     break
