@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--size", type=int, default=4 << 20, help="bytes each way (default 4 MiB)")
     m.add_argument("--deadline", type=float, default=10.0, help="ucat -w: seconds to connect")
     m.add_argument("--kinds", default=",".join(NAT_KINDS),
-                   help=f"comma-separated NAT kinds of {','.join(ALL_NAT_KINDS)} "
+                   help=f"comma-separated NAT kinds of {','.join(ALL_NAT_KINDS)}, or 'all' "
                         f"(default {','.join(NAT_KINDS)})")
     m.add_argument("--offset", type=float, default=0.0,
                    help="start B this many seconds after A (negative: A after B)")
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .matrix import format_matrix, run_matrix
 
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    kinds = ([*ALL_NAT_KINDS] if args.kinds.strip() == "all"
+             else [k.strip() for k in args.kinds.split(",") if k.strip()])
     for k in kinds:
         if k not in ALL_NAT_KINDS:
             parser.error(f"unknown NAT kind {k!r}; choose from {','.join(ALL_NAT_KINDS)}")
