@@ -78,3 +78,27 @@ async def exchange(sa, sb, size: int = 100_000) -> None:
         n.start_soon(send)
         n.start_soon(recv)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+async def clog(stream, *, quiet: float = 1.0) -> None:
+    """Fill `stream` until send_all blocks, then cancel that send_all (as
+    trio's own socket tests build their clogged streams).  "Blocks" means no
+    progress for `quiet` seconds (real or virtual time), so packets still in
+    flight have filled the peer's receive window by then."""
+    chunk = b"x" * 65536
+    while True:
+        with trio.move_on_after(quiet) as scope:
+            await stream.send_all(chunk)
+        if scope.cancelled_caught:
+            return
+
+
+def clogged(maker, *, quiet: float = 1.0):
+    """A clogged-stream maker for trio.testing.check_*_stream from a maker
+    of connected (a, b) pairs: both directions are clogged (see clog)."""
+    async def make():
+        a, b = await maker()
+        await clog(a, quiet=quiet)
+        await clog(b, quiet=quiet)
+        return a, b
+    return make

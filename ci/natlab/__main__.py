@@ -11,9 +11,32 @@ what theory says.  ``cleanup`` deletes namespaces left by killed runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 from . import ALL_NAT_KINDS, NAT_KINDS, can_build, cleanup_stale
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _prefer_installed_packages() -> str | None:
+    """``python -m ci.natlab`` runs in the checkout (ci/ is not installed),
+    and so puts the checkout first on sys.path, where utp has no compiled
+    module.  Move the checkout behind the installed packages, so this
+    process and the lab's ucats (their PYTHONPATH follows where utp is
+    found here) use the installed utpkit.  Returns why utp cannot be
+    loaded, or None."""
+    here = [p for p in sys.path if os.path.abspath(p or os.curdir) == _CHECKOUT]
+    if here:
+        sys.path[:] = [p for p in sys.path if p not in here] + here
+    try:
+        import utp  # noqa: F401
+    except ImportError as exc:
+        return (f"cannot load utp with {sys.executable}: {exc}\n"
+                f"natlab: install utpkit into this interpreter's environment first "
+                f"(.venv/bin/pip install .) and run it as .venv/bin/python -m ci.natlab")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in cleanup_stale():
             print(f"deleted {name}")
         return 0
+    why = _prefer_installed_packages()
+    if why:
+        print(f"natlab: {why}", file=sys.stderr)
+        return 1
     from .matrix import format_matrix, run_matrix
 
     kinds = ([*ALL_NAT_KINDS] if args.kinds.strip() == "all"
@@ -49,8 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     for k in kinds:
         if k not in ALL_NAT_KINDS:
             parser.error(f"unknown NAT kind {k!r}; choose from {','.join(ALL_NAT_KINDS)}")
+    started = time.monotonic()
+
+    def progress(text: str) -> None:
+        print(f"[{time.monotonic() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
+
     results = run_matrix(kinds, loss=args.loss, size=args.size, deadline=args.deadline,
-                         parallel=args.parallel, via=args.via, offset=args.offset)
+                         parallel=args.parallel, via=args.via, progress=progress,
+                         offset=args.offset)
     print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline,
                         via=args.via, offset=args.offset))
     return 0 if all(r.as_expected for r in results) else 1
