@@ -15,6 +15,9 @@ BENCHMARKS = {
     "dht": ("dht.bench",
             "DHT lookups (500 simulated nodes, loopback), memory per stored peer, "
             "queries per second (the same as python -m dht.bench)"),
+    "flood": ("utp.bench.flood",
+              "a listener under SYN floods of 1k/10k/100k per second from many 127/8 "
+              "sources: legitimate connect latency p50/p99, memory, reply ratio"),
 }
 
 

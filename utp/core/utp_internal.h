@@ -11,6 +11,9 @@
  *   utp_input.c    receive path: reorder buffer, delivery, FIN, SACK building
  *   utp_ledbat.c   RTT/RTO estimation and LEDBAT congestion control
  *   utp_mtu.c      packet size, DONTFRAG probing, ICMP fragmentation-needed
+ *   utp_accept.c   incoming SYNs: strict validation, half-open limits, SYN
+ *                  cookies, and the one gate for replies to unauthenticated
+ *                  packets
  *
  * Internal functions return 0 on success or a negative UTP_ERR_* code.
  */
@@ -183,6 +186,7 @@ struct UTPSocket {
 	unsigned tlp_sent : 1;     /* tail loss probe sent since the last ACK progress */
 	unsigned in_recovery : 1;
 	unsigned confirmed : 1;    /* acceptor: the initiator has sent something after its SYN */
+	unsigned half_open : 1;    /* counted in the context's half-open totals (utp_accept.c) */
 
 	/* lists: all sockets, hash chain, deferred ACKs, zombies */
 	utp_socket *next, *prev;
@@ -291,6 +295,17 @@ typedef struct {
 
 #define UTP_TIMEWAIT_MAX 256
 
+/* Per source address state of utp_accept.c, in a small table indexed by a
+ * hash of the address (no port): addresses that collide share a slot, which
+ * only makes the limits stricter for them. */
+typedef struct {
+	uint64 refill;             /* last refill of tokens, microseconds */
+	uint32 tokens;             /* SYN replies this source may still get */
+	uint32 half_open;          /* accepted, unconfirmed sockets from here */
+} utp_src_slot;
+
+#define UTP_SRC_SLOTS 1024
+
 struct struct_utp_context {
 	void *userdata;
 	utp_callback_t *callbacks[UTP_ARRAY_SIZE];
@@ -299,6 +314,7 @@ struct struct_utp_context {
 	uint32 opt_sndbuf, opt_rcvbuf, opt_target_delay;
 	uint32 min_rto_ms, max_rto_ms, max_sockets, syn_timeout_ms, syn_retries;
 	uint32 ack_delay_ms, keepalive_ms, dead_retries, reset_rate, mtu_probing;
+	uint32 half_open_max, half_open_per_addr, synack_rate;
 
 	utp_context_stats stats;
 	utpkit_counters counters;
@@ -326,6 +342,17 @@ struct struct_utp_context {
 
 	uint64 reset_refill;       /* token bucket for RESETs */
 	uint32 reset_tokens;
+
+	/* utp_accept.c: bytes of unauthenticated input not yet spent on
+	 * replies, the per-source table (allocated on first use) and the key
+	 * of SYN cookies (drawn on first use, from UTP_GET_RANDOM). */
+	uint64 unauth_credit;
+	uint64 unauth_allow_refill;
+	uint32 unauth_allow;       /* the standing allowance, bytes (see utp_accept.c) */
+	utp_src_slot *src;
+	uint32 cookie_key[4];
+	int cookie_keyed;
+	uint64 cookie_slot;        /* time slot of the latest cookie issued, + 1 (0: never) */
 
 	byte scratch[65536 + 256]; /* one outgoing datagram */
 };
@@ -356,11 +383,33 @@ void utp_socket_destroy_later(utp_socket *s);
 void utp_timewait_add(utp_socket *s);
 int utp_timewait_answer(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from, socklen_t fromlen);
 
+/* ---- utp_accept.c ----------------------------------------------------------- */
+/* Kinds of replies to unauthenticated packets: RESETs share the
+ * UTPKIT_RESET_RATE bucket, SYN replies the per-source UTPKIT_SYNACK_RATE
+ * bucket; every kind is also bounded by the bytes such packets brought in. */
+enum { UTP_UNAUTH_RESET = 0, UTP_UNAUTH_SYNACK = 1, UTP_UNAUTH_OTHER = 2 };
+/* An unauthenticated datagram of len bytes arrived (a SYN, or a packet for
+ * no connection): it adds to what replies may spend. */
+void utp_unauth_in(utp_context *ctx, size_t len);
+/* May a reply of len bytes go to `to`?  1 (and charged) or 0 (counted). */
+int utp_unauth_permit(utp_context *ctx, const struct sockaddr *to, socklen_t tolen, size_t len, int kind);
+/* A SYN for no existing socket: validated, then accepted with state, answered
+ * with a cookie, or refused. */
+void utp_accept_syn(utp_context *ctx, const utp_packet *pk, size_t len, const struct sockaddr *from,
+                    socklen_t fromlen);
+/* A DATA, FIN or STATE for no socket: if it carries a cookie we issued, the
+ * connection is created and the packet processed; returns 1 then. */
+int utp_accept_cookie(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from, socklen_t fromlen);
+/* The initiator of an accepted socket spoke: it is no longer half-open. */
+void utp_accept_confirmed(utp_socket *s);
+/* The socket goes away or failed: drop it from the half-open totals. */
+void utp_accept_release(utp_socket *s);
+void utp_accept_free(utp_context *ctx);
+
 /* ---- utp_socket.c ---------------------------------------------------------- */
 utp_socket *utp_socket_new(utp_context *ctx);
 void utp_socket_free(utp_socket *s);
-void utp_socket_accept(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from,
-                       socklen_t fromlen);
+void utp_socket_set_addr(utp_socket *s, const struct sockaddr *a);
 void utp_socket_on_timer(utp_socket *s);
 void utp_socket_fail(utp_socket *s, int code);
 void utp_socket_maybe_finish(utp_socket *s);
