@@ -91,6 +91,7 @@ class ModelSender:
         self.rx_ack = 0                       # the engine's DATA we acknowledge (none)
         self.dead: str | None = None
         self.done = False
+        self.closed = False
         self.transmissions: dict[int, int] = {}
         self.lost_copies: dict[int, int] = {}
         net.add_peer(self)
@@ -98,7 +99,7 @@ class ModelSender:
         net.every(_TICK_US, self._tick, until=None)
 
     def close(self) -> None:
-        self.dead = self.dead or "closed"
+        self.closed = True
 
     # ---- wire -------------------------------------------------------------
 
@@ -128,7 +129,7 @@ class ModelSender:
     # ---- receiving ----------------------------------------------------------
 
     def _receive(self, data: bytes, src: Address) -> None:
-        if self.dead or len(data) < 20:
+        if self.dead or self.closed or len(data) < 20:
             return
         b0, ext, conn_id, ts, _tsd, wnd, seq, ack = _HEADER.unpack_from(data)
         if conn_id != self.recv_id:
@@ -227,7 +228,7 @@ class ModelSender:
         return _MIN_TIMEOUT_US + extra
 
     def _tick(self) -> bool:
-        if self.dead or self.done:
+        if self.dead or self.done or self.closed:
             return False
         if self.net.now <= self.timeout_at:
             return True
