@@ -55,7 +55,7 @@ class ModelSender:
     """Sends `nbytes` to the engine node at `target` the way libtorrent's
     uTP sender does (see the module docstring), with `payload` bytes per
     packet, a congestion window fixed at `cwnd` (so the receiver's window is
-    what limits it) and each transmission lost with probability `loss`.
+    what limits it once slow start has reached it) and each transmission lost with probability `loss`.
 
     After ``net.run``: ``done`` (everything acknowledged), ``dead`` (None
     or why it gave up, as libtorrent would), ``transmissions`` and
@@ -73,6 +73,7 @@ class ModelSender:
         self.rng = random.Random(seed)
         self.data = self.rng.randbytes(nbytes)
         self.payload, self.cwnd, self.loss = payload, cwnd, loss
+        self.cwnd_now = 2 * payload           # slow start up to cwnd, as libtorrent
         self.recv_id = self.rng.getrandbits(16)
         self.send_id = (self.recv_id + 1) & 0xFFFF
         self.isn = self.rng.getrandbits(16)
@@ -164,8 +165,10 @@ class ModelSender:
 
     def _remove(self, seq: int) -> None:
         p = self.outbuf.pop(seq, None)
-        if p is not None and not p.need_resend:
-            self.in_flight -= p.size
+        if p is not None:
+            self.cwnd_now = min(self.cwnd, self.cwnd_now + p.size)   # slow start
+            if not p.need_resend:
+                self.in_flight -= p.size
 
     def _cumulative(self, ack: int) -> None:
         span = (ack - self.acked) & 0xFFFF
@@ -204,7 +207,7 @@ class ModelSender:
     # ---- sending ----------------------------------------------------------
 
     def _window(self) -> int:
-        return min(self.cwnd, self.adv_wnd)
+        return min(self.cwnd_now, self.adv_wnd)
 
     def _pump(self) -> None:
         if self.dead or not self.connected:
@@ -246,6 +249,7 @@ class ModelSender:
                 p.need_resend = True
                 self.in_flight -= p.size
         self.timeout_at = self.net.now + self._packet_timeout()
+        self.cwnd_now = self.payload          # libtorrent: one packet after a timeout
         first = (self.acked + 1) & 0xFFFF
         p = self.outbuf.get(first)
         if p is not None:

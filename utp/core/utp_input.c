@@ -38,7 +38,20 @@ void utp_in_free_all(utp_socket *s)
 uint32 utp_in_window(utp_socket *s)
 {
 	uint64 used = utp_cb(s->ctx, UTP_GET_READ_BUFFER_SIZE, s, NULL, 0) + s->reorder_bytes;
-	return used >= s->rcvbuf ? 0 : (uint32)(s->rcvbuf - used);
+	uint32 wnd = used >= s->rcvbuf ? 0 : (uint32)(s->rcvbuf - used);
+	/* The reorder buffer also holds at most UTP_REORDER_MAX packets past
+	 * ack_nr: with small packets (libtorrent lowers its MTU after losses)
+	 * the byte window alone would let the sender run past that -- also
+	 * from an empty reorder buffer, if a hole opens behind the window just
+	 * advertised -- and see packets dropped after they arrived, which
+	 * libtorrent cannot afford (seen in the lab with 907-byte packets). */
+	if (s->in_seg > 0) {
+		uint32 span = s->reorder_count > 0 ? (uint32)seq_dist(s->ack_nr, s->reorder_top) : 0;
+		uint64 cap = span + 1 >= UTP_REORDER_MAX ? 0 : (uint64)(UTP_REORDER_MAX - 1 - span) * s->in_seg;
+		if (cap < wnd)
+			wnd = (uint32)cap;
+	}
+	return wnd;
 }
 
 uint32 utp_in_build_sack(utp_socket *s, byte *out)
@@ -143,6 +156,8 @@ static void on_data(utp_socket *s, const utp_packet *pk)
 		s->eof_seq = pk->seq_nr;
 	}
 	s->bytes_since_ack += (uint32)len;
+	if (len > s->in_seg / 2)
+		s->in_seg = (uint32)len;   /* follows the peer's MTU, ignores short tails */
 
 	if (d == 0) {
 		s->ack_nr = pk->seq_nr;
