@@ -48,4 +48,20 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "parse_metainfo_untrusted",
            "AsyncTorrentStorage", "MemoryStorage", "Piece", "StorageError", "FileStorage",
            "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
-           "ConnectionClosed", "RequestsDropped"]
+           "ConnectionClosed", "RequestsDropped",
+           "open_session", "Session", "SessionError", "Torrent", "TorrentStatus", "TorrentState",
+           "TorrentError"]
+
+# The trio drivers load on first use, so ``import bt`` (and ``bt info``)
+# stays free of trio and the uTP extension.
+_LAZY = {"open_session": "session", "Session": "session", "SessionError": "session",
+         "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
+         "TorrentError": "torrent"}
+
+
+def __getattr__(name: str) -> object:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'bt' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{mod}", __name__), name)

@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from _utpkit.errors import LocalProtocolError
+from _utpkit.excgroup import leaves
 
 from .peerwire import ConnectionClosed, PeerWire, RequestsDropped
 from .picker import request_queue_depth
 from .storage import StorageError
 from .wire import (Bitfield, Cancel, ExtensionHandshake, Have, HaveAll, HaveNone, Interested,
                    NotInterested, Piece, Reject, Request, Unchoke, WireError)
+
 
 if TYPE_CHECKING:
     from .torrent import Torrent
@@ -50,12 +52,18 @@ _ASSUMED_RTT = 0.1
 _SERVE_BATCH = 16
 
 
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
 class PeerClosed(Exception):
     """The connection ended; ``reason`` says why (for counters and logs)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+_ENDINGS = (PeerClosed, WireError, *_STREAM_ERRORS)
 
 
 class RateMeter:
@@ -127,22 +135,30 @@ class PeerConnection:
                 nursery.start_soon(self._server)
                 await self._drain_events()      # the handshake may have brought more
                 await self._reader()
-        except PeerClosed as exc:
-            self.close_reason = self.close_reason or exc.reason
-        except WireError as exc:
-            self.close_reason = f"violation: {exc.reason}"
-            t.counters[f"violation.{exc.reason}"] += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.close_reason = self.close_reason or f"stream: {type(exc).__name__}"
+        except BaseException as exc:
+            # a fault of the peer or the stream ends this connection only
+            for leaf in leaves(exc):
+                if not isinstance(leaf, _ENDINGS):
+                    raise
+            self._ended(next(leaf for leaf in leaves(exc)))
         finally:
             t.detach(self)
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
                     await self.stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except _STREAM_ERRORS:
                     pass
         self.close_reason = self.close_reason or "closed"
         t.counters[f"closed.{self.close_reason.split(':')[0]}"] += 1
+
+    def _ended(self, exc: BaseException) -> None:
+        if isinstance(exc, PeerClosed):
+            self.close_reason = self.close_reason or exc.reason
+        elif isinstance(exc, WireError):
+            self.close_reason = self.close_reason or f"violation: {exc.reason}"
+            self.torrent.counters[f"violation.{exc.reason}"] += 1
+        else:
+            self.close_reason = self.close_reason or f"stream: {type(exc).__name__}"
 
     def close(self, reason: str) -> None:
         """End the connection from outside (ban, torrent stopping)."""

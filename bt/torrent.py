@@ -184,11 +184,11 @@ class Torrent:
             self._apply(decision)
 
     def _apply(self, decision: ChokeDecision) -> None:
-        for peer in decision.choked:
+        for peer in decision.to_choke:
             if peer in self.peers:
                 peer.send(Choke())
                 peer.unchoke_changed()
-        for peer in decision.unchoked:
+        for peer in decision.to_unchoke:
             if peer in self.peers:
                 peer.send(Unchoke())
                 peer.unchoke_changed()
@@ -229,6 +229,9 @@ class Torrent:
         """Write a received block; hash the piece when its last write lands
         (not when its last block is *received*: another block's write may
         still be running in a thread)."""
+        if index in self._verifying or self.picker.has_piece(index):
+            self.counters["blocks.redundant"] += 1      # an end-game duplicate
+            return
         self._writing[index] = self._writing.get(index, 0) + 1
         try:
             await self.storage.write(index, begin, data)
