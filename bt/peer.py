@@ -49,7 +49,7 @@ _RECV_SIZE = 256 * 1024
 #: least its 3 s queue time anyway, which dominates on loopback and LANs).
 _ASSUMED_RTT = 0.1
 #: Requests answered per pass of the server before it looks for new ones.
-_SERVE_BATCH = 16
+_SERVE_BATCH = 32
 
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -216,27 +216,28 @@ class PeerConnection:
             await self._serve_kick.wait()
             self._serve_kick = trio.Event()
             while not core.am_choking:
-                served = 0
-                for req in core.incoming_requests()[:_SERVE_BATCH]:
-                    if not t.picker.has_piece(req.index):
-                        if core.fast:
-                            core.send(Reject(*req.key))
-                            served += 1
-                        continue
-                    try:
-                        data = await t.storage.read(req.index, req.begin, req.length)
-                    except StorageError as exc:
-                        t.fail(exc)
-                        raise PeerClosed("storage error") from None
-                    if core.am_choking or req not in core.incoming_requests():
+                batch = core.incoming_requests(_SERVE_BATCH)
+                if not batch:
+                    break
+                have = [r for r in batch if t.picker.has_piece(r.index)]
+                if core.fast:
+                    for r in batch:
+                        if not t.picker.has_piece(r.index):
+                            core.send(Reject(*r.key))
+                elif len(have) < len(batch):
+                    break           # requests for pieces we lack: they wait for a choke
+                try:
+                    blocks = await t.storage.read_many([r.key for r in have])
+                except StorageError as exc:
+                    t.fail(exc)
+                    raise PeerClosed("storage error") from None
+                for req, data in zip(have, blocks):
+                    if core.am_choking or not core.is_requested(req.key):
                         continue        # choked or cancelled meanwhile
                     core.send(Piece(req.index, req.begin, data))
-                    served += 1
                     self.up.add(len(data))
                     t.up.add(len(data))
-                    await self._flush()
-                if not served:
-                    break
+                await self._flush()         # a batch at a time: fewer, larger sends
 
     def unchoke_changed(self) -> None:
         """The torrent (un)choked this peer: start serving."""
