@@ -7,6 +7,7 @@ flag bit 17 = uTP socket, see ../shared/PEERS.md)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
 
@@ -15,7 +16,7 @@ import trio
 
 import bt
 from bt.create import create_torrent
-from testsupport import unavailable
+from testsupport import transmission_daemon, unavailable
 
 try:
     import libtorrent as lt
@@ -26,11 +27,13 @@ except ImportError as exc:   # pragma: no cover - depends on the machine
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 PIECE = 32 * 1024
-SIZES = (1_000_000, 0, 300_001, 77_777, 500_000)
+# ~6 MB: long enough on loopback for the 20 ms peer-list poll to see the
+# connection (libtorrent exempts local peers from its rate limits)
+SIZES = (4_000_000, 0, 300_001, 77_777, 1_500_000)
 UTP_FLAG = 1 << 17          # peer_info::utp_socket (not exported by the bindings)
 
 
-def _content(root):
+def _content(root, pad_files: bool = True):
     rng = random.Random(8)
     src = root / "src" / "multi"
     (src / "d").mkdir(parents=True)
@@ -39,7 +42,7 @@ def _content(root):
         p = src / ("d" if n % 2 else ".") / f"f{n}.bin"
         p.write_bytes(rng.randbytes(size))
         names.append(p.relative_to(src))
-    return src, names, create_torrent(src, piece_length=PIECE, pad_files=True)
+    return src, names, create_torrent(src, piece_length=PIECE, pad_files=pad_files)
 
 
 def _sha(base, names):
@@ -72,7 +75,7 @@ async def _watch_flags(handle, seen: list[int]) -> None:
     while True:
         for p in handle.get_peer_info():
             seen.append(int(p.flags))
-        await trio.sleep(0.05)
+        await trio.sleep(0.02)
 
 
 def _need_lt() -> None:
@@ -137,3 +140,82 @@ async def test_libtorrent_downloads_from_our_seed(tmp_path, transport):
         del ses
     assert _sha(tmp_path / "lt" / "multi", names) == _sha(src, names)
     assert flags and {bool(f & UTP_FLAG) for f in flags} == {transport == "utp"}
+
+
+# ---- Transmission 3.00 (transmission-daemon; libutp inside) -----------------------------
+
+
+async def _tr_add(rpc, data: bytes) -> int:
+    added = await rpc.acall("torrent-add", metainfo=base64.b64encode(data).decode())
+    return (added.get("torrent-added") or added.get("torrent-duplicate"))["id"]
+
+
+async def _tr_get(rpc, tid: int, *fields):
+    (t,) = (await rpc.acall("torrent-get", ids=[tid], fields=list(fields)))["torrents"]
+    return t
+
+
+async def _tr_watch_peers(rpc, tid: int, seen: list[bool]) -> None:
+    while True:
+        for p in (await _tr_get(rpc, tid, "peers"))["peers"]:
+            seen.append(bool(p["isUTP"]))
+        await trio.sleep(0.2)
+
+
+@pytest.mark.parametrize("transport", ["utp", "tcp"])
+async def test_download_from_transmission_seed(tmp_path, transport):
+    """Transmission unchokes ~10.7 s after the handshake (its rechoke
+    timer, PEERS.md): the download takes that long at least.  No pad
+    files: Transmission 3.00 predates BEP 47 and wants them on disk."""
+    src, names, data = _content(tmp_path, pad_files=False)
+    with transmission_daemon(tmp_path / "conf", src.parent, utp=transport == "utp") as (rpc, port):
+        await rpc.wait_ready()
+        tid = await _tr_add(rpc, data)
+        await rpc.acall("torrent-verify", ids=[tid])
+        with trio.fail_after(30):
+            while (await _tr_get(rpc, tid, "percentDone", "status")) != \
+                    {"percentDone": 1, "status": 6}:            # 6: seeding
+                await trio.sleep(0.1)
+        seen: list[bool] = []
+        async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1",
+                                   utp=transport == "utp", tcp=transport == "tcp") as ours, \
+                trio.open_nursery() as nursery:
+            nursery.start_soon(_tr_watch_peers, rpc, tid, seen)
+            t = await ours.add_torrent(data)
+            t.add_peer(("127.0.0.1", port))
+            with trio.fail_after(60):
+                await t.wait_finished()
+            assert ours.counters[f"connections.{transport}"] == 1, ours.counters
+            nursery.cancel_scope.cancel()
+    assert _sha(tmp_path / "dl" / "multi", names) == _sha(src, names)
+    assert seen and set(seen) == {transport == "utp"}
+
+
+async def test_transmission_downloads_from_our_seed_over_utp(tmp_path):
+    """Transmission has no RPC to add a peer: our seed dials it.  It first
+    requests ~10.6 s after we unchoke it (its own timer, PEERS.md)."""
+    src, names, data = _content(tmp_path, pad_files=False)
+    with transmission_daemon(tmp_path / "conf", tmp_path / "tr", utp=True) as (rpc, port):
+        await rpc.wait_ready()
+        tid = await _tr_add(rpc, data)
+        with trio.fail_after(30):       # it drops peers of a torrent still being checked
+            while (await _tr_get(rpc, tid, "status"))["status"] != 4:      # 4: downloading
+                await trio.sleep(0.1)
+        seen: list[bool] = []
+        async with bt.open_session(download_dir=src.parent, host="127.0.0.1", tcp=False) as ours, \
+                trio.open_nursery() as nursery:
+            t = await ours.add_torrent(data)
+            nursery.start_soon(_tr_watch_peers, rpc, tid, seen)
+            t.add_peer(("127.0.0.1", port))
+            with trio.move_on_after(60):
+                while (await _tr_get(rpc, tid, "percentDone"))["percentDone"] != 1:
+                    await trio.sleep(0.2)
+            got = await _tr_get(rpc, tid, "percentDone", "peers", "error", "errorString")
+            assert got["percentDone"] == 1, (got, ours.counters, t.counters, t.status())
+            assert ours.counters["connections.utp"] == 1, ours.counters
+            assert t.status().uploaded >= sum(SIZES)
+            nursery.cancel_scope.cancel()
+    # Transmission 3.00 does not create empty files: compare the others
+    names = [n for n in names if (src / n).stat().st_size]
+    assert _sha(tmp_path / "tr" / "multi", names) == _sha(src, names)
+    assert seen and set(seen) == {True}
