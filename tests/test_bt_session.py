@@ -5,37 +5,22 @@ who uploaded to whom."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 
 import pytest
 import trio
 
 import bt
-from bt.create import create_torrent
 from bt.session import SessionError
+from testsupport import bt_content, sha256_files
 
 PIECE = 32 * 1024
 
 
 def make_content(root, seed: int = 1, sizes=(300_000, 0, 70_001, 123_456)):
     """A multi-file directory (with an empty file) and its torrent bytes,
-    pad files on so the torrent has BEP 47 pad entries."""
-    rng = random.Random(seed)
-    src = root / "src" / "content"
-    (src / "sub").mkdir(parents=True)
-    names = []
-    for n, size in enumerate(sizes):
-        p = src / ("sub" if n % 2 else ".") / f"file{n}.bin"
-        p.write_bytes(rng.randbytes(size))
-        names.append(p.relative_to(src))
-    data = create_torrent(src, piece_length=PIECE, pad_files=True)
-    return src, names, data
-
-
-def sha256_files(base, names):
-    return {str(n): hashlib.sha256((base / n).read_bytes()).hexdigest() for n in names}
+    with BEP 47 pad entries."""
+    return bt_content(root, sizes, seed=seed, piece_length=PIECE)
 
 
 @pytest.mark.parametrize("transport", ["utp", "tcp"])

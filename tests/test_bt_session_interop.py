@@ -8,15 +8,12 @@ flag bit 17 = uTP socket, see ../shared/PEERS.md)."""
 from __future__ import annotations
 
 import base64
-import hashlib
-import random
 
 import pytest
 import trio
 
 import bt
-from bt.create import create_torrent
-from testsupport import transmission_daemon, unavailable
+from testsupport import bt_content, sha256_files, transmission_daemon, unavailable
 
 try:
     import libtorrent as lt
@@ -34,19 +31,7 @@ UTP_FLAG = 1 << 17          # peer_info::utp_socket (not exported by the binding
 
 
 def _content(root, pad_files: bool = True):
-    rng = random.Random(8)
-    src = root / "src" / "multi"
-    (src / "d").mkdir(parents=True)
-    names = []
-    for n, size in enumerate(SIZES):
-        p = src / ("d" if n % 2 else ".") / f"f{n}.bin"
-        p.write_bytes(rng.randbytes(size))
-        names.append(p.relative_to(src))
-    return src, names, create_torrent(src, piece_length=PIECE, pad_files=pad_files)
-
-
-def _sha(base, names):
-    return {str(n): hashlib.sha256((base / n).read_bytes()).hexdigest() for n in names}
+    return bt_content(root, SIZES, name="multi", seed=8, piece_length=PIECE, pad_files=pad_files)
 
 
 def _lt_session(transport: str):
@@ -108,7 +93,7 @@ async def test_download_from_libtorrent_seed(tmp_path, transport):
     finally:
         ses.remove_torrent(handle)
         del ses
-    assert _sha(tmp_path / "dl" / "multi", names) == _sha(src, names)
+    assert sha256_files(tmp_path / "dl" / "multi", names) == sha256_files(src, names)
     assert flags, "libtorrent never listed our peer"
     on_utp = {bool(f & UTP_FLAG) for f in flags}
     assert on_utp == {transport == "utp"}
@@ -138,7 +123,7 @@ async def test_libtorrent_downloads_from_our_seed(tmp_path, transport):
         ses.remove_torrent(handle)
     finally:
         del ses
-    assert _sha(tmp_path / "lt" / "multi", names) == _sha(src, names)
+    assert sha256_files(tmp_path / "lt" / "multi", names) == sha256_files(src, names)
     assert flags and {bool(f & UTP_FLAG) for f in flags} == {transport == "utp"}
 
 
@@ -187,7 +172,7 @@ async def test_download_from_transmission_seed(tmp_path, transport):
                 await t.wait_finished()
             assert ours.counters[f"connections.{transport}"] == 1, ours.counters
             nursery.cancel_scope.cancel()
-    assert _sha(tmp_path / "dl" / "multi", names) == _sha(src, names)
+    assert sha256_files(tmp_path / "dl" / "multi", names) == sha256_files(src, names)
     assert seen and set(seen) == {transport == "utp"}
 
 
@@ -217,5 +202,5 @@ async def test_transmission_downloads_from_our_seed_over_utp(tmp_path):
             nursery.cancel_scope.cancel()
     # Transmission 3.00 does not create empty files: compare the others
     names = [n for n in names if (src / n).stat().st_size]
-    assert _sha(tmp_path / "tr" / "multi", names) == _sha(src, names)
+    assert sha256_files(tmp_path / "tr" / "multi", names) == sha256_files(src, names)
     assert seen and set(seen) == {True}

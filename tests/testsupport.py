@@ -167,3 +167,30 @@ def transmission_daemon(conf: Path, download_dir: Path, *, utp: bool):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ---- BitTorrent content -----------------------------------------------------------------
+
+
+def bt_content(root: Path, sizes, *, name: str = "content", seed: int = 1,
+               piece_length: int = 32768, pad_files: bool = True):
+    """A multi-file directory ``root/src/NAME`` (every other file in a
+    subdirectory; a size of 0 makes an empty file) and its torrent bytes.
+    Returns (directory, relative file paths, torrent bytes)."""
+    import random
+
+    from bt.create import create_torrent
+    rng = random.Random(seed)
+    src = root / "src" / name
+    (src / "sub").mkdir(parents=True)
+    names = []
+    for n, size in enumerate(sizes):
+        p = src / ("sub" if n % 2 else ".") / f"file{n}.bin"
+        p.write_bytes(rng.randbytes(size))
+        names.append(p.relative_to(src))
+    return src, names, create_torrent(src, piece_length=piece_length, pad_files=pad_files)
+
+
+def sha256_files(base: Path, names) -> dict[str, str]:
+    """sha256 of each named file under ``base``."""
+    return {str(n): hashlib.sha256((base / n).read_bytes()).hexdigest() for n in names}
