@@ -4,7 +4,9 @@
 #   1. the C engine with warnings as errors, then the C tests (tests/c)
 #   2. the same under AddressSanitizer + UndefinedBehaviorSanitizer
 #   3. the libFuzzer drivers (ci/fuzz/run.sh), time-bounded
-#   4. a wheel, installed into a fresh venv, and pytest run against the
+#   4. the README's quick start, exactly as README.md shows it, in a fresh
+#      copy of the tree (what a clone has), from that copy's root
+#   5. a wheel, installed into a fresh venv, and pytest run against the
 #      installed package, never the source tree
 #
 # With CI=true a step that cannot run for lack of a tool fails instead of
@@ -13,6 +15,8 @@
 #   UTPKIT_CI_DIR    where the wheel and venv go, emptied first and kept
 #                    afterwards (default: a temp dir removed at exit)
 #   FUZZ_TIMEOUT     hard limit in seconds for ci/fuzz/run.sh (default 1200)
+#   FUZZ_SECONDS     how long each fuzz driver runs (ci/fuzz/run.sh)
+#   SKIP_QUICKSTART  1 skips step 4 on a developer machine (an error under CI=true)
 #   PYTEST_ARGS      extra arguments for pytest (e.g. "-x -k codec")
 
 set -euo pipefail
@@ -46,14 +50,14 @@ run_make() {
 }
 
 # ---------------------------------------------------------------------------
-step "1/4 C engine: build with -Wall -Wextra -Werror, C tests"
+step "1/5 C engine: build with -Wall -Wextra -Werror, C tests"
 run_make -C utp/core clean
 run_make -C utp/core all
 run_make -C utp/core check
 RAN+=("C build + C tests")
 
 # ---------------------------------------------------------------------------
-step "2/4 C engine under ASan + UBSan"
+step "2/5 C engine under ASan + UBSan"
 # Probe the toolchain's sanitizer runtime with a program that must run clean.
 probe_dir="$(mktemp -d)"
 printf 'int main(void) { return 0; }\n' >"$probe_dir/p.c"
@@ -72,7 +76,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-step "3/4 fuzzing (libFuzzer)"
+step "3/5 fuzzing (libFuzzer)"
 if [ ! -f ci/fuzz/run.sh ]; then
 	echo "ci/test.sh: SKIP: ci/fuzz/run.sh does not exist yet"
 	SKIPPED+=("fuzz (no ci/fuzz/run.sh)")
@@ -84,8 +88,6 @@ else
 	RAN+=("fuzz")
 fi
 
-# ---------------------------------------------------------------------------
-step "4/4 Python: wheel -> fresh venv -> pytest against the installed package"
 if [ -n "${UTPKIT_CI_DIR:-}" ]; then
 	WORK="$UTPKIT_CI_DIR"
 	rm -rf "$WORK"
@@ -94,6 +96,46 @@ else
 	WORK="$(mktemp -d "${TMPDIR:-/tmp}/utpkit-ci.XXXXXX")"
 	trap 'rm -rf "$WORK"' EXIT
 fi
+
+# ---------------------------------------------------------------------------
+step "4/5 README quick start, verbatim, in a fresh copy of the tree"
+# The command is read from README.md's first sh block under "## Quick start",
+# so the README and this check cannot drift apart.  It runs in a copy holding
+# exactly what a clone has (tracked and new unignored files, edits included;
+# no .venv, no build output, no compiled module), from the copy's root, the
+# directory where the README's `pip install .` must run.
+if [ "${SKIP_QUICKSTART:-0}" = "1" ]; then
+	unavailable "SKIP_QUICKSTART=1" "quick start"
+else
+	quickstart="$(awk '
+		/^## Quick start/ { insec = 1; next }
+		insec && /^## / { exit }
+		insec && !inblock && /^```sh[[:space:]]*$/ { inblock = 1; next }
+		inblock && /^```/ { exit }
+		inblock { print }
+	' README.md)"
+	if [ -z "$quickstart" ]; then
+		echo "ci/test.sh: FAIL: no sh block under '## Quick start' in README.md" >&2
+		exit 1
+	fi
+	fresh="$WORK/fresh-clone"
+	mkdir -p "$fresh"
+	if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+		git -C "$ROOT" ls-files -z --cached --others --exclude-standard |
+			(cd "$ROOT" && xargs -0 sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' sh) |
+			tar -C "$ROOT" --null -T - -cf - | tar -C "$fresh" -xf -
+	else
+		echo "ci/test.sh: FAIL: $ROOT is not a git checkout; cannot make a clone's copy" >&2
+		exit 1
+	fi
+	echo "in $fresh:"
+	echo "\$ $quickstart"
+	(cd "$fresh" && env -u PYTHONPATH -u VIRTUAL_ENV bash -euo pipefail -c "$quickstart" </dev/null)
+	RAN+=("README quick start")
+fi
+
+# ---------------------------------------------------------------------------
+step "5/5 Python: wheel -> fresh venv -> pytest against the installed package"
 VENV="$WORK/venv"
 WHEELS="$WORK/wheels"
 

@@ -190,7 +190,7 @@ def bench_loopback(n_nodes: int, n_lookups: int, flood: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dht.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="utp-bench dht", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller runs")
     args = p.parse_args(argv)
     q = args.quick

@@ -113,7 +113,64 @@ def test_cli_failures():
     r = _dht("get-peers", ih)                        # no bootstrap: contacts nobody
     assert r.returncode == 1 and "--bootstrap" in r.stderr
     assert _dht("get-peers", "xyz").returncode == 2
-    assert _dht("ping", "localhost:1").returncode == 2   # literal addresses only
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dht"), stderr
+    assert "Errno" not in stderr and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_cli_resolves_host_names(server):
+    """HOST:PORT takes names everywhere (issue 13): ping, --bootstrap, --bind."""
+    port = server.rsplit(":", 1)[1]
+    r = _dht("ping", f"localhost:{port}", "--bind", "localhost:0", "--timeout", "20")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"127.0.0.1:{port} id ")
+    ih = hashlib.sha1(b"names").hexdigest()
+    r = _dht("announce", ih, "--port", "4343", "--bootstrap", f"localhost:{port}")
+    assert r.returncode == 0, r.stderr
+    r = _dht("get-peers", ih, "--bootstrap", f"localhost:{port}")
+    assert r.returncode == 0 and r.stdout.split() == ["127.0.0.1:4343"], r.stderr
+
+
+def test_cli_ping_to_a_closed_port_is_refused_at_once():
+    """The ICMP port unreachable the Endpoint reports ends the ping with a
+    'refused' line, long before the ping's own timeout."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    r = _dht("ping", f"127.0.0.1:{closed}", "--timeout", "30")
+    assert r.returncode == 1
+    line = _one_line(r.stderr)
+    assert f"127.0.0.1:{closed} refused the ping: ICMP port unreachable" in line, line
+    r = _dht("get-peers", "00" * 20, "--bootstrap", f"127.0.0.1:{closed}", "--timeout", "30")
+    assert r.returncode == 1
+    assert f"127.0.0.1:{closed}: ICMP port unreachable" in _one_line(r.stderr)
+
+
+def test_cli_messages(server):
+    """--version; get-peers without peers says so and exits 1; a port in
+    use and bad arguments are one line each, with no raw errno."""
+    r = _dht("--version")
+    assert r.returncode == 0 and r.stdout.startswith("dht (utpkit) "), r
+    ih = hashlib.sha1(b"nobody announced this").hexdigest()
+    r = _dht("get-peers", ih, "--bootstrap", server)
+    assert r.returncode == 1 and r.stdout == ""
+    assert f"no peers for {ih}: asked 1 node" in _one_line(r.stderr)
+    r = _dht("get-peers", "-h")
+    assert "INFOHASH" in r.stdout and "40 hex digits" in r.stdout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        busy = s.getsockname()[1]
+        r = _dht("serve", "--bind", f"127.0.0.1:{busy}")
+    assert r.returncode == 1
+    assert f"cannot bind to 127.0.0.1:{busy}" in _one_line(r.stderr)
+    r = _dht("ping", "127.0.0.1:99999")
+    assert r.returncode == 2 and "bad port" in _one_line(r.stderr)
+    r = _dht("get-peers", "xyz")
+    assert r.returncode == 2 and "INFOHASH" in _one_line(r.stderr)
 
 
 def test_cli_serve_saves_state_on_sigterm(server, tmp_path):

@@ -12,11 +12,15 @@ matrix): skips without them, fails under CI=true.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
-from testsupport import load_natlab, unavailable
+from testsupport import ROOT, load_natlab, unavailable
 
 natlab = load_natlab()
 from natlab.matrix import format_matrix, punchable, run_matrix  # noqa: E402
@@ -43,7 +47,12 @@ def test_theory():
 
 
 def test_matrix(capsys):
-    results = run_matrix(natlab.NAT_KINDS, size=SIZE, deadline=DEADLINE)
+    progress: list[str] = []
+    results = run_matrix(natlab.NAT_KINDS, size=SIZE, deadline=DEADLINE, progress=progress.append)
+    # A line as the lab is built, one as the pairs start, one per pair as it ends.
+    assert len(progress) == 2 + 16, progress
+    for r in results:
+        assert any(f"/16 {r.a} -> {r.b}: " in line for line in progress), (r.a, r.b, progress)
     text = format_matrix(results, size=SIZE, loss=0, deadline=DEADLINE)
     with capsys.disabled():
         print("\n" + text)
@@ -95,3 +104,20 @@ def test_matrix_through_the_dht(capsys):
             assert r.error.count("hole punching to") == 2, r.error
             assert "timed out" in r.error
             assert r.elapsed < DEADLINE + 5
+
+
+def test_cli_from_the_checkout_root_uses_the_installed_utpkit():
+    """`python -m ci.natlab matrix` where the README runs it, the clone's
+    root (whose utp/ has no compiled module): the lab's ucats use the
+    installed utpkit (issue 13: they failed with "cannot load the uTP
+    library"), and progress comes as each pair ends."""
+    if list((ROOT / "utp").glob("_utp*.so")):
+        pytest.skip("this checkout has an in-place built extension (pip install -e)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-m", "ci.natlab", "matrix", "--kinds", "none",
+                          "--size", "100000"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cannot load" not in out.stdout + out.stderr
+    assert re.search(r"\] +1/1 none -> none: connected in [0-9.]+ s", out.stderr), out.stderr
+    assert "1 of 1 pairs connected; all as theory says" in out.stdout

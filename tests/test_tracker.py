@@ -438,3 +438,27 @@ def test_ucat_rendezvous_arguments():
         r = subprocess.run([sys.executable, "-m", "ucat", *argv], capture_output=True, text=True,
                            env=_ucat_env(), cwd=tempfile.gettempdir())
         assert r.returncode == 2 and message in r.stderr, (argv, r.stderr)
+
+
+async def test_rendezvous_names_a_silent_tracker_not_the_peer():
+    """A tracker that never answers (bound, silent: no ICMP either) is
+    named as such when the deadline passes, not blamed on a missing peer."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        where = "127.0.0.1:%d" % silent.getsockname()[1]
+        async with utp.open_endpoint("127.0.0.1", 0) as ep:
+            with pytest.raises(TimeoutError, match=r"^tracker udp://%s did not answer in " % where):
+                await utp.rendezvous(ep, "silent", via=f"udp://{where}", timeout=2.0)
+
+
+async def test_rendezvous_at_a_closed_port_is_refused_at_once():
+    """Nothing bound there: the kernel's ICMP port unreachable ends the
+    rendezvous at once with ConnectionRefusedError naming the tracker."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        where = "127.0.0.1:%d" % probe.getsockname()[1]
+    async with utp.open_endpoint("127.0.0.1", 0) as ep:
+        with trio.fail_after(10):
+            with pytest.raises(ConnectionRefusedError,
+                               match=r"tracker udp://%s did not answer \(ICMP port unreachable" % where):
+                await utp.rendezvous(ep, "closed", via=f"udp://{where}", timeout=30.0)

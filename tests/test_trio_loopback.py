@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 import utp
+from testsupport import clogged
 
 
 def _have_ipv6_loopback() -> bool:
@@ -49,9 +50,11 @@ async def _pair(nursery, host="127.0.0.1"):
 
 
 async def test_check_half_closeable_stream_loopback(nursery):
+    """trio's conformance check, with a clogged maker: this is what checks
+    wait_send_all_might_not_block's wake-ups (close, room in the buffer)."""
     async def make():
         return await _pair(nursery)
-    await trio.testing.check_half_closeable_stream(make, None)
+    await trio.testing.check_half_closeable_stream(make, clogged(make))
     nursery.cancel_scope.cancel()
 
 
@@ -208,3 +211,39 @@ async def test_exceptions_from_the_body_come_out_unwrapped():
         with trio.fail_after(0.05):
             async with utp.open_endpoint("127.0.0.1", 0):
                 await trio.sleep(1)
+
+
+async def test_open_utp_stream_port_must_be_an_int():
+    """A str port is a type error, not a "bad port" (issue 13)."""
+    with pytest.raises(TypeError, match="port must be an int, not str '9000'"):
+        await utp.open_utp_stream("127.0.0.1", "9000")
+
+
+@needs_ipv6
+@pytest.mark.parametrize("bound, target", [("::1", "127.0.0.1"), ("127.0.0.1", "::1")])
+async def test_connect_across_address_families_fails_at_once(bound, target):
+    """An Endpoint on ::1 cannot reach 127.0.0.1 (nor the reverse): connect
+    says so at once instead of waiting out its timeout."""
+    async with utp.open_endpoint(bound, 0) as ep:
+        with trio.fail_after(2):
+            with pytest.raises(OSError, match="the address families differ"):
+                await ep.connect((target, 9), timeout=10)
+
+
+async def test_endpoint_reports_icmp_port_unreachable_for_datagrams():
+    """A DHT-style datagram to a closed port: the kernel's ICMP port
+    unreachable reaches the Endpoint (wait_port_unreachable, port_unreachable),
+    so the DHT and tracker clients can say "refused" at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = ("127.0.0.1", probe.getsockname()[1])
+    async with utp.open_endpoint("127.0.0.1", 0) as ep:
+        start = trio.current_time()
+        assert not ep.port_unreachable(closed)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(ep.wait_port_unreachable, closed)
+                await trio.testing.wait_all_tasks_blocked()
+                await ep.sendto(b"d1:ad2:id20:" + b"x" * 20 + b"e1:q4:ping1:t2:aa1:y1:qe", closed)
+        assert ep.port_unreachable(closed, since=start)
+        assert not ep.port_unreachable(("127.0.0.1", closed[1] ^ 1))

@@ -17,6 +17,7 @@ import trio.testing
 
 import utp
 from utp.simnet import SimNetwork
+from testsupport import clog, clogged
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -70,7 +71,9 @@ async def test_check_half_closeable_stream_simulated(autojump_clock, nursery, li
     random.seed(7)
     _stream_maker.nursery = nursery
     make = _stream_maker(**link)
-    await trio.testing.check_half_closeable_stream(make, None)
+    # Virtual time is free: wait out retransmission back-off before calling
+    # a stream clogged.
+    await trio.testing.check_half_closeable_stream(make, clogged(make, quiet=30.0))
     nursery.cancel_scope.cancel()
 
 
@@ -243,6 +246,51 @@ async def test_slow_reader_bounds_memory_and_slows_sender(autojump_clock):
                     got += len(await peer.receive_some())
                 n.cancel_scope.cancel()
             assert sent > sent_at_stall
+
+
+async def test_wait_send_all_might_not_block_wakes_when_acks_drain_the_buffer(autojump_clock):
+    """A full stream whose reader starts draining: the wait ends once half
+    the buffer is free, whether or not the engine reports "writable"; and
+    after a send_all that returned, it does not block (issue 13)."""
+    async with SimNetwork(seed=3, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            s, peer, listener = await _connect_pair(a, b)
+            sndbuf = s._sock.get_option(utp.UTP_SNDBUF)
+            await clog(s, quiet=30.0)
+            assert s.statistics()["send_queue"] > sndbuf // 2
+            async with trio.open_nursery() as n:
+                async def drain():
+                    while await peer.receive_some():
+                        pass
+                n.start_soon(drain)
+                with trio.fail_after(5):
+                    await s.wait_send_all_might_not_block()
+                assert s.statistics()["send_queue"] <= sndbuf // 2
+                await s.send_all(b"z" * (sndbuf + sndbuf // 2))
+                with trio.fail_after(5):
+                    await s.wait_send_all_might_not_block()
+                await s.send_eof()
+
+
+async def test_close_wakes_a_task_in_wait_send_all_might_not_block(autojump_clock):
+    async with SimNetwork(seed=4, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b:
+            s, peer, listener = await _connect_pair(a, b)
+            await clog(s, quiet=30.0)
+            result = []
+
+            async def waiter():
+                try:
+                    await s.wait_send_all_might_not_block()
+                    result.append("returned")
+                except trio.ClosedResourceError:
+                    result.append("closed")
+            async with trio.open_nursery() as n:
+                n.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                assert result == []
+                await s.aclose()
+            assert result == ["closed"]
 
 
 async def test_concurrent_senders_are_busy(autojump_clock):

@@ -490,11 +490,15 @@ def test_debug_reports_states_and_statistics(procs, tmp_path):
     assert re.search(r"^ucat: \+\d+\.\d{3}s connected to 127\.0\.0\.1:%d" % port, text, re.M), text
     assert re.search(r"^ucat: \+\d+\.\d{3}s state: \w+", text, re.M), text
     assert "peer: EOF after 0 bytes" in text, text
-    assert re.search(r"bytes: sent \d+, received \d+", text), text
-    assert re.search(r"packets: sent \d+, received \d+", text), text
+    assert re.search(r"on the wire: payload bytes sent \d+ \(retransmissions included\), "
+                     r"received \d+", text), text
+    assert re.search(r"packets \(data and acks\): sent \d+, received \d+", text), text
     assert re.search(r"retransmits \d+", text), text
     assert re.search(r"rtt [\d.]+ ms", text), text
-    assert "stdin->peer 100000 bytes" in text, text
+    # Each figure says what it counts (issue 13): read from stdin, and how
+    # much of it the peer acknowledged (all of it, after a clean exit).
+    assert "stdin: 100000 bytes read and queued for the peer, 100000 of them acknowledged" in text, text
+    assert "stdout: 0 bytes received from the peer and written" in text, text
 
 
 # --- one side goes away -----------------------------------------------------
@@ -603,3 +607,25 @@ def test_terminal(procs):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_usage_errors_are_one_line():
+    """An argparse error is one line like every other failure (the README
+    promises that), with where to find the usage."""
+    out = subprocess.run(ucat("-Z", "127.0.0.1", "4000"), capture_output=True, timeout=QUICK,
+                         env=ENV, cwd="/")
+    assert out.returncode == 2
+    assert out.stderr == b"ucat: unrecognized arguments: -Z (see ucat -h)\n", out.stderr
+
+
+def test_rendezvous_at_a_closed_tracker_port_names_the_tracker(procs):
+    """Nothing listens where the tracker should be: the ICMP port
+    unreachable ends ucat at once with a line that blames the tracker, not
+    the peer, and never "internal error" (issue 13)."""
+    port = _free_udp_port()
+    proc = procs.start(ucat("--rendezvous", "k", "--tracker", f"udp://127.0.0.1:{port}", "-w", "20"),
+                       "ucat", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    assert proc.wait(QUICK) == 1
+    line = _assert_one_line_error(proc, r"tracker udp://127\.0\.0\.1:%d did not answer" % port)
+    assert "ICMP port unreachable" in line
+    assert time.monotonic() - proc.started < 15, "waited for the deadline instead of the ICMP"

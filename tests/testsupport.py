@@ -194,3 +194,27 @@ def bt_content(root: Path, sizes, *, name: str = "content", seed: int = 1,
 def sha256_files(base: Path, names) -> dict[str, str]:
     """sha256 of each named file under ``base``."""
     return {str(n): hashlib.sha256((base / n).read_bytes()).hexdigest() for n in names}
+
+
+async def clog(stream, *, quiet: float = 1.0) -> None:
+    """Fill `stream` until send_all blocks, then cancel that send_all (as
+    trio's own socket tests build their clogged streams).  "Blocks" means no
+    progress for `quiet` seconds (real or virtual time), so packets still in
+    flight have filled the peer's receive window by then."""
+    chunk = b"x" * 65536
+    while True:
+        with trio.move_on_after(quiet) as scope:
+            await stream.send_all(chunk)
+        if scope.cancelled_caught:
+            return
+
+
+def clogged(maker, *, quiet: float = 1.0):
+    """A clogged-stream maker for trio.testing.check_*_stream from a maker
+    of connected (a, b) pairs: both directions are clogged (see clog)."""
+    async def make():
+        a, b = await maker()
+        await clog(a, quiet=quiet)
+        await clog(b, quiet=quiet)
+        return a, b
+    return make

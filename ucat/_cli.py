@@ -1,7 +1,7 @@
 """ucat's command line: arguments, stdin/stdout plumbing, error reporting.
 
 The flags are libutp's ucat's (-h -d -l -p -s -B -n, same letters, same
-meanings; -B sizes the engine's socket buffers), plus -w and --version.  What
+meanings; -B sizes the engine's socket buffers), plus -w, --progress and --version.  What
 differs is the behaviour at the edges, where libutp's ucat hangs, spins or
 loses data:
 
@@ -26,6 +26,7 @@ Importing this module imports neither trio nor utp, so ``ucat -h`` and
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import select
@@ -128,9 +129,9 @@ def format_address(address) -> str:
 # --- arguments -----------------------------------------------------------
 
 _USAGE = """\
-ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] host port
-       ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout]
-       ucat --rendezvous KEY (--tracker udp://HOST:PORT | --bootstrap HOST:PORT ...) [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout]
+ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] [--progress] host port
+       ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--progress]
+       ucat --rendezvous KEY (--tracker udp://HOST:PORT | --bootstrap HOST:PORT ...) [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--progress]
        ucat --version"""
 
 _DESCRIPTION = """\
@@ -146,7 +147,10 @@ _EPILOG = """\
 behaviour:
   At EOF on stdin ucat sends FIN; the peer's FIN closes stdout.  ucat exits
   once both directions are finished.  stdin and stdout may be pipes,
-  terminals, regular files or /dev/null.
+  terminals, regular files or /dev/null.  A terminal is read only while
+  ucat owns it (is in the foreground): started in the background of a
+  shell (`ucat -l -p 9000 > file &`), ucat takes stdin as empty and sends
+  FIN at once, instead of being stopped by the shell (SIGTTIN).
   With -l, ucat prints "ucat: listening on HOST:PORT" to stderr when -d is
   given or the system chose the port (no -p, or -p 0).
   -w bounds the connect and, after it, any stretch in which no data moves in
@@ -248,8 +252,16 @@ def check_host_name(host: str) -> None:
         raise Failure(f"bad host name {host!r}", EXIT_USAGE)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, ``ucat: <what> (see ucat -h)``, like
+    every other failure; the four-line usage is for -h."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{PROG}: {message} (see {PROG} -h)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         usage=_USAGE,
         description=_DESCRIPTION,
@@ -287,6 +299,11 @@ def _parser() -> argparse.ArgumentParser:
         "--bootstrap", dest="bootstrap", metavar="HOST:PORT", action="append",
         help="meet through the Mainline DHT, starting from this node (repeatable), "
         "with --rendezvous",
+    )
+    parser.add_argument(
+        "--progress", dest="progress", action="store_true",
+        help="a progress line on stderr: bytes the peer acknowledged and bytes received, "
+        "rate, and the time left when stdin is a regular file",
     )
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument("host", nargs="?", help=argparse.SUPPRESS)
@@ -480,8 +497,22 @@ class StdFds:
                 pass
 
 
+def _terminal_not_ours(fd: int) -> bool:
+    """fd is a terminal whose foreground process group is not ours: we run
+    in the background of an interactive shell (``ucat -l ... &``).  Reading
+    it would stop us with SIGTTIN, and the input belongs to the shell."""
+    try:
+        return os.isatty(fd) and os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:
+        return False
+
+
 class Input:
-    """stdin as an async source of chunks; b"" at EOF."""
+    """stdin as an async source of chunks; b"" at EOF.
+
+    A terminal ucat does not own (started with ``&``, or sent to the
+    background later) is never read: it counts as an empty stdin, so the
+    peer gets EOF at once, as with ``< /dev/null``."""
 
     def __init__(self, fds: StdFds, log: _Log) -> None:
         import trio
@@ -491,9 +522,24 @@ class Input:
         self._fd = None
         self._log = log
         self.kind = "closed"
+        self.size = None  # bytes left to read, when stdin is a regular file
+        self._tty = False
         if 0 in fds.closed:
             return
         st = os.fstat(0)
+        if _terminal_not_ours(0):
+            self.kind = "a terminal of the shell that runs ucat in the background: not read (EOF)"
+            return
+        if stat.S_ISREG(st.st_mode):
+            try:
+                self.size = max(st.st_size - os.lseek(0, 0, os.SEEK_CUR), 0)
+            except OSError:
+                pass
+        if os.isatty(0):
+            self._tty = True
+            # A race with job control (`bg` after the check above) must end
+            # in EIO, which we take for EOF, not in a stop.
+            signal.signal(signal.SIGTTIN, signal.SIG_IGN)
         if _pollable(0, st):
             # Our own dup: FdStream closes its fd, and fd 0 must stay open so
             # its blocking mode can be restored.
@@ -505,13 +551,30 @@ class Input:
 
     async def read(self) -> bytes:
         trio = self._trio
+        if self._tty and _terminal_not_ours(0):
+            self._log("stdin: the terminal now belongs to another job; taking it as EOF")
+            return b""
         try:
+            if self._stream is not None and self._tty:
+                # Job control can take the terminal away while we wait
+                # (Ctrl-Z, bg): look again now and then.  A cancelled wait
+                # has read nothing, so no input is lost.
+                while True:
+                    with trio.move_on_after(0.25):
+                        return await self._stream.receive_some(CHUNK)
+                    if _terminal_not_ours(0):
+                        self._log("stdin: the terminal now belongs to another job; taking it as EOF")
+                        return b""
             if self._stream is not None:
                 return await self._stream.receive_some(CHUNK)
             if self._fd is not None:
                 return await trio.to_thread.run_sync(os.read, self._fd, CHUNK)
         except (trio.BrokenResourceError, OSError) as exc:
-            raise Failure(f"cannot read stdin: {_why(exc.__cause__ or exc)}") from None
+            cause = exc.__cause__ or exc
+            if self._tty and getattr(cause, "errno", None) == errno.EIO:
+                self._log("stdin: the terminal is not ours (EIO); taking it as EOF")
+                return b""
+            raise Failure(f"cannot read stdin: {_why(cause)}") from None
         await trio.lowlevel.checkpoint()
         return b""
 
@@ -602,6 +665,66 @@ def _broken(exc: BaseException, peer: str) -> Failure:
     return Failure(f"connection to {peer} failed: {_why(detail)}")
 
 
+def _bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _acknowledged(stream, queued: int) -> int:
+    """Bytes of the `queued` ones (handed to send_all) the peer has
+    acknowledged: the rest is still in the send buffer or in flight."""
+    try:
+        s = stream.statistics()
+        return max(queued - int(s.get("send_queue", 0)) - int(s.get("in_flight", 0)), 0)
+    except Exception:
+        return queued
+
+
+class _Progress:
+    """--progress: one line on stderr, rewritten in place (\\r) on a
+    terminal, else one line every few seconds."""
+
+    def __init__(self, stream, moved: dict, size: int | None, start: float) -> None:
+        self._stream = stream
+        self._moved = moved
+        self._size = size
+        self._start = start
+        self._tty = sys.stderr.isatty()
+        self.interval = 0.5 if self._tty else 5.0
+        self._width = 0
+
+    def line(self, now: float) -> str:
+        acked = _acknowledged(self._stream, self._moved["out"])
+        elapsed = max(now - self._start, 1e-9)
+        rate = acked / elapsed
+        sent = f"sent {_bytes(acked)}"
+        if self._size:
+            sent += f" of {_bytes(self._size)} ({min(acked / self._size, 1.0):.0%})"
+        text = f"{sent}, received {_bytes(self._moved['in'])}, " \
+               f"{(acked + self._moved['in']) / elapsed / 1e6:.1f} MB/s"
+        if self._size and rate > 0 and acked < self._size:
+            left = int((self._size - acked) / rate)
+            text += f", {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left"
+        return f"{PROG}: {text}"
+
+    def show(self, now: float, final: bool = False) -> None:
+        text = self.line(now)
+        try:
+            if self._tty:
+                pad = " " * max(self._width - len(text), 0)
+                self._width = len(text)
+                sys.stderr.write(f"\r{text}{pad}" + ("\n" if final else ""))
+            else:
+                sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def _log_statistics(log: _Log, stream, elapsed: float, moved: dict) -> None:
     try:
         s = stream.statistics()
@@ -615,10 +738,15 @@ def _log_statistics(log: _Log, stream, elapsed: float, moved: dict) -> None:
 
     total = moved["in"] + moved["out"]
     rate = total / elapsed / 1e6 if elapsed > 0 else 0.0
+    acked = _acknowledged(stream, moved["out"])
     log(f"statistics after {elapsed:.3f} s:")
-    log(f"  stdin->peer {moved['out']} bytes, peer->stdout {moved['in']} bytes, {rate:.1f} MB/s together")
-    log(f"  bytes: sent {g('bytes_sent')}, received {g('bytes_received')}")
-    log(f"  packets: sent {g('packets_sent')}, received {g('packets_received')}")
+    log(f"  stdin: {moved['out']} bytes read and queued for the peer, {acked} of them "
+        f"acknowledged by the peer")
+    log(f"  stdout: {moved['in']} bytes received from the peer and written; "
+        f"{rate:.1f} MB/s both ways together")
+    log(f"  on the wire: payload bytes sent {g('bytes_sent')} (retransmissions included), "
+        f"received {g('bytes_received')}")
+    log(f"  packets (data and acks): sent {g('packets_sent')}, received {g('packets_received')}")
     log(f"  retransmits {g('retransmits')} (fast {g('fast_retransmits')}), "
         f"duplicates received {g('duplicates_received')}")
     log(f"  rtt {g('rtt_ms')} ms, rto {g('rto_ms')} ms, cwnd {g('cwnd')} bytes, mtu {g('mtu')}")
@@ -712,13 +840,24 @@ async def run_session(stream, opts, fds: StdFds, log: _Log) -> None:
         log(f"peer: EOF after {moved['in']} bytes; closing stdout")
         await stdout.finish()
 
+    meter = _Progress(stream, moved, stdin.size, start) if opts.progress else None
+
+    async def show_progress():
+        while True:
+            await trio.sleep(meter.interval)
+            meter.show(trio.current_time())
+
     closed = False
     try:
         progress()
         with idle:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(upstream)
-                nursery.start_soon(downstream)
+                if meter is not None:
+                    nursery.start_soon(show_progress)
+                async with trio.open_nursery() as transfer:
+                    transfer.start_soon(upstream)
+                    transfer.start_soon(downstream)
+                nursery.cancel_scope.cancel()
             log("both directions finished; waiting for the peer to acknowledge everything")
             await _wait_delivered(stream, peer)
             await stream.aclose()
@@ -727,6 +866,8 @@ async def run_session(stream, opts, fds: StdFds, log: _Log) -> None:
             raise Failure(f"no data moved for {opts.timeout:g} s (-w); giving up on {peer}")
         log("closed")
     finally:
+        if meter is not None:
+            meter.show(trio.current_time(), final=True)
         if log.level:
             _log_statistics(log, stream, trio.current_time() - start, moved)
         if not closed:
@@ -876,10 +1017,13 @@ async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:
             with trio.move_on_at(deadline + 1.0):  # a backstop
                 stream = await utp.rendezvous(ep, opts.rendezvous, via=via,
                                               deadline=deadline, log=log)
-        except TimeoutError as exc:
-            raise Failure(str(exc)) from None
-        except OSError as exc:
-            raise Failure(f"rendezvous {where} failed: {_why(exc)}") from None
+        except BaseException as exc:  # the tracker client and the DHT node run nurseries
+            leaf = _sole_leaf(exc)
+            if isinstance(leaf, TimeoutError) or (isinstance(leaf, OSError) and leaf.errno is None):
+                raise Failure(str(leaf)) from None  # utp's and the tracker's messages name the party
+            if isinstance(leaf, OSError):
+                raise Failure(f"rendezvous {where} failed: {_why(leaf)}") from None
+            raise
         if stream is None:
             raise Failure(f"rendezvous {where} timed out after {budget:g} s")
         log(f"connected to {format_address(stream.peer_address)} after "

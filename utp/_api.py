@@ -71,7 +71,9 @@ async def open_endpoint(host: str | None = None, port: int = 0, *, family: int |
 
 
 async def _resolve(host: str, port: int, numeric: bool) -> tuple[int, tuple[Any, ...]]:
-    if not isinstance(port, int) or not 1 <= port <= 65535:
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError(f"port must be an int, not {type(port).__name__} {port!r}")
+    if not 1 <= port <= 65535:
         raise OSError(f"bad port {port!r}: expected 1..65535")
     flags = _socket.AI_NUMERICHOST if numeric else 0
     try:

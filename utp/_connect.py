@@ -9,11 +9,14 @@ connection id that some middlebox has seen refused is never reused.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import math
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+from _utpkit.addr import normalize_ip
 
 from . import _utp
 from ._errors import describe
@@ -40,6 +43,28 @@ def check_address(addr: Any) -> tuple[Any, ...]:
         raise OSError(f"{host!r} is not a literal IP address; resolve names first "
                       f"(utp.open_utp_stream does)") from None
     return addr
+
+
+def check_family(local: tuple[Any, ...], addr: tuple[Any, ...]) -> None:
+    """Refuse at once what a socket bound to ``local`` cannot reach: an
+    IPv6 peer from an IPv4 socket, an IPv4 peer from an IPv6 socket bound
+    to a specific address (only one bound to ``::`` is dual-stack).
+    Otherwise the datagrams are silently undeliverable and the connect
+    would wait out its whole timeout."""
+    try:
+        here, there = ipaddress.ip_address(str(local[0]).split("%", 1)[0]), normalize_ip(addr[0])
+    except (ValueError, TypeError, IndexError):
+        return
+    if here.version == 4 and there.version == 6:
+        why = "an IPv4 socket cannot send to an IPv6 address"
+    elif here.version == 6 and there.version == 4 and not here.is_unspecified:
+        why = "an IPv6 socket bound to a specific address cannot send to an IPv4 address"
+    else:
+        return
+    raise OSError(errno.EAFNOSUPPORT,
+                  f"cannot connect to {_format_peer(addr)} from an Endpoint bound to "
+                  f"{_format_peer(local)}: the address families differ ({why}); open the "
+                  f"Endpoint on an address of the peer's family, or on '::' (dual-stack)")
 
 
 # The events that end a connection attempt.
@@ -83,6 +108,7 @@ async def _attempt(ep: Endpoint, addr: tuple[Any, ...], limit: float) -> UTPStre
 async def connect_with_retry(ep: Endpoint, addr: tuple[Any, ...], *, attempt_timeout: float,
                              timeout: float | None, deadline: float | None) -> UTPStream:
     addr = check_address(addr)
+    check_family(ep.local_address, addr)
     if not attempt_timeout > 0:
         raise ValueError(f"attempt_timeout must be positive, not {attempt_timeout!r}")
     if timeout is not None and not timeout > 0:

@@ -23,7 +23,10 @@ opening an engine socket (:meth:`Endpoint.open_engine_socket`), bracketing
 engine calls (:meth:`Endpoint.before_engine_call`,
 :meth:`Endpoint.after_engine_call`), datagram queues
 (:meth:`Endpoint.datagram_queue`, :meth:`Endpoint.release_datagram_queue`),
-accepting (:meth:`Endpoint.set_accepting`) and the lifecycle
+accepting (:meth:`Endpoint.set_accepting`), waiting for room in a send
+buffer (:meth:`Endpoint.watch_send_room`), ICMP port unreachable reports
+for DHT and tracker traffic (:meth:`Endpoint.port_unreachable`,
+:meth:`Endpoint.wait_port_unreachable`) and the lifecycle
 (:meth:`Endpoint.run`, :meth:`Endpoint.shutdown`, :meth:`Endpoint.close_now`).
 Nothing outside this module touches an underscore member of an Endpoint
 (tests/test_contract.py checks).
@@ -38,6 +41,8 @@ import socket as _socket
 from typing import Any, Callable, Deque, Protocol
 
 import trio
+
+from _utpkit.addr import addr_key
 
 from . import _utp
 from ._connect import connect_with_retry
@@ -106,6 +111,9 @@ class UDPDriver:
 
     def take_other(self, ctx: _utp.Context) -> list[tuple[int, bytes, Any]]:
         return ctx.take_other()
+
+    def take_unreachable(self, ctx: _utp.Context) -> list[Any]:
+        return ctx.take_unreachable()
 
     def sendto(self, ctx: _utp.Context, data: bytes, addr: Any) -> None:
         ctx.sendto(self.fd, data, addr)
@@ -260,6 +268,8 @@ class Endpoint:
             ctx.set_option(_utp.UTP_SNDBUF, send_buffer)
         self.linger = linger
         self._streams: dict[_utp.Socket, UTPStream] = {}
+        # Streams with a task in wait_send_all_might_not_block().
+        self._room_waiters: set[UTPStream] = set()
         self._listener: UTPListener | None = None
         self._queues: dict[str, DatagramQueue] = {}
         self._unowned: dict[str, int] = collections.defaultdict(int)
@@ -275,6 +285,10 @@ class Endpoint:
         self._failure: BaseException | None = None
         self._batches = 0
         self._votes = ExternalAddressVotes()
+        # ICMP port unreachable from DHT/tracker destinations: address key
+        # -> trio time of the latest report (bounded, oldest dropped).
+        self._unreachable: dict[tuple[Any, int], float] = {}
+        self._unreachable_lot = trio.lowlevel.ParkingLot()
 
     # ---- public -----------------------------------------------------------------
 
@@ -375,6 +389,47 @@ class Endpoint:
         self._flush()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def port_unreachable(self, addr: tuple[Any, ...], *, since: float | None = None) -> bool:
+        """Whether the kernel reported ICMP port unreachable for a datagram
+        this Endpoint sent to ``addr`` (DHT and tracker traffic; uTP
+        connections get ConnectionRefusedError themselves), at or after
+        ``since`` (trio clock) if given.  Nothing listens there."""
+        when = self._unreachable.get(addr_key(addr))
+        return when is not None and (since is None or when >= since)
+
+    async def wait_port_unreachable(self, addr: tuple[Any, ...], *, since: float | None = None) -> None:
+        """Return when an ICMP port unreachable for ``addr`` arrives (see
+        :meth:`port_unreachable`), or has arrived at or after ``since``
+        (trio clock; default: now); for racing against an answer."""
+        self.check_open()
+        key = addr_key(addr)
+        start = trio.current_time() if since is None else since
+        while True:
+            when = self._unreachable.get(key)
+            if when is not None and when >= start:
+                return
+            await self._unreachable_lot.park()
+            self.check_open()
+
+    def _note_unreachable(self) -> None:
+        take = getattr(self._driver, "take_unreachable", None)
+        if take is None or self._ctx.closed:
+            return
+        found = take(self._ctx)
+        if not found:
+            return
+        now = trio.current_time()
+        for addr in found:
+            try:
+                key = addr_key(addr)
+            except (TypeError, ValueError, IndexError):
+                continue
+            self._unreachable.pop(key, None)
+            self._unreachable[key] = now
+        while len(self._unreachable) > 256:
+            del self._unreachable[next(iter(self._unreachable))]
+        self._unreachable_lot.unpark_all()
+
     def statistics(self) -> dict[str, Any]:
         """Per-owner datagram counts and drops, engine counters, socket
         buffers and syscall counts."""
@@ -440,6 +495,15 @@ class Endpoint:
         sock.connect(addr)
         return sock
 
+    def watch_send_room(self, stream: UTPStream) -> None:
+        """Have ``stream._check_send_room()`` called after every engine step
+        until :meth:`unwatch_send_room` (a task waits for its send buffer to
+        drain, which no engine event announces by itself)."""
+        self._room_waiters.add(stream)
+
+    def unwatch_send_room(self, stream: UTPStream) -> None:
+        self._room_waiters.discard(stream)
+
     def register_stream(self, sock: _utp.Socket, stream: UTPStream) -> None:
         """Route the events of engine socket ``sock`` to ``stream`` (its
         ``_on_event``) until the engine destroys the socket."""
@@ -468,6 +532,8 @@ class Endpoint:
             return
         for kind, sock, arg in ctx.take_events():
             self._dispatch(kind, sock, arg)
+        for stream in list(self._room_waiters):
+            stream._check_send_room()
         self._flush()
         self._rearm_timer()
         if self._progress_lot:
@@ -533,6 +599,7 @@ class Endpoint:
                 self._batches += 1
                 ctx.issue_deferred_acks()
                 self._deliver_others()
+            self._note_unreachable()
             self._after_engine()
 
     def _deliver_others(self) -> None:
@@ -610,6 +677,7 @@ class Endpoint:
             q.close()
         if self._listener is not None:
             self._listener._shutdown()
+        self._unreachable_lot.unpark_all()
         try:
             if not self._ctx.closed:
                 self._flush()

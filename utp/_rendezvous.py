@@ -89,10 +89,13 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     withdrawn (event "stopped"), so a stale entry does not confuse the next
     meeting with the same key (tracker only: DHT entries just expire).
 
-    Raises TimeoutError when the peer never appeared or punching failed
-    (the message says which), RendezvousError when the peer list cannot be
-    read or no DHT node stored our announce, and the tracker client's
-    errors (e.g. tracker.TrackerError).
+    Raises TimeoutError when the tracker never answered, the peer never
+    appeared or punching failed (the message says which),
+    ConnectionRefusedError at once when the kernel reports ICMP port
+    unreachable from the tracker (nothing listens there),
+    RendezvousError when the peer list cannot be read or no DHT node
+    stored our announce, and the tracker client's errors (e.g.
+    tracker.TrackerError).  Every message names the tracker, node or peer.
     """
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "rendezvous")
@@ -110,11 +113,17 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     local = ep.local_address
     async with _tracker.open_tracker_client(ep, retry_base=1.0, max_retries=4) as client:
         try:
-            me, peer = await _meet(client, via, info_hash, local, end, poll, say)
+            me, peer, answers = await _meet(ep, client, via, info_hash, local, end, poll, say)
+            if peer is None and answers == 0:
+                # Not the peer's fault: nobody ever told us anything.
+                raise TimeoutError(f"tracker udp://{where} did not answer "
+                                   f"{_unreachable_note(ep, via)}"
+                                   f"in {trio.current_time() - start:.1f} s")
             if peer is None:
-                raise TimeoutError(f"rendezvous at {where} timed out after "
-                                   f"{trio.current_time() - start:.1f} s: no other peer announced "
-                                   f"the key")
+                raise TimeoutError(f"rendezvous at tracker udp://{where} timed out after "
+                                   f"{trio.current_time() - start:.1f} s: the tracker answered "
+                                   f"{answers} announce{'s' if answers != 1 else ''}, but no "
+                                   f"other peer announced the key")
             if me is None:
                 raise RendezvousError(f"the tracker at {where} did not list us among the peers, "
                                       f"so our public endpoint is unknown")
@@ -134,9 +143,42 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
                     pass
 
 
-async def _meet(client: Any, via: Any, info_hash: bytes, local: Any, end: float, poll: float,
-                say: Callable[[str], None]) -> tuple[Any, Any]:
-    """Announce until another peer shows up (or ``end``); (us, peer)."""
+def _unreachable_note(ep: Any, addr: Any) -> str:
+    """"(ICMP port unreachable) " when the Endpoint saw the kernel report
+    that nothing listens at addr, else ""."""
+    seen = getattr(ep, "port_unreachable", None)
+    try:
+        return "(ICMP port unreachable: nothing listens there) " if seen and seen(addr) else ""
+    except (TypeError, ValueError):
+        return ""
+
+
+async def _announce(ep: Any, client: Any, via: Any, info_hash: bytes, event: int) -> Any:
+    """One announce; ConnectionRefusedError as soon as the kernel reports
+    ICMP port unreachable from the tracker (the client would keep
+    retransmitting into the void)."""
+    result: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        async def ask() -> None:
+            result.append(await client.announce(via, info_hash, event=event, left=1, numwant=50))
+            nursery.cancel_scope.cancel()
+
+        async def refused() -> None:
+            await ep.wait_port_unreachable(via)
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(ask)
+        if hasattr(ep, "wait_port_unreachable"):
+            nursery.start_soon(refused)
+    if not result:
+        raise ConnectionRefusedError(f"tracker udp://{_format_peer(via)} did not answer (ICMP port "
+                                     f"unreachable: nothing listens there)")
+    return result[0]
+
+
+async def _meet(ep: Any, client: Any, via: Any, info_hash: bytes, local: Any, end: float,
+                poll: float, say: Callable[[str], None]) -> tuple[Any, Any, int]:
+    """Announce until another peer shows up (or ``end``); (us, peer, how
+    many announces the tracker answered)."""
     import tracker as _tracker
 
     me = peer = None
@@ -144,7 +186,7 @@ async def _meet(client: Any, via: Any, info_hash: bytes, local: Any, end: float,
     with trio.move_on_at(end):
         event = _tracker.EVENT_STARTED
         while True:
-            result = await client.announce(via, info_hash, event=event, left=1, numwant=50)
+            result = await _announce(ep, client, via, info_hash, event)
             announces += 1
             event = _tracker.EVENT_NONE
             me, others = split_peers(result.peers, local)
@@ -155,9 +197,9 @@ async def _meet(client: Any, via: Any, info_hash: bytes, local: Any, end: float,
                 peer = others[-1]
                 if len(others) > 1:
                     say(f"{len(others)} peers for this key; taking the newest, {_format_peer(peer)}")
-                return me, peer
+                return me, peer, announces
             await trio.sleep(poll)
-    return me, peer
+    return me, peer, announces
 
 
 # ---- the DHT ------------------------------------------------------------------------------
@@ -229,8 +271,11 @@ async def _rendezvous_dht(ep: Endpoint, key: str | bytes, via: Any, start: float
                 bootstrapping.deadline = math.inf
                 return await _dht_meet_and_punch(ep, node, key, where, start, end, poll, say,
                                                  punch_options)
+        refused = [b for b in boot if ep.port_unreachable(b, since=start)]
+        why = (f"; {', '.join(_format_peer(b) for b in refused)}: ICMP port unreachable "
+               f"(no DHT node listens there)" if refused else ": no bootstrap node answered")
         raise TimeoutError(f"rendezvous through the DHT at {where} timed out after "
-                           f"{trio.current_time() - start:.1f} s while bootstrapping")
+                           f"{trio.current_time() - start:.1f} s while bootstrapping{why}")
     if getattr(via, "endpoint", ep) is not ep:
         raise ValueError("the DHT node given as via must run on the same Endpoint")
     return await _dht_meet_and_punch(ep, via, key, "the DHT", start, end, poll, say, punch_options)

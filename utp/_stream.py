@@ -89,6 +89,7 @@ class UTPStream(trio.abc.HalfCloseableStream):
         self._recv_conflict = _ConflictDetector("another task is receiving on this stream")
         self._closed = False        # aclose() called
         self._eof_sent = False
+        self._send_full = False     # a write came back short: wait for the low watermark
         self._eof_received = False
         self._error: UTPError | None = None
         self._destroyed = False
@@ -171,24 +172,57 @@ class UTPStream(trio.abc.HalfCloseableStream):
             view = memoryview(data).cast("B")
             ep = self._ep
             while view:
+                if self._send_full:
+                    await self._wait_for_room()
                 ep.before_engine_call()
                 n = self._sock.write(view)
                 if n:
                     view = view[n:]
                     ep.after_engine_call()
                 if view:
-                    await self._send_lot.park()
-                    self._raise_if_unusable()
+                    self._send_full = True
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def _send_buffer_has_room(self) -> bool:
+        """The low watermark: at most half of the send buffer is queued."""
+        return self._sock.info()["send_queue"] <= self._sock.get_option(_utp.UTP_SNDBUF) // 2
+
+    def _check_send_room(self) -> None:
+        """Called by the Endpoint after each engine step while a task waits
+        for room: ACKs drain the send buffer without any "writable" event
+        (the engine sends that one only after a short write)."""
+        if self._destroyed or self._closed or self._send_buffer_has_room():
+            self._send_lot.unpark_all()
+
+    async def _wait_for_room(self, *, watch: bool = False) -> None:
+        """Park until the buffer is down to the low watermark (like a kernel
+        socket: once full, it takes writes again only when half is free, so
+        a full stream stays blocked for small writes too).  The engine's
+        "writable" event says so after a short write; with ``watch`` the
+        Endpoint also checks after every engine step.  Raises when the
+        stream is closed or broken meanwhile."""
+        if watch:
+            self._ep.watch_send_room(self)
+        try:
+            while not self._send_buffer_has_room():
+                await self._send_lot.park()
+                self._raise_if_unusable()
+            self._send_full = False
+        finally:
+            self._ep.unwatch_send_room(self)
+
     async def wait_send_all_might_not_block(self) -> None:
+        """Return when ``send_all`` would not block: the buffer was never
+        filled, or has drained to half.  Raises ClosedResourceError if the
+        stream is (or gets) closed meanwhile, BrokenResourceError if the
+        connection fails."""
         with self._send_conflict:
             self._raise_if_unusable()
             await trio.lowlevel.checkpoint_if_cancelled()
-            info = self._sock.info()
-            if info["send_queue"] > self._sock.get_option(_utp.UTP_SNDBUF) // 2:
-                await self._send_lot.park()
+            if self._send_full and not self._send_buffer_has_room():
+                await self._wait_for_room(watch=True)
             else:
+                self._send_full = False
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:

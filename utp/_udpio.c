@@ -98,6 +98,7 @@ struct udpio_ee {
 /* ICMP reports waiting for the engine, and what is kept of each: the uTP
  * header (20 bytes) is all the engine looks at. */
 #define PEND_MAX 128
+#define UNREACH_MAX 32
 #define PEND_PAYLOAD 64
 #define ERRQ_MAX_PER_DRAIN 256
 #define DEFAULT_BUF_CAP (8 << 20)
@@ -138,6 +139,11 @@ struct udpio {
 	size_t scount[TX_BATCH];
 	int npend;
 	udpio_pending pend[PEND_MAX];
+	/* Port unreachable reports no uTP socket claimed (DHT and tracker
+	 * destinations), newest last, for udpio_take_unreachable. */
+	int nunreach;
+	struct sockaddr_storage unreach[UNREACH_MAX];
+	socklen_t unreach_len[UNREACH_MAX];
 	udpio_queue other;
 	udpio_stats st;
 	uint64_t errs[2][UDPIO_NERRS];
@@ -446,6 +452,20 @@ static void pend_push(udpio *io, int kind, uint16_t mtu, const struct sockaddr_s
 	memcpy(p->payload, payload, plen);
 }
 
+/* Remember a port unreachable report the engine did not claim; when the
+ * list is full the oldest goes (the newest reports are what callers wait for). */
+static void unreach_push(udpio *io, const struct sockaddr_storage *addr, socklen_t alen)
+{
+	if (io->nunreach >= UNREACH_MAX) {
+		memmove(&io->unreach[0], &io->unreach[1], sizeof(io->unreach[0]) * (UNREACH_MAX - 1));
+		memmove(&io->unreach_len[0], &io->unreach_len[1], sizeof(io->unreach_len[0]) * (UNREACH_MAX - 1));
+		io->nunreach = UNREACH_MAX - 1;
+	}
+	memcpy(&io->unreach[io->nunreach], addr, sizeof(*addr));
+	io->unreach_len[io->nunreach] = alen;
+	io->nunreach++;
+}
+
 /* Read the error queue dry.  Port unreachable and fragmentation needed
  * become pending reports for the engine (the quoted payload identifies the
  * connection, msg_name is where we had sent it); local EMSGSIZE reports
@@ -550,7 +570,20 @@ int udpio_feedback(udpio *io, utp_context *ctx)
 		io->st.icmp_to_engine++;
 		if (r)
 			io->st.icmp_matched++;
+		else if (p->kind == PEND_UNREACH)
+			unreach_push(io, &p->addr, p->alen);
 	}
+	return n;
+}
+
+int udpio_take_unreachable(udpio *io, struct sockaddr_storage *out, socklen_t *lens, int max)
+{
+	int i, n = io->nunreach < max ? io->nunreach : max;
+	for (i = 0; i < n; i++) {
+		memcpy(&out[i], &io->unreach[i], sizeof(out[i]));
+		lens[i] = io->unreach_len[i];
+	}
+	io->nunreach = 0;
 	return n;
 }
 

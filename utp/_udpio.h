@@ -153,6 +153,11 @@ int udpio_send(udpio *io, udpio_queue *q, int fd);
  * datagrams).  Returns how many were handed over. */
 int udpio_feedback(udpio *io, utp_context *ctx);
 
+/* The destinations of port unreachable reports (ICMP/ICMPv6) that no uTP
+ * socket claimed -- DHT and tracker traffic -- since the last call, oldest
+ * first, at most `max` (and at most the last 32 kept).  Returns how many. */
+int udpio_take_unreachable(udpio *io, struct sockaddr_storage *out, socklen_t *lens, int max);
+
 /* Benchmark helpers (python -m utp.bench): the raw-UDP ceiling on this
  * machine, no protocol at all.  blast_send sends `count` datagrams of `size`
  * bytes to `to` with sendmmsg (waiting when the buffer is full) and returns

@@ -334,5 +334,6 @@ cdef extern from "_udpio.c" nogil:
     int udpio_recv(udpio *io, utp_context *ctx, int fd, int budget)
     int udpio_send(udpio *io, udpio_queue *q, int fd)
     int udpio_feedback(udpio *io, utp_context *ctx)
+    int udpio_take_unreachable(udpio *io, sockaddr_storage *out, socklen_t *lens, int max)
     long udpio_blast_send(int fd, const sockaddr *to, socklen_t tolen, int size, long count)
     long udpio_blast_recv(int fd, long count, int idle_ms, long long *nbytes, double *seconds)

@@ -1272,6 +1272,20 @@ cdef class Context:
             udpio_queue_clear(q)
         return out
 
+    def take_unreachable(self) -> list:
+        """Remove and return the addresses that answered a datagram of ours
+        with ICMP port unreachable when no uTP connection claimed the report
+        (DHT and tracker destinations), oldest first; the last 32 are kept
+        between calls."""
+        cdef CtxState *cs = self._live()
+        cdef sockaddr_storage addrs[32]
+        cdef socklen_t lens[32]
+        cdef int i, n
+        if cs.io == NULL:
+            return []
+        n = udpio_take_unreachable(cs.io, addrs, lens, 32)
+        return [_format_addr(<const sockaddr *>&addrs[i], lens[i]) for i in range(n)]
+
     def io_stats(self) -> dict:
         """Counters of the socket hot path: system calls, datagrams and
         bytes each way, received datagrams per class, truncated and

@@ -1,4 +1,4 @@
-"""``python -m utp.demo``: uTP transfers, for real and simulated.
+"""``utp-demo`` (or ``python -m utp.demo``): uTP transfers, for real and simulated.
 
 First 64 MiB between two Endpoints over real UDP sockets on 127.0.0.1 (the
 trio layer and the batched syscalls); then 8 MiB between two engines on a
@@ -62,8 +62,14 @@ def loopback(nbytes: int) -> bool:
     return trio.run(main)
 
 
+def _prog() -> str:
+    """The name the user typed: the utp-demo script, or python -m utp.demo."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m utp.demo" if name in ("", "demo.py", "__main__.py", "-c") else name
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m utp.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=_prog(), description=__doc__.splitlines()[0])
     p.add_argument("--mib", type=float, default=8.0, help="MiB to send (default 8)")
     p.add_argument("--mbit", type=float, default=20.0, help="bottleneck Mbit/s (default 20)")
     p.add_argument("--rtt-ms", type=float, default=40.0, help="round-trip time (default 40)")

@@ -10,9 +10,32 @@ what theory says.  ``cleanup`` deletes namespaces left by killed runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 from . import NAT_KINDS, can_build, cleanup_stale
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _prefer_installed_packages() -> str | None:
+    """``python -m ci.natlab`` runs in the checkout (ci/ is not installed),
+    and so puts the checkout first on sys.path, where utp has no compiled
+    module.  Move the checkout behind the installed packages, so this
+    process and the lab's ucats (their PYTHONPATH follows where utp is
+    found here) use the installed utpkit.  Returns why utp cannot be
+    loaded, or None."""
+    here = [p for p in sys.path if os.path.abspath(p or os.curdir) == _CHECKOUT]
+    if here:
+        sys.path[:] = [p for p in sys.path if p not in here] + here
+    try:
+        import utp  # noqa: F401
+    except ImportError as exc:
+        return (f"cannot load utp with {sys.executable}: {exc}\n"
+                f"natlab: install utpkit into this interpreter's environment first "
+                f"(.venv/bin/pip install .) and run it as .venv/bin/python -m ci.natlab")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,14 +61,23 @@ def main(argv: list[str] | None = None) -> int:
         for name in cleanup_stale():
             print(f"deleted {name}")
         return 0
+    why = _prefer_installed_packages()
+    if why:
+        print(f"natlab: {why}", file=sys.stderr)
+        return 1
     from .matrix import format_matrix, run_matrix
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for k in kinds:
         if k not in NAT_KINDS:
             parser.error(f"unknown NAT kind {k!r}; choose from {','.join(NAT_KINDS)}")
+    started = time.monotonic()
+
+    def progress(text: str) -> None:
+        print(f"[{time.monotonic() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
+
     results = run_matrix(kinds, loss=args.loss, size=args.size, deadline=args.deadline,
-                         parallel=args.parallel, via=args.via)
+                         parallel=args.parallel, via=args.via, progress=progress)
     print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline,
                         via=args.via))
     return 0 if all(r.as_expected for r in results) else 1

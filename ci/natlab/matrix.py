@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import NAT_KINDS, Lab
 
@@ -160,20 +160,35 @@ def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0,
 def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4 << 20,
                deadline: float = 10.0, parallel: int = 3,
                pairs: Sequence[tuple[str, str]] | None = None,
-               via: str = "tracker") -> list[PairResult]:
+               via: str = "tracker",
+               progress: Callable[[str], None] | None = None) -> list[PairResult]:
     """Build a lab, run every pair (``parallel`` at a time), tear it down.
-    ``via``: meet at an opentracker ("tracker") or through a DHT node ("dht")."""
+    ``via``: meet at an opentracker ("tracker") or through a DHT node ("dht").
+    ``progress``, if given, is called with a line of text at each step and
+    as each pair ends (the matrix itself comes only at the end)."""
+    say = progress or (lambda text: None)
     with Lab() as lab:
+        say(f"building the lab: {2 * len(kinds)} hosts behind NATs and a "
+            f"{'tracker' if via == 'tracker' else 'DHT node'} ...")
         meet = (via, build_matrix_lab(lab, kinds, loss=loss, via=via))
         workdir = lab.tempdir()
         env = _python_env()
         todo = list(pairs) if pairs is not None else [(x, y) for x in kinds for y in kinds]
         # The pairs expected to fail wait out the deadline: start them first.
         todo.sort(key=lambda p: punchable(*p))
+        say(f"running {len(todo)} pairs, {parallel} at a time (a pair that cannot connect "
+            f"waits out the {deadline:g} s deadline)")
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = [pool.submit(_run_pair, lab, meet, x, y, size=size, deadline=deadline,
                                    workdir=workdir, env=env) for x, y in todo]
-            results = [f.result() for f in futures]
+            results = []
+            for f in concurrent.futures.as_completed(futures):
+                r = f.result()
+                results.append(r)
+                verdict = ("connected" if r.connected else "did not connect") + \
+                    ("" if r.as_expected else " (NOT as theory says)")
+                say(f"{len(results):2}/{len(todo)} {r.a} -> {r.b}: {verdict} "
+                    f"in {r.elapsed:.1f} s" + (f": {r.error}" if r.error and not r.ok else ""))
     order = {k: i for i, k in enumerate(kinds)}
     results.sort(key=lambda r: (order[r.a], order[r.b]))
     return results

@@ -1,4 +1,4 @@
-"""``python -m utp.bench [<benchmark>] [options]``: pick a benchmark by name
+"""``utp-bench [<benchmark>] [options]`` (or ``python -m utp.bench``): pick a benchmark by name
 (``loopback`` when none is named)."""
 
 from __future__ import annotations
@@ -7,20 +7,23 @@ import sys
 
 BENCHMARKS = {
     "loopback": ("utp.bench.loopback",
-                 "real sockets: raw UDP ceiling vs ucat->ucat vs TCP (MB/s, CPU s/GB), "
+                 "real sockets: raw UDP (no GSO/GRO) vs ucat->ucat (uTP, GSO/GRO) vs TCP (MB/s, CPU s/GB), "
                  "memory per idle connection, round-trip latency (the default)"),
     "sim": ("utp.bench.sim",
             "the engine over the simulated network: goodput, retransmissions "
             "vs losses, queueing delay (virtual time, ~10 s of real time)"),
+    "dht": ("dht.bench",
+            "DHT lookups (500 simulated nodes, loopback), memory per stored peer, "
+            "queries per second (the same as python -m dht.bench)"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: python -m utp.bench <benchmark> [options]", "", "benchmarks:"]
+    lines = ["usage: utp-bench <benchmark> [options]", "", "benchmarks:"]
     for name, (_, text) in BENCHMARKS.items():
         lines.append(f"  {name:8} {text}")
     lines.append("")
-    lines.append("python -m utp.bench <benchmark> --help shows a benchmark's options.")
+    lines.append("utp-bench <benchmark> --help shows a benchmark's options.")
     return "\n".join(lines)
 
 

@@ -223,7 +223,7 @@ def render(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m utp.bench sim",
+        prog="utp-bench sim",
         description="Run the uTP engine over the simulated network and print goodput, "
                     "retransmissions against losses and queueing delay.  Nothing is sent "
                     "on a real network.")
