@@ -224,10 +224,9 @@ class Session:
             self._nursery.start_soon(self._incoming, stream, transport)
 
     async def aclose(self) -> None:
-        """Close every connection and write the resume files."""
+        """Close the torrents' files and write the resume files (after the
+        connections have ended)."""
         for torrent in self.torrents.values():
-            for peer in list(torrent.peers):
-                peer.close("session closing")
             with contextlib.suppress(StorageError):
                 await torrent.storage.aclose()
 
@@ -299,17 +298,23 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
             real_port = int(endpoint.local_address[1])
         else:
             real_port = int(tcp_listeners[0].socket.getsockname()[1])
-        async with trio.open_nursery() as nursery:
-            session = Session(nursery, endpoint if utp else None, real_port, download_dir, rdir,
-                              utp, tcp, pid)
-            if utp:
-                listener = endpoint.listener or endpoint.listen()
-                nursery.start_soon(session._accept_loop, listener, "utp")
-            for lst in tcp_listeners:
-                nursery.start_soon(session._accept_loop, lst, "tcp")
-            try:
-                yield session
-            finally:
+        session: Session | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                session = Session(nursery, endpoint if utp else None, real_port, download_dir,
+                                  rdir, utp, tcp, pid)
+                if utp:
+                    listener = endpoint.listener or endpoint.listen()
+                    nursery.start_soon(session._accept_loop, listener, "utp")
+                for lst in tcp_listeners:
+                    nursery.start_soon(session._accept_loop, lst, "tcp")
+                try:
+                    yield session
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # every connection task has ended (no write still in a thread):
+            # now the files close and the resume files are written
+            if session is not None:
                 with trio.CancelScope(shield=True):
                     await session.aclose()
-                nursery.cancel_scope.cancel()
