@@ -81,6 +81,16 @@ async def _resolve(addr: tuple, family: int, what: str) -> tuple[int, tuple[str,
     raise _Fail(f"cannot resolve {what} {addr[0]!r}: no IPv4 or IPv6 address")
 
 
+def _minutes(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, not {text!r}")
+    return v
+
+
 def _fmt(addr: tuple) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
@@ -129,7 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("infohash", type=_infohash, metavar="INFOHASH", help=_INFOHASH_HELP)
     sp.add_argument("--port", type=int, default=None,
                     help="the port to announce (default: implied, the socket's own port)")
-    sub.add_parser("serve", parents=[common], help="run a node (e.g. a lab's bootstrap node)")
+    sp = sub.add_parser("serve", parents=[common], help="run a node (e.g. a lab's bootstrap node)",
+                        description="Run a node until SIGTERM or SIGINT.  SIGUSR1 prints its "
+                                    "counters (queries, answers, rate-limited and dropped datagrams, "
+                                    "the uTP engine's refusals) to stdout; so does --stats N every N "
+                                    "minutes.")
+    sp.add_argument("--stats", type=_minutes, default=None, metavar="N",
+                    help="print the counters every N minutes (fractions allowed)")
     return p
 
 
@@ -250,14 +266,7 @@ async def _with_node(args: Any, ep: Any, boot: list, target: Any, started: float
     async with open_node(ep, bootstrap=boot, state_file=args.state, read_only=not serving,
                          wait_bootstrap=not serving) as node:
         if serving:
-            local = ep.local_address
-            # SIGTERM and SIGINT end the block normally, so --state is saved.
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                _out(args, f"dht: serving on {_fmt(local)} id {node.node_id.hex()}",
-                     {"event": "serving", "address": _fmt(local), "id": node.node_id.hex()})
-                async for _ in signals:
-                    break
-            return 0
+            return await _serve(args, ep, node)
         if args.command == "ping":
             return await _ping(args, node, ep, target)
         if node.statistics()["nodes"] == {k: 0 for k in node.statistics()["nodes"]}:
@@ -290,6 +299,60 @@ async def _with_node(args: Any, ep: Any, boot: list, target: Any, started: float
              {"infohash": args.infohash.hex(), "accepted": res.accepted,
               "nodes": [_fmt(a) for _, a in res.nodes], "errors": list(res.errors)})
         return 0
+
+
+# What `dht serve` prints on SIGUSR1 / --stats: the DHT core's counters
+# (answers, rate limiting, malformed input), its queue on the shared socket
+# (drops when it overflows) and the uTP engine's refusals.
+_ENGINE_KEYS = ("syn_invalid", "syn_refused", "syn_cookies", "unauth_limited", "resets_limited",
+                "drop_malformed", "drop_unknown", "not_utp")
+
+
+def _counters(ep: Any, node: Any) -> dict:
+    st = node.statistics()
+    engine = ep.statistics().get("engine", {})
+    return {"event": "stats", "counters": dict(sorted(st.get("counters", {}).items())),
+            "nodes": st.get("nodes"), "queue": st.get("queue"), "send_backlog": st.get("send_backlog"),
+            "send_errors": st.get("send_errors"), "engine": {k: engine.get(k) for k in _ENGINE_KEYS}}
+
+
+def _print_counters(args: Any, ep: Any, node: Any, why: str) -> None:
+    doc = _counters(ep, node)
+    doc["why"] = why
+    if args.json:
+        print(json.dumps(doc, default=str), flush=True)
+        return
+    parts = [f"{k}={v}" for k, v in doc["counters"].items()]
+    q = doc["queue"] or {}
+    print(f"dht: stats ({why}): " + " ".join(parts), flush=True)
+    print(f"dht: stats ({why}): nodes={doc['nodes']} queue_received={q.get('received')} "
+          f"queue_dropped={q.get('dropped')} send_backlog={doc['send_backlog']} "
+          f"send_errors={doc['send_errors']} " +
+          " ".join(f"engine_{k}={v}" for k, v in doc["engine"].items()), flush=True)
+
+
+async def _serve(args: Any, ep: Any, node: Any) -> int:
+    """Serve until SIGTERM/SIGINT (ending the block normally, so --state is
+    saved); print the counters on SIGUSR1 and every --stats minutes."""
+    local = ep.local_address
+    sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    with trio.open_signal_receiver(*sigs) as signals:
+        _out(args, f"dht: serving on {_fmt(local)} id {node.node_id.hex()}",
+             {"event": "serving", "address": _fmt(local), "id": node.node_id.hex()})
+        async with trio.open_nursery() as nursery:
+            if args.stats:
+                async def every() -> None:
+                    while True:
+                        await trio.sleep(args.stats * 60)
+                        _print_counters(args, ep, node, f"every {args.stats:g} min")
+                nursery.start_soon(every)
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    _print_counters(args, ep, node, "SIGUSR1")
+                    continue
+                break
+            nursery.cancel_scope.cancel()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

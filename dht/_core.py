@@ -520,8 +520,11 @@ class DHTCore:
 
     def _send_error(self, tid: bytes, code: int, message: str, addr: Addr, req_len: int) -> None:
         data = build_error(tid, code, message, version=self.version, ip=addr)
-        if len(data) > max(AMPLIFICATION * req_len, 64):
+        if len(data) > AMPLIFICATION * req_len:
             data = build_error(tid, code, "", version=self.version)
+        if len(data) > AMPLIFICATION * req_len:
+            self.counters["response_too_large"] += 1    # an error is not worth amplifying
+            return
         self._out.append((data, addr))
         self.counters["tx"] += 1
         self.counters["tx_error_%d" % code] += 1
@@ -552,7 +555,10 @@ class DHTCore:
             self.counters["rate_limited"] += 1
             return
         fam = family_of(addr[0])
-        budget = AMPLIFICATION * size * (2 if len(q.want) == 2 else 1)
+        # One budget per query, whatever 'want' asks for: both families'
+        # nodes and the peer values all come out of it (nodes6 and nodes are
+        # trimmed first, see _shrink), so no answer exceeds 4x its request.
+        budget = AMPLIFICATION * size
         args = q.args
         method = q.method
         values: dict[bytes, Any]
@@ -580,9 +586,9 @@ class DHTCore:
                 if peers:
                     values[b"values"] = peers
                     nodes = self._node_fields(q, ih, fam, now)
-                    size = sum(len(k) + len(str(len(k))) + 1 + len(v) + len(str(len(v))) + 1
-                               for k, v in nodes.items())
-                    if base + len(b"6:valuesle") + entry * len(peers) + size <= budget:
+                    nodes_len = sum(len(k) + len(str(len(k))) + 1 + len(v) + len(str(len(v))) + 1
+                                    for k, v in nodes.items())
+                    if base + len(b"6:valuesle") + entry * len(peers) + nodes_len <= budget:
                         values.update(nodes)
                 else:
                     values.update(self._node_fields(q, ih, fam, now))

@@ -524,3 +524,60 @@ def test_lookups_under_loss_and_bucket_refresh_and_peer_expiry():
     lid = sim.call(q, lambda n: n.get_peers(ih, sim.now))
     assert sim.run_until_done(q, lid) is not None
     assert not [e for e in sim.events[q] if isinstance(e, PeersFound) and e.lookup == lid]
+
+
+# ---- amplification: one budget per query, across families and values ---------------------
+
+def _loaded_node(families, stored, ih):
+    n = _node(families=families)
+    n.store.max_per_hash = max(n.store.max_per_hash, stored)
+    for i in range(stored):
+        n.store.add(ih, (f"10.1.{i // 250}.{i % 250 + 1}", 1000 + i), 0.0)
+    rng = random.Random(5)
+    for i in range(40):     # full tables in every family, so 'nodes'/'nodes6' are long
+        n.tables[4].heard_from(rng.randbytes(20), (f"10.2.0.{i + 1}", 1), 0.0, responded=True)
+        if 6 in n.tables:
+            n.tables[6].heard_from(rng.randbytes(20), (f"2001:db8::{i + 1:x}", 1), 0.0, responded=True)
+    return n
+
+
+@pytest.mark.parametrize("families", [(4,), (4, 6)])
+@pytest.mark.parametrize("stored", [0, 1, 250])
+@pytest.mark.parametrize("want", [None, [b"n4"], [b"n6"], [b"n4", b"n6"]])
+@pytest.mark.parametrize("method", [b"ping", b"find_node", b"get_peers", b"announce_peer"])
+def test_no_answer_exceeds_four_times_its_query(families, stored, want, method):
+    """Every query type, with 0, 1 and 250 peers stored under the infohash,
+    with and without 'want', on an IPv4-only and a dual-stack node: the
+    answer (response or error) is at most 4x the query's bytes."""
+    ih = b"I" * 20
+    n = _loaded_node(families, stored, ih)
+    if stored:
+        assert len(n.store.get(ih, 1.0, 4, 1000, random.Random(1))) == stored
+    args = {b"ping": {}, b"find_node": {b"target": ih}, b"get_peers": {b"info_hash": ih},
+            b"announce_peer": {b"info_hash": ih, b"port": 7, b"token": b"tok"}}[method]
+    if method == b"announce_peer":
+        [r] = _ask(n, _q(b"get_peers", {b"info_hash": ih}, tid=b"zz"))
+        args[b"token"] = r[b"r"][b"token"]
+    if want is not None:
+        args = dict(args, want=want)
+    req = encode(_q(method, args))
+    n.receive_datagram(req, PEER, 1.0)
+    out = [d for d, a in n.datagrams_to_send() if a == PEER and decode_untrusted(d)[b"y"] != b"q"]
+    assert len(out) == 1
+    ratio = len(out[0]) / len(req)
+    assert ratio <= 4, f"{method} answered {len(out[0])} bytes for {len(req)}"
+    reply = decode_untrusted(out[0])
+    assert reply[b"y"] == b"r"
+    if method == b"get_peers" and stored:
+        assert reply[b"r"][b"values"]       # peers still come first
+    if method == b"find_node" and (want is None or b"n4" in want or 6 in families):
+        assert reply[b"r"].get(b"nodes") or reply[b"r"].get(b"nodes6")   # still useful
+
+
+def test_short_queries_get_no_oversized_error():
+    """An error to a tiny query is dropped rather than sent larger than 4x."""
+    n = _node()
+    req = encode({b"t": b"a" * 40, b"y": b"x"})
+    n.receive_datagram(req, PEER, 1.0)
+    for data, _ in n.datagrams_to_send():
+        assert len(data) <= 4 * len(req)

@@ -4,6 +4,7 @@ Endpoints, and the ``dht`` command line (serve, announce, get-peers, ping)."""
 from __future__ import annotations
 
 import hashlib
+import signal
 import json
 import os
 import socket
@@ -200,3 +201,29 @@ def test_bench_runs(capsys):
     out = capsys.readouterr().out
     for word in ("exact k closest", "queries/s", "per 1,000 peers", "latency"):
         assert word in out
+
+
+def test_cli_serve_prints_counters_on_sigusr1_and_every_n_minutes(server):
+    """dht serve: SIGUSR1 prints the counters (queries answered, rate
+    limiting, the queue's drops, the engine's refusals); --stats N prints
+    them every N minutes as well."""
+    p = subprocess.Popen([sys.executable, "-m", "dht", "serve", "--bind", "127.0.0.1:0", "--json",
+                          "--stats", "0.01"], stdout=subprocess.PIPE, text=True, env=_CHILD_ENV,
+                         cwd=_CHILD_CWD)
+    try:
+        first = json.loads(p.stdout.readline())
+        assert _dht("ping", first["address"]).returncode == 0
+        periodic = json.loads(p.stdout.readline())          # 0.6 s later
+        assert periodic["event"] == "stats" and periodic["why"].startswith("every")
+        p.send_signal(signal.SIGUSR1)
+        doc = periodic
+        while doc["why"] != "SIGUSR1":
+            doc = json.loads(p.stdout.readline())
+        assert doc["counters"]["rx_query_ping"] == 1 and doc["counters"]["tx_response"] >= 1
+        assert doc["queue"]["dropped"] == 0 and doc["queue"]["received"] >= 1
+        assert set(doc["engine"]) >= {"syn_invalid", "syn_cookies", "unauth_limited"}
+    finally:
+        p.terminate()
+        assert p.wait(10) == 0
+    r = _dht("serve", "--stats", "0")
+    assert r.returncode == 2 and "positive" in r.stderr

@@ -199,10 +199,10 @@ def test_bogus_extension_chains_are_malformed():
             base[:1] + b"\x02" + base[2:] + b"\x00",            # one byte of a link
             base[:1] + b"\x02" + base[2:] + b"\x00\x05ab",      # length past the end
             base[:1] + b"\x01" + base[2:] + b"\x00\xff" + b"\xff" * 100,
-            pkt(ST_STATE, cid, seq, ack, ext=[(1, b"")]),       # SACK of 0 bytes
-            pkt(ST_STATE, cid, seq, ack, ext=[(1, b"\xff" * 3)]),  # not 32-bit multiple
-            pkt(ST_STATE, cid, seq, ack, ext=[(1, b"\xff" * 6)]),
-            pkt(ST_STATE, cid, seq, ack, ext=[(9, b"x"), (1, b"\x01")]),
+            # a SACK of 3 bytes whose link claims one more than is there
+            base[:1] + b"\x01" + base[2:] + b"\x00\x04" + b"\xff" * 3,
+            # the next link's header cut off after a good odd-length SACK
+            base[:1] + b"\x01" + base[2:] + b"\x02\x03" + b"\xff" * 3 + b"\x00",
             # a chain that loops "forever": each link names another
             pkt(ST_STATE, cid, seq, ack, ext=[(7, b"")] * 40)[:-1],
         ]
@@ -210,12 +210,35 @@ def test_bogus_extension_chains_are_malformed():
             h.inject(h.b, data, h.a, "drop_malformed")
         # The same damage on the sender's side, with its ids.
         _, cid_a, seq_b, ack_b = h.sniff.last["b"]
-        h.inject(h.a, pkt(ST_STATE, cid_a, seq_b, ack_b, ext=[(1, b"\xff" * 5)]), h.b,
+        h.inject(h.a, pkt(ST_STATE, cid_a, seq_b, ack_b, ext=[(1, b"\xff" * 5)])[:-1], h.b,
                  "drop_malformed")
         h.inject(h.a, pkt(ST_STATE, cid_a, seq_b, ack_b, first_ext=1), h.b, "drop_malformed")
     h.run(attack)
-    assert h.stats["b"]["drop_malformed"] == 27
+    assert h.stats["b"]["drop_malformed"] == 21
     assert h.stats["a"]["drop_malformed"] == 6
+
+
+def test_sack_of_any_length_is_taken():
+    """Real stacks send SACK bitmaps that are not multiples of 32 bits
+    (libtorrent: (span + 7) / 8 bytes), empty ones, and libutp's
+    extension-bits link (type 2, 8 bytes): all are parsed, none is dropped,
+    and the cumulative ack_nr in them is honoured."""
+    h = Harness()
+
+    def attack(h):
+        _, cid, seq, ack = h.sniff.last["a"]
+        for n in (0, 1, 2, 3, 5, 6, 7, 11, 16, 21, 128, 255):
+            h.inject(h.b, pkt(ST_STATE, cid, seq, ack, ext=[(1, b"\x00" * n)]), h.a)
+        h.inject(h.b, pkt(ST_STATE, cid, seq, ack, ext=[(2, b"\x00" * 8), (1, b"\x00" * 3)]), h.a)
+        h.inject(h.b, pkt(ST_STATE, cid, seq, ack, ext=[(1, b"\x00" * 6), (2, b"\x00" * 8)]), h.a)
+        h.inject(h.b, pkt(ST_STATE, cid, seq, ack, ext=[(9, b"x"), (1, b"\x01")]), h.a)
+        # On the sender: an odd-length bitmap about packets it sent.
+        _, cid_a, seq_b, ack_b = h.sniff.last["b"]
+        h.inject(h.a, pkt(ST_STATE, cid_a, seq_b, ack_b, ext=[(1, b"\x00" * 5)]), h.b)
+        h.inject(h.a, pkt(ST_STATE, cid_a, seq_b, ack_b, ext=[(2, b"\x00" * 8)]), h.b)
+    h.run(attack)
+    assert h.stats["b"]["drop_malformed"] == 0
+    assert h.stats["a"]["drop_malformed"] == 0
 
 
 def test_unknown_extensions_are_skipped():
@@ -407,7 +430,7 @@ def test_syn_flood_past_the_socket_cap():
 
 # --- property tests -----------------------------------------------------------
 
-_TEMPLATES = ("syn", "state", "data", "fin", "reset", "sack")
+_TEMPLATES = ("syn", "state", "data", "fin", "reset", "sack", "sack_odd", "ext_bits")
 
 
 def _template(kind, cid, seq, ack):
@@ -421,6 +444,10 @@ def _template(kind, cid, seq, ack):
         return pkt(ST_FIN, cid, seq, ack)
     if kind == "reset":
         return pkt(ST_RESET, cid, seq, ack)
+    if kind == "sack_odd":       # libtorrent's byte-granular bitmap
+        return pkt(ST_STATE, cid, seq, ack, ext=[(1, b"\xf0\x0f\x55")])
+    if kind == "ext_bits":       # libutp's extension-bits link, then a SACK
+        return pkt(ST_STATE, cid, seq, ack, ext=[(2, b"\0" * 8), (1, b"\x0f" * 5)])
     return pkt(ST_STATE, cid, seq, ack, ext=[(1, b"\xf0\x0f\x55\xaa")])
 
 

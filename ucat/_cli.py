@@ -153,6 +153,12 @@ behaviour:
   FIN at once, instead of being stopped by the shell (SIGTTIN).
   With -l, ucat prints "ucat: listening on HOST:PORT" to stderr when -d is
   given or the system chose the port (no -p, or -p 0).
+  With -l, ucat takes the first connection that completes the handshake and
+  then sends data or a FIN (or answers a keepalive probe, if it waits for us
+  to speak first) -- not merely the first SYN.  A connection reset
+  (or found dead) before that is dropped and ucat keeps listening; so do the
+  others once one is taken.  -d also prints the engine's counters of refused
+  SYNs, cookies and suppressed replies (hostile or stray traffic).
   -w bounds the connect and, after it, any stretch in which no data moves in
   either direction; it does not bound the wait for a connection under -l.
   With --rendezvous it bounds finding the peer and punching together
@@ -973,15 +979,118 @@ async def _listen_mode(opts, fds: StdFds, log: _Log) -> None:
         elif opts.local_port == 0:
             _say(where)
         # One connection, as in libutp's ucat: close the listener once it is
-        # accepted, so later SYNs are refused rather than left waiting.
+        # taken, so later SYNs are refused rather than left waiting.
         try:
-            stream = await listener.accept()
+            stream = await _first_speaker(listener, log)
         finally:
             await listener.aclose()
         log(f"accepted a connection from {format_address(stream.peer_address)}")
-        await run_session(stream, opts, fds, log)
+        _log_engine_counters(log, ep)
+        try:
+            await run_session(stream, opts, fds, log)
+        finally:
+            _log_engine_counters(log, ep)
 
     await _with_endpoint(utp, opts, host, opts.local_port, family, body)
+
+
+# Connections -l watches at once while waiting for one to speak; past this
+# the oldest silent one is reset (a flood of handshakes cannot pile up).
+_MAX_CANDIDATES = 64
+
+# Engine counters worth seeing on a listener (utpkit_counters).
+_ENGINE_COUNTERS = ("syn_invalid", "syn_refused", "syn_cookies", "cookie_accepted", "half_open_peak",
+                    "unauth_limited", "resets_limited", "drop_malformed", "drop_unknown", "not_utp")
+
+
+class _Prefetched:
+    """A stream whose first receive_some() returns what _first_speaker
+    already read (data, or b"" for an immediate FIN); everything else goes
+    to the stream itself."""
+
+    def __init__(self, stream, first: bytes) -> None:
+        object.__setattr__(self, "_stream", stream)
+        object.__setattr__(self, "_first", first)
+
+    async def receive_some(self, max_bytes=None):
+        first = self._first
+        if first is not None:
+            object.__setattr__(self, "_first", None)
+            return first
+        return await self._stream.receive_some(max_bytes)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._stream, name, value)
+
+
+async def _first_speaker(listener, log: _Log):
+    """Accept connections until one proves its peer is really there: it
+    sends data or a FIN, or answers a keepalive probe (a silent initiator
+    waiting for us to speak); return it, with a first read kept for
+    run_session.  Connections reset before that are dropped; the others are
+    reset once one wins.  A handshake alone proves little: a forged SYN
+    completes one too, and its address never answers."""
+    import trio
+
+    won: list = []
+    waiting: dict = {}
+
+    async def watch(stream, nursery):
+        peer = format_address(stream.peer_address)
+        data = None
+        probes = 0
+        try:
+            while data is None:
+                # Probe a silent peer now and then: a real initiator answers,
+                # a forged SYN's address never does.
+                if probes < 8:
+                    stream.peer_confirmed(probe=True)
+                    probes += 1
+                with trio.move_on_after(0.05 * 2 ** min(probes, 4)):
+                    data = await stream.receive_some(CHUNK)
+                if data is None and stream.peer_confirmed():
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log(f"dropped a connection from {peer} that ended before sending anything ({_why(exc)})")
+            waiting.pop(id(stream), None)
+            await _abort(stream)
+            return
+        waiting.pop(id(stream), None)
+        if not won:
+            won.append(_Prefetched(stream, data) if data is not None else stream)
+            nursery.cancel_scope.cancel()
+        else:
+            await _abort(stream)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                log(f"handshake from {format_address(stream.peer_address)}; waiting for it to send", 2)
+                if len(waiting) >= _MAX_CANDIDATES:
+                    oldest = next(iter(waiting))
+                    await _abort(waiting.pop(oldest))
+                waiting[id(stream)] = stream
+                nursery.start_soon(watch, stream, nursery)
+    finally:
+        for stream in waiting.values():
+            await _abort(stream)
+    return won[0]
+
+
+def _log_engine_counters(log: _Log, ep) -> None:
+    """-d: what the engine refused or dropped so far on this endpoint."""
+    if not log.level:
+        return
+    try:
+        engine = ep.statistics().get("engine", {})
+    except Exception as exc:  # statistics are a courtesy; never fail on them
+        log(f"engine counters: unavailable ({exc!r})")
+        return
+    log("engine: " + ", ".join(f"{k} {engine.get(k, '?')}" for k in _ENGINE_COUNTERS))
 
 
 async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:

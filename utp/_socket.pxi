@@ -194,6 +194,15 @@ cdef class Socket:
             self._ctx._keep[rec.serial] = self
         utpkit_abort(rec.sock)
 
+    def probe(self) -> bool:
+        """utpkit_probe: ask the peer to answer now (a keepalive it must
+        acknowledge); info()["peer_confirmed"] turns true when it does.
+        False if the socket is not connected or the probe was rate limited."""
+        cdef Rec *rec = self._rec
+        if rec == NULL or rec.cs.closed or rec.sock == NULL:
+            return False
+        return utpkit_probe(rec.sock) == 0
+
     # ---- state ------------------------------------------------------------
 
     @property

@@ -355,6 +355,22 @@ class UTPStream(trio.abc.HalfCloseableStream):
             "loss_events": info["loss_events"],
         }
 
+    def peer_confirmed(self, *, probe: bool = False) -> bool:
+        """Has the peer sent anything since the handshake?  A completed
+        handshake alone does not prove the peer's address: anyone can forge a
+        SYN.  With ``probe=True`` a keepalive asks the peer to answer (rate
+        limited for unconfirmed peers); poll again to see the answer."""
+        if self._closed:
+            return False
+        try:
+            if probe:
+                self._ep.before_engine_call()
+                if self._sock.probe():
+                    self._ep.after_engine_call()  # the probe goes out now, not with the next batch
+            return bool(self._sock.info().get("peer_confirmed"))
+        except (_utp.ClosedError, RuntimeError):
+            return False
+
     def statistics(self) -> dict[str, Any]:
         """Bytes and packets each way, retransmissions, RTT, window, packet size.
 

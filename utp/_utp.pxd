@@ -180,6 +180,9 @@ cdef extern from "utp.h" nogil:
         UTPKIT_DEAD_RETRIES
         UTPKIT_RESET_RATE
         UTPKIT_MTU_PROBING
+        UTPKIT_HALF_OPEN_MAX
+        UTPKIT_HALF_OPEN_PER_ADDR
+        UTPKIT_SYNACK_RATE
         UTPKIT_OPTION_END
 
     enum:
@@ -208,6 +211,14 @@ cdef extern from "utp.h" nogil:
         uint64 sockets_freed
         uint32 sockets_live
         uint32 sockets_peak
+        uint64 syn_invalid
+        uint64 syn_cookies
+        uint64 cookie_accepted
+        uint64 unauth_limited
+        uint64 unauth_bytes_in
+        uint64 unauth_bytes_out
+        uint32 half_open
+        uint32 half_open_peak
 
     ctypedef struct utpkit_socket_info:
         int state
@@ -228,11 +239,13 @@ cdef extern from "utp.h" nogil:
         int slow_start
         uint16 seq_nr
         uint16 ack_nr
+        int peer_confirmed
 
     int64 utpkit_next_timeout(utp_context *ctx)
     const utpkit_counters *utpkit_get_counters(utp_context *ctx)
     int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info)
     void utpkit_abort(utp_socket *s)
+    int utpkit_probe(utp_socket *s)
 
     enum:
         UTPKIT_CLASS_OTHER

@@ -76,6 +76,9 @@ __all__ = [
     "UTPKIT_DEAD_RETRIES",
     "UTPKIT_RESET_RATE",
     "UTPKIT_MTU_PROBING",
+    "UTPKIT_HALF_OPEN_MAX",
+    "UTPKIT_HALF_OPEN_PER_ADDR",
+    "UTPKIT_SYNACK_RATE",
     "UTPKIT_OPTION_END",
     "UTPKIT_SOCK_IDLE",
     "UTPKIT_SOCK_SYN_SENT",
@@ -135,7 +138,10 @@ UTPKIT_KEEPALIVE: Final = 106
 UTPKIT_DEAD_RETRIES: Final = 107
 UTPKIT_RESET_RATE: Final = 108
 UTPKIT_MTU_PROBING: Final = 109
-UTPKIT_OPTION_END: Final = 110
+UTPKIT_HALF_OPEN_MAX: Final = 110
+UTPKIT_HALF_OPEN_PER_ADDR: Final = 111
+UTPKIT_SYNACK_RATE: Final = 112
+UTPKIT_OPTION_END: Final = 113
 UTPKIT_SOCK_IDLE: Final = 0
 UTPKIT_SOCK_SYN_SENT: Final = 1
 UTPKIT_SOCK_CONNECTED: Final = 2
@@ -233,6 +239,7 @@ class Socket:
     def shutdown_write(self) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
+    def probe(self) -> bool: ...
     @property
     def connected(self) -> bool: ...
     @property

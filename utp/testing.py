@@ -101,6 +101,7 @@ __all__ = [
     "SimConnection",
     "PayloadSource",
     "TransferResult",
+    "SocketBuffer",
     "transfer",
 ]
 
@@ -360,6 +361,91 @@ class Link:
         self.dst._receive(data, self.src.addr)
 
 
+class SocketBuffer:
+    """A receiving UDP socket's kernel buffer and the loaded reader behind it.
+
+    Real receivers are not infinitely fast: datagrams wait in the socket's
+    receive queue until the application reads them, and the kernel drops
+    what does not fit (Linux charges each datagram its buffer's true size,
+    about 2.3 KiB for a full 1.4 KB packet, against ``SO_RCVBUF``, 208 KiB by
+    default).  A sender that bursts a whole window back to back overflows
+    such a queue although the link and the receiver's advertised window
+    have room; this models that, for engine nodes and foreign peers alike.
+
+    capacity
+        Bytes of buffer (``net.core.rmem_default``: 212992).
+    overhead
+        Bytes charged per datagram on top of its length (skb true size).
+    read_rate
+        Bytes per second the reader drains at most: each wake-up reads up to
+        ``read_rate * interval_us`` bytes (at least one datagram).
+    interval_us
+        The reader wakes at most this often; while data keeps coming it
+        reads one batch per interval, and after each batch the owner sends
+        its deferred ACKs (as libutp's and libtorrent's loops do).
+
+    Counters: ``arrived``, ``dropped``, ``read``, ``batches``, ``peak``
+    (bytes charged at the fullest), ``used`` (bytes charged now).
+    """
+
+    def __init__(self, net: Network, deliver: Callable[[list[tuple[bytes, Address]]], None], *,
+                 capacity: int = 212_992, overhead: int = 896, read_rate: float = 100e6,
+                 interval_us: int = 1000) -> None:
+        if capacity <= 0 or read_rate <= 0 or interval_us <= 0 or overhead < 0:
+            raise ValueError("socket buffer capacity, read_rate and interval_us must be > 0")
+        self.net = net
+        self.capacity = capacity
+        self.overhead = overhead
+        self.read_rate = read_rate
+        self.interval_us = interval_us
+        self._deliver = deliver
+        self._queue: deque[tuple[bytes, Address]] = deque()
+        self.used = 0
+        self.peak = 0
+        self.arrived = 0
+        self.dropped = 0
+        self.read = 0
+        self.batches = 0
+        self._read_at: int | None = None   # the scheduled read, if any
+        self._last_read = -(1 << 62)
+
+    def arrive(self, data: bytes, src: Address) -> None:
+        self.arrived += 1
+        charge = len(data) + self.overhead
+        if self.used + charge > self.capacity:
+            self.dropped += 1
+            return
+        self.used += charge
+        if self.used > self.peak:
+            self.peak = self.used
+        self._queue.append((data, src))
+        if self._read_at is None:
+            self._read_at = max(self.net.now, self._last_read + self.interval_us)
+            self.net._schedule(self._read_at, self._read_batch, None)
+
+    def _read_batch(self, _arg: Any) -> None:
+        self._read_at = None
+        self._last_read = self.net.now
+        budget = self.read_rate * self.interval_us / 1e6
+        batch: list[tuple[bytes, Address]] = []
+        q = self._queue
+        while q and (not batch or budget >= len(q[0][0])):
+            data, src = q.popleft()
+            budget -= len(data)
+            self.used -= len(data) + self.overhead
+            batch.append((data, src))
+        self.read += len(batch)
+        self.batches += 1
+        if q:
+            self._read_at = self.net.now + self.interval_us
+            self.net._schedule(self._read_at, self._read_batch, None)
+        self._deliver(batch)
+
+    def counters(self) -> dict[str, int]:
+        return {"arrived": self.arrived, "dropped": self.dropped, "read": self.read,
+                "batches": self.batches, "peak": self.peak, "capacity": self.capacity}
+
+
 class Node:
     """One host with one uTP engine (``ctx``) at one address (``addr``).
 
@@ -396,6 +482,7 @@ class Node:
         self._ack_pending = False
         self._draining = False
         self._again = False
+        self.socket_buffer: SocketBuffer | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.addr}>"
@@ -444,6 +531,14 @@ class Node:
         if isinstance(dst, Node):
             dst = dst.addr
         self.net._route(self, bytes(data), dst, flags)
+
+    def set_socket_buffer(self, **params: Any) -> SocketBuffer:
+        """Put a finite UDP receive buffer and a rate-limited reader in front
+        of this node's engine (``SocketBuffer`` parameters); datagrams then
+        reach the engine in read batches, each followed by one
+        ``issue_deferred_acks()``, like the Endpoint's receive loop."""
+        self.socket_buffer = SocketBuffer(self.net, self._receive_batch, **params)
+        return self.socket_buffer
 
     def link_to(self, other: Node) -> Link:
         """The link from this node to `other` (made with defaults if new)."""
@@ -542,7 +637,29 @@ class Node:
             ctx.check_timeouts()
         self._drain()
 
+    def _process(self, data: bytes, src: Address) -> bool:
+        """One datagram into the engine; False (and recorded) if not uTP."""
+        if self.ctx.process_udp(data, src):
+            return True
+        self.not_utp.append((self.net.now, data, src))
+        if self.on_raw is not None:
+            self.on_raw(data, src)
+        return False
+
+    def _receive_batch(self, batch: list[tuple[bytes, Address]]) -> None:
+        ctx = self.ctx
+        if ctx.closed:
+            return
+        self._enter()
+        for data, src in batch:
+            self._process(data, src)
+        ctx.issue_deferred_acks()
+        self._drain()
+
     def _receive(self, data: bytes, src: Address) -> None:
+        if self.socket_buffer is not None:
+            self.socket_buffer.arrive(data, src)
+            return
         ctx = self.ctx
         if ctx.closed:
             return
@@ -550,11 +667,7 @@ class Node:
         now = net.now
         if ctx.now_us != now:
             ctx.now_us = now
-        if not ctx.process_udp(data, src):
-            self.not_utp.append((now, data, src))
-            if self.on_raw is not None:
-                self.on_raw(data, src)
-        elif net.deferred_acks and not self._ack_pending:
+        if self._process(data, src) and net.deferred_acks and not self._ack_pending:
             self._ack_pending = True
             net._ack_nodes.append(self)
         self._drain()
@@ -852,13 +965,7 @@ class Network:
         (``{utp.Option.MIN_RTO: 200, ...}``); `udp_mtu` is passed to the
         Context."""
         if addr is None:
-            if ipv6:
-                self._n6 += 1
-                addr = (f"2001:db8::{self._n6:x}", 6881, 0, 0)
-            else:
-                n = self._n4
-                self._n4 += 1
-                addr = (f"192.0.2.{n % 254 + 1}", 6881 + n // 254)
+            addr = self.next_address(ipv6)
         addr = _canonical(addr)
         if addr in self._by_addr:
             raise ValueError(f"address {addr!r} is already taken by {self._by_addr[addr]!r}")
@@ -876,6 +983,30 @@ class Network:
         if listen:
             node.listen()
         return node
+
+    def next_address(self, ipv6: bool = False) -> Address:
+        """The next free documentation address of the family."""
+        if ipv6:
+            self._n6 += 1
+            return (f"2001:db8::{self._n6:x}", 6881, 0, 0)
+        n = self._n4
+        self._n4 += 1
+        return (f"192.0.2.{n % 254 + 1}", 6881 + n // 254)
+
+    def add_peer(self, peer: Any) -> Any:
+        """Attach a foreign endpoint (not one of our engines, e.g. a model
+        of another uTP stack from :mod:`utp.simpeers`) at ``peer.addr``.  It
+        needs ``name``, ``addr``, ``_links`` (a dict), ``_overhead``,
+        ``_receive(data, src)`` and ``close()``, and sends with
+        ``net._route(peer, data, dst, flags)``."""
+        addr = peer.addr = _canonical(peer.addr)
+        if addr in self._by_addr:
+            raise ValueError(f"address {addr!r} is already taken by {self._by_addr[addr]!r}")
+        if peer.name in self.nodes:
+            raise ValueError(f"node name {peer.name!r} is already taken")
+        self.nodes[peer.name] = peer
+        self._by_addr[addr] = peer
+        return peer
 
     def get_link(self, src: Node, dst: Node) -> Link:
         """The link src -> dst, made with ``link_defaults`` if new."""

@@ -91,6 +91,16 @@ def seeds():
         + dgram(header(ST_STATE, ext=1, ack_off=2) + sack_ext([0x0F] * 8), IN_FLIGHT)
         + advance(10)
     )
+    # SACK bitmaps of the lengths real stacks send: libtorrent's byte-granular
+    # (span + 7) / 8 bytes, libutp's extension-bits link (type 2) in front.
+    s["sack_odd_lengths"] = (
+        dgram(header(ST_STATE, ext=1) + sack_ext([0b11111110]), IN_FLIGHT)
+        + dgram(header(ST_STATE, ext=1) + sack_ext([0xFE, 0xFF, 0x03]), IN_FLIGHT)
+        + dgram(header(ST_STATE, ext=1, ack_off=1) + sack_ext([0xFF] * 11), IN_FLIGHT)
+        + dgram(header(ST_STATE, ext=2) + unknown_ext(b"\0" * 8, next_ext=1) + sack_ext([0x0F] * 6), IN_FLIGHT)
+        + dgram(header(ST_STATE, ext=1, ack_off=2) + sack_ext([]), IN_FLIGHT)
+        + advance(10)
+    )
     # Three duplicate ACKs: fast retransmit.
     s["dup_acks"] = b"".join(dgram(header(ST_STATE, ack_off=5), IN_FLIGHT) for _ in range(4)) + acks()
     # Unknown extension (type 7) skipped, then a SACK chained after one.

@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("matrix", help="run the NAT success matrix")
-    m.add_argument("--loss", type=int, default=0, help="random loss in percent on each router")
+    m.add_argument("--loss", type=int, default=0,
+                   help="random loss on each router: this percent of the datagrams it "
+                        "forwards, each way, one by one (the lab's offloads are off, so UDP "
+                        "GSO batches are cut into datagrams before the router)")
     m.add_argument("--size", type=int, default=4 << 20, help="bytes each way (default 4 MiB)")
     m.add_argument("--deadline", type=float, default=10.0, help="ucat -w: seconds to connect")
     m.add_argument("--kinds", default=",".join(NAT_KINDS),

@@ -204,7 +204,8 @@ def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadli
     width = 14
     how = "opentracker" if via == "tracker" else "the DHT (a python -m dht serve node)"
     lines = [f"NAT matrix: ucat --rendezvous via {how}, {size / 2**20:g} MiB each way, "
-             f"sha256-checked; loss {loss}% per router; deadline {deadline:g} s",
+             f"sha256-checked; loss {loss}% of the datagrams at each router, each way; "
+             f"deadline {deadline:g} s",
              "rows: A (the lower public address), columns: B; cell: time from start to "
              "connected on A, or 'no' with the time until both gave up",
              "".ljust(width) + "".join(_LABEL[k].ljust(width) for k in kinds)]

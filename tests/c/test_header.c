@@ -12,11 +12,12 @@
  *
  * Prints "N passed, M failed" and exits non-zero on failure.
  */
+/* utp.h first: it must stand alone, as libutp's does. */
+#include "utp.h"
+
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
-
-#include "utp.h"
 
 /* A compile-time assertion that works in C99 and C++98 alike: a negative
  * array size is an error in both.  One typedef per line keeps names unique. */
@@ -43,6 +44,13 @@ template <typename A> struct ut_same<A, A> { enum { value = 1 }; };
 /* ---- constants ------------------------------------------------------- */
 
 STATIC_CHECK(UTP_UDP_DONTFRAG == 2);
+/* libutp spells it as an enum member, not a macro. */
+#ifdef UTP_UDP_DONTFRAG
+#error "UTP_UDP_DONTFRAG is a macro; libutp's utp.h makes it an enum member"
+#endif
+/* ...and programs use it as a constant expression and a flag bit. */
+enum { UT_FLAGS_WITH_DONTFRAG = UTP_UDP_DONTFRAG | 1 };
+STATIC_CHECK(UT_FLAGS_WITH_DONTFRAG == 3);
 STATIC_CHECK(UTP_IOV_MAX == 1024);
 
 STATIC_CHECK(UTP_STATE_CONNECT == 1);
@@ -301,9 +309,33 @@ static void check_linked(void)
 	      "error names are distinct");
 }
 
+/* libutp's own programs (ucat.c) write their log helpers with va_start,
+ * relying on utp.h for <stdarg.h>; nothing else here includes it. */
+static int sum_of(int n, ...)
+{
+	va_list ap;
+	int total = 0;
+	va_start(ap, n);
+	while (n-- > 0)
+		total += va_arg(ap, int);
+	va_end(ap);
+	return total;
+}
+
+/* As libutp's ucat.c tests a SENDTO callback's flags. */
+static int wants_dontfrag(const utp_callback_arguments *a)
+{
+	return (a->flags & UTP_UDP_DONTFRAG) != 0;
+}
+
 int main(void)
 {
 	utp_callback_arguments a;
+
+	check(sum_of(3, 1, 2, 39) == 42, "va_start/va_arg from utp.h's <stdarg.h>");
+	memset(&a, 0, sizeof(a));
+	a.flags = UTP_UDP_DONTFRAG;
+	check(wants_dontfrag(&a), "UTP_UDP_DONTFRAG as a flag bit");
 
 	/* The anonymous unions are reachable by their member names. */
 	memset(&a, 0, sizeof(a));

@@ -12,9 +12,15 @@ BENCHMARKS = {
     "sim": ("utp.bench.sim",
             "the engine over the simulated network: goodput, retransmissions "
             "vs losses, queueing delay (virtual time, ~10 s of real time)"),
+    "interop": ("utp.bench.interop",
+                "real clients (libtorrent, Transmission) over uTP: MB/s, retransmissions, "
+                "timeouts, receiver socket drops, each direction; --loss N through the NAT lab"),
     "dht": ("dht.bench",
             "DHT lookups (500 simulated nodes, loopback), memory per stored peer, "
             "queries per second (the same as python -m dht.bench)"),
+    "flood": ("utp.bench.flood",
+              "a listener under SYN floods of 1k/10k/100k per second from many 127/8 "
+              "sources: legitimate connect latency p50/p99, memory, reply ratio"),
 }
 
 

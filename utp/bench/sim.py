@@ -7,6 +7,10 @@ the next:
 - bulk transfers on a 10 Mbit/s link at 10 and 50 ms RTT, loss-free and at
   1, 5, 10 and 20% random loss (both directions, so ACKs are lost too);
 - a 100 Mbit/s path, reordering, the ACK timer without deferred-ACK flushes;
+- our sender to receivers that acknowledge like libutp and like libtorrent
+  (utp.simpeers), each behind a 208 KiB socket buffer with a reader of
+  finite speed, side by side with our own receiver behind the same buffer
+  (loss-free at 1 Gbit/s, and 2% loss at 100 Mbit/s); with RTO counts;
 - LEDBAT: one, two and three bulk flows through a 10 Mbit/s bottleneck with
   50 ms RTT and a 1 MB drop-tail queue, measured over the second half of a
   60 s run.
@@ -30,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import utp
+from utp.simpeers import ModelReceiver, transfer_to_peer
 from utp.testing import Network, transfer
 
 MS = 1000
@@ -144,6 +149,57 @@ def run_ledbat(flows: int, *, seconds: int = 60, rate: float = 10e6, rtt_ms: flo
     )
 
 
+# Our sender into receivers of other stacks (utp.simpeers) behind a stock
+# 208 KiB socket buffer whose reader drains at most 100 MB/s in 1 ms batches,
+# on a path that is faster than the reader (1 Gbit/s, 1 ms RTT): the setting
+# of issue 12, where bursts overflow the receiver's socket.
+PEER_LINK = dict(delay_us=500, bandwidth_bps=1e9, queue_bytes=1_000_000)
+PEER_SOCKBUF = dict(capacity=212_992, read_rate=100e6, interval_us=1000)
+
+
+def run_peer(receiver: str, *, nbytes: int, loss: float = 0.0, seed: int = 1,
+             link: dict[str, Any] | None = None) -> Row:
+    """One transfer from our engine to `receiver` ("ours", "libutp" or
+    "libtorrent"), all behind the same socket-buffer model on the same link."""
+    t0 = time.perf_counter()
+    link = dict(link or PEER_LINK, loss=loss)
+    net = Network(seed=seed)
+    a = net.add_node("a")
+    with net:
+        if receiver == "ours":
+            b = net.add_node("b")
+            net.link(a, b, **link)
+            sb = b.set_socket_buffer(**PEER_SOCKBUF)
+            r = transfer(net, a, b, nbytes)
+            ok, elapsed, stats = r.ok, r.elapsed_us, r.a_stats
+            info = r.conn_a.final_info or {}
+            timeouts, drops, sacks = info.get("timeouts", 0), sb.dropped, "full"
+            lost = int(r.a_to_b["dropped"])
+        else:
+            peer = ModelReceiver(net, "p", receiver, socket_buffer=PEER_SOCKBUF)
+            net.link(a, peer, **link)
+            pr = transfer_to_peer(net, a, peer, nbytes)
+            ok, elapsed, stats, timeouts = pr.ok, pr.elapsed_us, pr.sender, pr.timeouts
+            drops, lost = pr.socket_buffer["dropped"], int(pr.a_to_peer["dropped"])
+            lengths = sorted(pr.sack_lengths)
+            sacks = (f"{len(lengths)} lengths {lengths[0]}..{lengths[-1]} B, "
+                     f"{sum(n for k, n in pr.sack_lengths.items() if k % 4)} odd"
+                     if lengths else "none")
+    if not ok:
+        raise RuntimeError(f"transfer to {receiver} failed")
+    label = "loss-free" if loss == 0 else f"{loss:.0%} loss"
+    return Row(
+        group=f"peers@{label}", scenario=receiver, link=_link_name(link["bandwidth_bps"],
+                                                                   2 * link["delay_us"] / MS,
+                                                                   link["queue_bytes"]),
+        goodput=nbytes / (elapsed / S), link_share=nbytes * 8 / (elapsed / S) / link["bandwidth_bps"],
+        retransmitted=stats["rexmit"] + stats["fastrexmit"], lost=lost + drops,
+        virtual_s=elapsed / S, real_s=time.perf_counter() - t0,
+        extra={"nbytes": nbytes, "timeouts": timeouts, "rto_rexmit": stats["rexmit"],
+               "sockbuf_drops": drops, "sacks": sacks, "loss": loss},
+    )
+
+
 def scenarios(quick: bool) -> list[tuple[str, Any]]:
     """(description, thunk) for every run, in print order."""
     size = 4 * MiB if quick else 8 * MiB
@@ -170,6 +226,14 @@ def scenarios(quick: bool) -> list[tuple[str, Any]]:
     out.append(("ack timer", lambda: run_transfer(
         "other", "ACK timer only (no flushes)", rate=10e6, rtt_ms=10, nbytes=size,
         deferred_acks=False)))
+    peer_bytes = 16 * MiB if quick else 64 * MiB
+    for receiver in ("ours", "libutp", "libtorrent"):
+        out.append((f"peers {receiver} loss-free", lambda receiver=receiver: run_peer(
+            receiver, nbytes=peer_bytes)))
+    lossy = dict(delay_us=5 * MS, bandwidth_bps=100e6, queue_bytes=500_000)
+    for receiver in ("ours", "libutp", "libtorrent"):
+        out.append((f"peers {receiver} 2% loss", lambda receiver=receiver: run_peer(
+            receiver, nbytes=peer_bytes // 4, loss=0.02, link=lossy)))
     seconds = 30 if quick else 60
     for flows in (1, 2, 3):
         out.append((f"ledbat {flows}", lambda flows=flows: run_ledbat(flows, seconds=seconds)))
@@ -185,6 +249,13 @@ def _fill_vs_clean(rows: list[Row]) -> None:
     for row in rows:
         if row.group in clean and row.extra.get("loss"):
             row.vs_clean = row.goodput / clean[row.group]
+    # Peers: each receiver against our own on the same link ("%clean" column
+    # reads "%ours" there).
+    ours = {row.group: row.goodput for row in rows
+            if row.group.startswith("peers@") and row.scenario == "ours"}
+    for row in rows:
+        if row.group in ours:
+            row.vs_clean = row.goodput / ours[row.group]
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -201,6 +272,10 @@ def render(rows: list[Row]) -> str:
             group = row.group
             lines.append("")
             title = group.split("@")[0]
+            if title == "peers":
+                title = (f"our sender to other stacks' receivers ({group.split('@')[1]}; "
+                         f"208 KiB socket buffer, reader 100 MB/s in 1 ms batches; "
+                         f"%clean: of our own receiver)")
             lines.append(f"{title} -- {row.link}" if group != "other" else "other scenarios")
             lines.append(head)
         rx = "-" if row.retransmitted is None else f"{row.retransmitted}/{row.lost}"
@@ -212,6 +287,10 @@ def render(rows: list[Row]) -> str:
                      f" {_fmt(row.vs_clean, '6.1%'):>6} {rx:>13} {q:>13}"
                      f" {row.virtual_s:7.1f} {row.real_s:6.2f}"
                      + (f"  [{row.link}]" if group == "other" else ""))
+        if row.group.startswith("peers@"):
+            lines.append(f"  {'':30} RTOs {row.extra['timeouts']}, retransmitted after a timeout "
+                         f"{row.extra['rto_rexmit']}, receiver socket drops "
+                         f"{row.extra['sockbuf_drops']}; SACKs: {row.extra['sacks']}")
         if row.group == "ledbat":
             flows = " / ".join(f"{f / 1e6:.3f}" for f in row.flows)
             lines.append(f"  {'':30} flows {flows} MB/s (second half), min/max "

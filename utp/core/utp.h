@@ -17,6 +17,9 @@
 extern "C" {
 #endif
 
+/* What libutp's utp.h and utp_types.h pull in: programs written for libutp
+ * use va_start & co. and the socket API without including them. */
+#include <stdarg.h>
 #include <stddef.h>
 #include <sys/types.h>
 #include <sys/socket.h>
@@ -44,8 +47,12 @@ typedef long long int64;
 typedef struct UTPSocket utp_socket;
 typedef struct struct_utp_context utp_context;
 
-/* Flag passed to UTP_SENDTO for MTU probes: send with "don't fragment". */
-#define UTP_UDP_DONTFRAG 2
+/* Flag passed to UTP_SENDTO for MTU probes: send with "don't fragment".
+ * An enum member, as in libutp (a program may test it with #ifdef only to
+ * find it absent there, and must see the same here). */
+enum {
+	UTP_UDP_DONTFRAG = 2
+};
 
 /* Socket states reported through UTP_ON_STATE_CHANGE. */
 enum {
@@ -198,6 +205,9 @@ enum {
 	UTPKIT_DEAD_RETRIES,    /* unanswered timeouts in a row before ETIMEDOUT (5) */
 	UTPKIT_RESET_RATE,      /* RESETs per second to unknown connections (100) */
 	UTPKIT_MTU_PROBING,     /* 1: probe for a larger packet size with DONTFRAG (1) */
+	UTPKIT_HALF_OPEN_MAX,   /* accepted, unconfirmed sockets kept; past it SYNs get a cookie (64) */
+	UTPKIT_HALF_OPEN_PER_ADDR, /* the same, per source address (8) */
+	UTPKIT_SYNACK_RATE,     /* cookie SYN-ACKs per second to one source address, burst 4x (16) */
 	UTPKIT_OPTION_END
 };
 
@@ -230,6 +240,15 @@ typedef struct {
 	uint64 sockets_freed;
 	uint32 sockets_live;
 	uint32 sockets_peak;
+	/* SYN defence (utp_accept.c) and replies to unauthenticated packets. */
+	uint64 syn_invalid;       /* SYNs of the wrong shape (a payload, long extensions): dropped */
+	uint64 syn_cookies;       /* SYNs answered statelessly with a cookie SYN-ACK */
+	uint64 cookie_accepted;   /* connections created when a cookie came back */
+	uint64 unauth_limited;    /* replies to unauthenticated packets not sent (rate or byte budget) */
+	uint64 unauth_bytes_in;   /* bytes of SYNs and of packets for no connection */
+	uint64 unauth_bytes_out;  /* bytes sent in answer to them (RESET, SYN-ACK, TIME_WAIT ACK) */
+	uint32 half_open;         /* accepted sockets the initiator has not confirmed yet */
+	uint32 half_open_peak;
 } utpkit_counters;
 
 /* A snapshot of one connection's transport state. */
@@ -252,6 +271,8 @@ typedef struct {
 	int slow_start;           /* 1 while in slow start */
 	uint16 seq_nr;            /* next sequence number we send */
 	uint16 ack_nr;            /* last in-order sequence number received */
+	int peer_confirmed;       /* the peer has sent a packet after the handshake (always 1 for
+	                           * an initiator once connected): its address is not forged */
 } utpkit_socket_info;
 
 /* Microseconds until the earliest engine timer is due (0: due now), or -1
@@ -265,6 +286,12 @@ UTP_EXPORT int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info);
  * (UTP_STATE_DESTROYING follows).  For refusing a peer after accepting it
  * and for closes that must not wait.  Valid in every state. */
 UTP_EXPORT void utpkit_abort(utp_socket *s);
+/* Ask a connected peer to answer now: a zero-length keepalive probe, which
+ * every uTP peer acknowledges.  An accepted connection whose initiator has
+ * sent nothing yet becomes peer_confirmed when the answer comes; a forged
+ * SYN's never does.  A probe of an unconfirmed connection counts as a reply
+ * to an unauthenticated packet (rate and byte limited).  -1 if not connected. */
+UTP_EXPORT int utpkit_probe(utp_socket *s);
 
 /* What kind of datagram is this?  Used by the demultiplexer in front of the
  * engine so one UDP socket can carry uTP, the DHT and UDP tracker traffic. */

@@ -76,6 +76,9 @@ utp_context *utp_init(int version)
 	ctx->dead_retries = 5;
 	ctx->reset_rate = 100;
 	ctx->mtu_probing = 1;
+	ctx->half_open_max = 64;
+	ctx->half_open_per_addr = 8;
+	ctx->synack_rate = 16;
 	ctx->nbuckets = 64;
 	ctx->buckets = calloc(ctx->nbuckets, sizeof *ctx->buckets);
 	if (ctx->buckets == NULL) {
@@ -100,6 +103,7 @@ void utp_destroy(utp_context *ctx)
 	utp_ctx_enter(ctx);
 	utp_ctx_leave(ctx);
 	utp_pool_free(ctx);
+	utp_accept_free(ctx);
 	free(ctx->buckets);
 	free(ctx->heap);
 	free(ctx);
@@ -150,6 +154,9 @@ static const option_spec option_table[] = {
 	OPT(UTPKIT_DEAD_RETRIES, dead_retries, 1, 30),
 	OPT(UTPKIT_RESET_RATE, reset_rate, 0, 1000000),
 	OPT(UTPKIT_MTU_PROBING, mtu_probing, 0, 1),
+	OPT(UTPKIT_HALF_OPEN_MAX, half_open_max, 0, 10000000),
+	OPT(UTPKIT_HALF_OPEN_PER_ADDR, half_open_per_addr, 0, 10000000),
+	OPT(UTPKIT_SYNACK_RATE, synack_rate, 0, 1000000),
 };
 #undef OPT
 
@@ -561,20 +568,13 @@ void utp_send_reset_to(utp_context *ctx, const struct sockaddr *to, socklen_t to
                        uint16 conn_id, uint16 ack_nr, int rate_limited)
 {
 	byte pkt[UTP_HEADER_SIZE];
+	/* A RESET answering an unauthenticated packet passes the one gate for
+	 * such replies (utp_accept.c), so a flood cannot make us a reflector. */
 	if (rate_limited) {
-		/* Token bucket: a flood of stray packets must not turn us into a
-		 * reflector, so RESETs to unknown connections are capped per second. */
-		uint64 elapsed = ctx->now - ctx->reset_refill;
-		uint64 add = elapsed * ctx->reset_rate / 1000000u;
-		if (add > 0) {
-			ctx->reset_tokens = (uint32)UTP_MIN((uint64)ctx->reset_rate, ctx->reset_tokens + add);
-			ctx->reset_refill = ctx->now;
-		}
-		if (ctx->reset_tokens == 0) {
+		if (!utp_unauth_permit(ctx, to, tolen, sizeof pkt, UTP_UNAUTH_RESET)) {
 			ctx->counters.resets_limited++;
 			return;
 		}
-		ctx->reset_tokens--;
 		ctx->counters.resets_sent++;
 	}
 	utp_packet_write_header(pkt, ST_RESET, conn_id, (uint32)ctx->now, 0, 0,
@@ -626,7 +626,8 @@ int utp_timewait_answer(utp_context *ctx, const utp_packet *pk, const struct soc
 		}
 		utp_packet_write_header(pkt, ST_STATE, tw->send_id, (uint32)ctx->now, 0, 0, tw->seq_nr,
 		                        tw->ack_nr, NULL, 0);
-		utp_send_datagram(ctx, from, fromlen, pkt, sizeof pkt, 0);
+		if (utp_unauth_permit(ctx, from, fromlen, sizeof pkt, UTP_UNAUTH_OTHER))
+			utp_send_datagram(ctx, from, fromlen, pkt, sizeof pkt, 0);
 		return 1;
 	}
 	return 0;
@@ -686,13 +687,15 @@ int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct 
 	if (utp_packet_parse_untrusted(buf, len, &pk) != 0) {
 		ctx->counters.drop_malformed++;
 	} else if (pk.type == ST_SYN) {
+		utp_unauth_in(ctx, len);
 		s = utp_table_find(ctx, from, fromlen, (uint16)(pk.conn_id + 1));
 		if (s == NULL) {
-			utp_socket_accept(ctx, &pk, from, fromlen);
+			utp_accept_syn(ctx, &pk, len, from, fromlen);
 		} else if (s->is_acceptor && s->syn_seq == pk.seq_nr && s->state != UTPKIT_SOCK_DESTROYED) {
 			/* Our reply was lost: answer again, create nothing. */
 			ctx->counters.syn_duplicate++;
-			utp_out_send_synack(s);
+			if (utp_unauth_permit(ctx, from, fromlen, UTP_HEADER_SIZE, UTP_UNAUTH_OTHER))
+				utp_out_send_synack(s);
 		} else {
 			ctx->counters.drop_invalid++;
 		}
@@ -706,9 +709,14 @@ int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct 
 		s = utp_table_find(ctx, from, fromlen, pk.conn_id);
 		if (s) {
 			utp_in_on_packet(s, &pk);
-		} else if (!utp_timewait_answer(ctx, &pk, from, fromlen)) {
-			ctx->counters.drop_unknown++;
-			utp_send_reset_to(ctx, from, fromlen, pk.conn_id, pk.seq_nr, 1);
+		} else {
+			utp_unauth_in(ctx, len);
+			/* First: the initiator of a connection we answered with a cookie. */
+			if (!utp_accept_cookie(ctx, &pk, from, fromlen) &&
+			    !utp_timewait_answer(ctx, &pk, from, fromlen)) {
+				ctx->counters.drop_unknown++;
+				utp_send_reset_to(ctx, from, fromlen, pk.conn_id, pk.seq_nr, 1);
+			}
 		}
 	}
 	utp_ctx_leave(ctx);

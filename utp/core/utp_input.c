@@ -213,7 +213,7 @@ void utp_in_on_packet(utp_socket *s, const utp_packet *pk)
 		ctx->counters.drop_invalid++;
 		return;
 	}
-	s->confirmed = 1;
+	utp_accept_confirmed(s);
 
 	s->stats.nrecv++;
 	s->last_recv = ctx->now;

@@ -11,6 +11,9 @@
  *   utp_input.c    receive path: reorder buffer, delivery, FIN, SACK building
  *   utp_ledbat.c   RTT/RTO estimation and LEDBAT congestion control
  *   utp_mtu.c      packet size, DONTFRAG probing, ICMP fragmentation-needed
+ *   utp_accept.c   incoming SYNs: strict validation, half-open limits, SYN
+ *                  cookies, and the one gate for replies to unauthenticated
+ *                  packets
  *
  * Internal functions return 0 on success or a negative UTP_ERR_* code.
  */
@@ -183,6 +186,8 @@ struct UTPSocket {
 	unsigned tlp_sent : 1;     /* tail loss probe sent since the last ACK progress */
 	unsigned in_recovery : 1;
 	unsigned confirmed : 1;    /* acceptor: the initiator has sent something after its SYN */
+	unsigned half_open : 1;    /* counted in the context's half-open totals (utp_accept.c) */
+	unsigned peer_sacks : 1;   /* the peer has sent a SACK: its ACKs say what they cover */
 
 	/* lists: all sockets, hash chain, deferred ACKs, zombies */
 	utp_socket *next, *prev;
@@ -231,6 +236,12 @@ struct UTPSocket {
 	uint64 tlp_deadline;       /* 0: not armed */
 	uint64 reorder_deadline;   /* 0: not armed (time-based loss detection) */
 	uint64 zwp_deadline;       /* 0: not armed (zero-window probe) */
+	uint64 pace_deadline;      /* 0: not armed (the pacer lets the next packet go then) */
+	uint64 pace_stamp;         /* when pace_tokens was last refilled */
+	uint64 rack_xmit_ts;       /* RACK: latest send time of a packet known delivered (0: none) */
+	uint16 sack_limit;         /* last sequence number the peer's latest ACK said anything about */
+	double pace_tokens;        /* bytes that may leave back to back now */
+	uint32 pace_burst;         /* most bytes back to back (shrinks after burst losses) */
 	uint64 syn_deadline;       /* 0: not armed */
 	uint64 keepalive_deadline; /* 0: not armed */
 	uint64 ack_due;            /* deferred ACK must go by then; 0: none */
@@ -289,6 +300,17 @@ typedef struct {
 
 #define UTP_TIMEWAIT_MAX 256
 
+/* Per source address state of utp_accept.c, in a small table indexed by a
+ * hash of the address (no port): addresses that collide share a slot, which
+ * only makes the limits stricter for them. */
+typedef struct {
+	uint64 refill;             /* last refill of tokens, microseconds */
+	uint32 tokens;             /* SYN replies this source may still get */
+	uint32 half_open;          /* accepted, unconfirmed sockets from here */
+} utp_src_slot;
+
+#define UTP_SRC_SLOTS 1024
+
 struct struct_utp_context {
 	void *userdata;
 	utp_callback_t *callbacks[UTP_ARRAY_SIZE];
@@ -297,6 +319,7 @@ struct struct_utp_context {
 	uint32 opt_sndbuf, opt_rcvbuf, opt_target_delay;
 	uint32 min_rto_ms, max_rto_ms, max_sockets, syn_timeout_ms, syn_retries;
 	uint32 ack_delay_ms, keepalive_ms, dead_retries, reset_rate, mtu_probing;
+	uint32 half_open_max, half_open_per_addr, synack_rate;
 
 	utp_context_stats stats;
 	utpkit_counters counters;
@@ -324,6 +347,17 @@ struct struct_utp_context {
 
 	uint64 reset_refill;       /* token bucket for RESETs */
 	uint32 reset_tokens;
+
+	/* utp_accept.c: bytes of unauthenticated input not yet spent on
+	 * replies, the per-source table (allocated on first use) and the key
+	 * of SYN cookies (drawn on first use, from UTP_GET_RANDOM). */
+	uint64 unauth_credit;
+	uint64 unauth_allow_refill;
+	uint32 unauth_allow;       /* the standing allowance, bytes (see utp_accept.c) */
+	utp_src_slot *src;
+	uint32 cookie_key[4];
+	int cookie_keyed;
+	uint64 cookie_slot;        /* time slot of the latest cookie issued, + 1 (0: never) */
 
 	byte scratch[65536 + 256]; /* one outgoing datagram */
 };
@@ -354,11 +388,33 @@ void utp_socket_destroy_later(utp_socket *s);
 void utp_timewait_add(utp_socket *s);
 int utp_timewait_answer(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from, socklen_t fromlen);
 
+/* ---- utp_accept.c ----------------------------------------------------------- */
+/* Kinds of replies to unauthenticated packets: RESETs share the
+ * UTPKIT_RESET_RATE bucket, SYN replies the per-source UTPKIT_SYNACK_RATE
+ * bucket; every kind is also bounded by the bytes such packets brought in. */
+enum { UTP_UNAUTH_RESET = 0, UTP_UNAUTH_SYNACK = 1, UTP_UNAUTH_OTHER = 2 };
+/* An unauthenticated datagram of len bytes arrived (a SYN, or a packet for
+ * no connection): it adds to what replies may spend. */
+void utp_unauth_in(utp_context *ctx, size_t len);
+/* May a reply of len bytes go to `to`?  1 (and charged) or 0 (counted). */
+int utp_unauth_permit(utp_context *ctx, const struct sockaddr *to, socklen_t tolen, size_t len, int kind);
+/* A SYN for no existing socket: validated, then accepted with state, answered
+ * with a cookie, or refused. */
+void utp_accept_syn(utp_context *ctx, const utp_packet *pk, size_t len, const struct sockaddr *from,
+                    socklen_t fromlen);
+/* A DATA, FIN or STATE for no socket: if it carries a cookie we issued, the
+ * connection is created and the packet processed; returns 1 then. */
+int utp_accept_cookie(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from, socklen_t fromlen);
+/* The initiator of an accepted socket spoke: it is no longer half-open. */
+void utp_accept_confirmed(utp_socket *s);
+/* The socket goes away or failed: drop it from the half-open totals. */
+void utp_accept_release(utp_socket *s);
+void utp_accept_free(utp_context *ctx);
+
 /* ---- utp_socket.c ---------------------------------------------------------- */
 utp_socket *utp_socket_new(utp_context *ctx);
 void utp_socket_free(utp_socket *s);
-void utp_socket_accept(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from,
-                       socklen_t fromlen);
+void utp_socket_set_addr(utp_socket *s, const struct sockaddr *a);
 void utp_socket_on_timer(utp_socket *s);
 void utp_socket_fail(utp_socket *s, int code);
 void utp_socket_maybe_finish(utp_socket *s);
@@ -379,7 +435,8 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk);
 void utp_out_repacketize(utp_socket *s);
 void utp_out_on_rto(utp_socket *s);
 void utp_out_on_tlp(utp_socket *s);
-void utp_out_detect_losses(utp_socket *s);
+/* on_ack: called for an arriving ACK (the head rule applies), not a timer. */
+void utp_out_detect_losses(utp_socket *s, int on_ack);
 void utp_out_mark_lost(utp_socket *s, utp_outpkt *p, int by_timeout);
 void utp_out_maybe_writable(utp_socket *s);
 uint32 utp_out_payload_max(const utp_socket *s);
@@ -402,6 +459,25 @@ void utp_cc_on_ack(utp_socket *s, uint32 bytes_acked, uint32 flight_before);
 void utp_cc_on_loss(utp_socket *s);
 void utp_cc_on_timeout(utp_socket *s);
 void utp_cc_undo(utp_socket *s);
+
+/* Pacing (utp_ledbat.c): the window is spread over the round trip in bursts
+ * of at most pace_burst bytes.  A receiver on a stock 208 KiB socket buffer
+ * holds about 90 full packets (the kernel charges ~2.3 KiB each) behind a
+ * busy reader: a connection starts with bursts of a third of that, grows
+ * them by a packet per loss-free window up to one GSO batch (64 datagrams,
+ * which an empty buffer still takes), and a run of consecutive losses halves
+ * them. */
+#define UTP_PACE_BURST_START (32 * 1400u)
+#define UTP_PACE_BURST_MAX (64 * 1400u)
+#define UTP_PACE_BURST_MIN (4 * 1400u)
+/* Losing this many packets in a row is a burst loss: the burst was more than
+ * the receiver's socket absorbed. */
+#define UTP_BURST_LOSS_RUN 8
+/* 0 when a packet of `bytes` may go now; otherwise the time it may. */
+uint64 utp_pace_wait(utp_socket *s, uint32 bytes);
+void utp_pace_consume(utp_socket *s, uint32 bytes);
+void utp_pace_on_burst_loss(utp_socket *s, uint32 run);
+void utp_pace_on_ack(utp_socket *s, uint32 bytes_acked);
 
 /* ---- utp_mtu.c ------------------------------------------------------------- */
 void utp_mtu_init(utp_socket *s);

@@ -29,6 +29,8 @@ void utp_cc_init(utp_socket *s)
 	s->dupthresh = 3;
 	s->reo_wnd_mult = 1;
 	s->rto = utp_rto_base(s);
+	s->pace_burst = UTP_PACE_BURST_START;
+	s->pace_tokens = UTP_PACE_BURST_START;
 }
 
 uint32 utp_rto_base(const utp_socket *s)
@@ -217,4 +219,70 @@ void utp_cc_on_timeout(utp_socket *s)
 	s->in_recovery = 1;
 	s->recovery_seq = (uint16)(s->next_send - 1);
 	s->loss_events++;
+}
+
+/* ---- pacing ------------------------------------------------------------------------ */
+
+/* Bytes per microsecond: the usable window (congestion or the peer's, the
+ * smaller) per smoothed round trip, with headroom so pacing never limits a
+ * flow the window admits -- twice the window in slow start, which doubles
+ * it per round trip, and a quarter more afterwards (as Linux paces TCP). */
+static double pace_rate(const utp_socket *s)
+{
+	double wnd = UTP_MIN(s->cwnd, UTP_MAX(s->peer_wnd, mss(s)));
+	return (s->slow_start ? 2.0 : 1.25) * wnd / (double)UTP_MAX(s->srtt, 1u);
+}
+
+static void pace_refill(utp_socket *s)
+{
+	uint64 now = s->ctx->now;
+	if (now > s->pace_stamp) {
+		s->pace_tokens += pace_rate(s) * (double)(now - s->pace_stamp);
+		s->pace_stamp = now;
+	}
+	if (s->pace_tokens > s->pace_burst)
+		s->pace_tokens = s->pace_burst;
+}
+
+uint64 utp_pace_wait(utp_socket *s, uint32 bytes)
+{
+	double missing;
+	/* Without a round-trip estimate there is no rate; the first window is
+	 * small anyway. */
+	if (!s->rtt_valid || bytes == 0)
+		return 0;
+	pace_refill(s);
+	bytes = UTP_MIN(bytes, s->pace_burst);
+	if (s->pace_tokens >= bytes)
+		return 0;
+	missing = (double)bytes - s->pace_tokens;
+	return s->ctx->now + (uint64)(missing / pace_rate(s)) + 1;
+}
+
+void utp_pace_consume(utp_socket *s, uint32 bytes)
+{
+	if (s->rtt_valid)
+		s->pace_tokens -= bytes;
+}
+
+/* `run` packets in a row were lost: the burst that carried them was more
+ * than the receiver took at once (a full socket buffer drops everything
+ * after the point it filled).  Halve the burst, never below the floor and
+ * never above the run that was lost. */
+void utp_pace_on_burst_loss(utp_socket *s, uint32 run)
+{
+	uint32 b = UTP_MIN(s->pace_burst / 2, run * mss(s) / 2);
+	s->pace_burst = UTP_MAX(b, UTP_PACE_BURST_MIN);
+	if (s->pace_tokens > s->pace_burst)
+		s->pace_tokens = s->pace_burst;
+}
+
+/* Loss-free progress lets the burst grow back by a packet per window. */
+void utp_pace_on_ack(utp_socket *s, uint32 bytes_acked)
+{
+	uint64 b;
+	if (s->in_recovery || s->pace_burst >= UTP_PACE_BURST_MAX)
+		return;
+	b = s->pace_burst + (uint64)bytes_acked * mss(s) / UTP_MAX(s->cwnd, 1u) + 1;
+	s->pace_burst = (uint32)UTP_MIN(b, (uint64)UTP_PACE_BURST_MAX);
 }

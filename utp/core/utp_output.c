@@ -362,6 +362,8 @@ static utp_outpkt *first_lost(const utp_socket *s)
 /* Sends what the windows allow: retransmissions first, then new packets. */
 void utp_out_flush(utp_socket *s)
 {
+	uint64 wait;
+	s->pace_deadline = 0;
 	if (s->state != UTPKIT_SOCK_CONNECTED && s->state != UTPKIT_SOCK_CLOSING)
 		return;
 	while (!s->zombie) {
@@ -382,8 +384,14 @@ void utp_out_flush(utp_socket *s)
 			    s->small_in_flight > 0 && !s->shut_wr && !s->app_closed)
 				break;
 		}
-		/* The congestion window always admits one packet. */
-		if (s->cur_window > 0 && s->cur_window + p->payload > s->cwnd)
+		/* The congestion window always admits one packet, and packets
+		 * found lost from ACKs: they left the flight when marked, so
+		 * resending them never takes it past what it was before the loss.
+		 * The window cut acts on new data; holding repairs back for it would
+		 * deadlock when the flight is full of packets the receiver holds but
+		 * cannot show (libutp's SACK covers 30 packets past the hole).  After
+		 * a timeout the window restarts from one packet for everything. */
+		if (s->cur_window > 0 && s->cur_window + p->payload > s->cwnd && !(p->lost && !p->lost_by_timeout))
 			break;
 		if (s->cur_window + p->payload > s->peer_wnd) {
 			if (s->cur_window == 0 && s->zwp_deadline == 0) {
@@ -395,6 +403,14 @@ void utp_out_flush(utp_socket *s)
 			}
 			break;
 		}
+		/* What the windows admit leaves in bursts spread over the round
+		 * trip, not all at once into the receiver's socket buffer; the
+		 * engine's timer (utpkit_next_timeout) says when the next may go. */
+		if ((wait = utp_pace_wait(s, p->payload)) != 0) {
+			s->pace_deadline = wait;
+			break;
+		}
+		utp_pace_consume(s, p->payload);
 		send_data(s, p);
 	}
 }
@@ -487,40 +503,87 @@ void utp_out_mark_lost(utp_socket *s, utp_outpkt *p, int by_timeout)
 		utp_mtu_probe_lost(s, s->mtu_probe_size);
 }
 
-void utp_out_detect_losses(utp_socket *s)
+/* RACK (RFC 8985) plus the SACK count: a packet not delivered is lost when
+ * one sent after it was delivered (cumulatively or selectively) and a
+ * round trip plus the reordering window has passed since it was sent, or,
+ * sent once, when dupthresh packets above it were SACKed.  Deliveries the
+ * receiver's bitmap cannot show (libutp's covers only 30 packets after the
+ * hole) still move rack_xmit_ts, so a burst of drops at a full socket
+ * buffer is repaired within a round trip or two instead of by a timeout.
+ *
+ * The head rule: an ACK that arrives well over two round trips after the
+ * first unacknowledged packet was (re)sent, without acknowledging it, says
+ * it was lost.  A retransmission dropped again by a still-full socket buffer is
+ * otherwise invisible -- nothing sent after it may have got through, and
+ * libutp's bitmap does not show what did -- and only the timeout would
+ * find it. */
+void utp_out_detect_losses(utp_socket *s, int on_ack)
 {
 	uint16 seq;
-	uint32 sacked_above = 0, reo;
-	uint64 newest_delivered = 0, now = s->ctx->now;
-	int lost = 0;
+	uint32 sacked_seen = 0, reo, run = 0, longest_run = 0;
+	uint64 now = s->ctx->now;
+	int lost = 0, head = on_ack && s->peer_sacks;
 
 	s->reorder_deadline = 0;
-	if (s->sacked_count == 0 || !s->rtt_valid)
+	if (!s->rtt_valid || (s->sacked_count == 0 && s->rack_xmit_ts == 0 && !head))
 		return;
 	reo = UTP_MAX(s->srtt / 4 * s->reo_wnd_mult, 1000u);
-	for (seq = (uint16)(s->next_send - 1); seq != s->acked_seq; seq--) {
+	for (seq = (uint16)(s->acked_seq + 1); seq != s->next_send; seq++) {
 		utp_outpkt *p = out_get(s, seq);
+		uint32 sacked_above;
 		if (p == NULL)
 			continue;
 		if (p->sacked) {
-			sacked_above++;
-			if (p->time_sent > newest_delivered)
-				newest_delivered = p->time_sent;
+			sacked_seen++;
+			run = 0;
 			continue;
 		}
-		if (sacked_above == 0 || p->lost || p->time_sent >= newest_delivered)
+		if (head) {
+			head = 0;
+			/* Well over: a probe timeout (two round trips) plus the
+			 * variation, so a receiver slow to answer (a busy reader, a
+			 * deferred ACK) is not taken for a loss. */
+			if (!p->lost && p->transmissions > 0 &&
+			    now >= p->time_sent + 2 * (uint64)s->srtt + 4 * (uint64)s->rttvar + reo) {
+				utp_out_mark_lost(s, p, 0);
+				lost = 1;
+				continue;
+			}
+		}
+		/* Packets sent first after the newest delivered one, and all after
+		 * them, cannot be judged yet (unless SACKs above them count). */
+		sacked_above = s->sacked_count - sacked_seen;
+		if (sacked_above == 0 && ((p->transmissions == 1 && p->time_sent >= s->rack_xmit_ts) ||
+		                          !seq_le(p->seq_nr, s->sack_limit)))
+			break;
+		if (p->lost) {
+			run++;
 			continue;
-		if ((p->transmissions == 1 && sacked_above >= s->dupthresh) || now >= p->time_sent + s->srtt + reo) {
+		}
+		if (p->time_sent >= s->rack_xmit_ts) {
+			run = 0;
+			continue;
+		}
+		/* The time rule judges only what the peer's last ACK reported on:
+		 * past its bitmap the receiver may hold packets it cannot show. */
+		if ((p->transmissions == 1 && sacked_above >= s->dupthresh) ||
+		    (now >= p->time_sent + s->srtt + reo && seq_le(p->seq_nr, s->sack_limit))) {
 			utp_out_mark_lost(s, p, 0);
 			lost = 1;
-		} else {
+			if (p->transmissions == 1 && ++run > longest_run)
+				longest_run = run;
+		} else if (seq_le(p->seq_nr, s->sack_limit)) {
 			uint64 due = p->time_sent + s->srtt + reo;
+			run = 0;
 			if (s->reorder_deadline == 0 || due < s->reorder_deadline)
 				s->reorder_deadline = due;
 		}
 	}
-	if (lost)
+	if (lost) {
+		if (longest_run >= UTP_BURST_LOSS_RUN)
+			utp_pace_on_burst_loss(s, longest_run);
 		utp_cc_on_loss(s);
+	}
 }
 
 /* ---- ACK processing -------------------------------------------------------------- */
@@ -557,6 +620,31 @@ static void check_reordered(utp_socket *s, const utp_outpkt *p)
 		s->reo_wnd_mult++;
 }
 
+/* A packet was delivered: its send time is RACK's reference, unless it was
+ * a retransmission acknowledged too soon to be the copy that arrived. */
+static void rack_update(utp_socket *s, const utp_outpkt *p, uint64 now)
+{
+	if (p->transmissions > 1 && now - p->time_sent < s->min_rtt)
+		return;
+	if (p->time_sent > s->rack_xmit_ts)
+		s->rack_xmit_ts = p->time_sent;
+}
+
+/* The SACK bitmap is there (the receiver holds data past a hole) but shows
+ * nothing we sent: what it holds lies past the bitmap's end.  So the first
+ * packet past the end, or one after it, was delivered; the earliest such
+ * send time is the first packet's, if it went only once. */
+static void rack_beyond_bitmap(utp_socket *s, const utp_packet *pk, uint64 now)
+{
+	uint16 beyond = (uint16)(pk->ack_nr + 2 + pk->sack_len * 8);
+	utp_outpkt *p;
+	if (!seq_lt(s->acked_seq, beyond) || !seq_lt(beyond, s->next_send))
+		return;
+	p = out_get(s, beyond);
+	if (p != NULL && p->transmissions == 1 && !p->lost)
+		rack_update(s, p, now);
+}
+
 /* Returns UTP_ERR_MALFORMED when the packet acknowledges sequence numbers we
  * never sent: nothing in such a packet is trusted. */
 int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
@@ -579,6 +667,12 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 		return 0;
 	}
 	s->peer_wnd = pk->wnd;
+	if (pk->sack)
+		s->peer_sacks = 1;
+	/* A peer that never sent a SACK tells nothing about what it holds past
+	 * the first hole: judge every packet by time (no limit). */
+	s->sack_limit = s->peer_sacks ? (uint16)(pk->ack_nr + 1 + (pk->sack ? pk->sack_len * 8 : 0))
+	                              : (uint16)(s->next_send - 1);
 
 	for (i = 0; i < acked_new; i++) {
 		utp_outpkt *p = out_get(s, (uint16)(s->acked_seq + 1));
@@ -595,8 +689,10 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 			}
 		}
 		check_spurious(s, p, now);
-		if (!p->sacked)
+		if (!p->sacked) {
 			check_reordered(s, p);
+			rack_update(s, p, now);
+		}
 		if (p->is_fin)
 			s->fin_acked = 1;
 		if (p->is_probe && s->mtu_probe_size && p->seq_nr == s->mtu_probe_seq)
@@ -605,7 +701,7 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 	}
 
 	if (pk->sack) {
-		uint32 nbits = pk->sack_len * 8, k;
+		uint32 nbits = pk->sack_len * 8, k, shown = 0, top = 0;
 		for (k = 0; k < nbits; k++) {
 			uint16 seq = (uint16)(pk->ack_nr + 2 + k);
 			utp_outpkt *p;
@@ -613,10 +709,13 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 				break;  /* bits past what we sent are ignored */
 			if (!utp_sack_bit(pk->sack, pk->sack_len, k) || !seq_lt(s->acked_seq, seq))
 				continue;
+			shown++;
+			top = k;
 			p = out_get(s, seq);
 			if (p == NULL || p->sacked)
 				continue;
 			check_reordered(s, p);
+			rack_update(s, p, now);
 			p->sacked = 1;
 			if (s->sacked_count == 0 || seq_lt(s->highest_sacked, seq))
 				s->highest_sacked = seq;
@@ -633,6 +732,15 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 			}
 			check_spurious(s, p, now);
 		}
+		/* The time rule judges up to the bitmap's end, except that libutp's
+		 * four bytes carry only 30 bits: its last two say nothing.  A
+		 * bitmap showing nothing speaks of what lies past its end. */
+		if (pk->sack_len == 4)
+			s->sack_limit = (uint16)(s->sack_limit - 2);
+		if (shown == 0)
+			rack_beyond_bitmap(s, pk, now);
+		else if (seq_lt(s->sack_limit, (uint16)(pk->ack_nr + 2 + top)))
+			s->sack_limit = (uint16)(pk->ack_nr + 2 + top);
 	}
 
 	if (have_rtt)
@@ -697,10 +805,12 @@ int utp_out_on_ack(utp_socket *s, const utp_packet *pk)
 	}
 	if (s->peer_wnd >= utp_out_payload_max(s))
 		s->zwp_interval = 0;
-	if (s->sacked_count > 0)
-		utp_out_detect_losses(s);
-	if (bytes_acked > 0)
+	if (s->next_send != (uint16)(s->acked_seq + 1))
+		utp_out_detect_losses(s, 1);
+	if (bytes_acked > 0) {
 		utp_cc_on_ack(s, bytes_acked, flight_before);
+		utp_pace_on_ack(s, bytes_acked);
+	}
 	if (s->fin_acked)
 		utp_socket_maybe_finish(s);
 	return 0;
@@ -712,6 +822,7 @@ void utp_out_on_rto(utp_socket *s)
 {
 	utp_context *ctx = s->ctx;
 	uint16 seq;
+	int first;
 
 	s->rto_deadline = 0;
 	s->tlp_deadline = 0;
@@ -734,10 +845,24 @@ void utp_out_on_rto(utp_socket *s)
 			utp_mtu_on_blackhole(s);
 		utp_cc_on_timeout(s);
 	}
+	/* Nothing in flight is known to have arrived any more, but only the
+	 * first packet is resent now.  The receiver may well hold the rest (a
+	 * full socket buffer drops a run of packets, not all after it; libutp's
+	 * SACK shows only 30 packets past the hole): its ACK of this one then
+	 * covers them, or RACK marks lost, against this retransmission, what it
+	 * still lacks.  Resending the whole window into the same full buffer
+	 * would only repeat the loss. */
+	first = 1;
 	for (seq = (uint16)(s->acked_seq + 1); seq != s->next_send; seq++) {
 		utp_outpkt *p = out_get(s, seq);
-		if (p)
+		if (p == NULL || p->sacked)
+			continue;
+		leave_flight(s, p);
+		/* Without SACKs from the peer nothing would later show what it
+		 * lacks: go back N. */
+		if (first || !s->peer_sacks)
 			utp_out_mark_lost(s, p, 1);
+		first = 0;
 	}
 	utp_rto_backoff(s);
 	s->dup_acks = 0;

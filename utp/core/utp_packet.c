@@ -67,14 +67,14 @@ int utp_packet_parse_untrusted(const byte *buf, size_t len, utp_packet *pk)
 		off += 2;
 		if (len - off < elen)
 			return UTP_ERR_MALFORMED;
-		if (ext == UTP_EXT_SACK) {
-			/* BEP 29: the bitmap is a multiple of 32 bits. */
-			if (elen == 0 || (elen & 3) != 0)
-				return UTP_ERR_MALFORMED;
-			if (pk->sack == NULL) {
-				pk->sack = buf + off;
-				pk->sack_len = elen;
-			}
+		/* BEP 29 asks for a SACK bitmap of a multiple of 32 bits, but real
+		 * stacks send others (libtorrent: (span + 7) / 8 bytes), so any
+		 * length is taken: bits past its end count as zero, and an empty
+		 * bitmap is no bitmap.  The first SACK counts; libutp's
+		 * extension-bits link (type 2) and every other type are skipped. */
+		if (ext == UTP_EXT_SACK && elen > 0 && pk->sack == NULL) {
+			pk->sack = buf + off;
+			pk->sack_len = elen;
 		}
 		off += elen;
 		ext = next;

@@ -13,7 +13,7 @@
  */
 #include "utp_internal.h"
 
-static void set_addr(utp_socket *s, const struct sockaddr *a)
+void utp_socket_set_addr(utp_socket *s, const struct sockaddr *a)
 {
 	socklen_t len = a->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
 	memset(&s->addr, 0, sizeof s->addr);
@@ -68,6 +68,7 @@ void utp_socket_destroy_later(utp_socket *s)
 	utp_socket **pp;
 	if (s->zombie)
 		return;
+	utp_accept_release(s);
 	utp_table_remove(ctx, s);
 	if (s->in_ack_list) {
 		for (pp = &ctx->ack_list; *pp; pp = &(*pp)->ack_next) {
@@ -105,7 +106,7 @@ int utp_connect(utp_socket *s, const struct sockaddr *to, socklen_t tolen)
 		return -1;
 	ctx = s->ctx;
 	utp_ctx_enter(ctx);
-	set_addr(s, to);
+	utp_socket_set_addr(s, to);
 	for (tries = 0; tries < 64; tries++) {
 		s->recv_id = (uint16)utp_random32(ctx);
 		if (utp_table_find(ctx, (struct sockaddr *)&s->addr, s->addrlen, s->recv_id) == NULL)
@@ -131,61 +132,6 @@ int utp_connect(utp_socket *s, const struct sockaddr *to, socklen_t tolen)
 	return 0;
 }
 
-void utp_socket_accept(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from, socklen_t fromlen)
-{
-	utp_callback_arguments a;
-	utp_socket *s;
-	uint16 isn;
-
-	memset(&a, 0, sizeof a);
-	a.callback_type = UTP_ON_FIREWALL;
-	a.address = from;
-	a.address_len = fromlen;
-	if (ctx->callbacks[UTP_ON_ACCEPT] == NULL || ctx->counters.sockets_live >= ctx->max_sockets ||
-	    (ctx->callbacks[UTP_ON_FIREWALL] && utp_cb_args(ctx, &a) != 0)) {
-		/* Refused: a RESET tells the initiator at once (UTP_ECONNREFUSED)
-		 * instead of letting it wait out its SYN retries. */
-		ctx->counters.syn_refused++;
-		utp_send_reset_to(ctx, from, fromlen, pk->conn_id, pk->seq_nr, 1);
-		return;
-	}
-	s = utp_socket_new(ctx);
-	if (s == NULL) {
-		ctx->counters.syn_refused++;
-		return;
-	}
-	set_addr(s, from);
-	s->is_acceptor = 1;
-	s->recv_id = (uint16)(pk->conn_id + 1);
-	s->send_id = pk->conn_id;
-	s->syn_seq = pk->seq_nr;
-	s->ack_nr = pk->seq_nr;
-	isn = (uint16)utp_random32(ctx);
-	s->isn = isn;
-	s->seq_nr = s->next_send = isn;
-	s->acked_seq = (uint16)(isn - 1);
-	s->peer_wnd = pk->wnd;
-	s->reply_micro = (uint32)ctx->now - pk->ts;
-	s->last_recv = ctx->now;
-	utp_mtu_init(s);
-	utp_cc_init(s);
-	if (utp_table_insert(ctx, s) != 0) {
-		ctx->counters.syn_refused++;
-		utp_socket_destroy_later(s);
-		return;
-	}
-	/* Unlike libutp, an accepted connection is established at once: it may
-	 * send before the initiator has sent anything. */
-	s->state = UTPKIT_SOCK_CONNECTED;
-	s->stats.nrecv++;
-	utp_out_send_synack(s);
-	a.callback_type = UTP_ON_ACCEPT;
-	a.socket = s;
-	utp_cb_args(ctx, &a);
-	if (!s->zombie)
-		utp_timer_update(s);
-}
-
 /* The connection failed (RESET, timeout, ICMP).  A socket the application
  * already closed goes away quietly; otherwise ON_ERROR fires once and the
  * socket waits for utp_close. */
@@ -198,6 +144,7 @@ void utp_socket_fail(utp_socket *s, int code)
 		return;
 	}
 	s->state = UTPKIT_SOCK_ERROR;
+	utp_accept_release(s);
 	utp_table_remove(s->ctx, s);
 	utp_timer_update(s);
 	utp_log(s->ctx, s, UTP_LOG_NORMAL, "error %s", utp_error_code_names[code]);
@@ -217,7 +164,7 @@ uint64 utp_socket_next_deadline(const utp_socket *s)
 {
 	const utp_context *ctx = s->ctx;
 	uint64 d = 0;
-	uint64 cand[7];
+	uint64 cand[8];
 	int i, n = 0;
 
 	if (s->state == UTPKIT_SOCK_IDLE || s->state == UTPKIT_SOCK_ERROR || s->state == UTPKIT_SOCK_DESTROYED)
@@ -227,6 +174,7 @@ uint64 utp_socket_next_deadline(const utp_socket *s)
 	cand[n++] = s->tlp_deadline;
 	cand[n++] = s->reorder_deadline;
 	cand[n++] = s->zwp_deadline;
+	cand[n++] = s->pace_deadline;
 	cand[n++] = s->ack_pending ? s->ack_due : 0;
 	if (s->state != UTPKIT_SOCK_SYN_SENT && s->rto_deadline == 0) {
 		uint64 ka = (uint64)ctx->keepalive_ms * 1000u;
@@ -286,9 +234,11 @@ void utp_socket_on_timer(utp_socket *s)
 		utp_out_on_tlp(s);
 	if (s->reorder_deadline && now >= s->reorder_deadline) {
 		s->reorder_deadline = 0;
-		utp_out_detect_losses(s);
+		utp_out_detect_losses(s, 0);
 		utp_out_flush(s);
 	}
+	if (s->pace_deadline && now >= s->pace_deadline)
+		utp_out_flush(s);  /* the pacer lets the next burst go */
 	if (s->zwp_deadline && now >= s->zwp_deadline) {
 		s->zwp_deadline = 0;
 		utp_out_flush_probe(s);
@@ -386,11 +336,29 @@ void utpkit_abort(utp_socket *s)
 	if (s == NULL || s->zombie)
 		return;
 	utp_ctx_enter(s->ctx);
+	/* Refusing a connection the initiator never confirmed (a full backlog,
+	 * say) answers an unauthenticated SYN: that RESET is rate limited. */
 	if (s->state == UTPKIT_SOCK_CONNECTED || s->state == UTPKIT_SOCK_CLOSING)
-		utp_send_reset_to(s->ctx, (struct sockaddr *)&s->addr, s->addrlen, s->send_id, s->ack_nr, 0);
+		utp_send_reset_to(s->ctx, (struct sockaddr *)&s->addr, s->addrlen, s->send_id, s->ack_nr,
+		                  s->is_acceptor && !s->confirmed);
 	s->app_closed = 1;
 	utp_socket_destroy_later(s);
 	utp_ctx_leave(s->ctx);
+}
+
+int utpkit_probe(utp_socket *s)
+{
+	int ok = -1;
+	if (s == NULL || s->zombie || s->state != UTPKIT_SOCK_CONNECTED)
+		return -1;
+	utp_ctx_enter(s->ctx);
+	if (!s->is_acceptor || s->confirmed ||
+	    utp_unauth_permit(s->ctx, (struct sockaddr *)&s->addr, s->addrlen, UTP_HEADER_SIZE, UTP_UNAUTH_OTHER)) {
+		utp_out_send_keepalive(s);
+		ok = 0;
+	}
+	utp_ctx_leave(s->ctx);
+	return ok;
 }
 
 void utp_read_drained(utp_socket *s)
@@ -502,5 +470,6 @@ int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info)
 	info->slow_start = s->slow_start;
 	info->seq_nr = s->seq_nr;
 	info->ack_nr = s->ack_nr;
+	info->peer_confirmed = s->is_acceptor ? s->confirmed : s->state != UTPKIT_SOCK_SYN_SENT && s->state != UTPKIT_SOCK_IDLE;
 	return 0;
 }
