@@ -213,6 +213,35 @@ async def test_exceptions_from_the_body_come_out_unwrapped():
                 await trio.sleep(1)
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", None])
+async def test_sendto_with_ttl_sets_the_ttl_of_that_datagram_only(host):
+    # Hole punching's NAT-opening probes (issue 10) leave with a small TTL;
+    # the datagram after them has the socket's default again.  The
+    # receiver reads each datagram's TTL (IP_RECVTTL); host None is the
+    # dual-stack socket sending to an IPv4-mapped address.
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # IP_RECVTTL is 12 on Linux; Python's socket module does not name it.
+    rx.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_RECVTTL", 12), 1)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5.0)
+    try:
+        async with utp.open_endpoint(host, 0) as ep:
+            assert await ep.sendto_with_ttl(b"low", rx.getsockname(), 3)
+            await ep.sendto(b"normal", rx.getsockname())
+            with pytest.raises(ValueError, match="ttl"):
+                await ep.sendto_with_ttl(b"x", rx.getsockname(), 0)
+        ttls = {}
+        for _ in range(2):
+            data, anc, _flags, _addr = rx.recvmsg(100, socket.CMSG_SPACE(4))
+            ttl = [int.from_bytes(d[:4], "little") for lvl, typ, d in anc
+                   if lvl == socket.IPPROTO_IP and typ == socket.IP_TTL]
+            ttls[data] = ttl[0]
+        assert ttls[b"low"] == 3
+        assert ttls[b"normal"] > 3
+    finally:
+        rx.close()
+
+
 async def test_open_utp_stream_port_must_be_an_int():
     """A str port is a type error, not a "bad port" (issue 13)."""
     with pytest.raises(TypeError, match="port must be an int, not str '9000'"):

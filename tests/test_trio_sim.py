@@ -508,3 +508,53 @@ async def test_lost_last_ack_is_answered_after_close(autojump_clock):
         assert net.dropped == 1
         # No reset: the resent FIN was acknowledged.
         assert not [e for e in events if e.startswith("error")], events
+
+
+async def test_endpoint_stays_for_time_wait_so_a_resent_fin_is_acked(autojump_clock):
+    """Issue 10, "the close that looks like a reset": A closes first and
+    leaves right after B's FIN arrived; A's ACK of that FIN is lost.  The
+    Endpoint's exit stays (about two RTOs) to ACK B's resent FIN from TIME_WAIT,
+    so B ends cleanly instead of resending its FIN into a closed port."""
+    async with SimNetwork(seed=1, delay=0.01) as net:
+        async with net.endpoint(B, PORT) as b:
+            listener = b.listen()
+            a_left: list[float] = []
+
+            async def side_a() -> None:
+                async with net.endpoint(A, PORT) as a:
+                    s = await a.connect((B, PORT), timeout=10.0)
+                    await s.send_all(b"x" * 5000)
+                    await s.send_eof()
+                    while await s.receive_some():
+                        pass
+                    await s.aclose()
+                a_left.append(trio.current_time())
+
+            async def heal() -> None:
+                await trio.sleep(0.3)
+                net.set_link(A, B, both=False, up=True)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(side_a)
+                sb = await listener.accept()
+                got = b""
+                while chunk := await sb.receive_some():
+                    got += chunk
+                assert got == b"x" * 5000
+                # A's ACK of B's FIN (and anything else A sends for 0.3 s) is lost.
+                net.set_link(A, B, both=False, up=False)
+                nursery.start_soon(heal)
+                fin_sent = trio.current_time()
+                await sb.aclose()
+                # B's socket goes away when its FIN is acknowledged (without
+                # that ACK it would resend the FIN for much longer).
+                with trio.fail_after(5.0):
+                    while b.statistics()["engine"]["sockets_live"]:
+                        await b.wait_engine_progress()
+                acked = trio.current_time()
+            # B's FIN was acknowledged only by its retransmission (after
+            # the link healed), while A's Endpoint was still there: A left
+            # after that, and within the bound (two RTOs, at most 5 s).
+            assert acked - fin_sent > 0.3
+            assert a_left and acked <= a_left[0] <= fin_sent + 5.0
+            assert net.counters["dropped_down"] >= 1

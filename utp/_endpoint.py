@@ -118,6 +118,34 @@ class UDPDriver:
     def sendto(self, ctx: _utp.Context, data: bytes, addr: Any) -> None:
         ctx.sendto(self.fd, data, addr)
 
+    def sendto_with_ttl(self, ctx: _utp.Context, data: bytes, addr: Any, ttl: int) -> bool:
+        """Send one datagram with IP TTL (IPv6 hop limit) ``ttl``; True when
+        the kernel took it.  The socket's TTL is set around this one send
+        and restored, and the engine's queue is flushed first, so no other
+        datagram leaves with it; when the queue cannot be flushed (a full
+        socket buffer) or the send would block, nothing is sent: a datagram
+        with a small TTL must never leave later with the default one."""
+        if ctx.send_batch(self.fd):
+            return False
+        raw = self.sock._sock
+        opts = [(_socket.IPPROTO_IP, _socket.IP_TTL)]
+        if raw.family == _socket.AF_INET6:
+            opts.append((_socket.IPPROTO_IPV6, _socket.IPV6_UNICAST_HOPS))
+            if ":" not in str(addr[0]):
+                addr = ("::ffff:" + str(addr[0]), int(addr[1]))
+        saved = []
+        try:
+            for level, opt in opts:
+                saved.append((level, opt, raw.getsockopt(level, opt)))
+                raw.setsockopt(level, opt, ttl)
+            raw.sendto(data, addr)
+            return True
+        except OSError:
+            return False
+        finally:
+            for level, opt, value in saved:
+                raw.setsockopt(level, opt, value)
+
     def statistics(self, ctx: _utp.Context) -> dict[str, Any]:
         return {"socket_buffers": dict(self.buffers), "io": ctx.io_stats()}
 
@@ -388,6 +416,21 @@ class Endpoint:
         self._driver.sendto(self._ctx, bytes(data), addr)
         self._flush()
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def sendto_with_ttl(self, data: bytes, addr: tuple[Any, ...], ttl: int) -> bool:
+        """Send one datagram from the shared socket with IP TTL (IPv6 hop
+        limit) ``ttl``, for hole punching's NAT-opening probes (they must
+        expire before the peer's NAT).  Best effort: False when it was not
+        sent (the socket's buffer is full, or the network -- a simulated
+        one -- cannot limit the TTL); never sent later with another TTL."""
+        if not 1 <= ttl <= 255:
+            raise ValueError(f"ttl must be 1..255, not {ttl!r}")
+        self.check_open()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        send = getattr(self._driver, "sendto_with_ttl", None)
+        sent = bool(send(self._ctx, bytes(data), addr, ttl)) if send is not None else False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return sent
 
     def port_unreachable(self, addr: tuple[Any, ...], *, since: float | None = None) -> bool:
         """Whether the kernel reported ICMP port unreachable for a datagram
@@ -661,6 +704,16 @@ class Endpoint:
         with trio.move_on_after(self.linger):
             while self._streams:
                 await self._drained_lot.park()
+            # TIME_WAIT: a peer whose last FIN-ACK from us was lost resends
+            # its FIN; stay (about two RTOs, see utpkit_timewait_linger) to
+            # ACK it, else it hits a closed port and reports a reset after
+            # every byte arrived.
+            while not self._ctx.closed:
+                self.before_engine_call()  # the simulated clock, for the query
+                wait = self._ctx.timewait_linger()
+                if wait is None:
+                    break
+                await trio.sleep(wait / 1_000_000)
 
     def close_now(self) -> None:
         """Close at once: streams fail, queues close, the socket closes.

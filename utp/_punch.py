@@ -31,13 +31,47 @@ Pacing: one attempt (or probe) every ``interval`` seconds during the first
 ``fast_period`` seconds, then one every ``keepalive`` seconds, which keeps
 the NAT mappings of a long wait alive (home NATs drop idle UDP mappings
 after ~30 s; uTP's own keepalive is 29 s).
+
+Routers that answer (issue 10).  Many NATs have no input firewall: a packet
+from the peer that reaches our router before we have sent anything to the
+peer goes to the router's own stack, is answered with ICMP port
+unreachable, and stays in its connection tracking as an unreplied inbound
+flow (peer -> our public endpoint), refreshed by every further packet.  Our
+own first packet to the peer would then have the same pair of endpoints in
+reverse, so the NAT gives it another public port: we speak to the peer from
+a port it has never heard of and its NAT, port-restricted, drops us, while
+its packets go to a port that now leads nowhere.  Whoever's packets arrive
+first spoils the other side, so the outcome depended on who learned of whom
+first.  Punching therefore runs in two phases:
+
+1. *Opening*: from the start, each side sends its probes with a small IP TTL
+   (``open_ttl``, default 2).  They cross our own NAT, which creates the
+   mapping and opens its filter towards the peer's public endpoint, and then
+   expire in the network before the peer's NAT (there is always at least one
+   router between two NATs on the internet; the lab's ``answering`` kind
+   has one).  Nothing of ours can spoil the peer's router in this phase.
+2. *Full*: ``hold`` seconds after the start, or at once when any packet
+   from the peer's IP arrives (it was sent after the peer's own opening, so
+   its NAT is open towards us), the initiator starts its uTP attempts and
+   the responder its full-TTL probes, as above.
+
+``hold`` must cover the difference between the two sides' calls to
+:func:`punch`; :func:`utp.rendezvous` starts them at most one poll
+interval apart (the later peer finds the earlier one at once, the earlier
+finds the later at its next poll) and holds for two poll intervals.
+Whatever got remapped anyway (a symmetric NAT, a router we could not keep
+from answering) is still met by re-aiming: the initiator retargets at the
+source of the peer's first probe and the responder accepts from any port of
+the peer's IP.  Where the TTL cannot be limited (a simulated network, a
+full socket buffer at the first probe) there is no opening phase and no
+hold: full packets start at once, as before.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
@@ -132,7 +166,8 @@ class _Pacer:
 async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None = None,
                 timeout: float | None = None, local_public: tuple[Any, ...] | None = None,
                 interval: float = 0.1, fast_period: float = 5.0,
-                keepalive: float = 20.0) -> UTPStream:
+                keepalive: float = 20.0, hold: float = 1.0,
+                open_ttl: int | None = 2) -> UTPStream:
     """Punch through the NATs between this Endpoint and ``peer`` and return
     the one uTP stream between them.
 
@@ -141,6 +176,12 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
     when there is no NAT).  Both sides must use the same pair, since they decide
     who initiates by comparing them (:func:`is_initiator`).  ``deadline`` is
     absolute (trio clock), ``timeout`` seconds from now; one is required.
+
+    ``hold`` is how long only NAT-opening probes with IP TTL ``open_ttl``
+    go out before full packets (see the module docs: it must cover the gap
+    between the two sides' calls); ``open_ttl=None`` sends no opening
+    probes and holds nothing back, nor does ``hold=0`` (either is the
+    behaviour before issue 10).
 
     Raises TimeoutError naming what was tried (attempts, probes, what came
     back) when nothing connected in time; ValueError when ``peer`` is our own
@@ -155,6 +196,10 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
                         ("keepalive", keepalive)):
         if not value > 0:
             raise ValueError(f"{name} must be positive, not {value!r}")
+    if not hold >= 0:
+        raise ValueError(f"hold must be zero or positive, not {hold!r}")
+    if open_ttl is not None and not 1 <= open_ttl <= 255:
+        raise ValueError(f"open_ttl must be 1..255 or None, not {open_ttl!r}")
     if keepalive > 25:
         raise ValueError(f"keepalive {keepalive!r} s is too long: NATs drop idle mappings "
                          f"after ~30 s, so keep it at most 25 s")
@@ -173,16 +218,60 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
         queue = ep.datagram_queue("other", maxlen=64)
     except RuntimeError:
         queue = None  # someone else owns "other": punch without reading probes
+    phase = _Phase(ep, peer, start, hold, open_ttl, interval,
+                   lambda t: _Pacer(t, interval, fast_period, keepalive))
     try:
         if initiator:
-            return await _initiate(ep, peer, queue, start, end,
-                                   _Pacer(start, interval, fast_period, keepalive))
-        return await _respond(ep, peer, queue, start, end,
-                              _Pacer(start, interval, fast_period, keepalive))
+            return await _initiate(ep, peer, queue, start, end, phase)
+        return await _respond(ep, peer, queue, start, end, phase)
     finally:
         if queue is not None:
             # Unregister, so a later punch (or another owner) can have it.
             ep.release_datagram_queue(queue)
+
+
+class _Phase:
+    """Opening, then full (module docs): ``full`` is set at ``start +
+    hold`` or by :meth:`heard`; ``run_opening`` sends the low-TTL probes
+    until then; ``pacer`` paces the full phase from the moment it began."""
+
+    def __init__(self, ep: Endpoint, peer: Any, start: float, hold: float, ttl: int | None,
+                 interval: float, make_pacer: Callable[[float], _Pacer]) -> None:
+        self.ep = ep
+        self.targets: list[Any] = [peer]
+        self.full_at = start + hold
+        self.ttl = ttl
+        self.interval = interval
+        self.make_pacer = make_pacer
+        self.full = trio.Event()
+        self.pacer = make_pacer(start)
+        self.opening_sent = 0
+        if hold <= 0:
+            self._go_full(start)
+
+    def _go_full(self, now: float) -> None:
+        if not self.full.is_set():
+            self.pacer = self.make_pacer(now)
+            self.full.set()
+
+    def heard(self) -> None:
+        """A packet from the peer's IP arrived: its NAT is open towards us."""
+        self._go_full(trio.current_time())
+
+    async def run_opening(self) -> None:
+        # Holding back only makes sense while our low-TTL probes open our
+        # NAT: without them (open_ttl None, or a network that cannot limit
+        # the TTL) go full at once, exactly as before issue 10.
+        with trio.move_on_at(self.full_at):
+            while not self.full.is_set() and self.ttl is not None:
+                for t in list(self.targets):
+                    if await self.ep.sendto_with_ttl(PROBE, t, self.ttl):
+                        self.opening_sent += 1
+                if not self.opening_sent:
+                    break
+                with trio.move_on_after(self.interval):
+                    await self.full.wait()
+        self._go_full(trio.current_time())
 
 
 def _is_probe_from(data: bytes, addr: Any, peer: Any) -> bool:
@@ -199,13 +288,13 @@ class _Attempt:
 
 
 async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
-                    start: float, end: float, pacer: _Pacer) -> UTPStream:
+                    start: float, end: float, phase: _Phase) -> UTPStream:
     events: list[tuple[_Attempt, EventKind, Any]] = []
     lot = trio.lowlevel.ParkingLot()
     pending: list[_Attempt] = []
     target: tuple[Any, ...] = peer
     opened = refused = timed_out = probes_seen = 0
-    targets = [peer]
+    targets = phase.targets
     winner: _Attempt | None = None
 
     def waiter_for(att: _Attempt) -> Any:
@@ -221,18 +310,26 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
             if not _is_probe_from(data, addr, peer):
                 continue
             probes_seen += 1
+            phase.heard()
             if _addr_key(addr) != _addr_key(target):
                 # The peer's NAT maps it to another port towards us than
-                # towards the rendezvous (a symmetric NAT): aim there now.
+                # towards the rendezvous (a symmetric NAT, or a router that
+                # answered): aim there now.
                 target = (addr[0], addr[1])
                 targets.append(target)
-                pacer.next = trio.current_time()
-                lot.unpark_all()
+                phase.pacer.next = trio.current_time()
+            lot.unpark_all()
+
+    async def wake_when_full() -> None:
+        await phase.full.wait()
+        lot.unpark_all()
 
     try:
         async with unwrapped(), trio.open_nursery() as nursery:
             if queue is not None:
                 nursery.start_soon(read_probes)
+            nursery.start_soon(phase.run_opening)
+            nursery.start_soon(wake_when_full)
             while winner is None:
                 while events:
                     att, kind, arg = events.pop(0)
@@ -250,7 +347,8 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
                 now = trio.current_time()
                 if now >= end:
                     break
-                if now >= pacer.next:
+                pacer = phase.pacer
+                if phase.full.is_set() and now >= pacer.next:
                     if len(pending) < MAX_PENDING:
                         sock = ep.open_engine_socket(target)
                         att = _Attempt(sock, target, now)
@@ -259,7 +357,8 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
                         opened += 1
                         ep.after_engine_call()  # the SYN leaves now
                     pacer.advance(now)
-                with trio.move_on_at(min(pacer.next, end)):
+                wake = phase.pacer.next if phase.full.is_set() else math.inf
+                with trio.move_on_at(min(wake, end)):
                     await lot.park()
             nursery.cancel_scope.cancel()
         if winner is not None:
@@ -276,14 +375,22 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
     where = " then ".join(_format_peer(t) for t in targets)
     heard = (f"{probes_seen} probe{'s' if probes_seen != 1 else ''} from the peer arrived"
              if probes_seen else "no probe from the peer arrived")
+    heard += _opening_note(phase)
     raise TimeoutError(
         f"hole punching to {_format_peer(peer)} timed out after {elapsed:.1f} s: as the "
         f"initiator sent {opened} uTP connection attempt{'s' if opened != 1 else ''} to {where} "
         f"({refused} refused, {timed_out} timed out, {len(pending)} unanswered); {heard}")
 
 
+def _opening_note(phase: _Phase) -> str:
+    if not phase.opening_sent:
+        return ""
+    return (f"; {phase.opening_sent} NAT-opening probe{'s' if phase.opening_sent != 1 else ''} "
+            f"with TTL {phase.ttl} before that")
+
+
 async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
-                   start: float, end: float, pacer: _Pacer) -> UTPStream:
+                   start: float, end: float, phase: _Phase) -> UTPStream:
     if ep.listener is not None:
         raise RuntimeError("punch cannot answer on an Endpoint that already has a listener; "
                            "close it first")
@@ -296,12 +403,13 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
         # port: a symmetric NAT sends from a port the rendezvous never saw).
         if not accepted_from and _same_ip(addr, peer):
             accepted_from.append(addr)
+            phase.heard()
             return True
         refused_from.append(addr)
         return False
 
     listener.firewall = firewall
-    targets = [peer]
+    targets = phase.targets
     probes = 0
     probes_seen = 0
     stream: UTPStream | None = None
@@ -312,15 +420,18 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
         async for data, addr in queue:
             if _is_probe_from(data, addr, peer):
                 probes_seen += 1
+                phase.heard()
                 if all(_addr_key(addr) != _addr_key(t) for t in targets):
                     targets.append((addr[0], addr[1]))
 
     async def send_probes() -> None:
         nonlocal probes
+        await phase.full.wait()
         while True:
             now = trio.current_time()
+            pacer = phase.pacer
             if now >= pacer.next:
-                for t in targets:
+                for t in list(targets):
                     await ep.sendto(PROBE, t)
                     probes += 1
                 pacer.advance(now)
@@ -329,6 +440,7 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     try:
         with trio.move_on_at(end):
             async with unwrapped(), trio.open_nursery() as nursery:
+                nursery.start_soon(phase.run_opening)
                 nursery.start_soon(send_probes)
                 if queue is not None:
                     nursery.start_soon(read_probes)
@@ -345,5 +457,5 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     raise TimeoutError(
         f"hole punching to {_format_peer(peer)} timed out after {elapsed:.1f} s: as the "
         f"responder sent {probes} probe{'s' if probes != 1 else ''} to {where} and listened, "
-        f"but no uTP connection came from {_ip(peer)}{refused}")
+        f"but no uTP connection came from {_ip(peer)}{refused}{_opening_note(phase)}")
 

@@ -99,6 +99,10 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     """
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "rendezvous")
+    # The two peers call punch at most one poll apart (the later one finds
+    # the earlier at once, the earlier finds it at its next poll): hold
+    # full-TTL packets back for two polls (utp._punch, "Routers that answer").
+    punch_options = {"hold": max(1.0, 2 * poll), **punch_options}
     say = log or (lambda line: None)
     if _is_dht(via):
         return await _rendezvous_dht(ep, key, via, start, end, poll, say, punch_options)

@@ -242,6 +242,7 @@ cdef extern from "utp.h" nogil:
         int peer_confirmed
 
     int64 utpkit_next_timeout(utp_context *ctx)
+    int64 utpkit_timewait_linger(utp_context *ctx)
     const utpkit_counters *utpkit_get_counters(utp_context *ctx)
     int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info)
     void utpkit_abort(utp_socket *s)

@@ -972,6 +972,15 @@ cdef class Context:
             return None
         return t
 
+    def timewait_linger(self):
+        """Microseconds to keep running before leaving, so connections that
+        ended with the peer's FIN can ACK it again if our ACK was lost, or
+        None when there are none (utpkit_timewait_linger)."""
+        cdef int64_t t = utpkit_timewait_linger(self._live().ctx)
+        if t < 0:
+            return None
+        return t
+
     # ---- sockets ----------------------------------------------------------
 
     def create_socket(self) -> Socket:

@@ -13,7 +13,17 @@ private host each (10.N.0.0/24) behind them.  NAT kinds, in nftables:
 - ``restricted``: port-restricted cone, Linux's ordinary ``masquerade``
   (replies only from the address and port we sent to);
 - ``symmetric``: ``masquerade fully-random`` (iptables' random-fully), a
-  new public port for every destination.
+  new public port for every destination;
+- ``answering`` (issue 10): port-restricted ``masquerade`` like
+  ``restricted``, but with NO input firewall, like many Linux gateways,
+  container hosts and some home routers: an unsolicited packet reaches the
+  router's own stack, is answered with ICMP port unreachable and leaves an
+  unreplied conntrack entry behind, so the host's own first packet to that
+  peer gets a different public port.  Behind it sits one plain router (the
+  ISP's), so a packet sent with a small IP TTL can open this NAT and expire
+  before the other side's -- as on the real internet, where there is
+  always a hop between two NATs.  Not part of :data:`NAT_KINDS` (the
+  default matrix); see :data:`ALL_NAT_KINDS`.
 
 Optional random loss on a router (``numgen random mod 100 < N drop``, both
 directions).  A loss figure means per datagram: N% of the IP packets the
@@ -29,7 +39,7 @@ The router's nft counters ``forwarded`` (every packet offered to the
 forward hook) and ``lost`` (the ones the loss rule dropped) give the
 measured figure: :meth:`Lab.loss_counters`.
 
-Routers drop unsolicited inbound packets in their input
+Routers other than ``answering`` drop unsolicited inbound packets in their input
 hook: a packet that reaches the router's own stack would otherwise leave a
 conntrack entry behind that makes masquerade pick a different port for the
 host's next outbound packet to that peer -- the real-world hole punching
@@ -67,9 +77,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-__all__ = ["Lab", "Host", "NAT_KINDS", "LabError", "can_build", "cleanup_stale", "PREFIX"]
+__all__ = ["Lab", "Host", "NAT_KINDS", "ALL_NAT_KINDS", "LabError", "can_build", "cleanup_stale",
+           "PREFIX"]
 
+# The default matrix's kinds; ALL_NAT_KINDS adds the ones issue 10 brought.
 NAT_KINDS = ("none", "full", "restricted", "symmetric")
+ALL_NAT_KINDS = NAT_KINDS + ("answering",)
 PREFIX = "ulab"
 INTERNET = ipaddress.ip_network("198.18.0.0/15")
 
@@ -185,8 +198,12 @@ def _nft_ruleset(kind: str, wan_ip: str, lan_net: str, host_ip: str, loss: int) 
                  f'oifname "wan" ip saddr {lan_net} snat to {wan_ip}'),
         "restricted": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
         "symmetric": ("", f'oifname "wan" ip saddr {lan_net} masquerade fully-random'),
+        "answering": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
     }[kind]
     lossy = f'numgen random mod 100 < {loss} counter name "lost" drop' if loss else ""
+    # ``answering`` has no input firewall: the router's own stack answers
+    # unsolicited packets (ICMP port unreachable) and conntrack keeps them.
+    guard = "" if kind == "answering" else 'iifname "wan" ct state new counter drop'
     return f"""
 table ip natlab {{
   counter forwarded {{ }}
@@ -201,7 +218,7 @@ table ip natlab {{
   }}
   chain input {{
     type filter hook input priority filter; policy accept;
-    iifname "wan" ct state new counter drop
+    {guard}
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
@@ -307,6 +324,32 @@ class Lab:
         _run(["ip", "-n", ns, "addr", "add", f"{ip}/15", "dev", ifname])
         _run(["ip", "-n", ns, "link", "set", ifname, "up"])
 
+    def _attach_via_isp(self, name: str, rns: str, wan: str, n: int) -> None:
+        """Connect router ``rns`` (public address ``wan``) to the internet
+        through one plain forwarding router, the ISP's: it answers ARP for
+        ``wan`` on the bridge (proxy ARP) and routes it down a point-to-point
+        link, so the NAT keeps ``wan`` as its only address (masquerade picks
+        it) and every packet between it and the internet crosses one more
+        hop that decrements the TTL."""
+        isp = self._ns(f"i-{name}")
+        self._attach(isp, "uplink", self._public_ip())
+        gw = f"100.127.{n}.1"
+        _run(["ip", "-n", isp, "link", "add", "cust", "type", "veth", "peer", "name", "wan",
+              "netns", rns])
+        no_offloads(isp, "cust")
+        no_offloads(rns, "wan")
+        _run(["ip", "-n", isp, "addr", "add", f"{gw}/32", "dev", "cust"])
+        _run(["ip", "-n", isp, "link", "set", "cust", "up"])
+        _run(["ip", "-n", isp, "route", "add", f"{wan}/32", "dev", "cust"])
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.uplink.proxy_arp", 1),
+                           ("net.ipv4.conf.all.rp_filter", 0), ("net.ipv4.conf.cust.rp_filter", 0),
+                           ("net.ipv4.conf.uplink.rp_filter", 0)):
+            _sysctl(isp, key, value)
+        _run(["ip", "-n", rns, "addr", "add", f"{wan}/32", "dev", "wan"])
+        _run(["ip", "-n", rns, "link", "set", "wan", "up"])
+        _run(["ip", "-n", rns, "route", "add", gw, "dev", "wan"])
+        _run(["ip", "-n", rns, "route", "add", "default", "via", gw, "dev", "wan", "src", wan])
+
     def _public_ip(self) -> str:
         ip = str(INTERNET.network_address + self._next_public)
         self._next_public += 1
@@ -315,8 +358,8 @@ class Lab:
     def add_host(self, name: str, kind: str = "none", *, loss: int = 0, ip: str | None = None) -> Host:
         """A host behind a NAT of ``kind`` (see NAT_KINDS); ``loss`` percent
         random loss on its router, each direction."""
-        if kind not in NAT_KINDS:
-            raise ValueError(f"unknown NAT kind {kind!r}; expected one of {NAT_KINDS}")
+        if kind not in ALL_NAT_KINDS:
+            raise ValueError(f"unknown NAT kind {kind!r}; expected one of {ALL_NAT_KINDS}")
         if name in self.hosts:
             raise ValueError(f"the lab already has a host {name!r}")
         if not 0 <= loss < 100:
@@ -337,7 +380,10 @@ class Lab:
         self._next_lan += 1
         lan_net = f"10.{n}.0.0/24"
         router_lan, host_ip = f"10.{n}.0.1", f"10.{n}.0.2"
-        self._attach(rns, "wan", wan)
+        if kind == "answering":
+            self._attach_via_isp(name, rns, wan, n)
+        else:
+            self._attach(rns, "wan", wan)
         _run(["ip", "-n", rns, "link", "add", "lan", "type", "veth", "peer", "name", "eth0",
               "netns", hns])
         no_offloads(rns, "lan")

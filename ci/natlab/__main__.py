@@ -1,4 +1,5 @@
 """python -m ci.natlab matrix [--via tracker|dht] [--loss N] [--size BYTES] [--deadline S]
+    [--kinds K,K] [--offset SECONDS]
 python -m ci.natlab cleanup
 
 ``matrix`` builds a NAT lab (as root), runs ucat --rendezvous for every pair
@@ -14,7 +15,7 @@ import os
 import sys
 import time
 
-from . import NAT_KINDS, can_build, cleanup_stale
+from . import ALL_NAT_KINDS, NAT_KINDS, can_build, cleanup_stale
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--size", type=int, default=4 << 20, help="bytes each way (default 4 MiB)")
     m.add_argument("--deadline", type=float, default=10.0, help="ucat -w: seconds to connect")
     m.add_argument("--kinds", default=",".join(NAT_KINDS),
-                   help=f"comma-separated NAT kinds (default {','.join(NAT_KINDS)})")
+                   help=f"comma-separated NAT kinds of {','.join(ALL_NAT_KINDS)}, or 'all' "
+                        f"(default {','.join(NAT_KINDS)})")
+    m.add_argument("--offset", type=float, default=0.0,
+                   help="start B this many seconds after A (negative: A after B)")
     m.add_argument("--via", choices=("tracker", "dht"), default="tracker",
                    help="meet at an opentracker (default) or through a DHT node on the lab's internet")
     m.add_argument("--parallel", type=int, default=3, help="pairs run at once")
@@ -70,19 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from .matrix import format_matrix, run_matrix
 
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    kinds = ([*ALL_NAT_KINDS] if args.kinds.strip() == "all"
+             else [k.strip() for k in args.kinds.split(",") if k.strip()])
     for k in kinds:
-        if k not in NAT_KINDS:
-            parser.error(f"unknown NAT kind {k!r}; choose from {','.join(NAT_KINDS)}")
+        if k not in ALL_NAT_KINDS:
+            parser.error(f"unknown NAT kind {k!r}; choose from {','.join(ALL_NAT_KINDS)}")
     started = time.monotonic()
 
     def progress(text: str) -> None:
         print(f"[{time.monotonic() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
 
     results = run_matrix(kinds, loss=args.loss, size=args.size, deadline=args.deadline,
-                         parallel=args.parallel, via=args.via, progress=progress)
+                         parallel=args.parallel, via=args.via, progress=progress,
+                         offset=args.offset)
     print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline,
-                        via=args.via))
+                        via=args.via, offset=args.offset))
     return 0 if all(r.as_expected for r in results) else 1
 
 

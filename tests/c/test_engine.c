@@ -261,6 +261,45 @@ static int drop_first_from_b(int from, int to, const unsigned char *buf, size_t 
  * follow its STATE reply at once.  When the STATE and the first DATA are
  * lost, the initiator first hears of the connection from the second DATA:
  * that must not make it skip the first one (which is retransmitted). */
+static int never(void *arg)
+{
+	(void)arg;
+	return 0;
+}
+
+/* After a graceful close both ways, the side whose last packet was the
+ * peer's FIN is told to stay (utpkit_timewait_linger) about two RTOs, at
+ * most 5 s, so it can ACK a resent FIN; afterwards nothing is pending. */
+static void test_timewait_linger(void)
+{
+	struct sim_node *a, *b;
+	struct sim_conn *ca;
+	size_t len = 20000;
+	unsigned char *tx_a = sim_pattern(len, 31), *tx_b = sim_pattern(len, 32);
+	unsigned flags = C_SHUTDOWN_WHEN_SENT | C_CLOSE_ON_EOF;
+	int64 la, lb;
+
+	sim_init(17, START_US);
+	a = sim_add_node(1000, 0);
+	b = sim_add_node(2000, 0);
+	CHECK(utpkit_timewait_linger(a->ctx) == -1);
+	CHECK(utpkit_timewait_linger(NULL) == -1);
+	sim_listen(b, flags, tx_b, len, len);
+	ca = sim_conn_new(a, flags, tx_a, len, len);
+	CHECK(sim_connect_node(ca, b) == 0);
+	CHECK(sim_run(all_destroyed, NULL, 30 * SEC));
+	la = utpkit_timewait_linger(a->ctx);
+	lb = utpkit_timewait_linger(b->ctx);
+	CHECKF(la > 0 || lb > 0, "linger a %lld b %lld", (long long)la, (long long)lb);
+	CHECKF(la <= 5 * (int64)SEC && lb <= 5 * (int64)SEC, "linger a %lld b %lld",
+	       (long long)la, (long long)lb);
+	sim_run(never, NULL, 6 * SEC);
+	CHECK(utpkit_timewait_linger(a->ctx) == -1 && utpkit_timewait_linger(b->ctx) == -1);
+	sim_free();
+	free(tx_a);
+	free(tx_b);
+}
+
 static void test_data_before_syn_ack(void)
 {
 	struct sim_node *a, *b;
@@ -1265,6 +1304,7 @@ static const struct check_test tests[] = {
 	{"transfer_4mib_both_ways", test_transfer_4mib_both_ways},
 	{"transfer_writev_ipv6", test_transfer_writev_ipv6},
 	{"transfer_lossy", test_transfer_lossy},
+	{"timewait_linger", test_timewait_linger},
 	{"data_before_syn_ack", test_data_before_syn_ack},
 	{"callbacks_reentrant", test_callbacks_reentrant},
 	{"close_in_on_accept", test_close_in_on_accept},

@@ -279,6 +279,11 @@ typedef struct {
  * when no timer is armed.  Lets the caller sleep exactly as long as needed
  * and then call utp_check_timeouts(). */
 UTP_EXPORT int64 utpkit_next_timeout(utp_context *ctx);
+/* Microseconds an application that is leaving should keep the context
+ * running (receiving and timing) so recently closed connections whose last
+ * packet was the peer's FIN can still ACK a resent FIN (TCP's TIME_WAIT,
+ * bounded to about two RTOs, at most 5 s); -1 when there are none. */
+UTP_EXPORT int64 utpkit_timewait_linger(utp_context *ctx);
 UTP_EXPORT const utpkit_counters *utpkit_get_counters(utp_context *ctx);
 UTP_EXPORT int utpkit_get_socket_info(utp_socket *s, utpkit_socket_info *info);
 /* Abortive close: a connected socket sends RESET to its peer (which sees

@@ -584,6 +584,33 @@ void utp_send_reset_to(utp_context *ctx, const struct sockaddr *to, socklen_t to
 
 /* ---- TIME_WAIT ---------------------------------------------------------------------------- */
 
+/* How long an application that is leaving should stay to answer for an entry
+ * whose last packet was the peer's FIN: the peer waits for our ACK of it and,
+ * if that ACK was lost, resends the FIN after its retransmission timeout
+ * (about ours).  Two RTOs and a little catch one such loss; capped, so a
+ * long RTO never holds an exit for long. */
+static void timewait_set_linger(utp_context *ctx, utp_timewait *tw)
+{
+	tw->linger_until = ctx->now + UTP_MIN(2 * tw->rto + 100000u, (uint64)5000000u);
+	if (tw->linger_until > tw->expires)
+		tw->linger_until = tw->expires;
+}
+
+int64 utpkit_timewait_linger(utp_context *ctx)
+{
+	uint64 now, last = 0;
+	uint32 i;
+	if (ctx == NULL)
+		return -1;
+	now = UTP_MAX(read_clock(ctx), ctx->now);
+	for (i = 0; i < UTP_TIMEWAIT_MAX; i++) {
+		const utp_timewait *tw = &ctx->timewait[i];
+		if (tw->expires != 0 && tw->have_fin && tw->linger_until > now && tw->linger_until > last)
+			last = tw->linger_until;
+	}
+	return last ? (int64)(last - now) : -1;
+}
+
 void utp_timewait_add(utp_socket *s)
 {
 	utp_context *ctx = s->ctx;
@@ -599,6 +626,10 @@ void utp_timewait_add(utp_socket *s)
 	tw->have_fin = s->got_fin && s->ack_nr == s->eof_seq;
 	/* Long enough for the peer's FIN retransmissions (RTO backoff). */
 	tw->expires = ctx->now + UTP_MIN(hold, (uint64)30000000u);
+	tw->rto = UTP_MAX(s->rto, 500000u);
+	tw->linger_until = 0;
+	if (tw->have_fin)
+		timewait_set_linger(ctx, tw);
 }
 
 /* A FIN (or a duplicate) for a connection we closed a moment ago: ACK it
@@ -621,6 +652,7 @@ int utp_timewait_answer(utp_context *ctx, const utp_packet *pk, const struct soc
 		if (pk->type == ST_FIN && d == 0 && !tw->have_fin) {
 			tw->ack_nr = pk->seq_nr;
 			tw->have_fin = 1;
+			timewait_set_linger(ctx, tw);
 		} else if (!(d >= 0x8000 && (pk->type == ST_FIN || pk->payload_len == 0))) {
 			return 0;  /* new data: the RESET path */
 		}

@@ -296,6 +296,8 @@ typedef struct {
 	uint16 seq_nr;             /* our next sequence number, for the STATE */
 	uint8 have_fin;            /* ack_nr is the peer's FIN */
 	uint64 expires;
+	uint64 rto;                /* the socket's retransmission timeout */
+	uint64 linger_until;       /* see utpkit_timewait_linger; 0: nothing to wait for */
 } utp_timewait;
 
 #define UTP_TIMEWAIT_MAX 256
