@@ -10,11 +10,17 @@ catch the family in one clause.
 
 Both are also ValueErrors: the errors they replaced were, and callers that
 catch ValueError keep working.
+
+Failures of the I/O around the cores -- a uTP connection reset, refused or
+timed out, a rendezvous that paired us with nobody, a tracker that answered
+with an error -- are :class:`NetworkError`, an OSError (they were OSErrors
+before, and carry errno-like meaning), so a program catches everything the
+network did to it in one clause: ``except NetworkError``.
 """
 
 from __future__ import annotations
 
-__all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError"]
+__all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError", "NetworkError"]
 
 
 class ProtocolError(Exception):
@@ -28,3 +34,8 @@ class LocalProtocolError(ProtocolError, ValueError):
 
 class RemoteProtocolError(ProtocolError, ValueError):
     """The peer sent something the protocol does not allow."""
+
+
+class NetworkError(OSError):
+    """An operation over the network failed (utp.UTPError,
+    utp.RendezvousError, tracker.TrackerError)."""

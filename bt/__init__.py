@@ -1,7 +1,12 @@
-"""BitTorrent peer for utpkit -- under construction: the building blocks
-exist, the peer that uses them does not yet.
+"""BitTorrent peer for utpkit: downloads and seeds over uTP and TCP with
+peers given by address (trackers, DHT and the rest: see below).
 
-What exists (no trio at import, no sockets):
+    async with bt.open_session(download_dir="dl") as session:
+        torrent = await session.add_torrent("x.torrent")
+        torrent.add_peer(("127.0.0.1", 6881))
+        await torrent.wait_finished()
+
+The sans-I/O parts (no trio at import, no sockets):
 
 - :mod:`bt.metainfo`: torrents parsed from untrusted bytes (BEP 3, BEP 12
   tiers, BEP 47 pad files and attributes, BEP 52 hybrids through their v1
@@ -29,10 +34,20 @@ What exists (no trio at import, no sockets):
   driving them;
 - the ``bt create`` and ``bt info`` commands (``python -m bt``).
 
-Not written yet: the trio drivers (session, torrent, peer connections
-over TCP and uTP), trackers for torrents, ``bt download`` / ``bt seed``,
-events and RPC, MSE and the extensions (ut_metadata, ut_pex,
-ut_holepunch).  It is not a client UI.
+The trio drivers (loaded on first use, so ``import bt`` stays light):
+:mod:`bt.peer` (one connection: reader, writer and server tasks around a
+PeerWire core, over a uTP or TCP stream), :mod:`bt.torrent` (picker,
+choker every 10 s, writes and verification, Have broadcasts, request
+timeouts, bans) and :mod:`bt.session` (:func:`open_session`: one uTP
+Endpoint and a TCP listener on the same port, incoming connections
+matched by infohash, outgoing uTP first then TCP, self and duplicate
+connections closed); ``bt download`` / ``bt seed``.
+
+Not written yet: trackers for torrents (the UDP client exists in
+``tracker/``, HTTP does not), pause/resume/remove/recheck, the global rate
+limits in the drivers, the benchmark, events and RPC, MSE and the
+extensions (ut_metadata, ut_pex, ut_holepunch), DHT and magnets.  It is
+not a client UI.
 """
 
 from .create import CreateError, create_torrent, create_torrent_async, piece_size_for, write_torrent
@@ -48,4 +63,20 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "parse_metainfo_untrusted",
            "AsyncTorrentStorage", "MemoryStorage", "Piece", "StorageError", "FileStorage",
            "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
-           "ConnectionClosed", "RequestsDropped"]
+           "ConnectionClosed", "RequestsDropped",
+           "open_session", "Session", "SessionError", "Torrent", "TorrentStatus", "TorrentState",
+           "TorrentError"]
+
+# The trio drivers load on first use, so ``import bt`` (and ``bt info``)
+# stays free of trio and the uTP extension.
+_LAZY = {"open_session": "session", "Session": "session", "SessionError": "session",
+         "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
+         "TorrentError": "torrent"}
+
+
+def __getattr__(name: str) -> object:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'bt' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{mod}", __name__), name)

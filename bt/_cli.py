@@ -2,8 +2,11 @@
 
     bt create PATH -o OUT.torrent [--tracker URL]... [--piece-size N] [--private] [--pad-files]
     bt info X.torrent [--json]
+    bt download X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--seed] [--no-utp | --no-tcp]
+    bt seed X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--no-utp | --no-tcp]
 
-Downloading and seeding come with the peer (issue 8); they are not here yet.
+``download`` and ``seed`` live in :mod:`bt._cli_run` (they start trio and
+the uTP engine; ``create`` and ``info`` do not).
 
 Exit status: 0 success; 1 the torrent could not be made or read (one line
 on stderr saying why); 2 usage error.
@@ -19,6 +22,8 @@ from typing import Any, Sequence
 from _utpkit.errors import ProtocolError
 
 from .create import create_torrent, write_torrent
+from ._cli_run import add_parsers as add_run_parsers
+from ._cli_run import run as run_transfer
 from .metainfo import Metainfo, load_metainfo
 
 __all__ = ["main"]
@@ -44,7 +49,7 @@ def _human(n: int) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bt", description="BitTorrent tools: make and inspect torrents.")
+    p = argparse.ArgumentParser(prog="bt", description="BitTorrent tools: make and inspect torrents, download and seed them.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("create", help="make a .torrent of a file or directory")
     c.add_argument("path", help="the file or directory to share")
@@ -60,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show what a .torrent holds")
     i.add_argument("torrent")
     i.add_argument("--json", action="store_true", help="print JSON")
+    add_run_parsers(sub)
     return p
 
 
@@ -104,6 +110,8 @@ def _print_info(m: Metainfo) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("download", "seed"):
+        return run_transfer(args)
     try:
         if args.command == "create":
             def progress(done: int, total: int) -> None:

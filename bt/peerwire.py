@@ -27,6 +27,7 @@ unchoke (bt.choker), what we have on disk (the caller's ``send(Have)``).
 from __future__ import annotations
 
 import collections
+import itertools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -238,9 +239,17 @@ class PeerWire:
     def outstanding_requests(self) -> list[Request]:
         return [Request(*k) for k in self._outgoing]
 
-    def incoming_requests(self) -> list[Request]:
-        """The peer's requests we have not served, oldest first."""
-        return [Request(*k) for k in self._incoming]
+    def incoming_requests(self, limit: int | None = None) -> list[Request]:
+        """The peer's requests we have not served, oldest first (at most
+        ``limit``: a server takes a few at a time from a queue of 2000)."""
+        keys = self._incoming if limit is None else itertools.islice(self._incoming, limit)
+        return [Request(*k) for k in keys]
+
+    def is_requested(self, key: tuple[int, int, int]) -> bool:
+        """Whether the peer still wants block ``key`` (not served, not
+        cancelled, not dropped by a choke): O(1), for a server that read
+        the block from disk in the meantime."""
+        return key in self._incoming
 
     def set_geometry(self, geometry: Geometry) -> None:
         """The torrent's shape became known (metadata fetched)."""

@@ -246,6 +246,11 @@ class AsyncTorrentStorage:
     async def read(self, index: int, offset: int, length: int) -> bytes:
         return await self._run(lambda: self.storage.piece(index).read_at(offset, length))
 
+    async def read_many(self, blocks: list[tuple[int, int, int]]) -> list[bytes]:
+        """Several ``(index, offset, length)`` reads in one thread hop (a
+        seed answering a batch of requests)."""
+        return await self._run(lambda: [self.storage.piece(i).read_at(o, n) for i, o, n in blocks])
+
     async def write(self, index: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         await self._run(lambda: self.storage.piece(index).write_at(offset, data))
 

@@ -87,7 +87,8 @@ def test_default_piece_size_and_single_file(tmp_path):
      "expected a size like 262144, 256K or 1M"),
     (["create", "/etc/hostname"], 2, "the following arguments are required: -o/--output"),
     (["info", "/nonexistent.torrent"], 1, "bt info: /nonexistent.torrent: No such file or directory"),
-    (["download", "x.torrent"], 2, "invalid choice: 'download'"),
+    (["download", "x.torrent"], 2, "the following arguments are required: -d/--dir"),
+    (["upload", "x.torrent"], 2, "invalid choice: 'upload'"),
     ([], 2, "the following arguments are required: command"),
 ])
 def test_errors_are_one_line_with_a_status(args, status, pattern):

@@ -15,18 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 import base64
-import json
 import random
-import shutil
-import socket
-import subprocess
 import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 
 import pytest
-from testsupport import unavailable
+from testsupport import TransmissionRPC, transmission_daemon, unavailable
 import trio
 
 from bt.peerwire import PeerWire, RequestsDropped
@@ -284,76 +279,19 @@ async def test_libtorrent_downloads_from_our_core_as_acceptor(lt_leecher):
 # ---- Transmission ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _TransmissionRPC:
-    """Transmission's JSON-RPC, with its session-id dance (HTTP 409)."""
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/transmission/rpc"
-        self.session_id = ""
-
-    def call(self, method: str, **arguments):
-        body = json.dumps({"method": method, "arguments": arguments}).encode()
-        for _ in range(2):
-            req = urllib.request.Request(self.url, body, {
-                "X-Transmission-Session-Id": self.session_id,
-                "Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    reply = json.load(r)
-                    assert reply["result"] == "success", reply
-                    return reply["arguments"]
-            except urllib.error.HTTPError as exc:
-                if exc.code != 409:
-                    raise
-                self.session_id = exc.headers["X-Transmission-Session-Id"]
-        raise AssertionError("Transmission kept answering 409")
-
-
 @pytest.fixture
 def transmission_seed(tmp_path):
     """transmission-daemon seeding the torrent, TCP only, encryption off,
     DHT/LPD/PEX off (PEERS.md)."""
     if lt is None:
         unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
-    if shutil.which("transmission-daemon") is None:
-        unavailable("transmission-daemon is not installed", ".ci/run installs transmission-daemon")
     ti, data = _make_torrent(tmp_path / "data")
-    conf = tmp_path / "conf"
-    conf.mkdir()
-    rpc_port, peer_port = _free_port(), _free_port()
-    (conf / "settings.json").write_text(json.dumps({
-        "bind-address-ipv4": "127.0.0.1", "bind-address-ipv6": "::1",
-        "rpc-bind-address": "127.0.0.1", "rpc-port": rpc_port,
-        "rpc-authentication-required": False, "rpc-whitelist-enabled": False,
-        "rpc-host-whitelist-enabled": False,
-        "peer-port": peer_port, "peer-port-random-on-start": False,
-        "dht-enabled": False, "lpd-enabled": False, "pex-enabled": False,
-        "port-forwarding-enabled": False, "utp-enabled": False, "encryption": 0,
-        "speed-limit-down-enabled": False, "speed-limit-up-enabled": False,
-        "download-dir": str(tmp_path / "data"), "start-added-torrents": True,
-    }))
-    proc = subprocess.Popen(["transmission-daemon", "-f", "-g", str(conf), "--log-error"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        rpc = _TransmissionRPC(rpc_port)
+    with transmission_daemon(tmp_path / "conf", tmp_path / "data", utp=False) as (rpc, peer_port):
         yield rpc, peer_port, ti, data
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
-async def _rpc(rpc: _TransmissionRPC, method: str, **arguments):
-    return await trio.to_thread.run_sync(lambda: rpc.call(method, **arguments))
+async def _rpc(rpc: TransmissionRPC, method: str, **arguments):
+    return await rpc.acall(method, **arguments)
 
 
 @pytest.mark.slow       # Transmission unchokes after its 10 s rechoke timer

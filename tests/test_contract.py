@@ -144,6 +144,18 @@ def test_one_error_family():
         decode_untrusted(b"i01e")
 
 
+def test_network_errors_share_one_base():
+    from _utpkit.errors import NetworkError
+    import utp
+    for cls in (utp.UTPError, utp.RendezvousError, tracker.TrackerError):
+        assert issubclass(cls, NetworkError) and issubclass(cls, OSError)
+    assert not issubclass(NetworkError, ProtocolError)
+    assert utp.NetworkError is NetworkError
+    err = utp.UTPError(utp.UTP_ECONNRESET)
+    with pytest.raises(NetworkError, match="ECONNRESET"):
+        raise err
+
+
 def test_distinct_names_and_old_names_kept():
     assert dht.DHTAnnounceResult is not tracker.TrackerAnnounceResult
     assert dht.AnnounceResult is dht.DHTAnnounceResult

@@ -25,6 +25,7 @@ import trio
 
 from _utpkit.addr import addr_key as _key
 from _utpkit.contract import DatagramCore
+from _utpkit.errors import NetworkError
 from _utpkit.excgroup import unwrapped
 
 from ._core import (
@@ -36,7 +37,7 @@ __all__ = ["TrackerClient", "open_tracker_client", "TrackerError", "parse_tracke
            "resolve_tracker"]
 
 
-class TrackerError(OSError):
+class TrackerError(NetworkError):
     """The tracker answered a request with an error message."""
 
 

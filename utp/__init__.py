@@ -78,6 +78,7 @@ from . import constants
 from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
 from ._endpoint import DatagramQueue, Endpoint
 from ._errors import UTPError
+from _utpkit.errors import NetworkError
 from ._punch import is_initiator, punch
 from ._rendezvous import RendezvousError, info_hash_for, rendezvous
 from ._stream import UTPListener, UTPStream
@@ -93,7 +94,7 @@ __all__ = [
     "Option", "ErrorCode", "State", "SocketState", "DatagramClass", "constants",
     # the trio layer
     "open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "Endpoint",
-    "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "punch", "rendezvous", "__version__",
+    "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "NetworkError", "punch", "rendezvous", "__version__",
     # named by punch()'s and rendezvous()'s docstrings
     "is_initiator", "RendezvousError", "info_hash_for",
 ]

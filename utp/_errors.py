@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from _utpkit.errors import NetworkError
+
 from . import _utp
 
 __all__ = ["UTPError", "error_name"]
@@ -14,7 +16,7 @@ def error_name(code: int) -> str:
     return f"uTP error {code}"
 
 
-class UTPError(OSError):
+class UTPError(NetworkError):
     """A uTP connection failed: the peer reset it, refused it, or stopped
     answering.  Raised as the ``__cause__`` of :class:`trio.BrokenResourceError`
     on streams; ``code`` is the engine's error code (``UTP_ECONNRESET``, ...)

@@ -31,6 +31,7 @@ import trio
 
 from _utpkit.addr import addr_key as _key
 from _utpkit.addr import normalize_ip as _norm_ip
+from _utpkit.errors import NetworkError
 
 from ._punch import end_time, is_initiator, punch
 from ._stream import UTPStream, _format_peer
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["rendezvous", "RendezvousError", "info_hash_for", "split_dht_peers"]
 
 
-class RendezvousError(OSError):
+class RendezvousError(NetworkError):
     """The rendezvous could not pair us with a peer."""
 
 

@@ -1,0 +1,202 @@
+"""``bt download`` and ``bt seed``: one torrent, one session, a progress
+line on stderr.
+
+    bt download X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--seed] [--no-utp | --no-tcp]
+    bt seed X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--no-utp | --no-tcp]
+
+Progress goes to stderr: a line redrawn in place on a terminal, plain
+lines every ``--status-interval`` seconds otherwise (logs, pipes, tests).
+``download`` exits 0 once every piece is verified; with ``--seed`` (and
+always for ``seed``) it keeps serving until interrupted (SIGINT), and an
+interruption after the data is complete is a success.  Failures: one line
+``bt download: ...`` and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+from typing import Any
+
+from _utpkit.addr import parse_hostport
+
+__all__ = ["add_parsers", "run"]
+
+
+def _peer(text: str) -> tuple[str, int]:
+    try:
+        host, port = parse_hostport(text, bare_ipv6=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not port:
+        raise argparse.ArgumentTypeError(f"port 0 in {text!r}")
+    return host, port
+
+
+def add_parsers(sub: Any) -> None:
+    for name, what in (("download", "download a torrent (and optionally keep seeding)"),
+                       ("seed", "check the data of a torrent and serve it")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("torrent", help="the .torrent file")
+        p.add_argument("-d", "--dir", required=True, metavar="DIR",
+                       help="the download directory (the torrent's files go under it)")
+        p.add_argument("--peer", action="append", default=[], type=_peer, metavar="HOST:PORT",
+                       help="a peer to connect to (repeatable)")
+        p.add_argument("--port", type=int, default=0, metavar="N",
+                       help="the UDP (uTP) and TCP port to listen on (default: any free one)")
+        p.add_argument("--bind", default=None, metavar="ADDR",
+                       help="the local address to listen on (default: all)")
+        if name == "download":
+            p.add_argument("--seed", action="store_true",
+                           help="keep seeding after the download until interrupted")
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--no-utp", action="store_true", help="TCP only")
+        g.add_argument("--no-tcp", action="store_true", help="uTP only")
+        p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
+                       help="seconds between progress lines when stderr is not a terminal")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def status_line(st: Any) -> str:
+    """One line of progress: done/total, rates, peers, ETA."""
+    return (f"{st.state} {st.progress * 100:5.1f}% {_human(st.bytes_have)}/{_human(st.bytes_total)}"
+            f" down {_human(st.download_rate)}/s up {_human(st.upload_rate)}/s"
+            f" peers {st.peers} ({st.peers_utp} uTP) eta {_eta(st.eta)}")
+
+
+class _Progress:
+    def __init__(self, interval: float) -> None:
+        self.tty = sys.stderr.isatty()
+        self.interval = interval
+        self.last = -math.inf
+
+    def show(self, st: Any, now: float, *, force: bool = False) -> None:
+        line = status_line(st)
+        if self.tty:
+            width = 30
+            done = int(st.progress * width)
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {line}\x1b[K")
+            sys.stderr.flush()
+        elif force or now - self.last >= self.interval:
+            self.last = now
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+async def _main(args: argparse.Namespace, done: dict[str, bool]) -> int:
+    """Run the transfer; SIGINT and SIGTERM end it cleanly (connections
+    closed, resume file written)."""
+    import trio
+
+    from _utpkit.excgroup import unwrapped
+
+    keep_seeding = args.command == "seed" or args.seed
+    progress = _Progress(args.status_interval)
+    status = 1
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with unwrapped(), trio.open_nursery() as nursery:
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    done["interrupted"] = True
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(stop_on_signal)
+            status = await _transfer(args, done, progress, keep_seeding)
+            nursery.cancel_scope.cancel()
+    if done["interrupted"]:
+        progress.end()
+        _say(f"bt {args.command}: interrupted")
+        return 0 if keep_seeding and done["complete"] else 130
+    return status
+
+
+async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _Progress,
+                    keep_seeding: bool) -> int:
+    import trio
+
+    from .session import open_session
+    from .torrent import TorrentError
+
+    async with open_session(download_dir=args.dir, port=args.port, host=args.bind,
+                            utp=not args.no_utp, tcp=not args.no_tcp) as session:
+        torrent = await session.add_torrent(args.torrent)
+        st = torrent.status()
+        _say(f"{torrent.meta.name}: {st.pieces_have}/{st.pieces_total} pieces "
+             f"({_human(st.bytes_have)} of {_human(st.bytes_total)}) already here; "
+             f"listening on port {session.port}")
+        for addr in args.peer:
+            torrent.add_peer(addr)
+        tick = 1.0 if progress.tty else min(1.0, args.status_interval)
+        while True:
+            now = trio.current_time()
+            st = torrent.status()
+            if st.error is not None:
+                progress.end()
+                raise TorrentError(st.error)
+            if torrent.finished and not done["complete"]:
+                done["complete"] = True
+                progress.show(st, now, force=True)
+                progress.end()
+                _say(f"{torrent.meta.name}: complete, every piece verified"
+                     + ("; seeding until interrupted" if keep_seeding else ""))
+                if not keep_seeding:
+                    return 0
+            progress.show(st, now)
+            with trio.move_on_after(tick):
+                if torrent.finished:
+                    await trio.sleep_forever()
+                await torrent.wait_finished()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``bt download`` / ``bt seed``; returns the exit status."""
+    import trio
+
+    from _utpkit.errors import ProtocolError
+
+    from .session import SessionError
+    from .storage import StorageError
+    from .torrent import TorrentError
+
+    prog = f"bt {args.command}"
+    if not os.path.isfile(args.torrent):
+        _say(f"{prog}: {args.torrent}: no such file")
+        return 1
+    done = {"complete": False, "interrupted": False}
+    try:
+        return trio.run(_main, args, done)
+    except KeyboardInterrupt:
+        _say(f"{prog}: interrupted")
+        return 0 if (args.command == "seed" or args.seed) and done["complete"] else 130
+    except ProtocolError as exc:           # MetainfoError names the field
+        _say(f"{prog}: {args.torrent}: {exc}")
+    except (StorageError, TorrentError, SessionError) as exc:
+        _say(f"{prog}: {exc}")
+    except OSError as exc:
+        _say(f"{prog}: {exc.filename or ''}: {exc.strerror or exc}")
+    return 1

@@ -1,0 +1,320 @@
+"""The BitTorrent session: one per process, owning the uTP Endpoint, the TCP
+listener on the same port number, the peer id and every torrent.
+
+    async with bt.open_session(download_dir="dl", port=6881) as session:
+        torrent = await session.add_torrent("x.torrent")
+        torrent.add_peer(("127.0.0.1", 51413))
+        await torrent.wait_finished()
+
+Incoming connections (uTP and TCP) are matched to torrents by the infohash
+of their handshake; outgoing ones try uTP first and fall back to TCP (as
+libtorrent does), each transport switchable off.  Connections to ourselves
+(our own peer id comes back) and second connections to a peer already
+connected are closed and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+import trio
+
+from _utpkit.addr import unmap_host
+from _utpkit.excgroup import unwrapped
+
+from .metainfo import Metainfo, load_metainfo, parse_metainfo_untrusted
+from .peer import PeerConnection
+from .peerwire import HANDSHAKE_TIMEOUT, ConnectionClosed, PeerWire
+from .storage import AsyncTorrentStorage, StorageError
+from .storage_file import FileStorage
+from .torrent import Torrent
+from .wire import Handshake, WireError
+
+__all__ = ["Session", "open_session", "SessionError", "PEER_ID_PREFIX"]
+
+#: Azureus-style client id (BEP 20): "-UK0100-" then 12 random bytes.
+PEER_ID_PREFIX = b"-UK0100-"
+#: Seconds to wait for a uTP connection before falling back to TCP.  A
+#: peer without uTP answers with a RESET at once; a silent one costs this.
+UTP_CONNECT_TIMEOUT = 5.0
+TCP_CONNECT_TIMEOUT = 10.0
+_HANDSHAKE_READ = 16 * 1024
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class SessionError(Exception):
+    """The session could not do what was asked (bind, add a torrent)."""
+
+
+def _stream_peer(stream: trio.abc.Stream) -> tuple[str, int]:
+    addr = getattr(stream, "peer_address", None)
+    if addr is None:
+        addr = stream.socket.getpeername()      # type: ignore[attr-defined]
+    return (unmap_host(str(addr[0])), int(addr[1]))
+
+
+async def _read_handshake(stream: trio.abc.Stream, core: PeerWire) -> Handshake:
+    """Flush what the core queued and read until the peer's handshake."""
+    while True:
+        out = core.data_to_send()
+        if out:
+            await stream.send_all(out)
+        ev = core.next_event()
+        if isinstance(ev, Handshake):
+            return ev
+        if isinstance(ev, ConnectionClosed):
+            raise ConnectionError("the peer closed the connection during the handshake")
+        if ev is not None:
+            continue
+        data = await stream.receive_some(_HANDSHAKE_READ)
+        core.receive_data(data, time.monotonic())
+
+
+async def _aclose_quietly(stream: trio.abc.AsyncResource) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        with contextlib.suppress(*_STREAM_ERRORS):
+            await stream.aclose()
+
+
+class Session:
+    """See the module docstring; made by :func:`open_session`."""
+
+    def __init__(self, nursery: trio.Nursery, endpoint: Any, port: int, download_dir: str,
+                 resume_dir: str | None, utp: bool, tcp: bool, peer_id: bytes) -> None:
+        self._nursery = nursery
+        self.endpoint = endpoint
+        self.port = port
+        self.download_dir = download_dir
+        self.resume_dir = resume_dir
+        self.utp = utp
+        self.tcp = tcp
+        self.peer_id = peer_id
+        self.torrents: dict[bytes, Torrent] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.disk_limiter = trio.CapacityLimiter(4)
+
+    # ---- torrents ----------------------------------------------------------------------
+
+    async def add_torrent(self, source: str | os.PathLike[str] | bytes | Metainfo, *,
+                          save_path: str | os.PathLike[str] | None = None) -> Torrent:
+        """Add a torrent (a .torrent path, its bytes, or a parsed Metainfo),
+        check what is already on disk under ``save_path`` (default: the
+        session's download_dir), and start it.  MetainfoError for a bad
+        torrent, StorageError for unusable paths, SessionError if it is
+        already in the session."""
+        if isinstance(source, Metainfo):
+            meta = source
+        elif isinstance(source, (bytes, bytearray)):
+            meta = parse_metainfo_untrusted(bytes(source))
+        else:
+            meta = await trio.to_thread.run_sync(load_metainfo, source)
+        if meta.info_hash in self.torrents:
+            raise SessionError(f"torrent {meta.info_hash.hex()} is already in the session")
+        where = os.fspath(save_path) if save_path is not None else self.download_dir
+        backend = FileStorage(where, resume_dir=self.resume_dir)
+        raw = await trio.to_thread.run_sync(backend.open_torrent, meta)
+        storage = AsyncTorrentStorage(raw, self.disk_limiter)
+        result = await storage.check()
+        torrent = Torrent(self, meta, storage, result.have)
+        self.torrents[meta.info_hash] = torrent
+        self._nursery.start_soon(torrent.run)
+        return torrent
+
+    # ---- connections -------------------------------------------------------------------
+
+    def vote_external_address(self, ip: str, reporter: tuple[Any, ...]) -> None:
+        """A peer told us (BEP 10 ``yourip``) where it sees us."""
+        if self.endpoint is not None:
+            self.endpoint.vote_external_address((ip, self.port), reporter=reporter, source="bt")
+
+    async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> None:
+        """Dial ``addr`` for ``torrent`` (uTP, then TCP) and run the
+        connection until it ends.  Failures are counted, not raised."""
+        host, port = addr
+        if host in torrent.banned:
+            return
+        stream: trio.abc.Stream | None = None
+        transport = ""
+        if self.utp and self.endpoint is not None:
+            try:
+                stream = await self.endpoint.connect((host, port), timeout=UTP_CONNECT_TIMEOUT)
+                transport = "utp"
+            except (OSError, TimeoutError):
+                self.counters["connect.utp_failed"] += 1
+        if stream is None and self.tcp:
+            try:
+                with trio.fail_after(TCP_CONNECT_TIMEOUT):
+                    stream = await trio.open_tcp_stream(host, port)
+                transport = "tcp"
+            except (OSError, trio.TooSlowError):
+                self.counters["connect.tcp_failed"] += 1
+        if stream is None:
+            return
+        core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
+        core.send(Handshake.make(torrent.info_hash, self.peer_id))
+        await self._run_connection(stream, core, (host, port), transport, torrent)
+
+    async def _incoming(self, stream: trio.abc.Stream, transport: str) -> None:
+        try:
+            addr = _stream_peer(stream)
+        except OSError:
+            await _aclose_quietly(stream)
+            return
+        await self._run_connection(stream, PeerWire(now=time.monotonic()), addr, transport, None)
+
+    def _refuse(self, torrent: Torrent, hs: Handshake, addr: tuple[Any, ...]) -> str | None:
+        if hs.peer_id == self.peer_id:
+            return "self"
+        if torrent.connected_to(hs.peer_id):
+            return "duplicate"
+        if addr[0] in torrent.banned:
+            return "banned"
+        return None
+
+    async def _run_connection(self, stream: trio.abc.Stream, core: PeerWire,
+                              addr: tuple[Any, ...], transport: str,
+                              torrent: Torrent | None) -> None:
+        """Handshake (both directions), the checks, then the peer's tasks."""
+        started = False
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                hs = await _read_handshake(stream, core)
+                if torrent is None:                       # incoming: pick the torrent
+                    torrent = self.torrents.get(hs.infohash)
+                    if torrent is None:
+                        self.counters["handshake.unknown_infohash"] += 1
+                        return
+                    refused = self._refuse(torrent, hs, addr)
+                    if refused:
+                        self.counters[f"handshake.{refused}"] += 1
+                        return
+                    core.set_geometry(torrent.geometry)
+                    core.send(Handshake.make(torrent.info_hash, self.peer_id))
+                elif hs.infohash != torrent.info_hash:
+                    self.counters["handshake.wrong_infohash"] += 1
+                    return
+            refused = self._refuse(torrent, hs, addr)
+            if refused:
+                self.counters[f"handshake.{refused}"] += 1
+                return
+            conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id)
+            self.counters[f"connections.{transport}"] += 1
+            started = True
+            await conn.run()
+        except (trio.TooSlowError, WireError, ConnectionError, *_STREAM_ERRORS) as exc:
+            self.counters[f"handshake.failed.{type(exc).__name__}"] += 1
+        finally:
+            if not started:
+                await _aclose_quietly(stream)
+
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], transport: str) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError:
+                # EMFILE and friends: back off instead of spinning
+                self.counters[f"accept.{transport}_failed"] += 1
+                await trio.sleep(0.5)
+                continue
+            self._nursery.start_soon(self._incoming, stream, transport)
+
+    async def aclose(self) -> None:
+        """Close the torrents' files and write the resume files (after the
+        connections have ended)."""
+        for torrent in self.torrents.values():
+            with contextlib.suppress(StorageError):
+                await torrent.storage.aclose()
+
+
+async def _bind_both(stack: contextlib.AsyncExitStack, host: str | None, port: int,
+                     tcp: bool) -> tuple[Any, list[trio.SocketListener]]:
+    """Open a uTP Endpoint and (if ``tcp``) TCP listeners on the same port
+    number; with port 0, retry with another port while TCP finds the
+    Endpoint's port taken."""
+    import utp as _utp
+    for attempt in range(10):
+        async with contextlib.AsyncExitStack() as inner:
+            try:
+                ep = await inner.enter_async_context(_utp.open_endpoint(host, port, linger=2.0))
+            except OSError as exc:
+                raise SessionError(f"cannot bind UDP port {port}: {exc}") from None
+            bound = ep.local_address[1]
+            listeners: list[trio.SocketListener] = []
+            if tcp:
+                try:
+                    listeners = await trio.open_tcp_listeners(bound, host=host)
+                except OSError as exc:
+                    if port or attempt == 9:
+                        raise SessionError(f"cannot bind TCP port {bound}: {exc}") from None
+                    continue
+            owned = inner.pop_all()
+        stack.push_async_exit(owned)
+        return ep, listeners
+    raise AssertionError("unreachable")
+
+
+@contextlib.asynccontextmanager
+async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[str] = ".",
+                       port: int = 0, utp: bool = True, tcp: bool = True,
+                       host: str | None = None, resume_dir: str | os.PathLike[str] | None = None,
+                       peer_id: bytes | None = None) -> AsyncIterator[Session]:
+    """Run a BitTorrent session for the duration of the block.
+
+    ``endpoint``: a running :class:`utp.Endpoint` to share (its port number
+    is used for TCP too); None opens one on ``host``/``port`` (0: a port
+    where UDP and TCP are both free).  ``utp`` / ``tcp`` switch each
+    transport off, in and out.  ``resume_dir`` keeps resume files (default
+    ``DOWNLOAD_DIR/.bt-resume``).
+
+    Resource handling: the endpoint (if opened here), the listeners, every
+    connection and torrent belong to the block; leaving it closes them and
+    writes the resume files."""
+    if not utp and not tcp:
+        raise SessionError("both uTP and TCP are switched off: no way to reach a peer")
+    download_dir = os.fspath(download_dir)
+    rdir = os.fspath(resume_dir) if resume_dir is not None \
+        else os.path.join(download_dir, ".bt-resume")
+    pid = peer_id if peer_id is not None else PEER_ID_PREFIX + secrets.token_bytes(12)
+    if len(pid) != 20:
+        raise SessionError("peer_id must be 20 bytes")
+    async with unwrapped(), contextlib.AsyncExitStack() as stack:
+        tcp_listeners: list[trio.SocketListener] = []
+        if endpoint is None and utp:
+            endpoint, tcp_listeners = await _bind_both(stack, host, port, tcp)
+        elif tcp:
+            bind = endpoint.local_address[1] if endpoint is not None else port
+            try:
+                tcp_listeners = await trio.open_tcp_listeners(bind, host=host)
+            except OSError as exc:
+                raise SessionError(f"cannot bind TCP port {bind}: {exc}") from None
+        for lst in tcp_listeners:
+            stack.push_async_callback(lst.aclose)
+        if endpoint is not None:
+            real_port = int(endpoint.local_address[1])
+        else:
+            real_port = int(tcp_listeners[0].socket.getsockname()[1])
+        session: Session | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                session = Session(nursery, endpoint if utp else None, real_port, download_dir,
+                                  rdir, utp, tcp, pid)
+                if utp:
+                    listener = endpoint.listener or endpoint.listen()
+                    nursery.start_soon(session._accept_loop, listener, "utp")
+                for lst in tcp_listeners:
+                    nursery.start_soon(session._accept_loop, lst, "tcp")
+                try:
+                    yield session
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # every connection task has ended (no write still in a thread):
+            # now the files close and the resume files are written
+            if session is not None:
+                with trio.CancelScope(shield=True):
+                    await session.aclose()

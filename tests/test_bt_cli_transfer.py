@@ -1,0 +1,100 @@
+"""``bt seed`` and ``bt download`` as processes: a seed and a leecher on
+loopback (uTP only, and TCP only), exit statuses, the progress lines on a
+non-terminal stderr, SIGINT, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from bt.create import create_torrent, write_torrent
+
+TIMEOUT = 60
+
+
+def _reset_sigint() -> None:
+    # a shell's background job starts with SIGINT ignored, and so would we
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def bt_popen(*args):
+    return subprocess.Popen([sys.executable, "-m", "bt", *map(str, args)], cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_reset_sigint)
+
+
+def bt_run(*args):
+    return subprocess.run([sys.executable, "-m", "bt", *map(str, args)], capture_output=True,
+                          text=True, timeout=TIMEOUT, cwd="/")
+
+
+@pytest.fixture
+def content(tmp_path):
+    rng = random.Random(5)
+    src = tmp_path / "src" / "stuff"
+    (src / "in").mkdir(parents=True)
+    (src / "a.bin").write_bytes(rng.randbytes(700_000))
+    (src / "in" / "b.bin").write_bytes(rng.randbytes(33_333))
+    torrent = tmp_path / "stuff.torrent"
+    write_torrent(create_torrent(src, piece_length=32768), torrent)
+    return src, torrent
+
+
+def _listening_port(proc) -> tuple[int, str]:
+    line = proc.stderr.readline()
+    m = re.search(r"listening on port (\d+)", line)
+    assert m, f"no port in {line!r}"
+    return int(m.group(1)), line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["--no-tcp", "--no-utp"])
+def test_seed_then_download_between_processes(tmp_path, content, transport):
+    src, torrent = content
+    seed = bt_popen("seed", torrent, "-d", src.parent, "--bind", "127.0.0.1", transport,
+                    "--status-interval", "0.5")
+    try:
+        port, first = _listening_port(seed)
+        assert first.startswith("stuff: 23/23 pieces (716.1 KiB of 716.1 KiB) already here")
+        r = bt_run("download", torrent, "-d", tmp_path / "dl", "--bind", "127.0.0.1",
+                   "--peer", f"127.0.0.1:{port}", transport, "--status-interval", "0.2")
+        assert r.returncode == 0, r.stderr
+        assert "complete, every piece verified" in r.stderr
+        assert "\r" not in r.stderr and "downloading" in r.stderr    # plain lines, not a bar
+        final = r.stderr.splitlines()[-2]          # the line forced out at completion
+        utp = 1 if transport == "--no-tcp" else 0
+        assert final.startswith("seeding 100.0%") and f"peers 1 ({utp} uTP)" in final, final
+        for rel in ("a.bin", "in/b.bin"):
+            assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+        seed.send_signal(signal.SIGINT)
+        out, err = seed.communicate(timeout=TIMEOUT)
+        assert seed.returncode == 0, err           # complete data, interrupted: success
+        assert err.rstrip().endswith("bt seed: interrupted")
+    finally:
+        if seed.poll() is None:
+            seed.kill()
+            seed.wait()
+
+
+def test_download_errors_are_one_line(tmp_path, content):
+    _, torrent = content
+    r = bt_run("download", tmp_path / "missing.torrent", "-d", tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such file" in r.stderr
+    bad = tmp_path / "bad.torrent"
+    bad.write_bytes(b"d4:infod6:lengthi5eee")
+    r = bt_run("download", bad, "-d", tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"bt download: {bad}: ") and "info." in r.stderr
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    r = bt_run("download", torrent, "-d", blocker / "sub")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and str(blocker) in r.stderr
+    r = bt_run("download", torrent, "-d", tmp_path, "--no-utp", "--no-tcp")
+    assert r.returncode == 2 and "not allowed with" in r.stderr
+    assert not os.path.exists(tmp_path / "stuff")
