@@ -65,18 +65,20 @@ def test_metainfo_read_by_libtorrent():
     assert [bytes(info.hash_for_piece(i)) for i in range(3)] == small.hashes
 
 
-# Known and open (issue 12, engine side): with 2% loss, libtorrent sending
-# to us gives up on its uTP socket ("[sock_read] Connection timed out"), 2
-# runs in 3, also before the SACK/pacing fixes.  Captured on the lab's wire:
-# a hole stays open at ack_nr while ~730 later packets arrive; our
-# advertised window counts that out-of-order data (utp_in_window subtracts
-# reorder_bytes), falls below one packet (3,635 bytes), and libtorrent then
-# refuses its timeout resend of the hole (it resends on a timeout only what
-# fits the advertised window while bytes are in flight) until it times the
-# socket out; we hear nothing more and time out 30 s later.  libutp and
-# libtorrent leave out-of-order data out of the window they advertise.
-# That one failure, and only it, is an expected failure until the engine
-# is fixed; anything else fails.
+# libtorrent gives every packet three transmissions (utp_num_resends = 3:
+# the original, one fast resend, one timeout resend) and at the next
+# timeout declares the socket dead ("[sock_read] Connection timed out").
+# With 2% loss on the lab's link a packet is lost three times with
+# probability 0.02**3 = 8e-6; a 64 MiB download is ~48,600 of libtorrent's
+# packets, so about 1 - exp(-0.39) = 32% of these downloads die whatever the
+# receiver does (captured on the wire: the fatal packet's three copies all
+# lost in the lab).  Our receiver used to make it worse by dropping copies
+# that did arrive (window ignoring the reorder buffer, then its slot limit:
+# 49 of 68 packets libtorrent sent three times in one run) -- fixed, see
+# tests/test_protocol_libtorrent_sender.py.  So that one failure is an
+# expected failure only when our engine dropped nothing (no drop_invalid:
+# every copy that reached us was taken and acknowledged); anything else
+# fails.
 LT_TIMES_US_OUT = "disconnecting (uTP) [sock_read] [system]: Connection timed out"
 
 
@@ -136,9 +138,12 @@ async def _run(torrent, tmp_path, peer, direction, record_property, placement=No
                                 timeout=240)
     record_property("interop", result.as_dict())
     print(result.line())
+    ours = result.extra.get("endpoint")
     if (not result.ok and placement is not None and (peer, direction) == ("libtorrent", "download")
-            and any(LT_TIMES_US_OUT in e for e in result.extra.get("peer_errors", []))):
-        pytest.xfail(f"known: libtorrent timed its uTP socket out under loss: {result.line()}")
+            and any(LT_TIMES_US_OUT in e for e in result.extra.get("peer_errors", []))
+            and ours is not None and not ours.get("drop_invalid")):
+        pytest.xfail(f"libtorrent's three transmissions of one packet were all lost in the lab "
+                     f"(we dropped nothing: {ours}): {result.line()}")
     assert result.ok, f"{result.line()}\n{result.extra}"
     assert result.sha256_equal and result.peer_saw_utp
     return result

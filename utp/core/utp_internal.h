@@ -273,6 +273,7 @@ struct UTPSocket {
 	uint32 reorder_count;
 	uint32 reorder_bytes;
 	uint16 reorder_top;        /* highest sequence number held in inbuf */
+	uint32 in_seg;             /* the peer's full DATA payload size, lately */
 	uint32 bytes_since_ack;
 	uint32 last_adv_wnd;       /* window we advertised last */
 
