@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import pytest
-from testsupport import ROOT, load_natlab, unavailable
+from testsupport import ROOT, load_natlab, require_no_inplace_extension, unavailable
 
 natlab = load_natlab()
 from natlab.matrix import format_matrix, punchable, run_matrix  # noqa: E402
@@ -106,8 +106,7 @@ def test_cli_from_the_checkout_root_uses_the_installed_utpkit():
     root (whose utp/ has no compiled module): the lab's ucats use the
     installed utpkit (issue 13: they failed with "cannot load the uTP
     library"), and progress comes as each pair ends."""
-    if list((ROOT / "utp").glob("_utp*.so")):
-        pytest.skip("this checkout has an in-place built extension (pip install -e)")
+    require_no_inplace_extension()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-m", "ci.natlab", "matrix", "--kinds", "none",
                           "--size", "100000"], capture_output=True, text=True, timeout=120,

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from testsupport import ROOT
+from testsupport import ROOT, require_no_inplace_extension, unavailable
 
 README = (ROOT / "README.md").read_text()
 
@@ -69,10 +69,7 @@ def test_console_scripts_the_readme_uses_are_installed():
     tests when utpkit is installed into a venv (as ci/test.sh does)."""
     bindir = Path(sys.executable).parent
     if not (bindir / "ucat").exists():
-        import pytest
-        from testsupport import unavailable
         unavailable("utpkit's console scripts are not next to this interpreter (not a venv install)")
-        pytest.skip()
     for name in ("utp-demo", "utp-bench", "ucat", "dht", "bt"):
         assert f".venv/bin/{name}" in README, name
         out = subprocess.run([str(bindir / name), "--help" if name != "utp-bench" else "help"],
@@ -83,9 +80,7 @@ def test_console_scripts_the_readme_uses_are_installed():
 def test_source_checkout_import_explains_itself(tmp_path):
     """`python -m utp.demo` in a checkout without a compiled extension fails
     with a message naming the cause and what to run instead."""
-    if list((ROOT / "utp").glob("_utp*.so")):
-        import pytest
-        pytest.skip("this checkout has an in-place built extension (pip install -e)")
+    require_no_inplace_extension()
     out = subprocess.run([sys.executable, "-c", "import utp"], capture_output=True, text=True,
                          timeout=60, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert out.returncode != 0

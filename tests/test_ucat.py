@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import pytest
-from testsupport import console_script
+from testsupport import console_script, unavailable
 
 BIG = 64 * 1024 * 1024
 SMALL = 4 * 1024 * 1024
@@ -186,7 +186,7 @@ def procs(tmp_path):
 @pytest.fixture(params=["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
 def host(request):
     if request.param == "::1" and not _have_ipv6_loopback():
-        pytest.skip("no ipv6 loopback (::1) on this machine")
+        unavailable("no IPv6 loopback (::1) on this machine", "CI needs ::1 on lo")
     return request.param
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testsupport import unavailable
 
 TIMEOUT = 30
 _DONE = re.compile(rb"DONE-(\d+)-42")
@@ -72,7 +73,7 @@ class Shell:
 
     def __init__(self, cwd: Path) -> None:
         if shutil.which("bash") is None:
-            pytest.skip("bash is not installed")
+            unavailable("bash is not installed")
         env = _env()
         pid, fd = pty.fork()
         if pid == 0:  # pragma: no cover - the child

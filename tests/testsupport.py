@@ -31,6 +31,15 @@ def unavailable(reason: str, fix: str = ".ci/run installs what the tests need") 
     pytest.skip(reason)
 
 
+def require_no_inplace_extension() -> None:
+    """Tests of what a fresh clone does need a checkout whose utp/ has no
+    compiled module; a developer's `pip install -e` builds one in place."""
+    built = sorted(p.name for p in (ROOT / "utp").glob("_utp*.so"))
+    if built:
+        unavailable(f"needs a checkout without an in-place built extension; found utp/{built[0]} "
+                    f"(from pip install -e)", "CI runs on a fresh clone, which has none")
+
+
 def console_script(name: str) -> Path:
     """The `name` entry point of an installed utpkit, next to the running
     interpreter or on PATH; skips the test in a plain checkout, where no
