@@ -201,17 +201,24 @@ class PeerConnection:
             await self._flush()
 
     async def _reader(self) -> None:
-        core = self.core
+        core, limits = self.core, self.torrent.session.limits
         while True:
-            data = await self.stream.receive_some(_RECV_SIZE)
+            # Under a download limit, read no more than the bucket's burst at
+            # a time and wait for tokens before the next read: the bytes left
+            # unread hold back the sender (TCP's window, uTP's receive window).
+            await limits.wait_download()
+            data = await self.stream.receive_some(limits.read_size(_RECV_SIZE))
+            limits.downloaded(len(data))
             core.receive_data(data, time.monotonic())
             await self._drain_events()
             if not data:
                 raise PeerClosed("peer closed")
 
     async def _server(self) -> None:
-        """Answer the peer's requests, oldest first, while it is unchoked."""
+        """Answer the peer's requests, oldest first, while it is unchoked,
+        each block within the session's upload limit."""
         core, t = self.core, self.torrent
+        limits = t.session.limits
         while True:
             await self._serve_kick.wait()
             self._serve_kick = trio.Event()
@@ -232,6 +239,9 @@ class PeerConnection:
                     t.fail(exc)
                     raise PeerClosed("storage error") from None
                 for req, data in zip(have, blocks):
+                    if limits.upload_limited and not limits.upload_ready(len(data)):
+                        await self._flush()     # what is already granted goes out first
+                        await limits.take_upload(len(data))
                     if core.am_choking or not core.is_requested(req.key):
                         continue        # choked or cancelled meanwhile
                     core.send(Piece(req.index, req.begin, data))
@@ -293,6 +303,8 @@ class PeerConnection:
             ip = ev.yourip_address
             if ip is not None:
                 t.session.vote_external_address(ip, self.addr)
+            if ev.p:
+                t._remember((self.addr[0], ev.p))      # where to dial it after a pause
         # Choke, Cancel, Suggest, AllowedFast, Extended, KeepAlive: the
         # core keeps the state; nothing to add here.
 
