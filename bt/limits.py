@@ -20,7 +20,16 @@ import trio
 
 from .ratelimit import TokenBucket
 
-__all__ = ["RateLimits"]
+__all__ = ["RateLimits", "BURST_SECONDS"]
+
+#: A bucket holds this many seconds of its rate (at least one block): small
+#: enough that a transfer of a few seconds keeps within a few percent of
+#: the limit, large enough that a fast limit is not a stream of tiny sleeps.
+BURST_SECONDS = 0.1
+
+
+def _burst(rate: float | None) -> float | None:
+    return None if not rate else max(16384.0, rate * BURST_SECONDS)
 
 
 class RateLimits:
@@ -30,14 +39,14 @@ class RateLimits:
 
     def __init__(self, upload: float | None = None, download: float | None = None) -> None:
         now = trio.current_time()
-        self.up = TokenBucket(upload, now)
-        self.down = TokenBucket(download, now)
+        self.up = TokenBucket(upload, now, burst=_burst(upload))
+        self.down = TokenBucket(download, now, burst=_burst(download))
 
     def set(self, *, upload: float | None, download: float | None) -> None:
         """New limits, effective at once (a waiting connection recomputes
         its wait within a sleep of at most 0.1 s)."""
-        self.up.set_rate(upload)
-        self.down.set_rate(download)
+        self.up.set_rate(upload, burst=_burst(upload))
+        self.down.set_rate(download, burst=_burst(download))
 
     @property
     def upload(self) -> float | None:
@@ -65,11 +74,12 @@ class RateLimits:
     # ---- download: around each read ------------------------------------------------------
 
     def read_size(self, default: int) -> int:
-        """How much to read at once: ``default``, or under a limit the
-        bucket's burst (at least one block)."""
+        """How much to read at once: ``default``, or under a limit half the
+        bucket's burst (at least one block), so the bytes read ahead of the
+        tokens stay small."""
         if self.down.unlimited:
             return default
-        return max(16384, min(default, int(self.down.burst)))
+        return max(16384, min(default, int(self.down.burst / 2)))
 
     async def wait_download(self) -> None:
         """Wait until the download bucket is out of debt."""
