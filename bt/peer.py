@@ -140,7 +140,9 @@ class PeerConnection:
             for leaf in leaves(exc):
                 if not isinstance(leaf, _ENDINGS):
                     raise
-            self._ended(next(leaf for leaf in leaves(exc)))
+            ends = list(leaves(exc))
+            # a violation is what to count, even when another task ended too
+            self._ended(next((e for e in ends if isinstance(e, WireError)), ends[0]))
         finally:
             t.detach(self)
             with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -156,9 +158,15 @@ class PeerConnection:
             self.close_reason = self.close_reason or exc.reason
         elif isinstance(exc, WireError):
             self.close_reason = self.close_reason or f"violation: {exc.reason}"
-            self.torrent.counters[f"violation.{exc.reason}"] += 1
+            self._count_violation(exc)
         else:
             self.close_reason = self.close_reason or f"stream: {type(exc).__name__}"
+
+    def _count_violation(self, exc: WireError) -> None:
+        """In the torrent's counters and the session's (all torrents)."""
+        key = f"violation.{exc.reason}"
+        self.torrent.counters[key] += 1
+        self.torrent.session.counters[key] += 1
 
     def close(self, reason: str) -> None:
         """End the connection from outside (ban, torrent stopping)."""
@@ -242,6 +250,10 @@ class PeerConnection:
                     if limits.upload_limited and not limits.upload_ready(len(data)):
                         await self._flush()     # what is already granted goes out first
                         await limits.take_upload(len(data))
+                    if core.error is not None:
+                        # the reader found a violation while we waited (disk,
+                        # tokens): it ends the connection; nothing more to send
+                        raise PeerClosed(f"violation: {core.error.reason}")
                     if core.am_choking or not core.is_requested(req.key):
                         continue        # choked or cancelled meanwhile
                     core.send(Piece(req.index, req.begin, data))
@@ -373,7 +385,7 @@ class PeerConnection:
         try:
             self.core.handle_timer(now)
         except WireError as exc:
-            self.torrent.counters[f"violation.{exc.reason}"] += 1
+            self._count_violation(exc)
             self.close(f"timeout: {exc.reason}")
             return
         self.fill_requests()
