@@ -286,6 +286,7 @@ class Torrent:
         finally:
             self._checking = False
             self._settle()
+            self._wake()            # a stop() waiting for the check
         if self.active:
             self._redial()
 
@@ -314,6 +315,8 @@ class Torrent:
         if self._scope is not None:
             self._scope.cancel()
         await self._disconnect_all("removed")
+        while self._checking:       # the storage closes next: let the hashing end
+            await self._changed.wait()
 
     async def wait_finished(self) -> None:
         """Return once every piece is verified; TorrentError if the torrent
