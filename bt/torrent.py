@@ -320,10 +320,11 @@ class Torrent:
 
     async def wait_finished(self) -> None:
         """Return once every piece is verified; TorrentError if the torrent
-        stops with an error first."""
+        stops with an error or is removed first (a pause just waits)."""
         while not self.picker.complete:
             if self.error is not None:
                 raise TorrentError(self.error)
+            self._ensure_not_removed("wait for")
             await self._changed.wait()
 
     # ---- running -----------------------------------------------------------------------

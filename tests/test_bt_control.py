@@ -7,6 +7,7 @@ session's listeners."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -29,6 +30,21 @@ def _recorder(session):
     session.state_listeners.append(
         lambda t, old, new: seen.append((None if old is None else str(old), str(new))))
     return seen
+
+
+@contextlib.asynccontextmanager
+async def _downloaded(tmp_path, data: bytes):
+    """A seed session and a leecher session that downloaded ``data`` from
+    it (into tmp_path/dl): yields (seed session, leecher session, seed
+    torrent, leecher torrent)."""
+    async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as s, \
+            bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ls:
+        seed = await s.add_torrent(data)
+        t = await ls.add_torrent(data)
+        t.add_peer(("127.0.0.1", s.port))
+        with trio.fail_after(60):
+            await t.wait_finished()
+        yield s, ls, seed, t
 
 
 async def _until(pred, timeout: float = 20.0) -> None:
@@ -76,13 +92,7 @@ async def test_pause_drops_peers_refuses_them_and_resume_finishes(tmp_path):
 
 async def test_force_recheck_finds_a_damaged_piece_and_fetches_it_again(tmp_path):
     src, names, data = _content(tmp_path)
-    async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as s, \
-            bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ls:
-        await s.add_torrent(data)
-        t = await ls.add_torrent(data)
-        t.add_peer(("127.0.0.1", s.port))
-        with trio.fail_after(60):
-            await t.wait_finished()
+    async with _downloaded(tmp_path, data) as (s, ls, _, t):
         seen = _recorder(ls)
         # an untouched recheck: every piece again, still seeding
         await t.force_recheck()
@@ -127,14 +137,8 @@ async def test_remove_torrent(tmp_path, delete_data):
     dl = tmp_path / "dl"
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"not the torrent's")
-    async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as s, \
-            bt.open_session(download_dir=dl, host="127.0.0.1") as ls:
+    async with _downloaded(tmp_path, data) as (s, ls, seed, t):
         seen = _recorder(ls)
-        seed = await s.add_torrent(data)
-        t = await ls.add_torrent(data)
-        t.add_peer(("127.0.0.1", s.port))
-        with trio.fail_after(60):
-            await t.wait_finished()
         # something of the user's next to the torrent's files, and a symlink
         # among them leading out: neither may be deleted
         (dl / "content" / "mine.txt").write_text("keep")
@@ -144,10 +148,12 @@ async def test_remove_torrent(tmp_path, delete_data):
         await _until(lambda: bool(seed.peers))
         await ls.remove_torrent(t, delete_data=delete_data)
         assert t.info_hash not in ls.torrents and t.state == "removed" and not t.peers
-        assert seen[-1] == ("seeding", "removed")
+        assert seen == [("seeding", "removed")]
         assert not resume.exists()
         with pytest.raises(TorrentError, match="removed"):
             await t.pause()
+        with pytest.raises(TorrentError, match="removed"):
+            await t.force_recheck()
         with pytest.raises(bt.SessionError, match="not in this session"):
             await ls.remove_torrent(t)
         # the seed's connection is gone; dialing the removed torrent fails
@@ -168,14 +174,39 @@ async def test_remove_torrent(tmp_path, delete_data):
 async def test_remove_with_data_deletes_the_directories_it_made(tmp_path):
     src, names, data = _content(tmp_path)
     dl = tmp_path / "dl"
-    async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as s, \
-            bt.open_session(download_dir=dl, host="127.0.0.1") as ls:
-        await s.add_torrent(data)
-        t = await ls.add_torrent(data)
-        t.add_peer(("127.0.0.1", s.port))
-        with trio.fail_after(60):
-            await t.wait_finished()
+    async with _downloaded(tmp_path, data) as (_, ls, _, t):
         await ls.remove_torrent(t, delete_data=True)
     assert not (dl / "content").exists() and dl.is_dir()
     assert src.is_dir() and sha256_files(src, names)        # the seed's copy is untouched
 
+
+
+async def test_remove_during_a_recheck_and_with_a_waiter(tmp_path):
+    """Removing waits for a running check to end before the files are
+    closed and deleted; a task waiting for the download is told it was
+    removed instead of waiting forever."""
+    src, names, data = bt_content(tmp_path, (6_000_000, 2_000_000), seed=4,
+                                  piece_length=PIECE)
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as s, \
+            bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ls:
+        seeding = await s.add_torrent(data)
+        checking = trio.Event()
+        s.state_listeners.append(lambda t, old, new: checking.set() if new == "checking" else None)
+        leech = await ls.add_torrent(data)
+        waiter_saw: list[BaseException] = []
+
+        async def waiter():
+            try:
+                await leech.wait_finished()
+            except TorrentError as exc:
+                waiter_saw.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            nursery.start_soon(seeding.force_recheck)
+            await checking.wait()
+            await s.remove_torrent(seeding, delete_data=True)
+            assert seeding.state == "removed" and not seeding._checking
+            await ls.remove_torrent(leech)
+        assert len(waiter_saw) == 1 and "removed" in str(waiter_saw[0])
+    assert not src.exists() and src.parent.is_dir()
