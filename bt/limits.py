@@ -42,11 +42,13 @@ class RateLimits:
         self.up = TokenBucket(upload, now, burst=_burst(upload))
         self.down = TokenBucket(download, now, burst=_burst(download))
 
-    def set(self, *, upload: float | None, download: float | None) -> None:
-        """New limits, effective at once (a waiting connection recomputes
-        its wait within a sleep of at most 0.1 s)."""
-        self.up.set_rate(upload, burst=_burst(upload))
-        self.down.set_rate(download, burst=_burst(download))
+    def set(self, **limits: float | None) -> None:
+        """New limits, ``upload=`` and/or ``download=`` (None: unlimited),
+        effective at once (a waiting connection recomputes its wait within
+        a sleep of at most 0.1 s)."""
+        for name, rate in limits.items():
+            bucket = {"upload": self.up, "download": self.down}[name]
+            bucket.set_rate(rate, burst=_burst(rate))
 
     @property
     def upload(self) -> float | None:

@@ -64,6 +64,9 @@ class SessionError(Exception):
     """The session could not do what was asked (bind, add a torrent)."""
 
 
+_UNCHANGED: Any = object()
+
+
 def _check_rate(name: str, value: float | None) -> float | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not value >= 0 or value == float("inf")):
@@ -185,11 +188,15 @@ class Session:
 
     # ---- limits, bans, status ------------------------------------------------------------
 
-    def set_limits(self, *, upload: float | None = None, download: float | None = None) -> None:
-        """Set the global upload and download limits (bytes/s; None or 0:
-        unlimited), shared by every torrent, effective at once."""
-        self.limits.set(upload=_check_rate("upload", upload),
-                        download=_check_rate("download", download))
+    def set_limits(self, *, upload: float | None = _UNCHANGED,
+                   download: float | None = _UNCHANGED) -> None:
+        """Set the global upload and/or download limit (bytes/s; None or 0:
+        unlimited; a limit not named keeps its value), shared by every
+        torrent, effective at once.  SessionError for a bad value."""
+        if upload is not _UNCHANGED:
+            self.limits.set(upload=_check_rate("upload", upload))
+        if download is not _UNCHANGED:
+            self.limits.set(download=_check_rate("download", download))
 
     def strike(self, ip: str) -> bool:
         """``ip`` sent a block of a piece that failed its hash.  At

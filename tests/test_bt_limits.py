@@ -88,8 +88,10 @@ async def test_limits_change_at_runtime(tmp_path):
         await trio.sleep(2.0)
         got = t.status().downloaded
         assert got <= 256 * 1024 * 2 * 1.15 + 256 * 1024, got     # rate x time + burst
+        ls.set_limits(upload=5 * MIB)                   # the download limit stays
+        assert ls.status().download_limit == 256 * 1024 and ls.status().upload_limit == 5 * MIB
         ls.set_limits(download=None)
-        assert ls.status().download_limit is None
+        assert ls.status().download_limit is None and ls.status().upload_limit == 5 * MIB
         with trio.fail_after(60):
             await t.wait_finished()
         assert trio.current_time() - start < 4 * MIB / (256 * 1024) / 2
