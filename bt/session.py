@@ -54,8 +54,8 @@ UTP_CONNECT_TIMEOUT = 5.0
 TCP_CONNECT_TIMEOUT = 10.0
 _HANDSHAKE_READ = 16 * 1024
 #: Hash failures an IP may take part in before it is banned for the
-#: session (libtorrent bans after its first; two forgives one unlucky
-#: peer that relayed a block it had itself received corrupt).
+#: session: two forgives one unlucky failure (a block damaged on a path
+#: whose checksums missed it, or a piece shared with the real culprit).
 BAN_STRIKES = 2
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
