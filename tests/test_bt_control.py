@@ -53,7 +53,11 @@ async def _until(pred, timeout: float = 20.0) -> None:
             await trio.sleep(0.02)
 
 
-async def test_pause_drops_peers_refuses_them_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("dialer", ["leecher", "seed"])
+async def test_pause_drops_peers_refuses_them_and_resume_finishes(tmp_path, dialer):
+    """``dialer`` "seed": the leecher never had the seed's address; it
+    learned the seed's listen port from its extension handshake and dials
+    it on resume."""
     src, names, data = _content(tmp_path)
     # the leecher's download limit makes the transfer last a few seconds
     async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as s, \
@@ -63,8 +67,12 @@ async def test_pause_drops_peers_refuses_them_and_resume_finishes(tmp_path):
         seed = await s.add_torrent(data)
         t = await ls.add_torrent(data)
         assert seen == [(None, "downloading")]
-        t.add_peer(("127.0.0.1", s.port))
+        if dialer == "leecher":
+            t.add_peer(("127.0.0.1", s.port))
+        else:
+            seed.add_peer(("127.0.0.1", ls.port))
         await _until(lambda: t.status().pieces_have >= 2)
+        assert list(t.known_peers) == [("127.0.0.1", s.port)]
         await t.pause()
         st = t.status()
         assert st.state == "paused" and st.peers == 0 and not t.peers
@@ -77,6 +85,7 @@ async def test_pause_drops_peers_refuses_them_and_resume_finishes(tmp_path):
         await _until(lambda: ls.counters["handshake.paused"] == 1)
         t.add_peer(("127.0.0.1", s.port))                   # not dialed while paused
         await trio.sleep(1.0)
+        assert list(t.known_peers) == [("127.0.0.1", s.port)]
         assert t.status().pieces_have == have and not t.peers and not seed.peers
         await t.pause()                                     # again: nothing changes
         assert seen == [(None, "downloading"), ("downloading", "paused")]
