@@ -15,6 +15,7 @@ them, fails under CI=true.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -129,3 +130,54 @@ def test_mapping_with_miniupnpd_renews_reaches_and_removes(protocol):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.parametrize("kind", ["upnp", "restricted"])
+def test_ucat_map(kind, tmp_path):
+    """``ucat -l --map`` behind a miniupnpd router prints the mapped address
+    and a peer on the internet connects to it directly; behind a router
+    with no mapping service it says why and still listens."""
+    env = _python_env()
+    data = tmp_path / "data"
+    data.write_bytes(bytes(range(256)) * 400)
+    with natlab.Lab() as lab:
+        host = lab.add_host("a", kind)
+        peer = lab.add_host("peer")
+        received = open(tmp_path / "received", "wb")
+        listener = host.popen([sys.executable, "-m", "ucat", "-l", "-p", str(PORT), "--map"], env=env,
+                              stdin=subprocess.DEVNULL, stdout=received,
+                              stderr=subprocess.PIPE, text=True)
+        try:
+            said = listener.stderr.readline()
+            if kind == "upnp":
+                # ucat binds [::] (dual stack) or 0.0.0.0; the gateway is
+                # the host's default route's.
+                assert re.fullmatch(rf"ucat: mapped {re.escape(host.public_ip)}:{PORT} to "
+                                    rf"(\[::\]|0\.0\.0\.0):{PORT} at the gateway 10\.\d+\.0\.1 \(pcp\)\n",
+                                    said), said
+                assert len(miniupnpd_mappings(host)) == 1
+                target = host.public_ip
+            else:
+                assert "port mapping failed" in said and "pcp:" in said and "natpmp:" in said \
+                    and "upnp:" in said and "going on without a port mapping" in said, said
+                target = host.ip   # no mapping: reach it from its own router instead
+            sender = peer if kind == "upnp" else None
+            argv = [sys.executable, "-m", "ucat", "-w", "20", target, str(PORT)]
+            with open(data, "rb") as stdin:
+                if sender is not None:
+                    sent = sender.run(argv, env=env, stdin=stdin, timeout=60)
+                else:
+                    sent = subprocess.run(["ip", "netns", "exec", host.router_ns, *argv], env=env,
+                                          stdin=stdin, capture_output=True, text=True, timeout=60,
+                                          cwd="/")
+            assert sent.returncode == 0, sent.stderr
+            _, err = listener.communicate(timeout=30)
+            assert listener.returncode == 0, err
+            received.close()
+            assert (tmp_path / "received").read_bytes() == data.read_bytes()
+            if kind == "upnp":
+                assert miniupnpd_mappings(host) == []
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+            received.close()

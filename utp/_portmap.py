@@ -265,8 +265,20 @@ class _Upnp:
         self.host = ""
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with trio.fail_after(self.timeout + 5):
-            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        # miniupnpc's own socket timeouts bound each call; this bounds the
+        # whole, and a call past it is abandoned to its thread.
+        limit = self.timeout + 5
+        try:
+            with trio.fail_after(limit):
+                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise PortMappingError(f"UPnP: {_name(fn)} took longer than {limit:g} s") from None
+        except PortMappingError:
+            raise
+        except Exception as exc:
+            # miniupnpc raises plain Exception with the UPnP error's text
+            # (or "Success" when the search found nothing).
+            raise PortMappingError(f"UPnP: {_name(fn)} failed: {exc}") from None
 
     async def discover(self) -> str:
         try:
@@ -276,8 +288,14 @@ class _Upnp:
 
         def find() -> tuple[Any, str, str, str]:
             igd = miniupnpc.UPnP()
-            igd.discoverdelay = max(100, int(self.timeout * 1000))
-            if igd.discover() == 0:
+            # The search goes through up to 4 device types, waiting this
+            # long for each while nothing answers.
+            igd.discoverdelay = max(100, int(self.timeout * 1000 / 4))
+            try:
+                found = igd.discover()
+            except Exception:
+                found = 0
+            if found == 0:
                 raise PortMappingError("UPnP: no device answered the SSDP search")
             try:
                 url = igd.selectigd()
@@ -323,6 +341,10 @@ class _Upnp:
 
     def close(self) -> None:
         self.igd = None
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return {"find": "discovery", "add": "AddPortMapping"}.get(fn.__name__, fn.__name__)
 
 
 # ---- the public context manager -----------------------------------------------------------
