@@ -159,6 +159,9 @@ class _Server:
         self.maps: list[tuple[str, int, int, bytes]] = []   # proto, internal, lifetime, nonce
         self.epoch = 1000
         self.send_wrong_nonce_first = False
+        self.restart_at: int | None = None     # before this request, the epoch restarts at 0
+        self.silent_from: int | None = None    # from this request on, no answers
+        self.external = bytes([198, 18, 9, 9])
 
     async def bind(self) -> int:
         await self.sock.bind(("127.0.0.1", 0))
@@ -169,6 +172,10 @@ class _Server:
             data, addr = await self.sock.recvfrom(1500)
             self.requests.append(data)
             self.epoch += 1
+            if len(self.requests) == self.restart_at:
+                self.epoch, self.external = 0, bytes([198, 18, 9, 10])
+            if self.silent_from is not None and len(self.requests) >= self.silent_from:
+                continue
             for answer in self.answer(data):
                 await self.sock.sendto(answer, addr)
 
@@ -187,7 +194,7 @@ class _Server:
                                    internal=internal, external=internal + 1000, ip="198.18.7.7"))
             return out
         if data[1] == 0:
-            return [struct.pack(">BBHI4s", 0, 128, 0, self.epoch, bytes([198, 18, 9, 9]))]
+            return [struct.pack(">BBHI4s", 0, 128, 0, self.epoch, self.external)]
         _, op, _, internal, external, lifetime = struct.unpack(">BBHHHI", data)
         self.maps.append(("udp" if op == 1 else "tcp", internal, lifetime, b""))
         return [struct.pack(">BBHIHHI", 0, 128 + op, 0, self.epoch, internal, internal + 2000, lifetime)]
@@ -236,6 +243,43 @@ async def test_pcp_gateway_checks_nonces_and_deletes_with_the_same_nonce():
         nursery.cancel_scope.cancel()
     nonces = {m[3] for m in server.maps}
     assert len(nonces) == 1 and server.maps[-1][2] == 0 and server.maps[0][2] == 2
+
+
+async def test_a_restarted_gateway_is_noticed_by_its_epoch():
+    server = _Server("natpmp")
+    # Requests: PCP (answered "unsupported version"), external address, UDP
+    # map; the first renewal (4th) sees the epoch back at 0.
+    server.restart_at = 4
+    port = await server.bind()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve)
+        async with utp.open_endpoint("127.0.0.1", 0) as ep:
+            async with utp.port_mapping(ep, gateway="127.0.0.1", server_port=port, lifetime=2) as mapping:
+                assert mapping.external_address[0] == "198.18.9.9"
+                await trio.sleep(1.5)
+                assert mapping.renewals == 1
+                assert any("restarted" in f for f in mapping.failures), mapping.failures
+                # It asked for the external address again: the new one.
+                assert mapping.external_address[0] == "198.18.9.10"
+                assert ep.external_address == mapping.external_address
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lease_that_could_not_be_renewed_stops_being_the_external_address():
+    server = _Server("natpmp")
+    server.silent_from = 3          # external address, map, then silence
+    port = await server.bind()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve)
+        async with utp.open_endpoint("127.0.0.1", 0) as ep:
+            async with utp.port_mapping(ep, ("natpmp",), gateway="127.0.0.1", server_port=port,
+                                        lifetime=2, timeout=0.5) as mapping:
+                assert ep.external_address == mapping.external_address
+                await trio.sleep(3.5)
+                assert mapping.renewals == 0
+                assert any("renewal failed" in f for f in mapping.failures)
+                assert ep.external_address is None
+        nursery.cancel_scope.cancel()
 
 
 async def test_no_gateway_service_is_a_clear_error():

@@ -393,8 +393,10 @@ def _renew_delay(lifetime: int) -> float:
 
 async def _renew_loop(client: Any, mapping: PortMapping, endpoint: Any, tcp_port: int | None,
                       lifetime: int) -> None:
+    expires = trio.current_time() + mapping.lifetime if mapping.lifetime else math.inf
+    wait = _renew_delay(mapping.lifetime)
     while True:
-        await trio.sleep(_renew_delay(mapping.lifetime))
+        await trio.sleep(wait)
         try:
             port, granted, restarted = await client.map("udp", mapping.internal_port,
                                                         mapping.external_address[1], lifetime)
@@ -402,19 +404,28 @@ async def _renew_loop(client: Any, mapping: PortMapping, endpoint: Any, tcp_port
                 tport, _, _ = await client.map("tcp", tcp_port, mapping.tcp_external_address[1],
                                                lifetime)
                 mapping.tcp_external_address = (mapping.tcp_external_address[0], tport)
+            ext_ip = mapping.external_address[0]
+            if isinstance(client, _Pcp) and client.external_ip_seen:
+                ext_ip = client.external_ip_seen
             if restarted:
-                # The gateway lost its state: the map above re-created it.
-                mapping.failures.append("gateway restarted (epoch went back); mapping re-created")
-            ext_ip = (client.external_ip_seen if isinstance(client, _Pcp) and client.external_ip_seen
-                      else mapping.external_address[0])
-            mapping.external_address = (ext_ip, port)
-            mapping.lifetime = granted
-            mapping.renewals += 1
-            endpoint.set_mapped_address(mapping.external_address)
+                # The gateway lost its state (the map above re-created it)
+                # and may have a new external address.
+                mapping.failures.append("gateway restarted (its epoch went back); mapping re-created")
+                if isinstance(client, _NatPmp):
+                    ext_ip = await client.external_ip()
         except (OSError, PortMapProtocolError) as exc:
             mapping.failures.append(f"renewal failed: {exc}")
-            # Retry sooner; the old lease still runs for its other half.
-            mapping.lifetime = max(2, mapping.lifetime // 2)
+            if trio.current_time() >= expires:
+                endpoint.set_mapped_address(None)   # the lease ran out: no longer reachable
+            # Retry sooner, while the old lease still runs.
+            wait = max(1.0, wait / 2)
+            continue
+        mapping.external_address = (ext_ip, port)
+        mapping.lifetime = granted
+        mapping.renewals += 1
+        expires = trio.current_time() + granted if granted else math.inf
+        wait = _renew_delay(granted)
+        endpoint.set_mapped_address(mapping.external_address)
 
 
 async def _delete(client: Any, mapping: PortMapping, tcp_port: int | None) -> None:
