@@ -168,6 +168,20 @@ class _UdpMapper:
         self.timeout = timeout
         self.client_ip = ""
         self.epoch: tuple[int, float] | None = None
+        self.gateway = gateway
+        self.external_ip_seen = ""
+
+    async def begin(self) -> str:
+        """Open the socket (learning our source address for PCP); returns
+        the external address when the protocol has a request for it."""
+        self.client_ip = await self.gw.open()
+        return ""
+
+    async def map(self, protocol: str, internal: int, external: int,
+                  lifetime: int) -> tuple[int, int, bool]:
+        """Map (lifetime 0: delete); returns (external port, granted
+        lifetime, whether the gateway restarted since the last answer)."""
+        raise NotImplementedError
 
     def check_epoch(self, epoch: int) -> bool:
         """Record the gateway's epoch; True if it restarted since the last."""
@@ -182,6 +196,10 @@ class _UdpMapper:
 
 class _NatPmp(_UdpMapper):
     name = "natpmp"
+
+    async def begin(self) -> str:
+        await super().begin()
+        return await self.external_ip()
 
     async def external_ip(self) -> str:
         def accept(data: bytes) -> codec.NatPmpExternalAddress | None:
@@ -223,7 +241,6 @@ class _Pcp(_UdpMapper):
         super().__init__(gateway, port, timeout)
         # One nonce per mapping, kept for renewing and deleting it.
         self.nonces: dict[tuple[str, int], bytes] = {}
-        self.external_ip_seen = ""
 
     async def map(self, protocol: str, internal: int, external: int, lifetime: int) -> tuple[int, int, bool]:
         nonce = self.nonces.setdefault((protocol, internal), os.urandom(12))
@@ -262,7 +279,8 @@ class _Upnp:
         self.igd: Any = None
         self.lanaddr = ""
         self.permanent: set[tuple[str, int]] = set()
-        self.host = ""
+        self.gateway = ""             # the IGD's host, from its control URL
+        self.external_ip_seen = ""
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         # miniupnpc's own socket timeouts bound each call; this bounds the
@@ -280,7 +298,8 @@ class _Upnp:
             # (or "Success" when the search found nothing).
             raise PortMappingError(f"UPnP: {_name(fn)} failed: {exc}") from None
 
-    async def discover(self) -> str:
+    async def begin(self) -> str:
+        """Find the IGD; returns its external IP address."""
         try:
             import miniupnpc  # type: ignore[import-not-found]
         except ImportError as exc:
@@ -304,7 +323,7 @@ class _Upnp:
             return igd, igd.lanaddr, igd.externalipaddress(), str(url)
 
         self.igd, self.lanaddr, ext, url = await self._call(find)
-        self.host = urlsplit(url).hostname or url
+        self.gateway = urlsplit(url).hostname or url
         if not ext:
             raise PortMappingError("UPnP: the gateway reports no external IP address")
         return str(ext)
@@ -353,29 +372,17 @@ async def _start(name: str, endpoint: Any, gateway: str | None, tcp_port: int | 
                  lifetime: int, timeout: float, server_port: int,
                  description: str) -> tuple[Any, PortMapping]:
     internal = endpoint.local_address[1]
+    client: _Upnp | _UdpMapper
     if name == "upnp":
-        upnp = _Upnp(timeout, description)
-        try:
-            ext_ip = await upnp.discover()
-            port, granted, _ = await upnp.map("udp", internal, internal, lifetime)
-            mapping = PortMapping("upnp", upnp.host, internal,
-                                  (ext_ip, port), lifetime=granted)
-            if tcp_port is not None:
-                tport, _, _ = await upnp.map("tcp", tcp_port, tcp_port, lifetime)
-                mapping.tcp_external_address = (ext_ip, tport)
-        except BaseException:
-            upnp.close()
-            raise
-        return upnp, mapping
-    gw = gateway or default_gateway()
-    client: _UdpMapper = _Pcp(gw, server_port, timeout) if name == "pcp" else _NatPmp(gw, server_port, timeout)
+        client = _Upnp(timeout, description)
+    else:
+        gw = gateway or default_gateway()
+        client = _Pcp(gw, server_port, timeout) if name == "pcp" else _NatPmp(gw, server_port, timeout)
     try:
-        client.client_ip = await client.gw.open()
-        ext_ip = await client.external_ip() if isinstance(client, _NatPmp) else ""
+        ext_ip = await client.begin()
         port, granted, _ = await client.map("udp", internal, internal, lifetime)
-        if isinstance(client, _Pcp):
-            ext_ip = client.external_ip_seen
-        mapping = PortMapping(name, gw, internal, (ext_ip, port), lifetime=granted)
+        ext_ip = client.external_ip_seen or ext_ip     # PCP learns it from MAP
+        mapping = PortMapping(name, client.gateway, internal, (ext_ip, port), lifetime=granted)
         if tcp_port is not None:
             tport, _, _ = await client.map("tcp", tcp_port, tcp_port, lifetime)
             mapping.tcp_external_address = (ext_ip, tport)
@@ -404,9 +411,7 @@ async def _renew_loop(client: Any, mapping: PortMapping, endpoint: Any, tcp_port
                 tport, _, _ = await client.map("tcp", tcp_port, mapping.tcp_external_address[1],
                                                lifetime)
                 mapping.tcp_external_address = (mapping.tcp_external_address[0], tport)
-            ext_ip = mapping.external_address[0]
-            if isinstance(client, _Pcp) and client.external_ip_seen:
-                ext_ip = client.external_ip_seen
+            ext_ip = client.external_ip_seen or mapping.external_address[0]
             if restarted:
                 # The gateway lost its state (the map above re-created it)
                 # and may have a new external address.
@@ -440,7 +445,7 @@ async def _delete(client: Any, mapping: PortMapping, tcp_port: int | None) -> No
                 await client.map("udp", mapping.internal_port, 0, 0)
                 if tcp_port is not None:
                     await client.map("tcp", tcp_port, 0, 0)
-        except (OSError, PortMapProtocolError, Exception) as exc:
+        except Exception as exc:   # OSError, PortMapProtocolError, PortMappingError
             mapping.failures.append(f"deleting the mapping failed: {exc}")
 
 
