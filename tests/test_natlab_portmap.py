@@ -6,7 +6,9 @@ router's nft ruleset shows the forwards, the lease is renewed before it
 runs out (4 s leases, still there after 6 s), a peer on the lab's internet
 connects over uTP to the mapped address with no punching (the router drops
 every unsolicited inbound packet that no mapping forwards), and the
-forwards are gone once the mapping's block ends.
+forwards are gone once the mapping's block ends; ``ucat --map`` does the
+same from the command line, and with ``--rendezvous`` meets a peer behind
+a symmetric NAT, which punching alone cannot reach.
 
 Needs root (network namespaces, nftables) and miniupnpd: skips without
 them, fails under CI=true.
@@ -181,3 +183,44 @@ def test_ucat_map(kind, tmp_path):
             if listener.poll() is None:
                 listener.kill()
             received.close()
+
+
+def test_rendezvous_with_map_reaches_a_symmetric_nat():
+    """``ucat --rendezvous --map`` behind a miniupnpd router meets a peer
+    behind a symmetric NAT at an opentracker and connects: the mapping
+    forwards the symmetric side's packets from whatever port its NAT picks
+    (without --map this pair times out: a symmetric NAT facing a
+    port-restricted one is not punchable directly)."""
+    import hashlib
+    import shutil
+    import threading
+
+    if shutil.which("opentracker") is None:
+        unavailable("opentracker is not installed (Debian package opentracker)")
+    env = _python_env()
+    key = "natlab-portmap-rendezvous"
+    data = bytes(range(256)) * 1200
+    with natlab.Lab() as lab:
+        tracker = lab.add_host("tracker")
+        a, b = lab.add_host("a", "upnp"), lab.add_host("b", "symmetric")
+        ip, port = lab.start_opentracker(tracker, [hashlib.sha1(key.encode()).digest()])
+        common = ["--rendezvous", key, "--tracker", f"udp://{ip}:{port}", "-w", "20"]
+        procs = {
+            "a": a.popen([sys.executable, "-m", "ucat", "--map", *common], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+            "b": b.popen([sys.executable, "-m", "ucat", *common], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        }
+        out: dict[str, tuple[bytes, bytes]] = {}
+
+        def run(name: str, stdin: bytes) -> None:
+            out[name] = procs[name].communicate(stdin, timeout=60)
+
+        threads = [threading.Thread(target=run, args=("a", data)), threading.Thread(target=run, args=("b", b""))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert procs["a"].returncode == 0 and procs["b"].returncode == 0, (out["a"][1], out["b"][1])
+        assert out["b"][0] == data
+        assert f"mapped {a.public_ip}:".encode() in out["a"][1]
