@@ -28,6 +28,7 @@ from .storage import AsyncTorrentStorage, StorageError
 from .wire import Cancel, Choke, Geometry, Have, Unchoke
 
 if TYPE_CHECKING:
+    from .announce import Announcer, TrackerStatus
     from .session import Session
 
 __all__ = ["Torrent", "TorrentState", "TorrentStatus", "TorrentError", "PIECE_TIMEOUT",
@@ -72,6 +73,9 @@ class TorrentStatus:
     peers_utp: int
     eta: float | None
     error: str | None
+    #: One entry per tracker (BEP 12 order as currently tried), empty when
+    #: the torrent has none or trackers are off: see bt.announce.TrackerStatus.
+    trackers: tuple["TrackerStatus", ...] = ()
 
 
 class Torrent:
@@ -102,6 +106,8 @@ class Torrent:
         self.banned: set[str] = set()
         self._dialing: set[tuple[Any, ...]] = set()
         self._peer_send, self._peer_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        #: The torrent's trackers (set by the session; None: no announces).
+        self.announcer: Announcer | None = None
 
     # ---- public ------------------------------------------------------------------------
 
@@ -122,10 +128,18 @@ class Torrent:
         session allows).  One attempt; a failure is counted in the session."""
         self._peer_send.send_nowait((addr[0], int(addr[1])))
 
+    def _bytes_have(self) -> int:
+        return sum(self.geometry.piece_size(i) for i in range(self.geometry.num_pieces)
+                   if self.picker.has_piece(i))
+
+    def status_counts(self) -> tuple[int, int, int]:
+        """(uploaded, downloaded, left) in bytes, as a tracker announce
+        reports them."""
+        return self.up.total, self.down.total, self.meta.total_length - self._bytes_have()
+
     def status(self) -> TorrentStatus:
         total = self.meta.total_length
-        have = sum(self.geometry.piece_size(i) for i in range(self.geometry.num_pieces)
-                   if self.picker.has_piece(i))
+        have = self._bytes_have()
         eta: float | None = None
         if self.state is TorrentState.DOWNLOADING and self._down_rate > 0:
             eta = (total - have) / self._down_rate
@@ -135,7 +149,8 @@ class Torrent:
             bytes_have=have, bytes_total=total, download_rate=self._down_rate,
             upload_rate=self._up_rate, downloaded=self.down.total, uploaded=self.up.total,
             peers=len(self.peers), peers_utp=sum(1 for p in self.peers if p.transport == "utp"),
-            eta=eta, error=self.error)
+            eta=eta, error=self.error,
+            trackers=self.announcer.status() if self.announcer is not None else ())
 
     async def wait_finished(self) -> None:
         """Return once every piece is verified; TorrentError if the torrent
@@ -151,6 +166,8 @@ class Torrent:
         """The torrent's tasks: dial queued peers, maintain once a second."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._dialer, nursery)
+            if self.announcer is not None:
+                nursery.start_soon(self.announcer.run)
             while self.state is not TorrentState.ERROR:
                 self._tick(time.monotonic())
                 await trio.sleep(1.0)
