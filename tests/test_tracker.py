@@ -21,7 +21,7 @@ import trio
 
 import tracker
 import utp
-from testsupport import opentracker as testsupport_opentracker
+from testsupport import opentracker as run_opentracker
 from testsupport import unavailable
 from tracker import (
     AnnounceResult, RequestTimedOut, ScrapeResult, TrackerFailure, UDPTrackerProtocol,
@@ -211,7 +211,7 @@ def opentracker():
     """opentracker on 127.0.0.1 with HASH, OTHER and the rendezvous keys on
     its whitelist; yields its (ip, port)."""
     keys = [hashlib.sha1(k.encode()).digest() for k in RENDEZVOUS_KEYS]
-    with testsupport_opentracker([HASH, OTHER, *keys]) as addr:
+    with run_opentracker([HASH, OTHER, *keys]) as addr:
         yield addr
 
 
