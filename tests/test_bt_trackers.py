@@ -22,7 +22,7 @@ from _utpkit.errors import NetworkError, RemoteProtocolError
 from bt.httptracker import (
     MAX_RESPONSE, AnnounceParams, HTTPTrackerClient, announce_url, parse_announce_response,
 )
-from testsupport import bt_content, opentracker, sha256_files
+from testsupport import bt_content, opentracker, sha256_files, unavailable
 from tracker import AnnounceEvent, TrackerError
 
 PIECE = 32 * 1024
@@ -335,3 +335,51 @@ async def test_sessions_find_each_other_through_opentracker(tmp_path, scheme):
         assert not {("127.0.0.1", s_ses.port), ("127.0.0.1", l_ses.port)} & listed, listed
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
 
+
+
+# ---- libtorrent finds our seed through opentracker -----------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+async def test_libtorrent_finds_our_seed_through_opentracker(tmp_path):
+    """libtorrent (PyPI) is given only the torrent (tier 0 a closed port,
+    tier 1 opentracker over HTTP); it learns our seed's address from the
+    tracker, connects and downloads every byte from us."""
+    try:
+        import libtorrent as lt
+    except ImportError as exc:
+        unavailable(f"libtorrent is not importable ({exc}); pip install libtorrent",
+                    "libtorrent is in the test extra; .ci/run installs it")
+    from bt.create import create_torrent
+    from bt.metainfo import parse_metainfo_untrusted
+    src, names, plain = bt_content(tmp_path, (1_000_000, 200_001), seed=3, piece_length=PIECE)
+    info_hash = parse_metainfo_untrusted(plain).info_hash
+    with opentracker([info_hash]) as (ip, port):
+        live = f"http://{ip}:{port}/announce"
+        dead = f"http://127.0.0.1:{_closed_port()}/announce"
+        data = create_torrent(src, trackers=[[dead], [live]], piece_length=PIECE, pad_files=True)
+        ses = lt.session({
+            "listen_interfaces": "127.0.0.1:0", "enable_dht": False, "enable_lsd": False,
+            "enable_upnp": False, "enable_natpmp": False, "dht_bootstrap_nodes": "",
+            "in_enc_policy": 2, "out_enc_policy": 2, "allow_multiple_connections_per_ip": True})
+        try:
+            async with bt.open_session(download_dir=src.parent, host="127.0.0.1",
+                                       tracker_timeout=2) as ours:
+                t = await ours.add_torrent(data)
+                await _wait_working(t, live)
+                atp = lt.add_torrent_params()
+                atp.ti = lt.torrent_info(lt.bdecode(data))
+                atp.save_path = str(tmp_path / "lt")
+                handle = ses.add_torrent(atp)
+                with trio.fail_after(60):
+                    while handle.status().state != lt.torrent_status.seeding:
+                        await trio.sleep(0.05)
+                conns = ours.counters["connections.utp"] + ours.counters["connections.tcp"]
+                assert conns >= 1, ours.counters
+                assert t.status().uploaded >= 1_200_001
+                assert t.status().trackers[1].state == "working"
+                ses.remove_torrent(handle)
+        finally:
+            del ses
+    assert sha256_files(tmp_path / "lt" / "content", names) == sha256_files(src, names)
