@@ -15,7 +15,8 @@ answer per round is enough (later tiers are for when a whole tier fails).
 Events: ``started`` to a tracker the first time it hears from us,
 ``completed`` once when a download this session finishes, ``stopped`` to
 every tracker that heard ``started`` when the session closes (best effort,
-a few seconds).  Regular announces follow the tracker's ``interval``, never
+a few seconds), and when the torrent's tasks end otherwise (removed, or
+stopped by an error).  Regular announces follow the tracker's ``interval``, never
 sooner than its ``min interval``; ``completed`` goes out at once (the
 tracker is owed the state change, as in libtorrent).  A tracker that
 failed is skipped by the regular rounds for 30 s, doubling with each
@@ -243,6 +244,7 @@ class Announcer:
         self._failed_rounds = 0
         self._completed_pending = False
         self._wakeup = trio.Event()
+        self._stopped_sent = False
         self.rounds = 0
 
     @property
@@ -274,15 +276,22 @@ class Announcer:
         completed when the download finishes."""
         if self._next_in_line() is None:
             return
-        async with trio.open_nursery() as nursery:
-            if not self._torrent.finished:
-                nursery.start_soon(self._watch_completion)
-            while True:
-                with trio.move_on_at(self._next):
-                    await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                if trio.current_time() >= self._next or self._completed_pending:
-                    await self._round()
+        try:
+            async with trio.open_nursery() as nursery:
+                if not self._torrent.finished:
+                    nursery.start_soon(self._watch_completion)
+                while True:
+                    with trio.move_on_at(self._next):
+                        await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    if trio.current_time() >= self._next or self._completed_pending:
+                        await self._round()
+        finally:
+            # Cancelled: the torrent was removed or stopped with an error
+            # (the session's close has sent stopped already, and set the flag).
+            if not self._stopped_sent:
+                with trio.CancelScope(shield=True), trio.move_on_after(STOPPED_TIMEOUT):
+                    await self.announce_stopped()
 
     async def _watch_completion(self) -> None:
         from .torrent import TorrentError
@@ -388,7 +397,8 @@ class Announcer:
 
     async def announce_stopped(self) -> None:
         """``stopped`` to every tracker that heard ``started`` from us, in
-        parallel; the caller bounds the time (best effort)."""
+        parallel; the caller bounds the time (best effort).  Once only."""
+        self._stopped_sent = True
         async with trio.open_nursery() as nursery:
             for t in self.trackers:
                 if t.started:

@@ -269,6 +269,27 @@ async def test_no_trackers_and_a_finished_torrent_announces_left_zero(tmp_path, 
         nursery.cancel_scope.cancel()
 
 
+async def test_a_torrent_stopped_by_an_error_sends_stopped(tmp_path):
+    """The torrent's tasks end (here a storage error; later removal): its
+    trackers hear stopped then, not only at session close."""
+    from bt.storage import StorageError
+    _, _, data = _content(tmp_path)
+    async with trio.open_nursery() as nursery:
+        fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
+        async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
+            t = await ses.add_torrent(data, trackers=[fake.url])
+            with trio.fail_after(10):
+                while not fake.requests:
+                    await trio.sleep(0.05)
+            t.fail(StorageError("disk on fire"))
+            with trio.fail_after(10):
+                while len(fake.requests) < 2:
+                    await trio.sleep(0.05)
+            assert [q.get("event") for q in fake.requests] == [b"started", b"stopped"]
+        assert len(fake.requests) == 2              # not sent twice at close
+        nursery.cancel_scope.cancel()
+
+
 # ---- through opentracker: our two sessions find each other ---------------------------
 
 
