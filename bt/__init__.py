@@ -1,5 +1,6 @@
 """BitTorrent peer for utpkit: downloads and seeds over uTP and TCP with
-peers given by address (trackers, DHT and the rest: see below).
+peers from the torrent's trackers or given by address (DHT and the rest:
+see below).
 
     async with bt.open_session(download_dir="dl") as session:
         torrent = await session.add_torrent("x.torrent")
@@ -32,6 +33,10 @@ The sans-I/O parts (no trio at import, no sockets):
   unchoke, anti-snubbing), :mod:`bt.ratelimit` (token bucket): pure policy
   fed ``now``; :mod:`bt.swarmsim`, a seeded swarm on a virtual clock
   driving them;
+- :mod:`bt.httptracker`: the HTTP(S) announce URL (BEP 3's byte-exact
+  percent-encoding) and the answer parser (BEP 23 compact and dictionary
+  peers, BEP 7 ``peers6``, ``failure reason``, ``warning message``,
+  intervals, tracker id), plus its httpx client;
 - the ``bt create`` and ``bt info`` commands (``python -m bt``).
 
 The trio drivers (loaded on first use, so ``import bt`` stays light):
@@ -41,10 +46,12 @@ choker every 10 s, writes and verification, Have broadcasts, request
 timeouts, bans) and :mod:`bt.session` (:func:`open_session`: one uTP
 Endpoint and a TCP listener on the same port, incoming connections
 matched by infohash, outgoing uTP first then TCP, self and duplicate
-connections closed); ``bt download`` / ``bt seed``.
+connections closed), :mod:`bt.announce` (each torrent's trackers: BEP 12
+tiers over HTTP(S) and the session's UDP tracker client, started /
+completed / stopped, intervals; ``torrent.status().trackers``);
+``bt download`` / ``bt seed``.
 
-Not written yet: trackers for torrents (the UDP client exists in
-``tracker/``, HTTP does not), pause/resume/remove/recheck, the global rate
+Not written yet: pause/resume/remove/recheck, the global rate
 limits in the drivers, the benchmark, events and RPC, MSE and the
 extensions (ut_metadata, ut_pex, ut_holepunch), DHT and magnets.  It is
 not a client UI.
