@@ -7,6 +7,7 @@ and over udp://, behind a first BEP 12 tier that does not answer."""
 
 from __future__ import annotations
 
+import functools
 import socket
 from urllib.parse import unquote_to_bytes
 
@@ -50,6 +51,17 @@ def test_announce_url_encodes_every_byte_as_bep3_wants():
     # A passkey query in the torrent's URL is kept; no event for a regular one.
     url = announce_url("https://t.example/a?passkey=x", AnnounceParams(HASH, PEER_ID, 1))
     assert url.startswith("https://t.example/a?passkey=x&info_hash=") and "event=" not in url
+
+
+@given(st.binary(min_size=20, max_size=20), st.binary(min_size=20, max_size=20))
+def test_announce_url_round_trips_any_hash(info_hash, peer_id):
+    url = announce_url("http://t/a", AnnounceParams(info_hash, peer_id, 1))
+    query = dict(kv.split("=", 1) for kv in url.split("?", 1)[1].split("&"))
+    assert unquote_to_bytes(query["info_hash"]) == info_hash
+    assert unquote_to_bytes(query["peer_id"]) == peer_id
+    # only BEP 3's unreserved characters go unescaped
+    assert set(query["info_hash"].replace("%", "")) <= set(
+        "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-_~")
 
 
 def _answer(**fields) -> bytes:
@@ -199,6 +211,28 @@ async def test_http_client_sends_bep3_query_and_surfaces_errors(nursery):
             await client.announce(dead, params)
     finally:
         await client.aclose()
+
+
+async def test_https_to_a_plain_port_and_udp_without_utp_fail_clearly(tmp_path, nursery):
+    async def plain(stream):        # answers in clear text whatever it is sent
+        async with stream:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nle")
+            await trio.sleep(1)
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, plain, 0, host="127.0.0.1"))
+    client = HTTPTrackerClient(timeout=2)
+    tls = f"https://127.0.0.1:{listeners[0].socket.getsockname()[1]}/announce"
+    try:
+        with pytest.raises(NetworkError, match=f"tracker {tls}: ConnectError"):
+            await client.announce(tls, AnnounceParams(HASH, PEER_ID, 1))
+    finally:
+        await client.aclose()
+    _, _, data = _content(tmp_path)
+    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1", utp=False) as ses:
+        t = await ses.add_torrent(data, trackers=["udp://127.0.0.1:9/announce"])
+        with trio.fail_after(10):
+            while t.status().trackers[0].state != "failing":
+                await trio.sleep(0.05)
+        assert "UDP trackers need the session's uTP Endpoint" in t.status().trackers[0].error
 
 
 def _content(tmp_path, seed=1):
