@@ -35,12 +35,11 @@ import socket as _socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
-from urllib.parse import urlsplit
 
 import trio
 
 from _utpkit.contract import StrEnum
-from _utpkit.errors import NetworkError, ProtocolError
+from _utpkit.errors import LocalProtocolError, NetworkError, ProtocolError
 from tracker import TrackerError, open_tracker_client, parse_tracker_url, resolve_tracker
 from tracker._core import AnnounceEvent
 
@@ -128,10 +127,7 @@ class _Tracker:
 
 
 def _scheme(url: str) -> str:
-    try:
-        return urlsplit(url).scheme.lower()
-    except ValueError:
-        return ""
+    return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
 def _backoff(failures: int) -> float:
@@ -187,7 +183,10 @@ class TrackerClients:
             await trio.sleep_forever()
 
     async def _announce_udp(self, url: str, p: AnnounceParams) -> HTTPAnnounceResult:
-        host, port = parse_tracker_url(url)
+        try:
+            host, port = parse_tracker_url(url)
+        except ValueError as exc:
+            raise LocalProtocolError(f"tracker {url!r}: unusable URL: {exc}") from None
         client = await self._udp_client(url)
         local = str(self._endpoint.local_address[0])
         family = _socket.AF_INET6 if ":" in local else _socket.AF_INET
@@ -252,11 +251,15 @@ class Announcer:
         return [t for tier in self._tiers for t in tier]
 
     def status(self) -> tuple[TrackerStatus, ...]:
-        now = trio.current_time()
+        try:
+            now = trio.current_time()
+        except RuntimeError:            # asked after trio.run ended: no schedule
+            now = math.inf
         first = self._next_in_line()
         out = []
         for t in self.trackers:
-            nxt = max(0.0, self._next - now) if t is first and math.isfinite(self._next) else None
+            nxt = max(0.0, self._next - now) \
+                if t is first and math.isfinite(self._next) and math.isfinite(now) else None
             out.append(TrackerStatus(
                 url=t.url, tier=t.tier, state=t.state, error=t.error, warning=t.warning,
                 last_announce=t.last_announce, next_announce_in=nxt, interval=t.interval,

@@ -195,8 +195,12 @@ def parse_announce_response(body: bytes, *, url: str = "") -> HTTPAnnounceResult
 
 
 def _check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError as exc:
+        raise LocalProtocolError(f"tracker {url!r}: unusable URL: {exc}") from None
+    if not ok:
         raise LocalProtocolError(f"not an HTTP tracker URL: {url!r}")
 
 
@@ -244,6 +248,8 @@ class HTTPTrackerClient:
             raise TimeoutError(f"tracker {url} did not answer within {self.timeout:g} s") from None
         except httpx.HTTPError as exc:
             raise NetworkError(f"tracker {url}: {type(exc).__name__}: {exc}") from None
+        except (httpx.InvalidURL, UnicodeError) as exc:    # control characters, too long
+            raise LocalProtocolError(f"tracker {url!r}: unusable URL: {exc}") from None
         if status != 200:
             # Some trackers send their failure reason with a 4xx status.
             try:

@@ -235,6 +235,25 @@ async def test_https_to_a_plain_port_and_udp_without_utp_fail_clearly(tmp_path, 
         assert "UDP trackers need the session's uTP Endpoint" in t.status().trackers[0].error
 
 
+async def test_unusable_tracker_urls_fail_alone(tmp_path, nursery):
+    """URLs from a torrent are untrusted: each bad one is that tracker's
+    error, and the BEP 12 walk goes on to the tracker that works."""
+    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
+    bad = ["http://[::1", "http://\x00/", "http://127.0.0.1:1/\r\nX: y", "https://", "http:///x",
+           "http://[zz]/", "udp://[::1", "udp://127.0.0.1:99999", "udp://", "ftp://x/",
+           "http://127.0.0.1:1/" + "a" * 70000, "http://127.0.0.1:1/\udcff", "nothing"]
+    _, _, data = _content(tmp_path)
+    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
+        t = await ses.add_torrent(data, trackers=[bad, [fake.url]])
+        with trio.fail_after(10):
+            while not fake.requests:
+                await trio.sleep(0.05)
+        st = t.status().trackers
+        assert {s.url for s in st if s.state == "working"} == {fake.url}
+        assert all(s.error for s in st if s.url != fake.url), st
+        assert sum(s.state == "unsupported" for s in st) == 2      # ftp://, nothing
+
+
 def _content(tmp_path, seed=1):
     return bt_content(tmp_path, (150_000, 70_001), seed=seed, piece_length=PIECE)
 
