@@ -40,8 +40,8 @@ import trio
 
 from _utpkit.contract import StrEnum
 from _utpkit.errors import LocalProtocolError, NetworkError, ProtocolError
-from tracker import TrackerError, open_tracker_client, parse_tracker_url, resolve_tracker
-from tracker._core import AnnounceEvent
+from tracker import (AnnounceEvent, TrackerError, open_tracker_client, parse_tracker_url,
+                     resolve_tracker)
 
 from .httptracker import AnnounceParams, HTTPAnnounceResult, HTTPTrackerClient
 

@@ -27,8 +27,7 @@ from urllib.parse import quote_from_bytes, urlsplit
 
 from _utpkit.bencode import BencodeError, decode_untrusted
 from _utpkit.errors import LocalProtocolError, NetworkError, RemoteProtocolError
-from tracker import TrackerError
-from tracker._core import AnnounceEvent
+from tracker import AnnounceEvent, TrackerError
 
 __all__ = ["AnnounceParams", "HTTPAnnounceResult", "HTTPTrackerClient", "announce_url",
            "parse_announce_response", "MAX_RESPONSE", "DEFAULT_INTERVAL"]

@@ -167,6 +167,13 @@ class FakeTracker:
                                   % (status, len(body)) + body)
 
 
+async def _wait_working(torrent, url: str) -> None:
+    """Until ``url`` has answered (its answer processed, not only sent)."""
+    with trio.fail_after(20):
+        while not any(s.url == url and s.state == "working" for s in torrent.status().trackers):
+            await trio.sleep(0.05)
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,9 +252,7 @@ async def test_unusable_tracker_urls_fail_alone(tmp_path, nursery):
     _, _, data = _content(tmp_path)
     async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
         t = await ses.add_torrent(data, trackers=[bad, [fake.url]])
-        with trio.fail_after(10):
-            while not fake.requests:
-                await trio.sleep(0.05)
+        await _wait_working(t, fake.url)
         st = t.status().trackers
         assert {s.url for s in st if s.state == "working"} == {fake.url}
         assert all(s.error for s in st if s.url != fake.url), st
@@ -275,8 +280,8 @@ async def test_announcer_tiers_events_intervals_and_stopped(tmp_path, monkeypatc
                                    tracker_timeout=2) as ses:
             t = await ses.add_torrent(data, trackers=[dead, fake.url, "wss://x/y"])
             size = t.meta.total_length
-            with trio.fail_after(15):
-                while len(fake.requests) < 2:
+            with trio.fail_after(15):       # the answer to the second announce processed
+                while not any(s.url == fake.url and s.announces == 2 for s in t.status().trackers):
                     await trio.sleep(0.05)
             st = {s.url: s for s in t.status().trackers}
             assert st[dead].state == "failing" and "ConnectError" in st[dead].error
@@ -313,10 +318,8 @@ async def test_no_trackers_and_a_finished_torrent_announces_left_zero(tmp_path, 
         assert fake.requests == []
         async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as ses:
             seed = await ses.add_torrent(data, trackers=[fake.url])
-            with trio.fail_after(10):
-                while not fake.requests:
-                    await trio.sleep(0.05)
-            assert seed.status().trackers[0].state == "working"
+            await _wait_working(seed, fake.url)
+            assert len(fake.requests) == 1
         assert [(q["event"], q["left"]) for q in fake.requests] == [(b"started", b"0"),
                                                                     (b"stopped", b"0")]
         nursery.cancel_scope.cancel()
@@ -331,9 +334,7 @@ async def test_a_torrent_stopped_by_an_error_sends_stopped(tmp_path):
         fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
         async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
             t = await ses.add_torrent(data, trackers=[fake.url])
-            with trio.fail_after(10):
-                while not fake.requests:
-                    await trio.sleep(0.05)
+            await _wait_working(t, fake.url)
             t.fail(StorageError("disk on fire"))
             with trio.fail_after(10):
                 while len(fake.requests) < 2:
@@ -354,12 +355,6 @@ async def _probe(url: str, info_hash: bytes) -> set[tuple[str, int]]:
     finally:
         await client.aclose()
     return set(r.peers)
-
-
-async def _wait_working(torrent, url: str) -> None:
-    with trio.fail_after(20):
-        while not any(s.url == url and s.state == "working" for s in torrent.status().trackers):
-            await trio.sleep(0.05)
 
 
 @pytest.mark.slow
