@@ -7,8 +7,8 @@ Two halves, as everywhere in utpkit:
   byte, as BEP 3 wants: httpx must not re-encode them, so the query is
   built here and handed over as it is); :func:`parse_announce_response`
   turns the body into an :class:`HTTPAnnounceResult` or raises our own
-  error -- :class:`tracker.TrackerError` when the tracker refused
-  (``failure reason``), :class:`~_utpkit.errors.RemoteProtocolError` when
+  error -- :class:`TrackerRefused` (a :class:`tracker.TrackerError`) when
+  the tracker refused (``failure reason``), :class:`~_utpkit.errors.RemoteProtocolError` when
   the body is not a tracker answer.  Never anything else, whatever the
   bytes (a hypothesis test holds it to that);
 - I/O: :class:`HTTPTrackerClient`, one httpx ``AsyncClient`` (connection
@@ -29,7 +29,7 @@ from _utpkit.bencode import BencodeError, decode_untrusted
 from _utpkit.errors import LocalProtocolError, NetworkError, RemoteProtocolError
 from tracker import AnnounceEvent, TrackerError
 
-__all__ = ["AnnounceParams", "HTTPAnnounceResult", "HTTPTrackerClient", "announce_url",
+__all__ = ["AnnounceParams", "HTTPAnnounceResult", "HTTPTrackerClient", "TrackerRefused", "announce_url",
            "parse_announce_response", "MAX_RESPONSE", "DEFAULT_INTERVAL"]
 
 #: The largest answer we read (a compact list of 200 peers is 1.2 KB; a
@@ -71,6 +71,15 @@ class HTTPAnnounceResult:
     complete: int | None = None
     incomplete: int | None = None
     dropped: int = 0
+
+
+class TrackerRefused(TrackerError):
+    """The tracker answered with a ``failure reason`` (:attr:`reason`)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"tracker {url} refused the announce: {reason}")
+        self.url = url
+        self.reason = reason
 
 
 def _quote(b: bytes) -> str:
@@ -151,7 +160,7 @@ def _peer_dicts(items: list, url: str) -> tuple[list[tuple[str, int]], int]:
 
 
 def parse_announce_response(body: bytes, *, url: str = "") -> HTTPAnnounceResult:
-    """Parse an announce answer.  Raises TrackerError with the tracker's
+    """Parse an announce answer.  Raises TrackerRefused with the tracker's
     ``failure reason``, RemoteProtocolError for anything that is not a
     tracker answer (not canonical bencode, not a dictionary, wrong types)."""
     try:
@@ -161,10 +170,7 @@ def parse_announce_response(body: bytes, *, url: str = "") -> HTTPAnnounceResult
     if not isinstance(d, dict):
         raise RemoteProtocolError(f"tracker {url}: the answer is not a dictionary")
     if b"failure reason" in d:
-        reason = _text(d[b"failure reason"], url, "failure reason")
-        err = TrackerError(f"tracker {url} refused the announce: {reason}")
-        err.reason = reason         # type: ignore[attr-defined]
-        raise err
+        raise TrackerRefused(url, _text(d[b"failure reason"], url, "failure reason"))
     interval = _int(d, b"interval", url)
     min_interval = _int(d, b"min interval", url)
     peers: list[tuple[str, int]] = []
@@ -253,8 +259,6 @@ class HTTPTrackerClient:
             # Some trackers send their failure reason with a 4xx status.
             try:
                 parse_announce_response(bytes(body), url=url)
-            except TrackerError:
-                raise
             except RemoteProtocolError:
                 pass
             raise TrackerError(f"tracker {url} answered HTTP {status}")

@@ -21,7 +21,8 @@ import bt.announce
 from _utpkit import bencode
 from _utpkit.errors import NetworkError, RemoteProtocolError
 from bt.httptracker import (
-    MAX_RESPONSE, AnnounceParams, HTTPTrackerClient, announce_url, parse_announce_response,
+    MAX_RESPONSE, AnnounceParams, HTTPTrackerClient, TrackerRefused, announce_url,
+    parse_announce_response,
 )
 from testsupport import bt_content, opentracker, sha256_files, unavailable
 from tracker import AnnounceEvent, TrackerError
@@ -88,7 +89,7 @@ def test_parse_compact_peers6_and_dictionary_peers():
 def test_parse_failure_reason_and_malformed_answers():
     with pytest.raises(TrackerError, match=r"tracker http://t/a refused the announce: not registered") as ei:
         parse_announce_response(_answer(failure_reason=b"not registered"), url="http://t/a")
-    assert ei.value.reason == "not registered"
+    assert isinstance(ei.value, TrackerRefused) and ei.value.reason == "not registered"
     for body, what in [
             (b"<html>", "not bencoded"),
             (b"le", "not a dictionary"),
