@@ -326,6 +326,44 @@ async def test_no_trackers_and_a_finished_torrent_announces_left_zero(tmp_path, 
         nursery.cancel_scope.cancel()
 
 
+async def test_working_tracker_moves_to_the_front_of_its_tier(tmp_path, nursery):
+    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
+    dead = f"http://127.0.0.1:{_closed_port()}/announce"
+    _, _, data = _content(tmp_path)
+    for _ in range(4):      # the tier is shuffled: whichever order it drew
+        async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
+            t = await ses.add_torrent(data, trackers=[[dead, fake.url]])
+            await _wait_working(t, fake.url)
+            assert [s.url for s in t.status().trackers] == [fake.url, dead]
+            assert all(s.tier == 0 for s in t.status().trackers)
+
+
+async def test_leecher_finds_seed_in_compact_peers_and_says_completed(tmp_path, nursery):
+    """A tracker that names the seed (compact peers) is all the leecher
+    has; it downloads, then announces completed with left=0 at once
+    (not after the 30-minute interval), and stopped at the end."""
+    src, names, data = _content(tmp_path)
+    seed_port = []
+    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(
+        interval=1800, min_interval=1800,
+        peers=socket.inet_aton("127.0.0.1") + seed_port[0].to_bytes(2, "big")))).serve)
+    async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as s_ses, \
+            bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as l_ses:
+        seed_port.append(s_ses.port)
+        await s_ses.add_torrent(data, use_trackers=False)
+        leech = await l_ses.add_torrent(data, trackers=[fake.url])
+        size = leech.meta.total_length
+        with trio.fail_after(60):
+            await leech.wait_finished()
+            while leech.status().trackers[0].announces < 2:
+                await trio.sleep(0.05)
+        assert leech.status().trackers[0].peers_received == 2
+    events = [(q.get("event"), q["left"]) for q in fake.requests]
+    assert events == [(b"started", str(size).encode()), (b"completed", b"0"), (b"stopped", b"0")]
+    assert int(fake.requests[1]["downloaded"]) >= size - PIECE
+    assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
+
+
 async def test_a_torrent_stopped_by_an_error_sends_stopped(tmp_path):
     """The torrent's tasks end (here a storage error; later removal): its
     trackers hear stopped then, not only at session close."""
