@@ -137,8 +137,8 @@ class FakeTracker:
         self.raw: list[bytes] = []
         self.port = 0
 
-    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED, host="127.0.0.1"):
+        listeners = await trio.open_tcp_listeners(0, host=host)
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self)
         await trio.serve_listeners(self._handle, listeners)
@@ -361,6 +361,31 @@ async def test_leecher_finds_seed_in_compact_peers_and_says_completed(tmp_path, 
     events = [(q.get("event"), q["left"]) for q in fake.requests]
     assert events == [(b"started", str(size).encode()), (b"completed", b"0"), (b"stopped", b"0")]
     assert int(fake.requests[1]["downloaded"]) >= size - PIECE
+    assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
+
+
+async def test_over_ipv6_the_leecher_finds_the_seed_in_peers6(tmp_path, nursery):
+    """BEP 7 end to end on ::1: the HTTP tracker is reached over IPv6 and
+    names the seed in ``peers6`` only."""
+    src, names, data = _content(tmp_path)
+    seed_port = []
+    fake = FakeTracker(lambda q: (200, _answer(
+        interval=1800, peers=b"",
+        peers6=socket.inet_pton(socket.AF_INET6, "::1") + seed_port[0].to_bytes(2, "big"))))
+    try:
+        await nursery.start(functools.partial(fake.serve, host="::1"))
+    except OSError as exc:
+        unavailable(f"no IPv6 loopback (::1): {exc}", "CI needs ::1 on lo")
+    url = f"http://[::1]:{fake.port}/announce"
+    async with bt.open_session(download_dir=tmp_path / "src", host="::1") as s_ses, \
+            bt.open_session(download_dir=tmp_path / "dl", host="::1") as l_ses:
+        seed_port.append(s_ses.port)
+        await s_ses.add_torrent(data, use_trackers=False)
+        leech = await l_ses.add_torrent(data, trackers=[url])
+        with trio.fail_after(60):
+            await leech.wait_finished()
+        assert leech.status().trackers[0].state == "working"
+    assert fake.requests[0]["port"] == str(l_ses.port).encode()
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
 
 
