@@ -134,8 +134,18 @@ class Torrent:
 
     def status_counts(self) -> tuple[int, int, int]:
         """(uploaded, downloaded, left) in bytes, as a tracker announce
-        reports them."""
-        return self.up.total, self.down.total, self.meta.total_length - self._bytes_have()
+        reports them: ``left`` without BEP 47 pad files (zeros nobody
+        sends), as libtorrent counts it."""
+        pl = self.meta.piece_length
+        left = 0
+        for f in self.meta.files:
+            if f.pad or not f.length:
+                continue
+            first, last = f.offset // pl, (f.offset + f.length - 1) // pl
+            for i in range(first, last + 1):
+                if not self.picker.has_piece(i):
+                    left += min(f.offset + f.length, (i + 1) * pl) - max(f.offset, i * pl)
+        return self.up.total, self.down.total, left
 
     def status(self) -> TorrentStatus:
         total = self.meta.total_length
