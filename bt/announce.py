@@ -155,7 +155,11 @@ class TrackerClients:
         scheme = _scheme(url)
         if scheme in ("http", "https"):
             if self._http is None:
-                self._http = HTTPTrackerClient(timeout=self.timeout)
+                try:
+                    self._http = HTTPTrackerClient(timeout=self.timeout)
+                except ImportError as exc:
+                    raise NetworkError(f"tracker {url}: HTTP trackers need httpx ({exc}); "
+                                       f"pip install httpx") from None
             return await self._http.announce(url, params)
         if scheme == "udp":
             return await self._announce_udp(url, params)
@@ -188,8 +192,11 @@ class TrackerClients:
         except ValueError as exc:
             raise LocalProtocolError(f"tracker {url!r}: unusable URL: {exc}") from None
         client = await self._udp_client(url)
+        # The Endpoint's family: IPv4 only, IPv6 only, or (bound to ::, the
+        # default) dual-stack, which reaches IPv4 trackers too.
         local = str(self._endpoint.local_address[0])
-        family = _socket.AF_INET6 if ":" in local else _socket.AF_INET
+        family = _socket.AF_INET if ":" not in local else \
+            (0 if local == "::" else _socket.AF_INET6)
         try:
             with trio.fail_after(self.timeout):
                 addr = await resolve_tracker(host, port, family)

@@ -423,8 +423,9 @@ async def _probe(url: str, info_hash: bytes) -> set[tuple[str, int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["http", "udp"])
-async def test_sessions_find_each_other_through_opentracker(tmp_path, scheme):
+@pytest.mark.parametrize("scheme,host", [("http", "127.0.0.1"), ("udp", "127.0.0.1"),
+                                         ("udp", None)])
+async def test_sessions_find_each_other_through_opentracker(tmp_path, scheme, host):
     """Seed and leecher know only the torrent, whose tier 0 is a closed
     loopback port and tier 1 opentracker: no --peer, the tracker alone
     brings them together, and the leecher completes.  On close both send
@@ -441,9 +442,9 @@ async def test_sessions_find_each_other_through_opentracker(tmp_path, scheme):
         meta = parse_metainfo_untrusted(data)
         assert meta.info_hash == info_hash and meta.trackers == ((dead,), (live,))
         http_url = f"http://{ip}:{port}/announce"
-        async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1",
+        async with bt.open_session(download_dir=tmp_path / "src", host=host,
                                    tracker_timeout=2) as s_ses, \
-                bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1",
+                bt.open_session(download_dir=tmp_path / "dl", host=host,
                                 tracker_timeout=2) as l_ses:
             seed = await s_ses.add_torrent(data)
             await _wait_working(seed, live)
