@@ -129,7 +129,8 @@ class Session:
         storage = AsyncTorrentStorage(raw, self.disk_limiter)
         result = await storage.check()
         torrent = Torrent(self, meta, storage, result.have)
-        tiers = [*meta.trackers, *([t] if isinstance(t, str) else list(t) for t in trackers)]
+        extra = [trackers] if isinstance(trackers, str) else trackers    # one URL given bare
+        tiers = [*meta.trackers, *([t] if isinstance(t, str) else list(t) for t in extra)]
         if use_trackers and tiers:
             torrent.announcer = Announcer(torrent, self.trackers, tiers)
         self.torrents[meta.info_hash] = torrent
@@ -305,6 +306,8 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     pid = peer_id if peer_id is not None else PEER_ID_PREFIX + secrets.token_bytes(12)
     if len(pid) != 20:
         raise SessionError("peer_id must be 20 bytes")
+    if not tracker_timeout > 0:
+        raise SessionError(f"tracker_timeout must be > 0 seconds, not {tracker_timeout!r}")
     async with unwrapped(), contextlib.AsyncExitStack() as stack:
         tcp_listeners: list[trio.SocketListener] = []
         if endpoint is None and utp:
