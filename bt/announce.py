@@ -15,8 +15,8 @@ answer per round is enough (later tiers are for when a whole tier fails).
 Events: ``started`` to a tracker the first time it hears from us,
 ``completed`` once when a download this session finishes, ``stopped`` to
 every tracker that heard ``started`` when the session closes (best effort,
-a few seconds), and when the torrent's tasks end otherwise (removed, or
-stopped by an error).  Regular announces follow the tracker's ``interval``, never
+a few seconds), and when the torrent leaves the swarm otherwise (an
+error, paused, removed: ``started`` again when it is back).  Regular announces follow the tracker's ``interval``, never
 sooner than its ``min interval``; ``completed`` goes out at once (the
 tracker is owed the state change, as in libtorrent).  A tracker that
 failed is skipped by the regular rounds for 30 s, doubling with each
@@ -63,6 +63,10 @@ RETRY_FIRST = 30.0
 RETRY_MAX = 1800.0
 #: The seconds the ``stopped`` announces get when the session closes.
 STOPPED_TIMEOUT = 3.0
+#: Seconds between looks at the torrent's state (paused, error: stopped).
+STATE_POLL = 1.0
+#: The torrent states in which it takes part in the swarm (and announces).
+_ACTIVE = ("downloading", "seeding")
 #: Peers asked for per announce (libtorrent asks for 200; 50 is BEP 3's default).
 NUMWANT = 50
 
@@ -251,6 +255,7 @@ class Announcer:
         self._completed_pending = False
         self._wakeup = trio.Event()
         self._stopped_sent = False
+        self._parked = False
         self.rounds = 0
 
     @property
@@ -291,9 +296,15 @@ class Announcer:
                 if not self._torrent.finished:
                     nursery.start_soon(self._watch_completion)
                 while True:
-                    with trio.move_on_at(self._next):
+                    with trio.move_on_at(min(self._next, trio.current_time() + STATE_POLL)):
                         await self._wakeup.wait()
                     self._wakeup = trio.Event()
+                    if str(self._torrent.state) not in _ACTIVE:
+                        await self._park()
+                        continue
+                    if self._parked:            # active again: announce at once
+                        self._parked = False
+                        self._next = -math.inf
                     if trio.current_time() >= self._next or self._completed_pending:
                         await self._round()
         finally:
@@ -302,6 +313,19 @@ class Announcer:
             if not self._stopped_sent:
                 with trio.CancelScope(shield=True), trio.move_on_after(STOPPED_TIMEOUT):
                     await self.announce_stopped()
+
+    async def _park(self) -> None:
+        """The torrent left the swarm (an error, paused, checking): stopped
+        to the trackers once, then no announces until it is active again,
+        when started goes out anew."""
+        if self._parked:
+            return
+        self._parked = True
+        with trio.move_on_after(STOPPED_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for t in self.trackers:
+                    if t.started:
+                        nursery.start_soon(self._stop_one, t)
 
     async def _watch_completion(self) -> None:
         from .torrent import TorrentError
@@ -409,6 +433,8 @@ class Announcer:
         """``stopped`` to every tracker that heard ``started`` from us, in
         parallel; the caller bounds the time (best effort).  Once only."""
         self._stopped_sent = True
+        if self._parked:
+            return                      # said already when it left the swarm
         async with trio.open_nursery() as nursery:
             for t in self.trackers:
                 if t.started:
