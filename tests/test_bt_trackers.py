@@ -518,3 +518,34 @@ async def test_libtorrent_finds_our_seed_through_opentracker(tmp_path):
         finally:
             del ses
     assert sha256_files(tmp_path / "lt" / "content", names) == sha256_files(src, names)
+
+
+async def test_removing_a_torrent_sends_stopped(tmp_path, nursery):
+    _, _, data = _content(tmp_path)
+    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
+    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
+        t = await ses.add_torrent(data, trackers=[fake.url])
+        await _wait_working(t, fake.url)
+        await ses.remove_torrent(t)
+        with trio.fail_after(10):
+            while len(fake.requests) < 2:
+                await trio.sleep(0.05)
+        assert [q.get("event") for q in fake.requests] == [b"started", b"stopped"]
+    assert len(fake.requests) == 2
+
+
+async def test_pause_says_stopped_and_resume_started(tmp_path, nursery):
+    _, _, data = _content(tmp_path)
+    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
+    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
+        t = await ses.add_torrent(data, trackers=[fake.url])
+        await _wait_working(t, fake.url)
+        await t.pause()
+        with trio.fail_after(10):
+            while len(fake.requests) < 2:
+                await trio.sleep(0.05)
+        await t.resume()
+        with trio.fail_after(10):
+            while len(fake.requests) < 3:
+                await trio.sleep(0.05)
+    assert [q.get("event") for q in fake.requests] == [b"started", b"stopped", b"started", b"stopped"]
