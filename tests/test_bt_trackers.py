@@ -391,8 +391,8 @@ async def test_over_ipv6_the_leecher_finds_the_seed_in_peers6(tmp_path, nursery)
 
 
 async def test_a_torrent_stopped_by_an_error_sends_stopped(tmp_path):
-    """The torrent's tasks end (here a storage error; later removal): its
-    trackers hear stopped then, not only at session close."""
+    """A storage error takes the torrent out of the swarm: its trackers
+    hear stopped then, not only at session close, and only once."""
     from bt.storage import StorageError
     _, _, data = _content(tmp_path)
     async with trio.open_nursery() as nursery:
@@ -407,6 +407,40 @@ async def test_a_torrent_stopped_by_an_error_sends_stopped(tmp_path):
             assert [q.get("event") for q in fake.requests] == [b"started", b"stopped"]
         assert len(fake.requests) == 2              # not sent twice at close
         nursery.cancel_scope.cancel()
+
+
+async def test_removing_a_torrent_sends_stopped(tmp_path, nursery):
+    """Session.remove_torrent: the torrent's trackers hear stopped then."""
+    _, _, data = _content(tmp_path)
+    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
+    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
+        t = await ses.add_torrent(data, trackers=[fake.url])
+        await _wait_working(t, fake.url)
+        await ses.remove_torrent(t)
+        with trio.fail_after(10):
+            while len(fake.requests) < 2:
+                await trio.sleep(0.05)
+        assert [q.get("event") for q in fake.requests] == [b"started", b"stopped"]
+    assert len(fake.requests) == 2
+
+
+async def test_pause_says_stopped_and_resume_started(tmp_path, nursery):
+    """A paused torrent leaves the swarm: stopped, no announces; resume
+    announces started again (and the session's close says stopped)."""
+    _, _, data = _content(tmp_path)
+    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
+    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
+        t = await ses.add_torrent(data, trackers=[fake.url])
+        await _wait_working(t, fake.url)
+        await t.pause()
+        with trio.fail_after(10):
+            while len(fake.requests) < 2:
+                await trio.sleep(0.05)
+        await t.resume()
+        with trio.fail_after(10):
+            while len(fake.requests) < 3:
+                await trio.sleep(0.05)
+    assert [q.get("event") for q in fake.requests] == [b"started", b"stopped", b"started", b"stopped"]
 
 
 # ---- through opentracker: our two sessions find each other ---------------------------
@@ -519,33 +553,3 @@ async def test_libtorrent_finds_our_seed_through_opentracker(tmp_path):
             del ses
     assert sha256_files(tmp_path / "lt" / "content", names) == sha256_files(src, names)
 
-
-async def test_removing_a_torrent_sends_stopped(tmp_path, nursery):
-    _, _, data = _content(tmp_path)
-    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
-    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
-        t = await ses.add_torrent(data, trackers=[fake.url])
-        await _wait_working(t, fake.url)
-        await ses.remove_torrent(t)
-        with trio.fail_after(10):
-            while len(fake.requests) < 2:
-                await trio.sleep(0.05)
-        assert [q.get("event") for q in fake.requests] == [b"started", b"stopped"]
-    assert len(fake.requests) == 2
-
-
-async def test_pause_says_stopped_and_resume_started(tmp_path, nursery):
-    _, _, data = _content(tmp_path)
-    fake = await nursery.start(FakeTracker(lambda q: (200, _answer(interval=1800, peers=b""))).serve)
-    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ses:
-        t = await ses.add_torrent(data, trackers=[fake.url])
-        await _wait_working(t, fake.url)
-        await t.pause()
-        with trio.fail_after(10):
-            while len(fake.requests) < 2:
-                await trio.sleep(0.05)
-        await t.resume()
-        with trio.fail_after(10):
-            while len(fake.requests) < 3:
-                await trio.sleep(0.05)
-    assert [q.get("event") for q in fake.requests] == [b"started", b"stopped", b"started", b"stopped"]
