@@ -79,6 +79,7 @@ from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
 from ._endpoint import DatagramQueue, Endpoint
 from ._errors import UTPError
 from _utpkit.errors import NetworkError
+from ._birthday import BirthdayLimits, NATTraversalError
 from ._punch import is_initiator, punch
 from ._rendezvous import RendezvousError, info_hash_for, rendezvous
 from ._stream import UTPListener, UTPStream
@@ -96,7 +97,7 @@ __all__ = [
     "open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "Endpoint",
     "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "NetworkError", "punch", "rendezvous", "__version__",
     # named by punch()'s and rendezvous()'s docstrings
-    "is_initiator", "RendezvousError", "info_hash_for",
+    "is_initiator", "RendezvousError", "info_hash_for", "BirthdayLimits", "NATTraversalError",
 ]
 
 

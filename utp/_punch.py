@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
@@ -81,6 +81,7 @@ from _utpkit.excgroup import unwrapped
 
 from . import _utp
 from ._connect import check_address
+from ._birthday import BirthdayLimits, NATTraversalError, birthday as _birthday, check_mapping
 from ._utp import EventKind
 from ._stream import UTPStream, _format_peer
 
@@ -167,7 +168,10 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
                 timeout: float | None = None, local_public: tuple[Any, ...] | None = None,
                 interval: float = 0.1, fast_period: float = 5.0,
                 keepalive: float = 20.0, hold: float = 1.0,
-                open_ttl: int | None = 2) -> UTPStream:
+                open_ttl: int | None = 2,
+                birthday: BirthdayLimits | None = BirthdayLimits(),
+                mapping: str | None = None, peer_mapping: str | None = None,
+                log: Callable[[str], None] | None = None) -> UTPStream:
     """Punch through the NATs between this Endpoint and ``peer`` and return
     the one uTP stream between them.
 
@@ -183,8 +187,24 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
     probes and holds nothing back, nor does ``hold=0`` (either is the
     behaviour before issue 10).
 
+    ``birthday`` (caps: :class:`utp.BirthdayLimits`; None turns it off)
+    is the fallback for a symmetric NAT facing a port-restricted one
+    (:mod:`utp._birthday`): it starts when the direct phase heard nothing
+    from the peer's IP for ``birthday.after`` seconds past ``hold``.
+    ``mapping`` and ``peer_mapping`` are the NATs' mapping behaviours when
+    known ("independent": one public port for every destination, a cone
+    NAT; "dependent": a new one per destination, a symmetric NAT); they
+    pick the birthday roles, and two dependent ones fail at once with
+    :class:`utp.NATTraversalError`.  ``log``, if given, gets a line per
+    step (what connected, after how many packets).  The returned stream's
+    ``punch_packets`` is how many datagrams this side sent until it
+    connected, and ``birthday_probes`` (when birthday probing connected)
+    the number of the probe that met.
+
     Raises TimeoutError naming what was tried (attempts, probes, what came
-    back) when nothing connected in time; ValueError when ``peer`` is our own
+    back) when nothing connected in time; NATTraversalError when both NATs
+    are known to be symmetric or birthday probing used up its cap;
+    ValueError when ``peer`` is our own
     public endpoint; RuntimeError when the Endpoint already has an open
     listener (the responder needs its own, filtered one).
 
@@ -203,6 +223,13 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
     if keepalive > 25:
         raise ValueError(f"keepalive {keepalive!r} s is too long: NATs drop idle mappings "
                          f"after ~30 s, so keep it at most 25 s")
+    check_mapping("mapping", mapping)
+    check_mapping("peer_mapping", peer_mapping)
+    if mapping == "dependent" and peer_mapping == "dependent":
+        raise NATTraversalError(
+            f"cannot punch to {_format_peer(peer)}: both NATs map every destination to a new "
+            f"port (symmetric), so neither side can know a port the other will answer from; "
+            f"hole punching (birthday probing too) cannot cross that: use port mapping or a relay")
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "punch")
     if local_public is None:
@@ -220,10 +247,18 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
         queue = None  # someone else owns "other": punch without reading probes
     phase = _Phase(ep, peer, start, hold, open_ttl, interval,
                    lambda t: _Pacer(t, interval, fast_period, keepalive))
-    try:
+    say = log or (lambda line: None)
+
+    async def direct() -> UTPStream:
         if initiator:
-            return await _initiate(ep, peer, queue, start, end, phase)
-        return await _respond(ep, peer, queue, start, end, phase)
+            return await _initiate(ep, peer, queue, start, end, phase, say)
+        return await _respond(ep, peer, queue, start, end, phase, say)
+
+    try:
+        if birthday is None:
+            return await direct()
+        return await _direct_then_birthday(ep, peer, queue, end, phase, direct, birthday,
+                                           initiator, mapping, peer_mapping, open_ttl, say)
     finally:
         if queue is not None:
             # Unregister, so a later punch (or another owner) can have it.
@@ -246,6 +281,7 @@ class _Phase:
         self.full = trio.Event()
         self.pacer = make_pacer(start)
         self.opening_sent = 0
+        self.heard_peer = False
         if hold <= 0:
             self._go_full(start)
 
@@ -256,6 +292,7 @@ class _Phase:
 
     def heard(self) -> None:
         """A packet from the peer's IP arrived: its NAT is open towards us."""
+        self.heard_peer = True
         self._go_full(trio.current_time())
 
     async def run_opening(self) -> None:
@@ -288,7 +325,8 @@ class _Attempt:
 
 
 async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
-                    start: float, end: float, phase: _Phase) -> UTPStream:
+                    start: float, end: float, phase: _Phase,
+                    say: Callable[[str], None]) -> UTPStream:
     events: list[tuple[_Attempt, EventKind, Any]] = []
     lot = trio.lowlevel.ParkingLot()
     pending: list[_Attempt] = []
@@ -363,7 +401,12 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
             nursery.cancel_scope.cancel()
         if winner is not None:
             pending.remove(winner)
-            return UTPStream(ep, winner.sock, winner.addr)
+            stream = UTPStream(ep, winner.sock, winner.addr)
+            stream.punch_packets = opened + phase.opening_sent  # type: ignore[attr-defined]
+            say(f"punched as the initiator after {trio.current_time() - start:.2f} s: "
+                f"{opened + phase.opening_sent} datagrams sent ({opened} uTP connection "
+                f"attempts, {phase.opening_sent} NAT-opening probes)")
+            return stream
     finally:
         for att in pending:
             att.sock.userdata = None
@@ -390,7 +433,8 @@ def _opening_note(phase: _Phase) -> str:
 
 
 async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
-                   start: float, end: float, phase: _Phase) -> UTPStream:
+                   start: float, end: float, phase: _Phase,
+                   say: Callable[[str], None]) -> UTPStream:
     if ep.listener is not None:
         raise RuntimeError("punch cannot answer on an Endpoint that already has a listener; "
                            "close it first")
@@ -449,6 +493,10 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     finally:
         listener._shutdown()
     if stream is not None:
+        stream.punch_packets = probes + phase.opening_sent  # type: ignore[attr-defined]
+        say(f"punched as the responder after {trio.current_time() - start:.2f} s: "
+            f"{probes + phase.opening_sent} datagrams sent ({probes} probes, "
+            f"{phase.opening_sent} NAT-opening probes)")
         return stream
     elapsed = trio.current_time() - start
     where = " and ".join(_format_peer(t) for t in targets)
@@ -459,3 +507,47 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
         f"responder sent {probes} probe{'s' if probes != 1 else ''} to {where} and listened, "
         f"but no uTP connection came from {_ip(peer)}{refused}{_opening_note(phase)}")
 
+
+
+async def _direct_then_birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
+                                end: float, phase: _Phase,
+                                direct: Callable[[], Awaitable[UTPStream]],
+                                limits: BirthdayLimits, initiator: bool, mapping: str | None,
+                                peer_mapping: str | None, open_ttl: int | None,
+                                say: Callable[[str], None]) -> UTPStream:
+    """Punch directly; if nothing at all came from the peer's IP by
+    ``hold + limits.after`` seconds, switch to birthday probing
+    (utp._birthday) for the rest of the time."""
+    switch_at = phase.full_at + limits.after
+    won: list[UTPStream] = []
+    failed: list[BaseException] = []
+    async with unwrapped(), trio.open_nursery() as nursery:
+        async def run_direct() -> None:
+            try:
+                won.append(await direct())
+            except TimeoutError as exc:
+                failed.append(exc)
+            nursery.cancel_scope.cancel()
+
+        async def watch() -> None:
+            await trio.sleep_until(switch_at)
+            if not phase.heard_peer:
+                nursery.cancel_scope.cancel()
+        nursery.start_soon(run_direct)
+        nursery.start_soon(watch)
+    if won:
+        return won[0]
+    if failed:
+        raise failed[0]
+    # Roles (utp._birthday, "Who plays which role").
+    if mapping is not None:
+        spray, scan = mapping == "dependent", mapping == "independent"
+    elif peer_mapping is not None:
+        spray, scan = peer_mapping == "independent", peer_mapping == "dependent"
+    else:
+        spray = scan = True
+    why = (f"nothing came from {_ip(peer)} in {limits.after:g} s of direct punching"
+           + (f" (our NAT: {mapping})" if mapping else "")
+           + (f" (the peer's NAT: {peer_mapping})" if peer_mapping else ""))
+    return await _birthday(ep, peer, queue, end=end, spray=spray, scan=scan, initiator=initiator,
+                           limits=limits, open_ttl=open_ttl, log=say, why=why)

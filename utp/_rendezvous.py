@@ -33,6 +33,7 @@ from _utpkit.addr import addr_key as _key
 from _utpkit.addr import normalize_ip as _norm_ip
 from _utpkit.errors import NetworkError
 
+from ._birthday import mapping_from_reports
 from ._punch import end_time, is_initiator, punch
 from ._stream import UTPStream, _format_peer
 
@@ -103,8 +104,8 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     # The two peers call punch at most one poll apart (the later one finds
     # the earlier at once, the earlier finds it at its next poll): hold
     # full-TTL packets back for two polls (utp._punch, "Routers that answer").
-    punch_options = {"hold": max(1.0, 2 * poll), **punch_options}
     say = log or (lambda line: None)
+    punch_options = {"hold": max(1.0, 2 * poll), "log": say, **punch_options}
     if _is_dht(via):
         return await _rendezvous_dht(ep, key, via, start, end, poll, say, punch_options)
 
@@ -330,4 +331,8 @@ async def _dht_meet_and_punch(ep: Endpoint, node: Any, key: str | bytes, where: 
     role = ("initiator (sending SYNs)" if is_initiator(me, peer)
             else "responder (probing, accepting)")
     say(f"peer {_format_peer(peer)}; we are {_format_peer(me)}; punching as the {role}")
+    if "mapping" not in punch_options:
+        # Several DHT nodes that saw us at different ports: our NAT maps
+        # per destination (utp._birthday, "Who plays which role").
+        punch_options = {**punch_options, "mapping": mapping_from_reports(ep.reported_addresses())}
     return await punch(ep, peer, local_public=me, deadline=end, **punch_options)
