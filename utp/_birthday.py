@@ -209,11 +209,15 @@ class _Report:
 async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None, *,
                    end: float, spray: bool, scan: bool, initiator: bool,
                    limits: BirthdayLimits, open_ttl: int | None,
-                   log: Callable[[str], None], why: str) -> UTPStream:
+                   log: Callable[[str], None], why: str, start: float | None = None,
+                   direct_sent: int = 0) -> UTPStream:
     """Run birthday probing towards ``peer`` until a connection or ``end``.
     ``spray``/``scan`` pick the roles (module docs); ``why`` says how it
-    came to this, for the error message."""
-    start = trio.current_time()
+    came to this, for the error message; ``start`` is when punching began
+    and ``direct_sent`` what it sent before this (for the reports)."""
+    began = trio.current_time()
+    if start is None:
+        start = began
     report = _Report()
     roles = " and ".join(r for r, on in (("spraying", spray), ("scanning", scan)) if on)
     log(f"birthday probing towards {_format_peer(peer)} ({roles}; up to {limits.ports} ports, "
@@ -278,13 +282,17 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
         for s in socks:
             if s is not None and not getattr(s, "_bday_adopted", False):
                 s.close()
-    elapsed = trio.current_time() - start
+    now = trio.current_time()
+    elapsed, total = now - began, now - start
     if result:
         stream = result[0]
         n = report.met_probe
-        log(f"birthday probing connected after {elapsed:.2f} s: probe #{n if n else '?'} met "
-            f"({report.summary()})")
+        sent = direct_sent + report.sprays + report.probes
+        log(f"birthday probing connected after {elapsed:.2f} s ({total:.2f} s of punching): "
+            f"probe #{n if n else '?'} met; {sent} datagrams sent ({report.summary()}, "
+            f"{direct_sent} before in the direct phase)")
         stream.birthday_probes = n  # type: ignore[attr-defined]
+        stream.punch_packets = sent  # type: ignore[attr-defined]
         return stream
     capped = scan and report.probes >= limits.max_probes and not spray
     what = (f"birthday probing {report.summary()} in {elapsed:.1f} s"
@@ -295,7 +303,8 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
             "cannot cross: use port mapping or a relay") if (spray and scan) else \
         ("the peer's NAT may be symmetric too" if spray else
          "the peer's NAT may not be symmetric after all, or it filters its sprayed ports")
-    message = f"hole punching to {_format_peer(peer)} failed: {why}; {what}; {hint}"
+    how = f"gave up after {total:.1f} s" if capped else f"timed out after {total:.1f} s"
+    message = f"hole punching to {_format_peer(peer)} {how}: {why}; {what}; {hint}"
     if capped:
         raise NATTraversalError(message)
     raise TimeoutError(message)

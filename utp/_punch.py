@@ -273,6 +273,7 @@ class _Phase:
     def __init__(self, ep: Endpoint, peer: Any, start: float, hold: float, ttl: int | None,
                  interval: float, make_pacer: Callable[[float], _Pacer]) -> None:
         self.ep = ep
+        self.start = start
         self.targets: list[Any] = [peer]
         self.full_at = start + hold
         self.ttl = ttl
@@ -281,6 +282,7 @@ class _Phase:
         self.full = trio.Event()
         self.pacer = make_pacer(start)
         self.opening_sent = 0
+        self.sent = 0            # full-TTL attempts and probes, for the packet count
         self.heard_peer = False
         if hold <= 0:
             self._go_full(start)
@@ -393,6 +395,7 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
                         sock.userdata = waiter_for(att)
                         pending.append(att)
                         opened += 1
+                        phase.sent += 1
                         ep.after_engine_call()  # the SYN leaves now
                     pacer.advance(now)
                 wake = phase.pacer.next if phase.full.is_set() else math.inf
@@ -478,6 +481,7 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
                 for t in list(targets):
                     await ep.sendto(PROBE, t)
                     probes += 1
+                    phase.sent += 1
                 pacer.advance(now)
             await trio.sleep_until(pacer.next)
 
@@ -549,5 +553,7 @@ async def _direct_then_birthday(ep: Endpoint, peer: tuple[Any, ...], queue: Data
     why = (f"nothing came from {_ip(peer)} in {limits.after:g} s of direct punching"
            + (f" (our NAT: {mapping})" if mapping else "")
            + (f" (the peer's NAT: {peer_mapping})" if peer_mapping else ""))
-    return await _birthday(ep, peer, queue, end=end, spray=spray, scan=scan, initiator=initiator,
-                           limits=limits, open_ttl=open_ttl, log=say, why=why)
+    stream = await _birthday(ep, peer, queue, end=end, spray=spray, scan=scan,
+                             initiator=initiator, limits=limits, open_ttl=open_ttl, log=say,
+                             why=why, start=phase.start, direct_sent=phase.sent + phase.opening_sent)
+    return stream
