@@ -330,6 +330,13 @@ class Endpoint:
         return self._closed
 
     @property
+    def simulated(self) -> bool:
+        """Whether this Endpoint runs over a simulated network
+        (:mod:`utp.testing`) on trio's clock, not a real UDP socket: what
+        needs more real sockets (birthday probing) stays off there."""
+        return self._virtual
+
+    @property
     def external_address(self) -> tuple[Any, ...] | None:
         """Our public ``(ip, port)`` as others report it (the winner of
         :meth:`vote_external_address`), or None before any report."""

@@ -187,8 +187,9 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
     probes and holds nothing back, nor does ``hold=0`` (either is the
     behaviour before issue 10).
 
-    ``birthday`` (caps: :class:`utp.BirthdayLimits`; None turns it off)
-    is the fallback for a symmetric NAT facing a port-restricted one
+    ``birthday`` (caps: :class:`utp.BirthdayLimits`; None turns it off,
+    and it is off on a simulated network, as it opens real sockets) is the
+    fallback for a symmetric NAT facing a port-restricted one
     (:mod:`utp._birthday`): it starts when the direct phase heard nothing
     from the peer's IP for ``birthday.after`` seconds past ``hold``.
     ``mapping`` and ``peer_mapping`` are the NATs' mapping behaviours when
@@ -255,7 +256,8 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
         return await _respond(ep, peer, queue, start, end, phase, say)
 
     try:
-        if birthday is None:
+        if birthday is None or ep.simulated:
+            # Birthday probing opens real UDP sockets: not on a simulated network.
             return await direct()
         return await _direct_then_birthday(ep, peer, queue, end, phase, direct, birthday,
                                            initiator, mapping, peer_mapping, open_ttl, say)
