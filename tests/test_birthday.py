@@ -19,6 +19,7 @@ def test_limits_are_checked():
     for bad, match in (({"ports": 0}, "ports must be 1..1024"),
                        ({"ports": 1025}, "ports must be 1..1024"),
                        ({"rate": 0}, "rate must be positive"),
+                       ({"spray_rate": -1}, "spray_rate must be positive"),
                        ({"max_probes": 0}, "max_probes must be at least 1"),
                        ({"after": -1}, "after must be zero or positive"),
                        ({"refresh": 0}, "refresh must be positive")):

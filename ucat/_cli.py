@@ -320,7 +320,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--birthday-rate", dest="birthday_rate", metavar="PER_SECOND", type=float, default=400.0,
-        help="birthday probing: datagrams per second, for each role (default 400)",
+        help="birthday probing: probes per second (default 400); the extra ports are "
+        "opened at most 5 times as fast",
     )
     parser.add_argument(
         "--birthday-max", dest="birthday_max", metavar="N", type=int, default=6000,
@@ -374,6 +375,7 @@ def _birthday_limits(opts):
     if opts.birthday_ports == 0:
         return None
     return _utp_module().BirthdayLimits(ports=opts.birthday_ports, rate=opts.birthday_rate,
+                                        spray_rate=5 * opts.birthday_rate,
                                         max_probes=opts.birthday_max)
 
 

@@ -22,7 +22,10 @@ What it is:
   :func:`rendezvous` finds the peer by a shared key (:func:`info_hash_for`
   is the hash both announce), at a UDP tracker (package ``tracker``) or in
   the Mainline DHT (package ``dht``), and then punches; it raises
-  :class:`RendezvousError` when the meeting itself fails.
+  :class:`RendezvousError` when the meeting itself fails.  A symmetric NAT
+  facing a port-restricted one connects by birthday probing (caps:
+  :class:`BirthdayLimits`); two symmetric NATs fail with
+  :class:`NATTraversalError` (or a TimeoutError that says so).
 
 What it is not: a BitTorrent peer (package ``bt``, coming).
 """

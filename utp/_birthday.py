@@ -56,8 +56,8 @@ with an error that says so.  (Two cone NATs whose direct phase failed,
 which is not a case of theory, could meet both ways at once; the
 tie-break initiator then refuses the other meeting's SYN.)
 
-Costs and bounds: at most ``ports`` extra sockets, ``rate`` datagrams per
-second per role (sprays and scans each), ``max_probes`` scans; after the
+Costs and bounds: at most ``ports`` extra sockets, ``spray_rate`` opening
+datagrams and ``rate`` scans per second, ``max_probes`` scans; after the
 cap the scanner waits ``grace`` seconds for a late SYN and then gives up
 with a clear error, as it does at the deadline.
 """
@@ -102,7 +102,10 @@ class BirthdayLimits:
     """User caps for birthday probing (module docs).
 
     ``ports``: extra sockets the spraying side opens (1..1024);
-    ``rate``: datagrams per second, for each role;
+    ``rate``: scan probes per second;
+    ``spray_rate``: the spraying side's datagrams per second (a burst of
+    ``ports`` small, low-TTL datagrams that open our own NAT, again every
+    ``refresh`` seconds; quick, so the scans find the ports open);
     ``max_probes``: random ports the scanning side probes in all;
     ``after``: seconds of hearing nothing in the direct phase before it
     starts, when the NATs' mapping behaviours are not known;
@@ -111,6 +114,7 @@ class BirthdayLimits:
 
     ports: int = 256
     rate: float = 400.0
+    spray_rate: float = 2000.0
     max_probes: int = 6000
     after: float = 2.0
     refresh: float = 10.0
@@ -121,6 +125,8 @@ class BirthdayLimits:
             raise ValueError(f"birthday ports must be 1..1024, not {self.ports!r}")
         if not self.rate > 0:
             raise ValueError(f"birthday rate must be positive, not {self.rate!r}")
+        if not self.spray_rate > 0:
+            raise ValueError(f"birthday spray_rate must be positive, not {self.spray_rate!r}")
         if self.max_probes < 1:
             raise ValueError(f"birthday max_probes must be at least 1, not {self.max_probes!r}")
         for name in ("after", "refresh", "grace"):
@@ -221,7 +227,7 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     report = _Report()
     roles = " and ".join(r for r, on in (("spraying", spray), ("scanning", scan)) if on)
     log(f"birthday probing towards {_format_peer(peer)} ({roles}; up to {limits.ports} ports, "
-        f"{limits.max_probes} probes, {limits.rate:g}/s): {why}")
+        f"{limits.max_probes} probes at {limits.rate:g}/s): {why}")
     result: list[UTPStream] = []
     sprayer_met = trio.Event()
     scan_done = trio.Event()
@@ -243,16 +249,17 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
 
         listener.firewall = firewall
     socks: list[Any] = []
+    adopted: list[Any] = []     # the socket that met: the stream's Endpoint owns it
     try:
         with trio.move_on_at(end):
             async with unwrapped(), trio.open_nursery() as nursery:
                 if spray:
                     socks = _open_sockets(ep, peer, limits.ports)
                     report.sprayed_ports = len(socks)
-                    nursery.start_soon(_spray, socks, peer, limits, open_ttl, report)
+                    nursery.start_soon(_spray, socks, adopted, peer, limits, open_ttl, report)
                     for s in socks:
-                        nursery.start_soon(_watch_socket, ep, s, socks, peer, end, report,
-                                           sprayer_met, result, nursery, log)
+                        nursery.start_soon(_watch_socket, ep, s, socks, adopted, peer, end,
+                                           report, sprayer_met, result, nursery, log)
                 if scan:
                     assert listener is not None
                     nursery.start_soon(_scan, ep, peer, limits, report, scan_done)
@@ -280,7 +287,7 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
         if listener is not None:
             listener._shutdown()
         for s in socks:
-            if s is not None and not getattr(s, "_bday_adopted", False):
+            if s not in adopted:
                 s.close()
     now = trio.current_time()
     elapsed, total = now - began, now - start
@@ -355,13 +362,13 @@ def _target(peer: Any, family: int) -> tuple[str, int]:
     return (str(ip), int(peer[1]))
 
 
-async def _spray(socks: list[Any], peer: Any, limits: BirthdayLimits, ttl: int | None,
-                 report: _Report) -> None:
+async def _spray(socks: list[Any], adopted: list[Any], peer: Any, limits: BirthdayLimits,
+                 ttl: int | None, report: _Report) -> None:
     """Open (and refresh) one mapping per socket towards the peer."""
-    pacer = _Pacer(limits.rate)
+    pacer = _Pacer(limits.spray_rate)
     while True:
         for s in list(socks):
-            if s.fileno() < 0 or getattr(s, "_bday_adopted", False):
+            if s.fileno() < 0 or s in adopted:
                 continue
             await pacer.wait()
             if ttl is not None:
@@ -374,8 +381,8 @@ async def _spray(socks: list[Any], peer: Any, limits: BirthdayLimits, ttl: int |
         await trio.sleep(limits.refresh)
 
 
-async def _watch_socket(ep: Endpoint, sock: Any, socks: list[Any], peer: Any, end: float,
-                        report: _Report, met: trio.Event, result: list[UTPStream],
+async def _watch_socket(ep: Endpoint, sock: Any, socks: list[Any], adopted: list[Any], peer: Any,
+                        end: float, report: _Report, met: trio.Event, result: list[UTPStream],
                         nursery: trio.Nursery, log: Callable[[str], None]) -> None:
     """Wait for a scan probe on one sprayed socket; the first to get one
     becomes the connection's Endpoint (module docs)."""
@@ -406,8 +413,12 @@ async def _watch_socket(ep: Endpoint, sock: Any, socks: list[Any], peer: Any, en
         for s in socks:
             if s is not sock:
                 s.close()
-        sock._bday_adopted = True
-        stream = await _connect_from(ep, sock, (addr[0], addr[1]), end)
+        adopted.append(sock)
+        try:
+            stream = await _connect_from(ep, sock, (addr[0], addr[1]), end)
+        except OSError as exc:  # refused (the peer took another meeting) or timed out
+            log(f"birthday probing: the uTP connection from the port that met failed: {exc}")
+            return
         if not result:
             result.append(stream)
             nursery.cancel_scope.cancel()

@@ -65,6 +65,17 @@ source of the peer's first probe and the responder accepts from any port of
 the peer's IP.  Where the TTL cannot be limited (a simulated network, a
 full socket buffer at the first probe) there is no opening phase and no
 hold: full packets start at once, as before.
+
+Symmetric against port-restricted (issue 10).  Re-aiming cannot help when
+a symmetric NAT faces a port-restricted one: each drops the other's
+packets, so neither side ever hears anything.  That silence is the
+signal: when nothing at all came from the peer's IP ``birthday.after``
+seconds past the hold, :func:`punch` stops the direct phase and switches
+to birthday probing (:mod:`utp._birthday`: the symmetric side opens many
+ports towards the peer, the other probes random ports of the symmetric
+side's address until one pair meets), unless the caller turned it off or
+the NATs' mapping behaviours say it cannot work (two symmetric NATs: an
+error at once).
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ those reports (:attr:`Endpoint.external_address`).  An entry is us when some
 node reported it as our address; our public endpoint for the tie-break is
 our entry in the list (what the peer sees too), else the Endpoint's winner.
 The DHT has no "stopped": entries expire, so use a fresh key per meeting.
+
+Mapping behaviour (for birthday probing's roles, utp._birthday): when DHT
+nodes reported our one public IP at different ports, our NAT maps per
+destination, and :func:`rendezvous` passes ``mapping="dependent"`` to
+:func:`punch` (unless the caller gave one).  A tracker reports nothing
+about our port, so there the roles come from punching's own silence.
 """
 
 from __future__ import annotations
