@@ -216,11 +216,13 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
                    end: float, spray: bool, scan: bool, initiator: bool,
                    limits: BirthdayLimits, open_ttl: int | None,
                    log: Callable[[str], None], why: str, start: float | None = None,
-                   direct_sent: int = 0) -> UTPStream:
+                   direct_sent: int = 0, scan_delay: float = 0.0) -> UTPStream:
     """Run birthday probing towards ``peer`` until a connection or ``end``.
     ``spray``/``scan`` pick the roles (module docs); ``why`` says how it
     came to this, for the error message; ``start`` is when punching began
-    and ``direct_sent`` what it sent before this (for the reports)."""
+    and ``direct_sent`` what it sent before this (for the reports);
+    ``scan_delay``: how long the peer may still take to get here (and open
+    its ports): scans wait that long."""
     began = trio.current_time()
     if start is None:
         start = began
@@ -262,7 +264,7 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
                                            report, sprayer_met, result, nursery, log)
                 if scan:
                     assert listener is not None
-                    nursery.start_soon(_scan, ep, peer, limits, report, scan_done)
+                    nursery.start_soon(_scan, ep, peer, limits, report, scan_done, scan_delay)
                     if queue is not None:
                         nursery.start_soon(_read_acks, queue, peer, report, scan_done, log)
 
@@ -436,7 +438,10 @@ async def _connect_from(ep: Endpoint, sock: Any, addr: tuple[Any, ...], end: flo
 
 
 async def _scan(ep: Endpoint, peer: Any, limits: BirthdayLimits, report: _Report,
-                done: trio.Event) -> None:
+                done: trio.Event, delay: float) -> None:
+    # A probe sent before the peer's ports are open is wasted (each port is
+    # probed once): wait out how much later the peer may get here.
+    await trio.sleep(delay)
     ports = list(range(_FIRST_PORT, 65536))
     random.SystemRandom().shuffle(ports)
     pacer = _Pacer(limits.rate)

@@ -182,6 +182,7 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
                 open_ttl: int | None = 2,
                 birthday: BirthdayLimits | None = BirthdayLimits(),
                 mapping: str | None = None, peer_mapping: str | None = None,
+                peer_lag: float = 0.0,
                 log: Callable[[str], None] | None = None) -> UTPStream:
     """Punch through the NATs between this Endpoint and ``peer`` and return
     the one uTP stream between them.
@@ -207,7 +208,11 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
     known ("independent": one public port for every destination, a cone
     NAT; "dependent": a new one per destination, a symmetric NAT); they
     pick the birthday roles, and two dependent ones fail at once with
-    :class:`utp.NATTraversalError`.  ``log``, if given, gets a line per
+    :class:`utp.NATTraversalError`.  ``peer_lag`` is how much later than
+    us the peer may have called :func:`punch` (a rendezvous that found the
+    peer on its first look knows: the peer finds us at its next poll);
+    birthday scans wait that long, so none goes to a port the peer has
+    not opened yet.  ``log``, if given, gets a line per
     step (what connected, after how many packets).  The returned stream's
     ``punch_packets`` is how many datagrams this side sent until it
     connected, and ``birthday_probes`` (when birthday probing connected)
@@ -230,6 +235,8 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
             raise ValueError(f"{name} must be positive, not {value!r}")
     if not hold >= 0:
         raise ValueError(f"hold must be zero or positive, not {hold!r}")
+    if not peer_lag >= 0:
+        raise ValueError(f"peer_lag must be zero or positive, not {peer_lag!r}")
     if open_ttl is not None and not 1 <= open_ttl <= 255:
         raise ValueError(f"open_ttl must be 1..255 or None, not {open_ttl!r}")
     if keepalive > 25:
@@ -271,7 +278,8 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
             # Birthday probing opens real UDP sockets: not on a simulated network.
             return await direct()
         return await _direct_then_birthday(ep, peer, queue, end, phase, direct, birthday,
-                                           initiator, mapping, peer_mapping, open_ttl, say)
+                                           initiator, mapping, peer_mapping, open_ttl,
+                                           peer_lag, say)
     finally:
         if queue is not None:
             # Unregister, so a later punch (or another owner) can have it.
@@ -531,7 +539,7 @@ async def _direct_then_birthday(ep: Endpoint, peer: tuple[Any, ...], queue: Data
                                 direct: Callable[[], Awaitable[UTPStream]],
                                 limits: BirthdayLimits, initiator: bool, mapping: str | None,
                                 peer_mapping: str | None, open_ttl: int | None,
-                                say: Callable[[str], None]) -> UTPStream:
+                                peer_lag: float, say: Callable[[str], None]) -> UTPStream:
     """Punch directly; if nothing at all came from the peer's IP by
     ``hold + limits.after`` seconds, switch to birthday probing
     (utp._birthday) for the rest of the time."""
@@ -568,5 +576,6 @@ async def _direct_then_birthday(ep: Endpoint, peer: tuple[Any, ...], queue: Data
            + (f" (the peer's NAT: {peer_mapping})" if peer_mapping else ""))
     stream = await _birthday(ep, peer, queue, end=end, spray=spray, scan=scan,
                              initiator=initiator, limits=limits, open_ttl=open_ttl, log=say,
-                             why=why, start=phase.start, direct_sent=phase.sent + phase.opening_sent)
+                             why=why, start=phase.start, direct_sent=phase.sent + phase.opening_sent,
+                             scan_delay=peer_lag)
     return stream

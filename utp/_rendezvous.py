@@ -142,6 +142,9 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
             role = ("initiator (sending SYNs)" if is_initiator(me, peer)
                     else "responder (probing, accepting)")
             say(f"peer {_format_peer(peer)}; we are {_format_peer(me)}; punching as the {role}")
+            if answers == 1 and "peer_lag" not in punch_options:
+                # The peer was there at once: it finds us at its next poll.
+                punch_options = {**punch_options, "peer_lag": poll}
             return await punch(ep, peer, local_public=me, deadline=end, **punch_options)
         finally:
             # Withdraw once punching is over (not before: the peer may
@@ -337,6 +340,9 @@ async def _dht_meet_and_punch(ep: Endpoint, node: Any, key: str | bytes, where: 
     role = ("initiator (sending SYNs)" if is_initiator(me, peer)
             else "responder (probing, accepting)")
     say(f"peer {_format_peer(peer)}; we are {_format_peer(me)}; punching as the {role}")
+    if lookups == 1 and "peer_lag" not in punch_options:
+        # The peer was there at once: it finds us at its next lookup.
+        punch_options = {**punch_options, "peer_lag": poll}
     if "mapping" not in punch_options:
         # Several DHT nodes that saw us at different ports: our NAT maps
         # per destination (utp._birthday, "Who plays which role").
