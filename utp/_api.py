@@ -165,7 +165,12 @@ async def adopt_socket(template: Endpoint, sock: trio.socket.SocketType, addr: t
         raise
     ep = Endpoint(driver, ctx, recv_buffer=template.recv_buffer, send_buffer=template.send_buffer,
                   linger=template.linger)
-    return await _connect_owned(ep, addr, f"{addr[0]}:{addr[1]}", attempt_timeout=1.0,
+    # One attempt for the whole time: the engine resends its SYN (same
+    # connection id) when it or the SYN-ACK is lost.  A second attempt
+    # would be a second connection, which the peer, accepting exactly one,
+    # refuses -- and the first, abandoned, would be reset.
+    left = max(deadline - trio.current_time(), 0.001)
+    return await _connect_owned(ep, addr, f"{addr[0]}:{addr[1]}", attempt_timeout=left,
                                 deadline=deadline)
 
 
