@@ -10,8 +10,7 @@ import trio
 
 from _utpkit.excgroup import unwrapped
 
-from . import _utp
-from ._endpoint import Endpoint, UDPDriver, make_udp_endpoint
+from ._endpoint import Endpoint, endpoint_on_socket, make_udp_endpoint
 from ._stream import UTPListener, UTPStream
 
 __all__ = ["open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "adopt_socket"]
@@ -153,18 +152,9 @@ async def adopt_socket(template: Endpoint, sock: trio.socket.SocketType, addr: t
     ``addr``; the Endpoint takes ``template``'s buffer sizes and linger and
     belongs to the returned stream, whose ``aclose()`` shuts it down (as
     :func:`open_utp_stream`'s).  On failure the socket is closed."""
-    try:
-        ctx = _utp.Context()
-        try:
-            driver = UDPDriver(sock, ctx)
-        except BaseException:
-            ctx.close()
-            raise
-    except BaseException:
-        sock.close()
-        raise
-    ep = Endpoint(driver, ctx, recv_buffer=template.recv_buffer, send_buffer=template.send_buffer,
-                  linger=template.linger)
+    ep = endpoint_on_socket(sock, recv_buffer=template.recv_buffer,
+                            send_buffer=template.send_buffer, socket_buffer=None,
+                            linger=template.linger)
     # One attempt for the whole time: the engine resends its SYN (same
     # connection id) when it or the SYN-ACK is lost.  A second attempt
     # would be a second connection, which the peer, accepting exactly one,

@@ -780,6 +780,17 @@ def make_udp_endpoint(host: str | None, port: int, *, family: int | None,
                       socket_buffer: int | None, linger: float,
                       udp_mtu: int | None, options: dict[int, int] | None) -> Endpoint:
     sock = _bind_udp(host, port, family)
+    return endpoint_on_socket(sock, recv_buffer=recv_buffer, send_buffer=send_buffer,
+                              socket_buffer=socket_buffer, linger=linger, udp_mtu=udp_mtu,
+                              options=options)
+
+
+def endpoint_on_socket(sock: trio.socket.SocketType, *, recv_buffer: int | None,
+                       send_buffer: int | None, socket_buffer: int | None, linger: float,
+                       udp_mtu: int | None = None,
+                       options: dict[int, int] | None = None) -> Endpoint:
+    """An Endpoint on an already bound UDP socket (also the one birthday
+    probing met through); on failure the socket is closed."""
     try:
         ctx = _utp.Context(udp_mtu=udp_mtu)
         try:

@@ -154,6 +154,16 @@ def no_offloads(ns: str, ifname: str) -> None:
             raise LabError(f"ethtool could not turn {name} off on {ifname} in {ns}: {line.strip()}")
 
 
+def _veth(ns1: str, if1: str, addr1: str, ns2: str, if2: str, addr2: str) -> None:
+    """A veth pair from ``if1`` in ``ns1`` to ``if2`` in ``ns2``, offloads
+    off, each end with its address (CIDR) and up."""
+    _run(["ip", "-n", ns1, "link", "add", if1, "type", "veth", "peer", "name", if2, "netns", ns2])
+    for ns, ifname, addr in ((ns1, if1, addr1), (ns2, if2, addr2)):
+        no_offloads(ns, ifname)
+        _run(["ip", "-n", ns, "addr", "add", addr, "dev", ifname])
+        _run(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+
 def read_sysctl(ns: str, key: str) -> str:
     """A sysctl's value inside namespace ``ns``."""
     path = "/proc/sys/" + key.replace(".", "/")
@@ -407,14 +417,7 @@ class Lab:
         cgn = self._ns(f"c-{name}")
         self._attach(cgn, "wan", public)
         inside, home_wan = f"100.64.{n}.1", f"100.64.{n}.2"
-        _run(["ip", "-n", cgn, "link", "add", "lan", "type", "veth", "peer", "name", "wan",
-              "netns", rns])
-        no_offloads(cgn, "lan")
-        no_offloads(rns, "wan")
-        _run(["ip", "-n", cgn, "addr", "add", f"{inside}/24", "dev", "lan"])
-        _run(["ip", "-n", cgn, "link", "set", "lan", "up"])
-        _run(["ip", "-n", rns, "addr", "add", f"{home_wan}/24", "dev", "wan"])
-        _run(["ip", "-n", rns, "link", "set", "wan", "up"])
+        _veth(cgn, "lan", f"{inside}/24", rns, "wan", f"{home_wan}/24")
         _run(["ip", "-n", rns, "route", "add", "default", "via", inside])
         _sysctl(cgn, "net.ipv4.ip_forward", 1)
         _run(["ip", "netns", "exec", cgn, "nft", "-f", "-"],
@@ -501,15 +504,12 @@ class Lab:
             # Hairpinned packets leave by the interface they came in on.
             _sysctl(rns, "net.ipv4.conf.all.send_redirects", 0)
             _sysctl(rns, "net.ipv4.conf.lan.send_redirects", 0)
+            _run(["ip", "-n", rns, "addr", "add", f"{router_lan}/24", "dev", "lan"])
+            _run(["ip", "-n", rns, "link", "set", "lan", "up"])
+            _run(["ip", "-n", hns, "addr", "add", f"{host_ip}/24", "dev", "eth0"])
+            _run(["ip", "-n", hns, "link", "set", "eth0", "up"])
         else:
-            _run(["ip", "-n", rns, "link", "add", "lan", "type", "veth", "peer", "name", "eth0",
-                  "netns", hns])
-            no_offloads(rns, "lan")
-            no_offloads(hns, "eth0")
-        _run(["ip", "-n", rns, "addr", "add", f"{router_lan}/24", "dev", "lan"])
-        _run(["ip", "-n", rns, "link", "set", "lan", "up"])
-        _run(["ip", "-n", hns, "addr", "add", f"{host_ip}/24", "dev", "eth0"])
-        _run(["ip", "-n", hns, "link", "set", "eth0", "up"])
+            _veth(rns, "lan", f"{router_lan}/24", hns, "eth0", f"{host_ip}/24")
         _run(["ip", "-n", hns, "route", "add", "default", "via", router_lan])
         ex = ["ip", "netns", "exec", rns]
         _sysctl(rns, "net.ipv4.ip_forward", 1)
