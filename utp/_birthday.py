@@ -129,10 +129,12 @@ class BirthdayLimits:
             raise ValueError(f"birthday spray_rate must be positive, not {self.spray_rate!r}")
         if self.max_probes < 1:
             raise ValueError(f"birthday max_probes must be at least 1, not {self.max_probes!r}")
-        for name in ("after", "refresh", "grace"):
+        if not self.refresh > 0:
+            raise ValueError(f"birthday refresh must be positive, not {self.refresh!r}")
+        for name in ("after", "grace"):
             value = getattr(self, name)
-            if not value >= 0 or (name == "refresh" and not value > 0):
-                raise ValueError(f"birthday {name} must be {'positive' if name == 'refresh' else 'zero or positive'}, not {value!r}")
+            if not value >= 0:
+                raise ValueError(f"birthday {name} must be zero or positive, not {value!r}")
 
 
 def check_mapping(name: str, value: str | None) -> None:
@@ -410,8 +412,8 @@ async def _watch_socket(ep: Endpoint, sock: Any, socks: list[Any], adopted: list
                 sock._sock.sendto(_datagram(_ACK, n), addr)
             except OSError:
                 pass
-        log(f"birthday probing: the peer's probe #{n} reached our sprayed socket (local port {report.met_port}) "
-            f"from {_format_peer(addr)}; connecting from there")
+        log(f"birthday probing: the peer's probe #{n} reached our sprayed socket (local port "
+            f"{report.met_port}) from {_format_peer(addr)}; connecting from there")
         for s in socks:
             if s is not sock:
                 s.close()

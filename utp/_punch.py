@@ -576,6 +576,6 @@ async def _direct_then_birthday(ep: Endpoint, peer: tuple[Any, ...], queue: Data
            + (f" (the peer's NAT: {peer_mapping})" if peer_mapping else ""))
     stream = await _birthday(ep, peer, queue, end=end, spray=spray, scan=scan,
                              initiator=initiator, limits=limits, open_ttl=open_ttl, log=say,
-                             why=why, start=phase.start, direct_sent=phase.sent + phase.opening_sent,
-                             scan_delay=peer_lag)
+                             why=why, start=phase.start,
+                             direct_sent=phase.sent + phase.opening_sent, scan_delay=peer_lag)
     return stream
