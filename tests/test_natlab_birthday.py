@@ -138,3 +138,46 @@ def test_birthday_probes_until_success_over_repeats(capsys):
         assert g["probes"] is not None and g["probes"]["n"] == 4
     probes = [r.probes for r in results]
     assert statistics.median(probes) < 2000, probes
+
+
+@pytest.mark.slow
+def test_known_mapping_behaviours_pick_the_roles_and_refuse_two_symmetric_nats():
+    """``ucat --nat-mapping``: the symmetric side only sprays, the cone side
+    only scans (so neither sends the other role's datagrams); two sides
+    that know only their own NAT is symmetric spray in vain and say so at
+    the deadline; told the peer's too (``--peer-nat-mapping``), they fail
+    at once."""
+    deadline = 12.0
+    with natlab.Lab() as lab:
+        meet = ("tracker", build_matrix_lab(lab, ["restricted", "symmetric"]))
+        workdir, env = lab.tempdir(), _python_env()
+        known = {"a": ["--nat-mapping", "dependent"], "b": ["--nat-mapping", "independent"]}
+        r = _run_pair(lab, meet, "symmetric", "restricted", size=SIZE, deadline=deadline,
+                      workdir=workdir, env=env, extra=known)
+        assert r.ok, r.error
+        assert r.probes is not None
+        logs = {side: open(f).read() for side, f in
+                (("a", _err_file(workdir, "symmetric-restricted", "a")),
+                 ("b", _err_file(workdir, "symmetric-restricted", "b")))}
+        assert "(spraying; up to 256 ports" in logs["a"], logs["a"]
+        assert "(scanning; up to 256 ports" in logs["b"], logs["b"]
+        own = {"a": ["--nat-mapping", "dependent"], "b": ["--nat-mapping", "dependent"]}
+        alone = _run_pair(lab, meet, "symmetric", "symmetric", size=1000, deadline=6.0,
+                          workdir=workdir, env=env, extra=own)
+        told = ["--peer-nat-mapping", "dependent"]
+        both = {side: [*args, *told] for side, args in own.items()}
+        r = _run_pair(lab, meet, "symmetric", "symmetric", size=1000, deadline=deadline,
+                      workdir=workdir, env=env, extra=both)
+    assert not alone.connected and alone.elapsed < 6.0 + 5
+    assert alone.error.count("timed out after") == 2, alone.error
+    assert alone.error.count("the peer's NAT is likely symmetric too") == 2, alone.error
+    assert not r.connected
+    assert r.error.count("both NATs map every destination to a new port (symmetric)") == 2, r.error
+    # Right after the rendezvous, not at the deadline.
+    assert r.elapsed < deadline / 2, r.elapsed
+
+
+def _err_file(workdir: str, tag: str, side: str) -> str:
+    import glob
+    (path,) = glob.glob(f"{workdir}/{tag}-*.{side}.err")
+    return path

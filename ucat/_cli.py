@@ -132,7 +132,8 @@ _USAGE = """\
 ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] [--progress] host port
        ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--progress]
        ucat --rendezvous KEY (--tracker udp://HOST:PORT | --bootstrap HOST:PORT ...) [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--progress]
-            [--birthday-ports N] [--birthday-rate PER_SECOND] [--birthday-max N] [--nat-mapping independent|dependent]
+            [--birthday-ports N] [--birthday-rate PER_SECOND] [--birthday-max N]
+            [--nat-mapping independent|dependent] [--peer-nat-mapping independent|dependent]
        ucat --version"""
 
 _DESCRIPTION = """\
@@ -330,7 +331,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nat-mapping", dest="nat_mapping", choices=("independent", "dependent"),
         help="with --rendezvous: our NAT's mapping behaviour, when known (dependent: a "
-        "symmetric NAT); picks the birthday probing role at once",
+        "symmetric NAT); picks the birthday probing role",
+    )
+    parser.add_argument(
+        "--peer-nat-mapping", dest="peer_nat_mapping", choices=("independent", "dependent"),
+        help="with --rendezvous: the peer's NAT's mapping behaviour, when known (told out of "
+        "band); with --nat-mapping dependent too, ucat fails at once: two symmetric NATs "
+        "cannot be punched",
     )
     parser.add_argument(
         "--progress", dest="progress", action="store_true",
@@ -1163,7 +1170,8 @@ async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:
         stream = None
         try:
             with trio.move_on_at(deadline + 1.0):  # a backstop
-                extra = {"mapping": opts.nat_mapping} if opts.nat_mapping else {}
+                extra = {k: v for k, v in (("mapping", opts.nat_mapping),
+                                           ("peer_mapping", opts.peer_nat_mapping)) if v}
                 stream = await utp.rendezvous(ep, opts.rendezvous, via=via,
                                               deadline=deadline, log=log,
                                               birthday=opts.birthday_limits, **extra)

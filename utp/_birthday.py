@@ -84,7 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._endpoint import DatagramQueue, Endpoint
 
 __all__ = ["BirthdayLimits", "NATTraversalError", "birthday", "MAPPINGS", "mapping_from_reports",
-           "BDAY_PREFIX"]
+           "BDAY_PREFIX", "refuse_two_symmetric"]
 
 MAPPINGS = ("independent", "dependent")
 BDAY_PREFIX = b"utpkit-bday"
@@ -140,6 +140,18 @@ class BirthdayLimits:
 def check_mapping(name: str, value: str | None) -> None:
     if value is not None and value not in MAPPINGS:
         raise ValueError(f"{name} must be one of {MAPPINGS} or None, not {value!r}")
+
+
+def refuse_two_symmetric(mapping: str | None, peer_mapping: str | None, what: str) -> None:
+    """Check the mapping arguments; NATTraversalError when both NATs are
+    known to be symmetric (``what``: "punch to HOST:PORT", ...)."""
+    check_mapping("mapping", mapping)
+    check_mapping("peer_mapping", peer_mapping)
+    if mapping == "dependent" and peer_mapping == "dependent":
+        raise NATTraversalError(
+            f"cannot {what}: both NATs map every destination to a new port (symmetric), so "
+            f"neither side can know a port the other will answer from; hole punching (birthday "
+            f"probing too) cannot cross that: use port mapping or a relay")
 
 
 def mapping_from_reports(reported: list[tuple[Any, ...]]) -> str | None:
@@ -312,7 +324,9 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
                f"never arrived" if report.acked else "; no pair of ports met"))
     hint = ("both NATs are likely symmetric (a new port per destination), which hole punching "
             "cannot cross: use port mapping or a relay") if (spray and scan) else \
-        ("the peer's NAT may be symmetric too" if spray else
+        (f"none of the peer's probes reached our {report.sprayed_ports} ports: the peer's NAT "
+         f"is likely symmetric too, which hole punching cannot cross: use port mapping or a "
+         f"relay" if spray else
          "the peer's NAT may not be symmetric after all, or it filters its sprayed ports")
     how = f"gave up after {total:.1f} s" if capped else f"timed out after {total:.1f} s"
     message = f"hole punching to {_format_peer(peer)} {how}: {why}; {what}; {hint}"

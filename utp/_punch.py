@@ -92,7 +92,7 @@ from _utpkit.excgroup import unwrapped
 
 from . import _utp
 from ._connect import check_address
-from ._birthday import BirthdayLimits, NATTraversalError, birthday as _birthday, check_mapping
+from ._birthday import BirthdayLimits, birthday as _birthday, refuse_two_symmetric
 from ._utp import EventKind
 from ._stream import UTPStream, _format_peer
 
@@ -242,13 +242,7 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
     if keepalive > 25:
         raise ValueError(f"keepalive {keepalive!r} s is too long: NATs drop idle mappings "
                          f"after ~30 s, so keep it at most 25 s")
-    check_mapping("mapping", mapping)
-    check_mapping("peer_mapping", peer_mapping)
-    if mapping == "dependent" and peer_mapping == "dependent":
-        raise NATTraversalError(
-            f"cannot punch to {_format_peer(peer)}: both NATs map every destination to a new "
-            f"port (symmetric), so neither side can know a port the other will answer from; "
-            f"hole punching (birthday probing too) cannot cross that: use port mapping or a relay")
+    refuse_two_symmetric(mapping, peer_mapping, f"punch to {_format_peer(peer)}")
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "punch")
     if local_public is None:

@@ -39,7 +39,7 @@ from _utpkit.addr import addr_key as _key
 from _utpkit.addr import normalize_ip as _norm_ip
 from _utpkit.errors import NetworkError
 
-from ._birthday import mapping_from_reports
+from ._birthday import mapping_from_reports, refuse_two_symmetric
 from ._punch import end_time, is_initiator, punch
 from ._stream import UTPStream, _format_peer
 
@@ -105,6 +105,10 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     stored our announce, and the tracker client's errors (e.g.
     tracker.TrackerError).  Every message names the tracker, node or peer.
     """
+    # Told both NATs are symmetric: fail before meeting (the first to meet
+    # would fail at once and withdraw, leaving the other to time out).
+    refuse_two_symmetric(punch_options.get("mapping"), punch_options.get("peer_mapping"),
+                         "connect through the rendezvous")
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "rendezvous")
     # The two peers call punch at most one poll apart (the later one finds

@@ -121,7 +121,9 @@ def _last_line(path: str) -> str:
 
 def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: str, *, size: int,
               deadline: float, workdir: str, env: dict[str, str],
-              offset: float = 0.0, key: str | None = None) -> PairResult:
+              offset: float = 0.0, key: str | None = None,
+              extra: dict[str, Sequence[str]] | None = None) -> PairResult:
+    """One pair; ``extra``: more ucat arguments per side ("a", "b")."""
     a, b = lab.hosts[f"a-{a_kind}"], lab.hosts[f"b-{b_kind}"]
     if key is None:
         key = lab.matrix_keys[(a_kind, b_kind)]
@@ -144,7 +146,9 @@ def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: 
             time.sleep(delay)
         with open(files[side]["in"], "rb") as fin, open(files[side]["out"], "wb") as fout, \
                 open(files[side]["err"], "wb") as ferr:
-            procs[side] = host.popen(argv, stdin=fin, stdout=fout, stderr=ferr, env=env, cwd=workdir)
+            more = list((extra or {}).get(side, ()))
+            procs[side] = host.popen(argv + more, stdin=fin, stdout=fout, stderr=ferr, env=env,
+                                     cwd=workdir)
     codes = {}
     for side, proc in procs.items():
         try:
