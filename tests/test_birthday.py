@@ -63,3 +63,14 @@ async def test_mapping_arguments_are_checked():
             await utp.punch(ep, ("127.0.0.2", 4000), timeout=1, mapping="symmetric")
         with pytest.raises(ValueError, match="peer_mapping must be one of"):
             await utp.punch(ep, ("127.0.0.2", 4000), timeout=1, peer_mapping="cone")
+
+
+async def test_rendezvous_told_both_nats_are_symmetric_fails_before_meeting():
+    # Both sides fail at once; neither meets the other and then withdraws,
+    # which would leave the other timing out at the tracker.
+    async with utp.open_endpoint("127.0.0.1", 0) as ep:
+        with pytest.raises(utp.NATTraversalError, match=r"cannot connect through the "
+                                                        r"rendezvous: both NATs"):
+            await utp.rendezvous(ep, "k", via=("127.0.0.1", 9), timeout=10,
+                                 mapping="dependent", peer_mapping="dependent")
+        assert ep.statistics()["io"]["sent_datagrams"] == 0
