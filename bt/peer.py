@@ -140,7 +140,9 @@ class PeerConnection:
             for leaf in leaves(exc):
                 if not isinstance(leaf, _ENDINGS):
                     raise
-            self._ended(next(leaf for leaf in leaves(exc)))
+            ends = list(leaves(exc))
+            # a violation is what to count, even when another task ended too
+            self._ended(next((e for e in ends if isinstance(e, WireError)), ends[0]))
         finally:
             t.detach(self)
             with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -156,9 +158,15 @@ class PeerConnection:
             self.close_reason = self.close_reason or exc.reason
         elif isinstance(exc, WireError):
             self.close_reason = self.close_reason or f"violation: {exc.reason}"
-            self.torrent.counters[f"violation.{exc.reason}"] += 1
+            self._count_violation(exc)
         else:
             self.close_reason = self.close_reason or f"stream: {type(exc).__name__}"
+
+    def _count_violation(self, exc: WireError) -> None:
+        """In the torrent's counters and the session's (all torrents)."""
+        key = f"violation.{exc.reason}"
+        self.torrent.counters[key] += 1
+        self.torrent.session.counters[key] += 1
 
     def close(self, reason: str) -> None:
         """End the connection from outside (ban, torrent stopping)."""
@@ -201,17 +209,24 @@ class PeerConnection:
             await self._flush()
 
     async def _reader(self) -> None:
-        core = self.core
+        core, limits = self.core, self.torrent.session.limits
         while True:
-            data = await self.stream.receive_some(_RECV_SIZE)
+            # Under a download limit, read no more than the bucket's burst at
+            # a time and wait for tokens before the next read: the bytes left
+            # unread hold back the sender (TCP's window, uTP's receive window).
+            await limits.wait_download()
+            data = await self.stream.receive_some(limits.read_size(_RECV_SIZE))
+            limits.downloaded(len(data))
             core.receive_data(data, time.monotonic())
             await self._drain_events()
             if not data:
                 raise PeerClosed("peer closed")
 
     async def _server(self) -> None:
-        """Answer the peer's requests, oldest first, while it is unchoked."""
+        """Answer the peer's requests, oldest first, while it is unchoked,
+        each block within the session's upload limit."""
         core, t = self.core, self.torrent
+        limits = t.session.limits
         while True:
             await self._serve_kick.wait()
             self._serve_kick = trio.Event()
@@ -232,6 +247,13 @@ class PeerConnection:
                     t.fail(exc)
                     raise PeerClosed("storage error") from None
                 for req, data in zip(have, blocks):
+                    if limits.upload_limited and not limits.upload_ready(len(data)):
+                        await self._flush()     # what is already granted goes out first
+                        await limits.take_upload(len(data))
+                    if core.error is not None:
+                        # the reader found a violation while we waited (disk,
+                        # tokens): it ends the connection; nothing more to send
+                        raise PeerClosed(f"violation: {core.error.reason}")
                     if core.am_choking or not core.is_requested(req.key):
                         continue        # choked or cancelled meanwhile
                     core.send(Piece(req.index, req.begin, data))
@@ -293,6 +315,8 @@ class PeerConnection:
             ip = ev.yourip_address
             if ip is not None:
                 t.session.vote_external_address(ip, self.addr)
+            if ev.p:
+                t._remember((self.addr[0], ev.p))      # where to dial it after a pause
         # Choke, Cancel, Suggest, AllowedFast, Extended, KeepAlive: the
         # core keeps the state; nothing to add here.
 
@@ -361,7 +385,7 @@ class PeerConnection:
         try:
             self.core.handle_timer(now)
         except WireError as exc:
-            self.torrent.counters[f"violation.{exc.reason}"] += 1
+            self._count_violation(exc)
             self.close(f"timeout: {exc.reason}")
             return
         self.fill_requests()

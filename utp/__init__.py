@@ -26,6 +26,8 @@ What it is:
   facing a port-restricted one connects by birthday probing (caps:
   :class:`BirthdayLimits`); two symmetric NATs fail with
   :class:`NATTraversalError` (or a TimeoutError that says so).
+- :func:`port_mapping` asks the gateway to forward a public port to the
+  Endpoint (PCP, NAT-PMP or UPnP IGD), renews it and removes it on exit.
 
 What it is not: a BitTorrent peer (package ``bt``, coming).
 """
@@ -83,6 +85,7 @@ from ._endpoint import DatagramQueue, Endpoint
 from ._errors import UTPError
 from _utpkit.errors import NetworkError
 from ._birthday import BirthdayLimits, NATTraversalError
+from ._portmap import PortMapping, PortMappingError, port_mapping
 from ._punch import is_initiator, punch
 from ._rendezvous import RendezvousError, info_hash_for, rendezvous
 from ._stream import UTPListener, UTPStream
@@ -101,6 +104,8 @@ __all__ = [
     "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "NetworkError", "punch", "rendezvous", "__version__",
     # named by punch()'s and rendezvous()'s docstrings
     "is_initiator", "RendezvousError", "info_hash_for", "BirthdayLimits", "NATTraversalError",
+    # port mapping at the gateway (PCP, NAT-PMP, UPnP IGD)
+    "port_mapping", "PortMapping", "PortMappingError",
 ]
 
 
