@@ -20,7 +20,7 @@ from testsupport import load_natlab, unavailable
 
 natlab = load_natlab()
 from natlab.matrix import (_python_env, _run_pair, build_matrix_lab, by_birthday,  # noqa: E402
-                           format_matrix, run_matrix, summarize)
+                           format_matrix, run_matrix, run_offsets, summarize)
 
 SIZE = 1 << 20
 
@@ -181,3 +181,22 @@ def _err_file(workdir: str, tag: str, side: str) -> str:
     import glob
     (path,) = glob.glob(f"{workdir}/{tag}-*.{side}.err")
     return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via", ["tracker", "dht"])
+def test_birthday_probing_at_start_offsets(via, capsys):
+    """Birthday probing when the two ucats start 3 s apart (either order),
+    meeting at a tracker or through the DHT."""
+    jobs = [("symmetric", "restricted", -3.0), ("symmetric", "restricted", 3.0),
+            ("answering", "symmetric", -3.0), ("answering", "symmetric", 3.0)]
+    results = run_offsets(["restricted", "symmetric", "answering"], jobs, size=100_000,
+                          deadline=15.0, via=via)
+    with capsys.disabled():
+        for r in results:
+            print(f"\n  {via}: {r.a} -> {r.b} offset {r.offset:+g} s: "
+                  + (f"connected, probe #{r.probes}, A {r.connect_time} s, B {r.connect_time_b} s"
+                     if r.ok else f"FAILED: {r.error}"))
+    failed = [f"{r.a} -> {r.b} at {r.offset:+g} s: {r.error}" for r in results if not r.ok]
+    assert not failed, "\n".join(failed)
+    assert all(r.probes is not None for r in results)
