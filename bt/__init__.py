@@ -65,13 +65,13 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
            "ConnectionClosed", "RequestsDropped",
            "open_session", "Session", "SessionError", "Torrent", "TorrentStatus", "TorrentState",
-           "TorrentError"]
+           "TorrentError", "PeerTransfer"]
 
 # The trio drivers load on first use, so ``import bt`` (and ``bt info``)
 # stays free of trio and the uTP extension.
 _LAZY = {"open_session": "session", "Session": "session", "SessionError": "session",
          "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
-         "TorrentError": "torrent"}
+         "TorrentError": "torrent", "PeerTransfer": "torrent"}
 
 
 def __getattr__(name: str) -> object:

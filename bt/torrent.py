@@ -30,8 +30,8 @@ from .wire import Cancel, Choke, Geometry, Have, Unchoke
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["Torrent", "TorrentState", "TorrentStatus", "TorrentError", "PIECE_TIMEOUT",
-           "MAX_PEERS", "BAN_STRIKES"]
+__all__ = ["Torrent", "TorrentState", "TorrentStatus", "TorrentError", "PeerTransfer",
+           "PIECE_TIMEOUT", "MAX_PEERS", "BAN_STRIKES"]
 
 #: A peer that delivers nothing for this long with requests outstanding
 #: has them re-issued elsewhere (libtorrent's piece_timeout, 20 s).
@@ -55,6 +55,16 @@ class TorrentError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class PeerTransfer:
+    """Payload bytes exchanged with one peer (by peer id) over the torrent's
+    life, ended connections included: whom the torrent traded with, which
+    the live peer list forgets once two seeds disconnect."""
+    peer_id: bytes
+    downloaded: int
+    uploaded: int
+
+
+@dataclass(frozen=True, slots=True)
 class TorrentStatus:
     """A snapshot for progress lines and RPC.  Rates in bytes/s, ``eta`` in
     seconds (None when unknown or finished)."""
@@ -72,6 +82,7 @@ class TorrentStatus:
     peers_utp: int
     eta: float | None
     error: str | None
+    transfers: tuple[PeerTransfer, ...] = ()
 
 
 class Torrent:
@@ -101,6 +112,7 @@ class Torrent:
         self._strikes: dict[str, int] = {}
         self.banned: set[str] = set()
         self._dialing: set[tuple[Any, ...]] = set()
+        self._ended: dict[bytes, tuple[int, int]] = {}     # peer id -> (down, up) of closed conns
         self._peer_send, self._peer_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
 
     # ---- public ------------------------------------------------------------------------
@@ -135,7 +147,14 @@ class Torrent:
             bytes_have=have, bytes_total=total, download_rate=self._down_rate,
             upload_rate=self._up_rate, downloaded=self.down.total, uploaded=self.up.total,
             peers=len(self.peers), peers_utp=sum(1 for p in self.peers if p.transport == "utp"),
-            eta=eta, error=self.error)
+            eta=eta, error=self.error, transfers=self._transfers())
+
+    def _transfers(self) -> tuple[PeerTransfer, ...]:
+        totals = dict(self._ended)
+        for p in self.peers:
+            down, up = totals.get(p.peer_id, (0, 0))
+            totals[p.peer_id] = (down + p.down.total, up + p.up.total)
+        return tuple(PeerTransfer(pid, down, up) for pid, (down, up) in totals.items())
 
     async def wait_finished(self) -> None:
         """Return once every piece is verified; TorrentError if the torrent
@@ -211,6 +230,9 @@ class Torrent:
         self.choker.add_peer(peer, time.monotonic())
 
     def detach(self, peer: PeerConnection) -> None:
+        if peer in self.peers:
+            down, up = self._ended.get(peer.peer_id, (0, 0))
+            self._ended[peer.peer_id] = (down + peer.down.total, up + peer.up.total)
         self.peers.discard(peer)
         self.choker.remove_peer(peer)
         if peer.in_picker:
