@@ -247,11 +247,29 @@ class PeerConnection:
     # ---- events ------------------------------------------------------------------------
 
     async def _drain_events(self) -> None:
+        """Handle every queued event; the blocks among them are written in
+        one thread hop after new requests went out.  A violation or a close
+        met on the way still lets the blocks before it reach the disk (the
+        picker already counts them as received)."""
         core = self.core
-        while (ev := core.next_event()) is not None:
-            await self._on_event(ev)
-        self.fill_requests()
-        self.kick()
+        blocks: list[tuple[int, int, bytes | memoryview]] = []
+        ending: BaseException | None = None
+        try:
+            while (ev := core.next_event()) is not None:
+                if isinstance(ev, Piece):
+                    if self._on_block(ev):
+                        blocks.append((ev.index, ev.begin, ev.data))
+                else:
+                    self._on_event(ev)
+        except (PeerClosed, WireError) as exc:
+            ending = exc
+        if ending is None:
+            self.fill_requests()
+            self.kick()
+        if blocks:
+            await self.torrent.write_blocks(self, blocks)
+        if ending is not None:
+            raise ending
 
     def _ensure_in_picker(self, bitfield: Bitfield | None = None, have_all: bool = False) -> None:
         if self.in_picker:
@@ -259,7 +277,7 @@ class PeerConnection:
         self.torrent.picker.add_peer(self, bitfield, have_all=have_all)
         self.in_picker = True
 
-    async def _on_event(self, ev: Any) -> None:
+    def _on_event(self, ev: Any) -> None:
         t, core = self.torrent, self.core
         if isinstance(ev, Bitfield):
             self._ensure_in_picker(ev)
@@ -273,8 +291,6 @@ class PeerConnection:
             self._ensure_in_picker()
             t.picker.have(self, ev.index)
             self.update_interest()
-        elif isinstance(ev, Piece):
-            await self._on_block(ev)
         elif isinstance(ev, Reject):
             t.picker.cancelled(self, ev.key)
         elif isinstance(ev, RequestsDropped):
@@ -296,7 +312,9 @@ class PeerConnection:
         # Choke, Cancel, Suggest, AllowedFast, Extended, KeepAlive: the
         # core keeps the state; nothing to add here.
 
-    async def _on_block(self, ev: Piece) -> None:
+    def _on_block(self, ev: Piece) -> bool:
+        """A block arrived: counters, picker, end-game cancels.  True when
+        it is to be written."""
         t = self.torrent
         now = time.monotonic()
         n = len(ev.data)
@@ -306,10 +324,10 @@ class PeerConnection:
         if t.picker.has_piece(ev.index):
             t.counters["blocks.redundant"] += 1
             t.picker.received(self, ev.key, now)
-            return
+            return False
         for other in t.picker.received(self, ev.key, now):
             other.send(Cancel(*ev.key))                 # end game
-        await t.write_block(self, ev.index, ev.begin, ev.data)
+        return True
 
     # ---- requests and interest ----------------------------------------------------------
 

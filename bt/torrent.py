@@ -246,39 +246,47 @@ class Torrent:
 
     # ---- blocks and pieces -------------------------------------------------------------
 
-    async def write_block(self, sender: PeerConnection, index: int, begin: int,
-                          data: bytes | memoryview) -> None:
-        """Write a received block; hash the piece when its last write lands
+    async def write_blocks(self, sender: PeerConnection,
+                           blocks: list[tuple[int, int, bytes | memoryview]]) -> None:
+        """Write received ``(index, begin, data)`` blocks in one thread hop
+        (a receive brings many); hash each piece when its last write lands
         (not when its last block is *received*: another block's write may
         still be running in a thread)."""
-        if index in self._verifying or self.picker.has_piece(index):
-            self.counters["blocks.redundant"] += 1      # an end-game duplicate
+        todo = []
+        for index, begin, data in blocks:
+            if index in self._verifying or self.picker.has_piece(index):
+                self.counters["blocks.redundant"] += 1      # an end-game duplicate
+                continue
+            todo.append((index, begin, data))
+            self._writing[index] = self._writing.get(index, 0) + 1
+        if not todo:
             return
-        self._writing[index] = self._writing.get(index, 0) + 1
         try:
-            await self.storage.write(index, begin, data)
+            await self.storage.write_many(todo)
         except StorageError as exc:
             self.fail(exc)
             return
         finally:
-            self._writing[index] -= 1
-            if not self._writing[index]:
-                del self._writing[index]
-        if index in self._writing or index in self._verifying \
-                or not self.picker.piece_complete(index):
-            return
-        self._verifying.add(index)
-        try:
-            ok = await self.storage.verify(index)
-        except StorageError as exc:
-            self.fail(exc)
-            return
-        finally:
-            self._verifying.discard(index)
-        if ok:
-            self._piece_passed(index)
-        else:
-            self._piece_failed(index)
+            for index, _, _ in todo:
+                self._writing[index] -= 1
+                if not self._writing[index]:
+                    del self._writing[index]
+        for index in dict.fromkeys(index for index, _, _ in todo):
+            if index in self._writing or index in self._verifying \
+                    or self.picker.has_piece(index) or not self.picker.piece_complete(index):
+                continue
+            self._verifying.add(index)
+            try:
+                ok = await self.storage.verify(index)
+            except StorageError as exc:
+                self.fail(exc)
+                return
+            finally:
+                self._verifying.discard(index)
+            if ok:
+                self._piece_passed(index)
+            else:
+                self._piece_failed(index)
 
     def _wake(self) -> None:
         self._changed.set()
