@@ -130,7 +130,7 @@ def _emit(obj: dict[str, Any]) -> None:
 def _lt_worker(job: dict[str, Any]) -> None:
     import libtorrent as lt
 
-    ses = lt.session(libtorrent_settings("127.0.0.1", job["transport"]))
+    ses = lt.session(libtorrent_settings("127.0.0.1", job["transport"]))  # type: ignore[call-overload]
     params = lt.add_torrent_params()
     params.ti = lt.torrent_info(job["torrent"])
     params.save_path = job["dir"]
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(json.loads(args.worker))
         return 0
     size = (args.size_mib or (64 if args.quick else 512)) * MiB
-    runs = RUNS
+    runs: tuple[Run, ...] = RUNS
     if args.only:
         names = {n.strip() for n in args.only.split(",")}
         unknown = names - {r.name for r in RUNS}
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = tuple(r for r in RUNS if r.name in names)
     if any("lt" in (r.seed, r.leech) for r in runs):
         try:
-            import libtorrent  # noqa: F401
+            import libtorrent  # noqa: F401  # (the workers import it)
         except ImportError as exc:
             print(f"bt.bench: libtorrent is not importable ({exc}); pip install libtorrent",
                   file=sys.stderr)

@@ -15,6 +15,10 @@ Three tasks per connection, so that no side can stall another:
   before the next (back-pressure: a peer with 2000 requests outstanding
   does not make us buffer 32 MiB).
 
+What an event changes and which requests go out is
+:class:`bt.peerlogic.PeerLogic`, shared with the simulations in the tests;
+this class adds the tasks, the stream and the clock.
+
 The torrent (:mod:`bt.torrent`) owns everything shared: the picker,
 piece verification, Have broadcasts, the choker and the periodic
 maintenance (request timeouts, rates, keep-alives).
@@ -27,14 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from _utpkit.errors import LocalProtocolError
 from _utpkit.excgroup import leaves
 
-from .peerwire import ConnectionClosed, PeerWire, RequestsDropped
-from .picker import request_queue_depth
+from .peerlogic import PeerClosed, PeerLogic, RateMeter
+from .peerwire import PeerWire
 from .storage import StorageError
-from .wire import (Bitfield, Cancel, ExtensionHandshake, Have, HaveAll, HaveNone, Interested,
-                   NotInterested, Piece, Reject, Request, Unchoke, WireError)
+from .wire import ExtensionHandshake, Piece, Reject, WireError
 
 
 if TYPE_CHECKING:
@@ -45,9 +47,6 @@ __all__ = ["PeerConnection", "PeerClosed", "RateMeter", "CLIENT_VERSION"]
 CLIENT_VERSION = "utpkit-bt 0.1"
 #: Bytes per receive call: a few uTP packets' worth, or a TCP window slice.
 _RECV_SIZE = 256 * 1024
-#: The RTT assumed in the pipelining depth (request_queue_depth uses at
-#: least its 3 s queue time anyway, which dominates on loopback and LANs).
-_ASSUMED_RTT = 0.1
 #: Requests answered per pass of the server before it looks for new ones.
 _SERVE_BATCH = 32
 
@@ -55,40 +54,10 @@ _SERVE_BATCH = 32
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-class PeerClosed(Exception):
-    """The connection ended; ``reason`` says why (for counters and logs)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 _ENDINGS = (PeerClosed, WireError, *_STREAM_ERRORS)
 
 
-class RateMeter:
-    """Bytes per second over a sliding window of a few seconds (what
-    status lines and the choker want: a rate that reacts within seconds
-    but does not jump with each block)."""
-
-    def __init__(self, window: float = 5.0) -> None:
-        self.window = window
-        self.total = 0
-        self._samples: list[tuple[float, int]] = []
-
-    def add(self, n: int) -> None:
-        self.total += n
-
-    def rate(self, now: float) -> float:
-        s = self._samples
-        s.append((now, self.total))
-        while len(s) > 2 and now - s[1][0] >= self.window:
-            s.pop(0)
-        t0, b0 = s[0]
-        return (self.total - b0) / (now - t0) if now > t0 else 0.0
-
-
-class PeerConnection:
+class PeerConnection(PeerLogic):
     """One connection to a peer, after both handshakes are known.
 
     ``core`` has already exchanged handshakes (the session creates it:
@@ -99,17 +68,12 @@ class PeerConnection:
 
     def __init__(self, torrent: "Torrent", stream: trio.abc.Stream, core: PeerWire,
                  addr: tuple[Any, ...], transport: str, peer_id: bytes) -> None:
-        self.torrent = torrent
+        super().__init__(torrent, core)
+        self.torrent: Torrent = torrent
         self.stream = stream
-        self.core = core
         self.addr = addr
         self.transport = transport         # "utp" or "tcp"
         self.peer_id = peer_id
-        self.down = RateMeter()            # payload bytes (blocks) received
-        self.up = RateMeter()              # payload bytes sent
-        self.down_rate = 0.0
-        self.up_rate = 0.0
-        self.in_picker = False
         self._kick = trio.Event()
         self._serve_kick = trio.Event()
         self._send_lock = trio.Lock()
@@ -169,15 +133,8 @@ class PeerConnection:
 
     def _send_first(self) -> None:
         """Our availability (and, if negotiated, our extension handshake)."""
-        core, picker = self.core, self.torrent.picker
-        n = picker.geometry.num_pieces
-        have = [i for i in range(n) if picker.has_piece(i)]
-        if core.fast and len(have) == n:
-            core.send(HaveAll())
-        elif core.fast and not have:
-            core.send(HaveNone())
-        elif have:
-            core.send(Bitfield.from_indices(have, n))
+        core = self.core
+        self.send_availability()
         if core.extensions:
             core.send(ExtensionHandshake(m={}, v=CLIENT_VERSION, reqq=core.reqq,
                                          p=self.torrent.listen_port or None))
@@ -185,8 +142,14 @@ class PeerConnection:
 
     # ---- tasks -------------------------------------------------------------------------
 
+    def now(self) -> float:
+        return time.monotonic()
+
     def kick(self) -> None:
         self._kick.set()
+
+    def requested(self) -> None:
+        self._serve_kick.set()
 
     async def _flush(self) -> None:
         async with self._send_lock:
@@ -247,140 +210,15 @@ class PeerConnection:
     # ---- events ------------------------------------------------------------------------
 
     async def _drain_events(self) -> None:
-        """Handle every queued event; the blocks among them are written in
-        one thread hop after new requests went out.  A violation or a close
-        met on the way still lets the blocks before it reach the disk (the
-        picker already counts them as received)."""
-        core = self.core
-        blocks: list[tuple[int, int, bytes | memoryview]] = []
-        ending: BaseException | None = None
-        try:
-            while (ev := core.next_event()) is not None:
-                if isinstance(ev, Piece):
-                    if self._on_block(ev):
-                        blocks.append((ev.index, ev.begin, ev.data))
-                else:
-                    self._on_event(ev)
-        except (PeerClosed, WireError) as exc:
-            ending = exc
-        if ending is None:
-            self.fill_requests()
-            self.kick()
+        """Handle the queued events (new requests go out at once), then
+        write the blocks among them in one thread hop."""
+        blocks, ending = self.drain_events()
         if blocks:
             await self.torrent.write_blocks(self, blocks)
         if ending is not None:
             raise ending
 
-    def _ensure_in_picker(self, bitfield: Bitfield | None = None, have_all: bool = False) -> None:
-        if self.in_picker:
-            return
-        self.torrent.picker.add_peer(self, bitfield, have_all=have_all)
-        self.in_picker = True
-
-    def _on_event(self, ev: Any) -> None:
-        t, core = self.torrent, self.core
-        if isinstance(ev, Bitfield):
-            self._ensure_in_picker(ev)
-            self.update_interest()
-        elif isinstance(ev, HaveAll):
-            self._ensure_in_picker(have_all=True)
-            self.update_interest()
-        elif isinstance(ev, HaveNone):
-            self._ensure_in_picker()
-        elif isinstance(ev, Have):
-            self._ensure_in_picker()
-            t.picker.have(self, ev.index)
-            self.update_interest()
-        elif isinstance(ev, Reject):
-            t.picker.cancelled(self, ev.key)
-        elif isinstance(ev, RequestsDropped):
-            for r in ev.requests:
-                t.picker.cancelled(self, r.key)
-        elif isinstance(ev, Request):
-            self._serve_kick.set()
-        elif isinstance(ev, Unchoke):
-            t.choker.data_received(self, time.monotonic())   # the snub clock restarts
-        elif isinstance(ev, (Interested, NotInterested)):
-            t.choker.update(self, peer_interested=core.peer_interested)
-            t.interest_changed()
-        elif isinstance(ev, ConnectionClosed):
-            raise PeerClosed("peer closed")
-        elif isinstance(ev, ExtensionHandshake):
-            ip = ev.yourip_address
-            if ip is not None:
-                t.session.vote_external_address(ip, self.addr)
-        # Choke, Cancel, Suggest, AllowedFast, Extended, KeepAlive: the
-        # core keeps the state; nothing to add here.
-
-    def _on_block(self, ev: Piece) -> bool:
-        """A block arrived: counters, picker, end-game cancels.  True when
-        it is to be written."""
-        t = self.torrent
-        now = time.monotonic()
-        n = len(ev.data)
-        self.down.add(n)
-        t.down.add(n)
-        t.choker.data_received(self, now)
-        if t.picker.has_piece(ev.index):
-            t.counters["blocks.redundant"] += 1
-            t.picker.received(self, ev.key, now)
-            return False
-        for other in t.picker.received(self, ev.key, now):
-            other.send(Cancel(*ev.key))                 # end game
-        return True
-
-    # ---- requests and interest ----------------------------------------------------------
-
-    def send(self, msg: Any) -> None:
-        """Queue a message, ignoring a connection that is already closing."""
-        try:
-            self.core.send(msg)
-        except LocalProtocolError:
-            return
-        self.kick()
-
-    def peer_is_seed(self) -> bool:
-        picker = self.torrent.picker
-        return self.in_picker and all(picker.peer_has(self, i)
-                                      for i in range(picker.geometry.num_pieces))
-
-    def update_interest(self) -> None:
-        if not self.in_picker:
-            return
-        want = self.torrent.wants_data and self.torrent.picker.interesting(self)
-        if want != self.core.am_interested:
-            self.send(NotInterested() if not want else Interested())
-            self.torrent.choker.update(self, am_interested=want, now=time.monotonic())
-
-    def fill_requests(self) -> None:
-        """Top up our outstanding requests to the pipelining depth."""
-        core, t = self.core, self.torrent
-        if not self.in_picker or not core.am_interested or not t.wants_data:
-            return
-        if core.peer_choking and not core.allowed_fast_in:
-            return
-        now = time.monotonic()
-        depth = request_queue_depth(self.down_rate, _ASSUMED_RTT,
-                                    snubbed=t.choker.is_snubbed(self, now),
-                                    peer_reqq=core.peer_reqq)
-        want = depth - core.outstanding
-        if want <= 0:
-            return
-        allowed = core.allowed_fast_in if core.peer_choking else None
-        for blk in t.picker.pick(self, want, allowed=allowed):
-            core.send(Request(*blk))
-            t.picker.requested(self, blk, now)
-        self.kick()
-
-    def tick(self, now: float) -> None:
-        """Once a second from the torrent: rates, keep-alives, timeouts."""
-        self.down_rate = self.down.rate(now)
-        self.up_rate = self.up.rate(now)
-        try:
-            self.core.handle_timer(now)
-        except WireError as exc:
-            self.torrent.counters[f"violation.{exc.reason}"] += 1
-            self.close(f"timeout: {exc.reason}")
-            return
-        self.fill_requests()
-        self.kick()
+    def on_extension_handshake(self, ev: ExtensionHandshake) -> None:
+        ip = ev.yourip_address
+        if ip is not None:
+            self.torrent.session.vote_external_address(ip, self.addr)

@@ -23,9 +23,10 @@ from _utpkit.contract import StrEnum
 from .choker import ChokeDecision, Choker
 from .metainfo import Metainfo
 from .peer import PeerConnection, RateMeter
+from .peerlogic import expire_requests
 from .picker import PiecePicker
 from .storage import AsyncTorrentStorage, StorageError
-from .wire import Cancel, Choke, Geometry, Have, Unchoke
+from .wire import Choke, Geometry, Have, Unchoke
 
 if TYPE_CHECKING:
     from .session import Session
@@ -191,10 +192,7 @@ class Torrent:
     def _tick(self, now: float) -> None:
         self._down_rate = self.down.rate(now)
         self._up_rate = self.up.rate(now)
-        for peer in self.picker.timed_out_peers(now, PIECE_TIMEOUT):
-            self.counters["requests.peer_timed_out"] += 1
-            for blk in self.picker.peer_timed_out(peer):
-                peer.send(Cancel(*blk))
+        expire_requests(self, now, PIECE_TIMEOUT)
         for peer in list(self.peers):
             peer.tick(now)
             self.choker.update(peer, download_rate=peer.down_rate, upload_rate=peer.up_rate)
