@@ -19,13 +19,7 @@ import trio
 
 import bt
 from bt.bench import libtorrent_settings
-from testsupport import bt_content, sha256_files, transmission_daemon, unavailable
-
-try:
-    import libtorrent as lt
-except ImportError as exc:   # pragma: no cover - depends on the machine
-    lt = None
-    _why = f"libtorrent is not importable ({exc}); pip install libtorrent"
+from testsupport import bt_content, require_libtorrent, sha256_files, transmission_daemon
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -45,8 +39,7 @@ async def _tr_percent(rpc, tid: int) -> float:
 
 
 async def test_libtorrent_seed_two_of_ours_and_transmission(tmp_path):
-    if lt is None:
-        unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
+    lt = require_libtorrent()
     src, names, data = bt_content(tmp_path, SIZES, name="swarm", seed=13, piece_length=PIECE,
                                   pad_files=False)
     want = sha256_files(src, names)
