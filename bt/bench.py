@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -99,6 +99,8 @@ class RunResult:
     seed_hwm_kib: int = 0
     via: str = ""                         # the transport the leecher really used
     error: str = ""
+    #: our processes' uTP counters, by side ("seed"/"leech"): where time went
+    utp: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def mb_s(self, size: int) -> float | None:
         return size / 1e6 / self.seconds if self.seconds else None
@@ -163,20 +165,47 @@ def _lt_worker(job: dict[str, Any]) -> None:
     _emit({"seconds": seconds, "cpu": cpu, "hwm_kib": _hwm_kib(), "via": "+".join(sorted(via))})
 
 
+_UTP_COUNTERS = ("retransmits", "timeouts", "loss_events")
+
+
+async def _watch_utp(torrent: Any, last: dict[int, dict[str, Any]]) -> None:
+    """Keep the latest statistics of each uTP connection (a connection's
+    are gone once it closes, which a finished download does)."""
+    import trio
+    while True:
+        for p in list(torrent.peers):
+            if p.transport == "utp":
+                last[id(p)] = p.stream.statistics()
+        await trio.sleep(0.25)
+
+
+def _utp_summary(session: Any, last: dict[int, dict[str, Any]]) -> dict[str, float]:
+    if session.endpoint is None:
+        return {}
+    out: dict[str, float] = {k: sum(st[k] for st in last.values()) for k in _UTP_COUNTERS}
+    out["rtt_ms"] = max((st["rtt_ms"] for st in last.values()), default=0.0)
+    out["kernel_drops"] = session.endpoint.statistics()["io"]["kernel_drops"]
+    return out
+
+
 async def _our_worker(job: dict[str, Any]) -> None:
     import trio
 
     from .session import open_session
 
     utp, tcp = job["transport"] == "utp", job["transport"] == "tcp"
+    last: dict[int, dict[str, Any]] = {}
     async with open_session(download_dir=job["dir"], host="127.0.0.1", utp=utp, tcp=tcp,
-                            resume_dir=job["resume"]) as session:
+                            resume_dir=job["resume"]) as session, trio.open_nursery() as nursery:
         torrent = await session.add_torrent(job["torrent"])
+        nursery.start_soon(_watch_utp, torrent, last)
         if job["role"] == "seed":
             _emit({"port": session.port})
             cpu0 = _cpu()
             await trio.to_thread.run_sync(sys.stdin.readline)
-            _emit({"cpu": _cpu() - cpu0, "hwm_kib": _hwm_kib()})
+            _emit({"cpu": _cpu() - cpu0, "hwm_kib": _hwm_kib(),
+                   "utp": _utp_summary(session, last)})
+            nursery.cancel_scope.cancel()
             return
         cpu0, t0 = _cpu(), time.perf_counter()
         torrent.add_peer(("127.0.0.1", job["peer"]))
@@ -185,7 +214,9 @@ async def _our_worker(job: dict[str, Any]) -> None:
         seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
         via = "+".join(k.split(".")[1] for k, v in sorted(session.counters.items())
                        if k.startswith("connections.") and v)
-        _emit({"seconds": seconds, "cpu": cpu, "hwm_kib": _hwm_kib(), "via": via})
+        _emit({"seconds": seconds, "cpu": cpu, "hwm_kib": _hwm_kib(), "via": via,
+               "utp": _utp_summary(session, last)})
+        nursery.cancel_scope.cancel()
 
 
 def _worker(job: dict[str, Any]) -> None:
@@ -288,10 +319,14 @@ def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: fl
         got = leech.read(timeout + 30)
         res.seconds, res.leech_cpu = got["seconds"], got["cpu"]
         res.leech_hwm_kib, res.via = got["hwm_kib"], got["via"]
+        if got.get("utp"):
+            res.utp["leech"] = got["utp"]
         leech.proc.wait(30)
         seed.tell("stop")
         got = seed.read(30)
         res.seed_cpu, res.seed_hwm_kib = got["cpu"], got["hwm_kib"]
+        if got.get("utp"):
+            res.utp["seed"] = got["utp"]
         seed.proc.wait(30)
     except (_WorkerError, subprocess.TimeoutExpired, KeyError) as exc:
         res.seconds = None
@@ -352,6 +387,13 @@ def report(results: Sequence[RunResult], size: int) -> str:
         goal = f"{target:g}x" if unit == "x" else f"{target * 100:.0f}%"
         return f"{what}: {shown} ({verdict} the target >= {goal})"
 
+    diag = [f"  {r.run.name} {side}: " + ", ".join(
+                f"{st[k]:.0f} {k.replace('_', ' ')}" for k in (*_UTP_COUNTERS, "kernel_drops"))
+            + f", srtt {st['rtt_ms']:.1f} ms"
+            for r in results for side, st in sorted(r.utp.items()) if r.seconds is not None]
+    if diag:
+        lines += ["", "our uTP side (the stream's counters; drops: the kernel's, at our socket):",
+                  *diag]
     lines.append("")
     lines.append(ratio(Run("lt", "ours", "utp"), Run("lt", "lt", "utp"),
                        "ours<-lt/utp vs lt<-lt/utp", 2.0, "x"))

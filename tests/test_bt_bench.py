@@ -36,7 +36,7 @@ def test_tiny_run_prints_every_row_and_both_ratios(tmp_path):
     lines = got.stdout.splitlines()
     number = r"\d+\.\d+"
     for run in RUNS:
-        rows = [ln for ln in lines if ln.split()[:1] == [run.name] and " vs " not in ln]
+        rows = [ln for ln in lines if ln.startswith(run.name + " ") and " vs " not in ln]
         assert len(rows) == 1, (run.name, got.stdout)
         # name, via, then seconds, MB/s, two CPU and two RSS figures
         fields = rows[0].split()
@@ -47,5 +47,10 @@ def test_tiny_run_prints_every_row_and_both_ratios(tmp_path):
                for ln in lines), got.stdout
     assert any(ln.startswith("ours<-ours/utp vs ours<-ours/tcp: ") and "target >= 80%" in ln
                for ln in lines), got.stdout
+    # our uTP side's counters, for each of our processes on uTP
+    for name, side in (("ours<-lt/utp", "leech"), ("ours<-ours/utp", "leech"),
+                       ("ours<-ours/utp", "seed")):
+        assert any(ln.startswith(f"  {name} {side}: ") and "retransmits" in ln
+                   for ln in lines), got.stdout
     # the work directory is removed afterwards
     assert not any(p.name.startswith("bt-bench-") for p in tmp_path.iterdir())
