@@ -99,8 +99,9 @@ class RunResult:
     seed_hwm_kib: int = 0
     via: str = ""                         # the transport the leecher really used
     error: str = ""
-    #: our processes' uTP counters, by side ("seed"/"leech"): where time went
-    utp: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: our processes' counters, by side ("seed"/"leech"): the main thread's
+    #: CPU seconds, and on uTP the streams' retransmissions etc.
+    ours: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def mb_s(self, size: int) -> float | None:
         return size / 1e6 / self.seconds if self.seconds else None
@@ -201,13 +202,14 @@ async def _our_worker(job: dict[str, Any]) -> None:
         nursery.start_soon(_watch_utp, torrent, last)
         if job["role"] == "seed":
             _emit({"port": session.port})
-            cpu0 = _cpu()
+            cpu0, main0 = _cpu(), time.thread_time()
             await trio.to_thread.run_sync(sys.stdin.readline)
             _emit({"cpu": _cpu() - cpu0, "hwm_kib": _hwm_kib(),
-                   "utp": _utp_summary(session, last)})
+                   "utp": {**_utp_summary(session, last),
+                           "main_thread_cpu": time.thread_time() - main0}})
             nursery.cancel_scope.cancel()
             return
-        cpu0, t0 = _cpu(), time.perf_counter()
+        cpu0, t0, main0 = _cpu(), time.perf_counter(), time.thread_time()
         torrent.add_peer(("127.0.0.1", job["peer"]))
         with trio.fail_after(job["timeout"]):
             await torrent.wait_finished()
@@ -215,7 +217,8 @@ async def _our_worker(job: dict[str, Any]) -> None:
         via = "+".join(k.split(".")[1] for k, v in sorted(session.counters.items())
                        if k.startswith("connections.") and v)
         _emit({"seconds": seconds, "cpu": cpu, "hwm_kib": _hwm_kib(), "via": via,
-               "utp": _utp_summary(session, last)})
+               "utp": {**_utp_summary(session, last),
+                       "main_thread_cpu": time.thread_time() - main0}})
         nursery.cancel_scope.cancel()
 
 
@@ -320,13 +323,13 @@ def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: fl
         res.seconds, res.leech_cpu = got["seconds"], got["cpu"]
         res.leech_hwm_kib, res.via = got["hwm_kib"], got["via"]
         if got.get("utp"):
-            res.utp["leech"] = got["utp"]
+            res.ours["leech"] = got["utp"]
         leech.proc.wait(30)
         seed.tell("stop")
         got = seed.read(30)
         res.seed_cpu, res.seed_hwm_kib = got["cpu"], got["hwm_kib"]
         if got.get("utp"):
-            res.utp["seed"] = got["utp"]
+            res.ours["seed"] = got["utp"]
         seed.proc.wait(30)
     except (_WorkerError, subprocess.TimeoutExpired, KeyError) as exc:
         res.seconds = None
@@ -387,13 +390,23 @@ def report(results: Sequence[RunResult], size: int) -> str:
         goal = f"{target:g}x" if unit == "x" else f"{target * 100:.0f}%"
         return f"{what}: {shown} ({verdict} the target >= {goal})"
 
-    diag = [f"  {r.run.name} {side}: " + ", ".join(
-                f"{st[k]:.0f} {k.replace('_', ' ')}" for k in (*_UTP_COUNTERS, "kernel_drops"))
-            + f", srtt {st['rtt_ms']:.1f} ms"
-            for r in results for side, st in sorted(r.utp.items()) if r.seconds is not None]
+    diag = []
+    for r in results:
+        for side, st in sorted(r.ours.items()):
+            if r.seconds is None:
+                continue
+            total = r.leech_cpu if side == "leech" else r.seed_cpu
+            text = f"  {r.run.name} {side}: main thread {st['main_thread_cpu'] / gb:.2f} s/GB " \
+                   f"of {total / gb:.2f}"
+            if "retransmits" in st:
+                text += ", uTP " + ", ".join(f"{st[k]:.0f} {k.replace('_', ' ')}"
+                                             for k in (*_UTP_COUNTERS, "kernel_drops"))
+                text += f", srtt {st['rtt_ms']:.1f} ms"
+            diag.append(text)
     if diag:
-        lines += ["", "our uTP side (the stream's counters; drops: the kernel's, at our socket):",
-                  *diag]
+        lines += ["", "our processes: CPU of the main thread (the event loop; the rest is the "
+                  "disk threads: writes, hashing); uTP counters of our side (drops: the "
+                  "kernel's, at our socket)", *diag]
     lines.append("")
     lines.append(ratio(Run("lt", "ours", "utp"), Run("lt", "lt", "utp"),
                        "ours<-lt/utp vs lt<-lt/utp", 2.0, "x"))
