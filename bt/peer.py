@@ -33,7 +33,7 @@ import trio
 
 from _utpkit.excgroup import leaves
 
-from .peerlogic import PeerClosed, PeerLogic, RateMeter
+from .peerlogic import Block, PeerClosed, PeerLogic, RateMeter
 from .peerwire import PeerWire
 from .storage import StorageError
 from .wire import ExtensionHandshake, Piece, Reject, WireError
@@ -49,6 +49,9 @@ CLIENT_VERSION = "utpkit-bt 0.1"
 _RECV_SIZE = 256 * 1024
 #: Requests answered per pass of the server before it looks for new ones.
 _SERVE_BATCH = 32
+#: Received bytes waiting for the disk before the reader stops reading (the
+#: unread bytes then hold the sender back through the transport's window).
+_DISK_QUEUE_MAX = 4 * 1024 * 1024
 
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -79,6 +82,11 @@ class PeerConnection(PeerLogic):
         self._send_lock = trio.Lock()
         self._scope: trio.CancelScope | None = None
         self._closing = False
+        # blocks received and not yet handed to the torrent's writes
+        self._disk_queue: list[Block] = []
+        self._disk_bytes = 0
+        self._disk_kick = trio.Event()
+        self._disk_room = trio.Event()
         self.close_reason = ""
 
     def __repr__(self) -> str:
@@ -97,6 +105,7 @@ class PeerConnection(PeerLogic):
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._server)
+                nursery.start_soon(self._disk_writer)
                 await self._drain_events()      # the handshake may have brought more
                 await self._reader()
         except BaseException as exc:
@@ -106,6 +115,10 @@ class PeerConnection(PeerLogic):
                     raise
             self._ended(next(leaf for leaf in leaves(exc)))
         finally:
+            # The picker counts queued blocks as received: they must be
+            # stored (and their pieces verified) whatever ended the connection.
+            with trio.CancelScope(shield=True):     # (_write_queued shields each write)
+                await self._write_queued()
             t.detach(self)
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
@@ -210,13 +223,43 @@ class PeerConnection(PeerLogic):
     # ---- events ------------------------------------------------------------------------
 
     async def _drain_events(self) -> None:
-        """Handle the queued events (new requests go out at once), then
-        write the blocks among them in one thread hop."""
+        """Handle the queued events (new requests go out at once) and queue
+        the blocks among them for the disk writer; wait while too much is
+        queued."""
         blocks, ending = self.drain_events()
+        blocks = self.torrent.hold_blocks(blocks)
         if blocks:
-            await self.torrent.write_blocks(self, blocks)
+            self._disk_queue += blocks
+            self._disk_bytes += sum(len(b[2]) for b in blocks)
+            self._disk_kick.set()
+            while self._disk_bytes > _DISK_QUEUE_MAX and ending is None:
+                await self._disk_room.wait()
         if ending is not None:
             raise ending
+
+    async def _disk_writer(self) -> None:
+        """Hand the queued blocks to the torrent, all that gathered while
+        the previous write ran in one thread hop: the reader never waits for
+        the disk, and a busy disk means larger batches, not more hops."""
+        while True:
+            await self._disk_kick.wait()
+            self._disk_kick = trio.Event()
+            await self._write_queued()
+
+    async def _write_queued(self) -> None:
+        """Write what is queued.  Shielded: the picker counts these blocks as
+        received, so a closing connection must not drop them between queue
+        and disk, nor leave their piece unhashed (a write in a thread cannot
+        be interrupted anyway)."""
+        while self._disk_queue:
+            blocks, self._disk_queue = self._disk_queue, []
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.torrent.write_blocks(self, blocks)
+            finally:
+                self._disk_bytes -= sum(len(b[2]) for b in blocks)
+                self._disk_room.set()
+                self._disk_room = trio.Event()
 
     def on_extension_handshake(self, ev: ExtensionHandshake) -> None:
         ip = ev.yourip_address

@@ -23,7 +23,7 @@ from _utpkit.contract import StrEnum
 from .choker import ChokeDecision, Choker
 from .metainfo import Metainfo
 from .peer import PeerConnection, RateMeter
-from .peerlogic import expire_requests
+from .peerlogic import Block, expire_requests
 from .picker import PiecePicker
 from .storage import AsyncTorrentStorage, StorageError
 from .wire import Choke, Geometry, Have, Unchoke
@@ -244,12 +244,12 @@ class Torrent:
 
     # ---- blocks and pieces -------------------------------------------------------------
 
-    async def write_blocks(self, sender: PeerConnection,
-                           blocks: list[tuple[int, int, bytes | memoryview]]) -> None:
-        """Write received ``(index, begin, data)`` blocks in one thread hop
-        (a receive brings many); hash each piece when its last write lands
-        (not when its last block is *received*: another block's write may
-        still be running in a thread)."""
+    def hold_blocks(self, blocks: list[Block]) -> list[Block]:
+        """Received ``(index, begin, data)`` blocks on their way to the disk
+        (a connection queues them for :meth:`write_blocks`): the redundant
+        ones are dropped, the rest counted as being written, so that no
+        piece is hashed, or passed by another peer's blocks, while one of
+        its blocks is still queued."""
         todo = []
         for index, begin, data in blocks:
             if index in self._verifying or self.picker.has_piece(index):
@@ -257,6 +257,12 @@ class Torrent:
                 continue
             todo.append((index, begin, data))
             self._writing[index] = self._writing.get(index, 0) + 1
+        return todo
+
+    async def write_blocks(self, sender: PeerConnection, todo: list[Block]) -> None:
+        """Write blocks from :meth:`hold_blocks` in one thread hop; hash each
+        piece when its last write lands (not when its last block is
+        *received*: another block's write may still be queued or running)."""
         if not todo:
             return
         try:
