@@ -38,14 +38,15 @@ The trio drivers (loaded on first use, so ``import bt`` stays light):
 :mod:`bt.peer` (one connection: reader, writer and server tasks around a
 PeerWire core, over a uTP or TCP stream), :mod:`bt.torrent` (picker,
 choker every 10 s, writes and verification, Have broadcasts, request
-timeouts, bans) and :mod:`bt.session` (:func:`open_session`: one uTP
-Endpoint and a TCP listener on the same port, incoming connections
-matched by infohash, outgoing uTP first then TCP, self and duplicate
-connections closed); ``bt download`` / ``bt seed``.
+timeouts, pause/resume/force recheck, state transitions in one place)
+and :mod:`bt.session` (:func:`open_session`: one uTP Endpoint and a TCP
+listener on the same port, incoming connections matched by infohash,
+outgoing uTP first then TCP, self and duplicate connections closed, IP
+bans, remove_torrent, the global rate limits of :mod:`bt.limits`);
+``bt download`` / ``bt seed``.
 
 Not written yet: trackers for torrents (the UDP client exists in
-``tracker/``, HTTP does not), pause/resume/remove/recheck, the global rate
-limits in the drivers, the benchmark, events and RPC, MSE and the
+``tracker/``, HTTP does not), the benchmark, events and RPC, MSE and the
 extensions (ut_metadata, ut_pex, ut_holepunch), DHT and magnets.  It is
 not a client UI.
 """
@@ -64,12 +65,13 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "AsyncTorrentStorage", "MemoryStorage", "Piece", "StorageError", "FileStorage",
            "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
            "ConnectionClosed", "RequestsDropped",
-           "open_session", "Session", "SessionError", "Torrent", "TorrentStatus", "TorrentState",
-           "TorrentError", "PeerTransfer"]
+           "open_session", "Session", "SessionError", "SessionStatus", "Torrent", "TorrentStatus",
+           "TorrentState", "TorrentError", "PeerTransfer"]
 
 # The trio drivers load on first use, so ``import bt`` (and ``bt info``)
 # stays free of trio and the uTP extension.
 _LAZY = {"open_session": "session", "Session": "session", "SessionError": "session",
+         "SessionStatus": "session",
          "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
          "TorrentError": "torrent", "PeerTransfer": "torrent"}
 

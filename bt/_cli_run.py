@@ -2,7 +2,13 @@
 line on stderr.
 
     bt download X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--seed] [--no-utp | --no-tcp]
+                          [--max-upload-rate RATE] [--max-download-rate RATE]
     bt seed X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--no-utp | --no-tcp]
+                      [--max-upload-rate RATE] [--max-download-rate RATE]
+
+RATE is bytes per second, with an optional K, M or G suffix (powers of
+1024; ``500K``, ``1.5M``, an optional trailing ``B``, ``/s`` or ``B/s``);
+0 means unlimited.
 
 Progress goes to stderr: a line redrawn in place on a terminal, plain
 lines every ``--status-interval`` seconds otherwise (logs, pipes, tests).
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -36,6 +43,20 @@ def _peer(text: str) -> tuple[str, int]:
     return host, port
 
 
+_RATE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(?:i?b)?(?:/s)?", re.IGNORECASE)
+_RATE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def parse_rate(text: str) -> int:
+    """A rate in bytes/s from ``500K``, ``1.5M``, ``2MiB/s``, ``65536`` (K,
+    M, G are powers of 1024); 0 means unlimited."""
+    m = _RATE.fullmatch(text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a rate in bytes/s such as 65536, 500K or 1.5M (0: unlimited), not {text!r}")
+    return int(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
+
+
 def add_parsers(sub: Any) -> None:
     for name, what in (("download", "download a torrent (and optionally keep seeding)"),
                        ("seed", "check the data of a torrent and serve it")):
@@ -52,6 +73,10 @@ def add_parsers(sub: Any) -> None:
         if name == "download":
             p.add_argument("--seed", action="store_true",
                            help="keep seeding after the download until interrupted")
+        p.add_argument("--max-upload-rate", type=parse_rate, default=0, metavar="RATE",
+                       help="upload limit in bytes/s, K/M/G suffixes allowed (default: none)")
+        p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
+                       help="download limit in bytes/s, K/M/G suffixes allowed (default: none)")
         g = p.add_mutually_exclusive_group()
         g.add_argument("--no-utp", action="store_true", help="TCP only")
         g.add_argument("--no-tcp", action="store_true", help="uTP only")
@@ -143,7 +168,9 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
     from .torrent import TorrentError
 
     async with open_session(download_dir=args.dir, port=args.port, host=args.bind,
-                            utp=not args.no_utp, tcp=not args.no_tcp) as session:
+                            utp=not args.no_utp, tcp=not args.no_tcp,
+                            upload_limit=args.max_upload_rate or None,
+                            download_limit=args.max_download_rate or None) as session:
         torrent = await session.add_torrent(args.torrent)
         st = torrent.status()
         _say(f"{torrent.meta.name}: {st.pieces_have}/{st.pieces_total} pieces "

@@ -113,7 +113,9 @@ class PeerConnection(PeerLogic):
             for leaf in leaves(exc):
                 if not isinstance(leaf, _ENDINGS):
                     raise
-            self._ended(next(leaf for leaf in leaves(exc)))
+            ends = list(leaves(exc))
+            # a violation is what to count, even when another task ended too
+            self._ended(next((e for e in ends if isinstance(e, WireError)), ends[0]))
         finally:
             # The picker counts queued blocks as received: they must be
             # stored (and their pieces verified) whatever ended the connection.
@@ -133,9 +135,15 @@ class PeerConnection(PeerLogic):
             self.close_reason = self.close_reason or exc.reason
         elif isinstance(exc, WireError):
             self.close_reason = self.close_reason or f"violation: {exc.reason}"
-            self.torrent.counters[f"violation.{exc.reason}"] += 1
+            self._count_violation(exc)
         else:
             self.close_reason = self.close_reason or f"stream: {type(exc).__name__}"
+
+    def _count_violation(self, exc: WireError) -> None:
+        """In the torrent's counters and the session's (all torrents)."""
+        key = f"violation.{exc.reason}"
+        self.torrent.counters[key] += 1
+        self.torrent.session.counters[key] += 1
 
     def close(self, reason: str) -> None:
         """End the connection from outside (ban, torrent stopping)."""
@@ -177,17 +185,24 @@ class PeerConnection(PeerLogic):
             await self._flush()
 
     async def _reader(self) -> None:
-        core = self.core
+        core, limits = self.core, self.torrent.session.limits
         while True:
-            data = await self.stream.receive_some(_RECV_SIZE)
+            # Under a download limit, read no more than the bucket's burst at
+            # a time and wait for tokens before the next read: the bytes left
+            # unread hold back the sender (TCP's window, uTP's receive window).
+            await limits.wait_download()
+            data = await self.stream.receive_some(limits.read_size(_RECV_SIZE))
+            limits.downloaded(len(data))
             core.receive_data(data, time.monotonic())
             await self._drain_events()
             if not data:
                 raise PeerClosed("peer closed")
 
     async def _server(self) -> None:
-        """Answer the peer's requests, oldest first, while it is unchoked."""
+        """Answer the peer's requests, oldest first, while it is unchoked,
+        each block within the session's upload limit."""
         core, t = self.core, self.torrent
+        limits = t.session.limits
         while True:
             await self._serve_kick.wait()
             self._serve_kick = trio.Event()
@@ -208,6 +223,13 @@ class PeerConnection(PeerLogic):
                     t.fail(exc)
                     raise PeerClosed("storage error") from None
                 for req, data in zip(have, blocks):
+                    if limits.upload_limited and not limits.upload_ready(len(data)):
+                        await self._flush()     # what is already granted goes out first
+                        await limits.take_upload(len(data))
+                    if core.error is not None:
+                        # the reader found a violation while we waited (disk,
+                        # tokens): it ends the connection; nothing more to send
+                        raise PeerClosed(f"violation: {core.error.reason}")
                     if core.am_choking or not core.is_requested(req.key):
                         continue        # choked or cancelled meanwhile
                     core.send(Piece(req.index, req.begin, data))
@@ -262,6 +284,9 @@ class PeerConnection(PeerLogic):
                 self._disk_room = trio.Event()
 
     def on_extension_handshake(self, ev: ExtensionHandshake) -> None:
+        t = self.torrent
         ip = ev.yourip_address
         if ip is not None:
-            self.torrent.session.vote_external_address(ip, self.addr)
+            t.session.vote_external_address(ip, self.addr)
+        if ev.p:
+            t._remember((self.addr[0], ev.p))      # where to dial it after a pause

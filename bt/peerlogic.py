@@ -116,6 +116,10 @@ class PeerLogic:
     def on_extension_handshake(self, ev: ExtensionHandshake) -> None:
         """The peer's BEP 10 handshake arrived."""
 
+    def _count_violation(self, exc: WireError) -> None:
+        """A protocol violation ends the connection: count it."""
+        self.torrent.counters[f"violation.{exc.reason}"] += 1
+
     # ---- sending -----------------------------------------------------------------------
 
     def send(self, msg: Any) -> None:
@@ -261,7 +265,7 @@ class PeerLogic:
         try:
             self.core.handle_timer(now)
         except WireError as exc:
-            self.torrent.counters[f"violation.{exc.reason}"] += 1
+            self._count_violation(exc)
             self.close(f"timeout: {exc.reason}")
             return
         self.fill_requests()

@@ -62,6 +62,13 @@ class TokenBucket:
         self._tokens -= n
         return True
 
+    def consume(self, n: int, now: float) -> None:
+        """Take ``n`` tokens whatever the bucket holds (bytes that already
+        moved: a receive that must be paid for; the debt delays the next)."""
+        self._refill(now)
+        if self.rate is not None:
+            self._tokens -= n
+
     def time_until(self, now: float) -> float:
         """Seconds until :meth:`try_consume` can succeed."""
         self._refill(now)

@@ -9,8 +9,14 @@ listener on the same port number, the peer id and every torrent.
 Incoming connections (uTP and TCP) are matched to torrents by the infohash
 of their handshake; outgoing ones try uTP first and fall back to TCP (as
 libtorrent does), each transport switchable off.  Connections to ourselves
-(our own peer id comes back) and second connections to a peer already
-connected are closed and counted.
+(our own peer id comes back), second connections to a peer already
+connected, connections for a torrent that is paused or checking, and any
+connection from or to an IP banned for bad data (two strikes: pieces that
+failed their hash with its blocks in them) are closed and counted.
+
+Control: :meth:`Session.remove_torrent`, :meth:`Session.set_limits` (the
+global upload and download limits, :mod:`bt.limits`), and per torrent
+pause/resume/force_recheck (:mod:`bt.torrent`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import os
 import secrets
 import time
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import trio
@@ -27,15 +34,17 @@ import trio
 from _utpkit.addr import unmap_host
 from _utpkit.excgroup import unwrapped
 
+from .limits import RateLimits
 from .metainfo import Metainfo, load_metainfo, parse_metainfo_untrusted
 from .peer import PeerConnection
 from .peerwire import HANDSHAKE_TIMEOUT, ConnectionClosed, PeerWire
 from .storage import AsyncTorrentStorage, StorageError
 from .storage_file import FileStorage
-from .torrent import Torrent
+from .torrent import StateListener, Torrent
 from .wire import Handshake, WireError
 
-__all__ = ["Session", "open_session", "SessionError", "PEER_ID_PREFIX"]
+__all__ = ["Session", "SessionStatus", "open_session", "SessionError", "PEER_ID_PREFIX",
+           "BAN_STRIKES"]
 
 #: Azureus-style client id (BEP 20): "-UK0100-" then 12 random bytes.
 PEER_ID_PREFIX = b"-UK0100-"
@@ -44,11 +53,26 @@ PEER_ID_PREFIX = b"-UK0100-"
 UTP_CONNECT_TIMEOUT = 5.0
 TCP_CONNECT_TIMEOUT = 10.0
 _HANDSHAKE_READ = 16 * 1024
+#: Hash failures an IP may take part in before it is banned for the
+#: session: two forgives one unlucky failure (a block damaged on a path
+#: whose checksums missed it, or a piece shared with the real culprit).
+BAN_STRIKES = 2
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class SessionError(Exception):
     """The session could not do what was asked (bind, add a torrent)."""
+
+
+_UNCHANGED: Any = object()
+
+
+def _check_rate(name: str, value: float | None) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not value >= 0 or value == float("inf")):
+        raise SessionError(f"{name} limit must be a number of bytes/s >= 0 (0: unlimited), "
+                           f"not {value!r}")
+    return value
 
 
 def _stream_peer(stream: trio.abc.Stream) -> tuple[str, int]:
@@ -81,11 +105,26 @@ async def _aclose_quietly(stream: trio.abc.AsyncResource) -> None:
             await stream.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class SessionStatus:
+    """A snapshot of the session: its rates summed over the torrents
+    (bytes/s), the limits (None: unlimited), the banned IPs and a copy of
+    the session's counters (connections, refusals, handshake failures)."""
+    torrents: int
+    download_rate: float
+    upload_rate: float
+    download_limit: float | None
+    upload_limit: float | None
+    banned: frozenset[str]
+    counters: dict[str, int] = field(default_factory=dict)
+
+
 class Session:
     """See the module docstring; made by :func:`open_session`."""
 
     def __init__(self, nursery: trio.Nursery, endpoint: Any, port: int, download_dir: str,
-                 resume_dir: str | None, utp: bool, tcp: bool, peer_id: bytes) -> None:
+                 resume_dir: str | None, utp: bool, tcp: bool, peer_id: bytes,
+                 limits: RateLimits | None = None) -> None:
         self._nursery = nursery
         self.endpoint = endpoint
         self.port = port
@@ -97,6 +136,12 @@ class Session:
         self.torrents: dict[bytes, Torrent] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self.disk_limiter = trio.CapacityLimiter(4)
+        self.limits = limits if limits is not None else RateLimits()
+        #: IPs banned for the session, and the hash-failure strikes so far.
+        self.banned: set[str] = set()
+        self.strikes: collections.Counter[str] = collections.Counter()
+        #: Called on every torrent state change (see bt.torrent.StateListener).
+        self.state_listeners: list[StateListener] = []
 
     # ---- torrents ----------------------------------------------------------------------
 
@@ -125,6 +170,58 @@ class Session:
         self._nursery.start_soon(torrent.run)
         return torrent
 
+    async def remove_torrent(self, torrent: Torrent, *, delete_data: bool = False) -> None:
+        """Remove ``torrent`` from the session: its connections closed (and
+        waited for), incoming ones for it no longer matched, its files
+        closed, its resume file deleted, and with ``delete_data`` its files
+        deleted too -- only the torrent's own files, each checked to lie
+        inside its download directory, and the directories they leave
+        empty.  StorageError if deleting fails (the torrent is removed
+        anyway); SessionError if it is not in this session."""
+        if self.torrents.get(torrent.info_hash) is not torrent:
+            raise SessionError(f"torrent {torrent.info_hash.hex()} is not in this session")
+        del self.torrents[torrent.info_hash]
+        await torrent.stop()
+        with contextlib.suppress(StorageError):
+            await torrent.storage.aclose()      # a resume write failing does not matter now
+        await torrent.storage.delete(data=delete_data)
+
+    # ---- limits, bans, status ------------------------------------------------------------
+
+    def set_limits(self, *, upload: float | None = _UNCHANGED,
+                   download: float | None = _UNCHANGED) -> None:
+        """Set the global upload and/or download limit (bytes/s; None or 0:
+        unlimited; a limit not named keeps its value), shared by every
+        torrent, effective at once.  SessionError for a bad value."""
+        if upload is not _UNCHANGED:
+            self.limits.set(upload=_check_rate("upload", upload))
+        if download is not _UNCHANGED:
+            self.limits.set(download=_check_rate("download", download))
+
+    def strike(self, ip: str) -> bool:
+        """``ip`` sent a block of a piece that failed its hash.  At
+        BAN_STRIKES it is banned: every connection from it closed, and no
+        new one accepted or dialed while the session runs.  Returns True
+        when this strike banned it."""
+        self.strikes[ip] += 1
+        if self.strikes[ip] < BAN_STRIKES or ip in self.banned:
+            return False
+        self.banned.add(ip)
+        self.counters["peers.banned"] += 1
+        for torrent in self.torrents.values():
+            for peer in list(torrent.peers):
+                if str(peer.addr[0]) == ip:
+                    peer.close("banned: bad data")
+        return True
+
+    def status(self) -> SessionStatus:
+        ts = [t.status() for t in self.torrents.values()]
+        return SessionStatus(
+            torrents=len(ts), download_rate=sum(t.download_rate for t in ts),
+            upload_rate=sum(t.upload_rate for t in ts), download_limit=self.limits.download,
+            upload_limit=self.limits.upload, banned=frozenset(self.banned),
+            counters=dict(self.counters))
+
     # ---- connections -------------------------------------------------------------------
 
     def vote_external_address(self, ip: str, reporter: tuple[Any, ...]) -> None:
@@ -136,7 +233,8 @@ class Session:
         """Dial ``addr`` for ``torrent`` (uTP, then TCP) and run the
         connection until it ends.  Failures are counted, not raised."""
         host, port = addr
-        if host in torrent.banned:
+        if host in self.banned:
+            self.counters["refused.banned"] += 1
             return
         stream: trio.abc.Stream | None = None
         transport = ""
@@ -165,6 +263,10 @@ class Session:
         except OSError:
             await _aclose_quietly(stream)
             return
+        if addr[0] in self.banned:
+            self.counters["refused.banned"] += 1      # before reading a byte from it
+            await _aclose_quietly(stream)
+            return
         await self._run_connection(stream, PeerWire(now=time.monotonic()), addr, transport, None)
 
     def _refuse(self, torrent: Torrent, hs: Handshake, addr: tuple[Any, ...]) -> str | None:
@@ -172,8 +274,10 @@ class Session:
             return "self"
         if torrent.connected_to(hs.peer_id):
             return "duplicate"
-        if addr[0] in torrent.banned:
+        if addr[0] in self.banned:
             return "banned"
+        if not torrent.active:
+            return str(torrent.state)       # paused, checking, error, removed
         return None
 
     async def _run_connection(self, stream: trio.abc.Stream, core: PeerWire,
@@ -262,14 +366,17 @@ async def _bind_both(stack: contextlib.AsyncExitStack, host: str | None, port: i
 async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[str] = ".",
                        port: int = 0, utp: bool = True, tcp: bool = True,
                        host: str | None = None, resume_dir: str | os.PathLike[str] | None = None,
-                       peer_id: bytes | None = None) -> AsyncIterator[Session]:
+                       peer_id: bytes | None = None, upload_limit: float | None = None,
+                       download_limit: float | None = None) -> AsyncIterator[Session]:
     """Run a BitTorrent session for the duration of the block.
 
     ``endpoint``: a running :class:`utp.Endpoint` to share (its port number
     is used for TCP too); None opens one on ``host``/``port`` (0: a port
     where UDP and TCP are both free).  ``utp`` / ``tcp`` switch each
     transport off, in and out.  ``resume_dir`` keeps resume files (default
-    ``DOWNLOAD_DIR/.bt-resume``).
+    ``DOWNLOAD_DIR/.bt-resume``).  ``upload_limit`` / ``download_limit``:
+    global rates in bytes/s for all torrents (None: unlimited), changeable
+    later with :meth:`Session.set_limits`.
 
     Resource handling: the endpoint (if opened here), the listeners, every
     connection and torrent belong to the block; leaving it closes them and
@@ -282,6 +389,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     pid = peer_id if peer_id is not None else PEER_ID_PREFIX + secrets.token_bytes(12)
     if len(pid) != 20:
         raise SessionError("peer_id must be 20 bytes")
+    limits = RateLimits(_check_rate("upload", upload_limit), _check_rate("download", download_limit))
     async with unwrapped(), contextlib.AsyncExitStack() as stack:
         tcp_listeners: list[trio.SocketListener] = []
         if endpoint is None and utp:
@@ -302,7 +410,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
         try:
             async with trio.open_nursery() as nursery:
                 session = Session(nursery, endpoint if utp else None, real_port, download_dir,
-                                  rdir, utp, tcp, pid)
+                                  rdir, utp, tcp, pid, limits)
                 if utp:
                     listener = endpoint.listener or endpoint.listen()
                     nursery.start_soon(session._accept_loop, listener, "utp")

@@ -126,6 +126,7 @@ class TorrentStorage(Protocol):
               progress: Callable[[int, int], None] | None = None) -> CheckResult: ...
     def save_resume(self) -> None: ...
     def close(self) -> None: ...
+    def delete(self, *, data: bool) -> None: ...
 
 
 class StorageBackend(Protocol):
@@ -188,6 +189,11 @@ class BaseTorrent:
     def close(self) -> None:
         self.closed = True
 
+    def delete(self, *, data: bool) -> None:
+        """After :meth:`close`, when the torrent is removed: forget its
+        resume record and, with ``data``, its stored bytes."""
+        self.have.clear()
+
 
 class MemoryTorrent(BaseTorrent):
     """A torrent held in memory, one bytearray per piece written.  For
@@ -208,6 +214,11 @@ class MemoryTorrent(BaseTorrent):
         if buf is None:
             buf = self._pieces[index] = bytearray(self.meta.piece_size(index))
         buf[offset:offset + len(data)] = data
+
+    def delete(self, *, data: bool) -> None:
+        super().delete(data=data)
+        if data:
+            self._pieces.clear()
 
 
 class MemoryStorage:
@@ -286,3 +297,6 @@ class AsyncTorrentStorage:
 
     async def aclose(self) -> None:
         await self._run(self.storage.close)
+
+    async def delete(self, *, data: bool) -> None:
+        await self._run(lambda: self.storage.delete(data=data))

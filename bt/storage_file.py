@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -419,6 +420,58 @@ class FileTorrent(BaseTorrent):
             except StorageError:
                 pass    # kept in self.error; what the check found is still true
         return CheckResult(frozenset(self.have), hashed, resumed)
+
+    def delete(self, *, data: bool) -> None:
+        """The torrent was removed (call after :meth:`close`): delete its
+        resume file and, with ``data``, its files and the directories they
+        leave empty.  Only the torrent's own paths are touched, each
+        resolved on disk again and skipped unless it is a regular file
+        inside the download directory (never a symlink, never the download
+        directory itself).  StorageError names the first file that could
+        not be deleted (the others are still tried)."""
+        super().delete(data=data)
+        first: StorageError | None = None
+        doomed = [self.resume_path] if self.resume_path is not None else []
+        if data:
+            doomed += [p for p in self._paths if p is not None]
+        for path in doomed:
+            try:
+                if self._own_regular_file(path):
+                    os.unlink(path)
+            except OSError as exc:
+                first = first or _oserror("delete", path, exc)
+        if data:
+            self._remove_empty_dirs()
+        if first is not None:
+            raise first
+
+    def _inside(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return real.startswith(self.root + os.sep)
+
+    def _own_regular_file(self, path: str) -> bool:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False        # a symlink, a directory, a device: not ours to delete
+        if path == self.resume_path:
+            return True         # in the resume directory, which we chose
+        return self._inside(path)
+
+    def _remove_empty_dirs(self) -> None:
+        dirs: set[str] = set()
+        for path in self._paths:
+            d = os.path.dirname(path) if path is not None else self.root
+            while d != self.root and d.startswith(self.root + os.sep):
+                dirs.add(d)
+                d = os.path.dirname(d)
+        for d in sorted(dirs, key=len, reverse=True):      # deepest first
+            if os.path.islink(d) or not self._inside(d):
+                continue
+            with contextlib.suppress(OSError):              # not empty: keep it
+                os.rmdir(d)
 
     def close(self) -> None:
         """Write the resume file if it is out of date, and close the files.

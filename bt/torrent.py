@@ -4,7 +4,18 @@ together (request timeouts, rates, the 10 s rechoke, keep-alives).
 
 A torrent is created by :meth:`bt.session.Session.add_torrent`, which
 checks the data already on disk (resume file or hashing) before returning,
-and runs in the session's nursery until the session closes.
+and runs in the session's nursery until the session closes or
+:meth:`bt.session.Session.remove_torrent` removes it.
+
+Control: :meth:`Torrent.pause` (every connection closed, no dialing, no
+incoming connections accepted), :meth:`Torrent.resume` (the known peers
+dialed again), :meth:`Torrent.force_recheck` (every piece hashed again off
+the event loop, in state ``checking``).  The state is never assigned
+directly: the flags (paused, checking, error, removed) change and
+:meth:`Torrent._settle` derives the state from them, so every transition
+passes through one place, which tells the session's state listeners
+(:attr:`bt.session.Session.state_listeners`) -- where an events notifier
+(started, paused, completed, error, stopped) hooks in.
 """
 
 from __future__ import annotations
@@ -13,8 +24,8 @@ import collections
 import math
 import random
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
@@ -31,8 +42,8 @@ from .wire import Choke, Geometry, Have, Unchoke
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["Torrent", "TorrentState", "TorrentStatus", "TorrentError", "PeerTransfer",
-           "PIECE_TIMEOUT", "MAX_PEERS", "BAN_STRIKES"]
+__all__ = ["Torrent", "TorrentState", "TorrentStatus", "TorrentError", "StateListener",
+           "PeerTransfer", "PIECE_TIMEOUT", "MAX_PEERS", "MAX_KNOWN_PEERS", "DISCONNECT_TIMEOUT"]
 
 #: A peer that delivers nothing for this long with requests outstanding
 #: has them re-issued elsewhere (libtorrent's piece_timeout, 20 s).
@@ -40,14 +51,31 @@ PIECE_TIMEOUT = 20.0
 #: Connections per torrent: keeps one torrent from taking every file
 #: descriptor.
 MAX_PEERS = 100
-#: Hash failures an IP may take part in before it is banned for the session.
-BAN_STRIKES = 2
+#: Peer addresses remembered for reconnecting after a pause or a recheck.
+MAX_KNOWN_PEERS = 1000
+#: How long pause/remove/recheck wait for the connections to end (each
+#: closes its stream within 2 s; a block write or hash in a thread first
+#: finishes, so nothing half-written is left).
+DISCONNECT_TIMEOUT = 10.0
 
 
 class TorrentState(StrEnum):
+    """Where a torrent is.  Transitions, for an events notifier:
+    ``checking`` -> ``downloading``/``seeding`` (started), ``downloading``
+    -> ``seeding`` (completed), anything -> ``paused`` (paused) and back
+    (resumed), anything -> ``error``, anything -> ``removed`` (stopped)."""
+    CHECKING = "checking"
     DOWNLOADING = "downloading"
     SEEDING = "seeding"
+    PAUSED = "paused"
     ERROR = "error"
+    REMOVED = "removed"
+
+
+#: Called on every state change with (torrent, old state, new state); old
+#: is None when the torrent was just added.  Runs synchronously inside the
+#: transition: hand the work to a task (a memory channel) if it may block.
+StateListener = Callable[["Torrent", "TorrentState | None", "TorrentState"], None]
 
 
 class TorrentError(Exception):
@@ -83,12 +111,20 @@ class TorrentStatus:
     peers_utp: int
     eta: float | None
     error: str | None
+    #: Fraction of the pieces hashed so far while ``checking``, else None.
+    checking_progress: float | None = None
+    #: The torrent's counters (violations by reason, closes, pieces
+    #: passed/failed, bans...): a copy.
+    counters: dict[str, int] = field(default_factory=dict)
+    #: Payload bytes exchanged with each peer, by peer id, ended
+    #: connections included.
     transfers: tuple[PeerTransfer, ...] = ()
 
 
 class Torrent:
-    """See the module docstring.  Public: :attr:`meta`, :meth:`status`,
-    :meth:`add_peer`, :meth:`wait_finished`, :attr:`counters`, :attr:`peers`."""
+    """See the module docstring.  Public: :attr:`meta`, :attr:`state`,
+    :meth:`status`, :meth:`add_peer`, :meth:`wait_finished`, :meth:`pause`,
+    :meth:`resume`, :meth:`force_recheck`, :attr:`counters`, :attr:`peers`."""
 
     def __init__(self, session: "Session", meta: Metainfo, storage: AsyncTorrentStorage,
                  have: frozenset[int]) -> None:
@@ -106,15 +142,25 @@ class Torrent:
         self._down_rate = 0.0
         self._up_rate = 0.0
         self.error: str | None = None
-        self.state = TorrentState.SEEDING if self.picker.complete else TorrentState.DOWNLOADING
+        # the flags the state is derived from (_settle)
+        self._paused = False
+        self._checking = False
+        self._removed = False
+        self._check_done = 0
+        self.state: TorrentState | None = None
         self._changed = trio.Event()
         self._writing: dict[int, int] = {}
         self._verifying: set[int] = set()
-        self._strikes: dict[str, int] = {}
-        self.banned: set[str] = set()
         self._dialing: set[tuple[Any, ...]] = set()
         self._ended: dict[bytes, tuple[int, int]] = {}     # peer id -> (down, up) of closed conns
+        #: Hash failures by piece index (the pieces fetched again).
+        self.hash_failures: dict[int, int] = {}
+        #: Addresses to dial again after a pause or recheck: peers added by
+        #: address, and incoming peers that told us their listen port.
+        self.known_peers: dict[tuple[Any, ...], None] = {}
         self._peer_send, self._peer_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        self._scope: trio.CancelScope | None = None
+        self._settle()
 
     # ---- public ------------------------------------------------------------------------
 
@@ -127,13 +173,33 @@ class Torrent:
         return self.state is TorrentState.DOWNLOADING
 
     @property
+    def active(self) -> bool:
+        """Whether the torrent takes part in the swarm now: connections
+        accepted and dialed, rechokes run (downloading or seeding)."""
+        return self.state in (TorrentState.DOWNLOADING, TorrentState.SEEDING)
+
+    @property
     def finished(self) -> bool:
         return self.picker.complete
 
+    @property
+    def banned(self) -> set[str]:
+        """IPs banned for bad data: the session's set (a ban holds for every
+        torrent of the session)."""
+        return self.session.banned
+
     def add_peer(self, addr: tuple[str, int]) -> None:
         """Connect to a peer at ``(host, port)`` (uTP first, then TCP, as the
-        session allows).  One attempt; a failure is counted in the session."""
-        self._peer_send.send_nowait((addr[0], int(addr[1])))
+        session allows).  One attempt now if the torrent is active (a
+        failure is counted in the session); the address is remembered and
+        dialed again on :meth:`resume` and after :meth:`force_recheck`."""
+        a = (addr[0], int(addr[1]))
+        self._remember(a)
+        self._peer_send.send_nowait(a)
+
+    def _remember(self, addr: tuple[Any, ...]) -> None:
+        if addr not in self.known_peers and len(self.known_peers) < MAX_KNOWN_PEERS:
+            self.known_peers[addr] = None
 
     def status(self) -> TorrentStatus:
         total = self.meta.total_length
@@ -142,13 +208,18 @@ class Torrent:
         eta: float | None = None
         if self.state is TorrentState.DOWNLOADING and self._down_rate > 0:
             eta = (total - have) / self._down_rate
+        checking = None
+        if self.state is TorrentState.CHECKING:
+            checking = self._check_done / max(1, self.geometry.num_pieces)
+        assert self.state is not None
         return TorrentStatus(
             state=self.state, progress=have / total if total else 1.0,
             pieces_have=self.picker.num_have, pieces_total=self.geometry.num_pieces,
             bytes_have=have, bytes_total=total, download_rate=self._down_rate,
             upload_rate=self._up_rate, downloaded=self.down.total, uploaded=self.up.total,
             peers=len(self.peers), peers_utp=sum(1 for p in self.peers if p.transport == "utp"),
-            eta=eta, error=self.error, transfers=self._transfers())
+            eta=eta, error=self.error, checking_progress=checking, counters=dict(self.counters),
+            transfers=self._transfers())
 
     def _transfers(self) -> tuple[PeerTransfer, ...]:
         totals = dict(self._ended)
@@ -157,28 +228,146 @@ class Torrent:
             totals[p.peer_id] = (down + p.down.total, up + p.up.total)
         return tuple(PeerTransfer(pid, down, up) for pid, (down, up) in totals.items())
 
+    # ---- state -------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Derive the state from the flags; the one place a state changes
+        (and the listeners hear of it)."""
+        if self._removed:
+            new = TorrentState.REMOVED
+        elif self.error is not None:
+            new = TorrentState.ERROR
+        elif self._checking:
+            new = TorrentState.CHECKING
+        elif self._paused:
+            new = TorrentState.PAUSED
+        elif self.picker.complete:
+            new = TorrentState.SEEDING
+        else:
+            new = TorrentState.DOWNLOADING
+        old = self.state
+        if new is old:
+            return
+        self.state = new
+        self._wake()
+        for listener in list(self.session.state_listeners):
+            listener(self, old, new)
+
+    async def pause(self) -> None:
+        """Stop taking part in the swarm: every connection closed (and waited
+        for), no dialing, incoming connections refused, the resume file
+        written.  The data and the known peers stay; :meth:`resume` goes on.
+        Pausing a paused torrent does nothing; pausing while checking lets
+        the check finish and then stays paused."""
+        self._ensure_not_removed("pause")
+        self._paused = True
+        self._settle()
+        await self._disconnect_all("paused")
+        try:
+            await self.storage.save_resume()
+        except StorageError as exc:
+            self.fail(exc)
+
+    async def resume(self) -> None:
+        """Take part again after :meth:`pause` (or after an error: the error
+        is cleared and the next disk failure stops the torrent again): the
+        known peers are dialed again."""
+        self._ensure_not_removed("resume")
+        self._paused = False
+        self.error = None
+        self._settle()
+        if self.active:
+            self._redial()
+        await trio.lowlevel.checkpoint()
+
+    async def force_recheck(self) -> None:
+        """Hash every piece again (off the event loop), trusting no resume
+        file, in state ``checking`` with every connection closed; then go
+        on (downloading, seeding, or paused if it was) with what the check
+        found, dialing the known peers again.  A storage error during the
+        check puts the torrent in the error state (TorrentError is not
+        raised: the state and :attr:`error` say it)."""
+        self._ensure_not_removed("recheck")
+        if self._checking:
+            raise TorrentError(f"torrent {self.meta.name} is already being checked")
+        self._checking = True
+        self._check_done = 0
+        self.error = None
+        self._settle()
+        try:
+            await self._disconnect_all("recheck")
+
+            def progress(done: int, total: int) -> None:     # in the worker thread
+                self._check_done = done
+            try:
+                result = await self.storage.check(full=True, progress=progress)
+            except StorageError as exc:
+                self.error = str(exc)
+                return
+            self.picker = PiecePicker(self.geometry, random.Random(), have=result.have)
+            self.counters["rechecks"] += 1
+        finally:
+            self._checking = False
+            self._settle()
+            self._wake()            # a stop() waiting for the check
+        if self.active:
+            self._redial()
+
+    def _ensure_not_removed(self, what: str) -> None:
+        if self._removed:
+            raise TorrentError(f"cannot {what} torrent {self.meta.name}: it was removed")
+
+    def _redial(self) -> None:
+        for addr in self.known_peers:
+            self._peer_send.send_nowait(addr)
+
+    async def _disconnect_all(self, reason: str) -> None:
+        """Close every connection and wait until each has ended (its write
+        or hash in a thread finishes first)."""
+        for peer in list(self.peers):
+            peer.close(reason)
+        with trio.move_on_after(DISCONNECT_TIMEOUT):
+            while self.peers:
+                await self._changed.wait()
+
+    async def stop(self) -> None:
+        """For :meth:`bt.session.Session.remove_torrent`: state ``removed``,
+        the torrent's tasks cancelled, every connection ended."""
+        self._removed = True
+        self._settle()
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._disconnect_all("removed")
+        while self._checking:       # the storage closes next: let the hashing end
+            await self._changed.wait()
+
     async def wait_finished(self) -> None:
         """Return once every piece is verified; TorrentError if the torrent
-        stops with an error first."""
+        stops with an error or is removed first (a pause just waits)."""
         while not self.picker.complete:
             if self.error is not None:
                 raise TorrentError(self.error)
+            self._ensure_not_removed("wait for")
             await self._changed.wait()
 
     # ---- running -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The torrent's tasks: dial queued peers, maintain once a second."""
+        """The torrent's tasks until it is removed: dial queued peers,
+        maintain once a second while active."""
         async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            if self._removed:
+                nursery.cancel_scope.cancel()
             nursery.start_soon(self._dialer, nursery)
-            while self.state is not TorrentState.ERROR:
-                self._tick(time.monotonic())
+            while True:
+                if self.active:
+                    self._tick(time.monotonic())
                 await trio.sleep(1.0)
-            nursery.cancel_scope.cancel()
 
     async def _dialer(self, nursery: trio.Nursery) -> None:
         async for addr in self._peer_recv:
-            if addr in self._dialing or len(self.peers) >= MAX_PEERS:
+            if not self.active or addr in self._dialing or len(self.peers) >= MAX_PEERS:
                 continue
             self._dialing.add(addr)
             nursery.start_soon(self._dial, addr)
@@ -238,6 +427,7 @@ class Torrent:
             peer.in_picker = False
         for other in self.peers:
             other.fill_requests()       # its blocks are free again
+        self._wake()                    # _disconnect_all waits for this
 
     def connected_to(self, peer_id: bytes) -> bool:
         return any(p.peer_id == peer_id for p in self.peers)
@@ -280,8 +470,11 @@ class Torrent:
                     or self.picker.has_piece(index) or not self.picker.piece_complete(index):
                 continue
             self._verifying.add(index)
+            # Shielded: every block is written, so a connection closed now (a
+            # pause, a ban) must not leave the piece received but never hashed.
             try:
-                ok = await self.storage.verify(index)
+                with trio.CancelScope(shield=True):
+                    ok = await self.storage.verify(index)
             except StorageError as exc:
                 self.fail(exc)
                 return
@@ -302,24 +495,23 @@ class Torrent:
         for peer in list(self.peers):
             peer.send(Have(index))
             peer.update_interest()
-        if self.picker.complete and self.state is TorrentState.DOWNLOADING:
-            self.state = TorrentState.SEEDING
-            self._wake()
+        was = self.state
+        self._settle()
+        if was is TorrentState.DOWNLOADING and self.state is TorrentState.SEEDING:
             for peer in list(self.peers):
                 if peer.peer_is_seed():
                     peer.close("both seeds")
 
     def _piece_failed(self, index: int) -> None:
+        """A piece failed its hash: its blocks are wanted again, and every
+        IP that sent one of them gets a strike (the session bans an IP at
+        its second)."""
         self.counters["pieces.failed"] += 1
-        for sender in self.picker.piece_failed(index):
-            ip = str(sender.addr[0])
-            self._strikes[ip] = self._strikes.get(ip, 0) + 1
-            if self._strikes[ip] >= BAN_STRIKES and ip not in self.banned:
-                self.banned.add(ip)
+        self.hash_failures[index] = self.hash_failures.get(index, 0) + 1
+        for ip in sorted({str(sender.addr[0]) for sender in self.picker.piece_failed(index)}):
+            self.counters["peers.strikes"] += 1
+            if self.session.strike(ip):
                 self.counters["peers.banned"] += 1
-                for peer in list(self.peers):
-                    if str(peer.addr[0]) == ip:
-                        peer.close("banned: bad data")
         for peer in list(self.peers):
             peer.fill_requests()
 
@@ -328,7 +520,6 @@ class Torrent:
         Pieces already verified stay recorded (the resume file)."""
         if self.error is None:
             self.error = str(exc)
-            self.state = TorrentState.ERROR
-            self._wake()
+            self._settle()
             for peer in list(self.peers):
                 peer.close("torrent error")

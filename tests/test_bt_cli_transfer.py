@@ -98,3 +98,36 @@ def test_download_errors_are_one_line(tmp_path, content):
     r = bt_run("download", torrent, "-d", tmp_path, "--no-utp", "--no-tcp")
     assert r.returncode == 2 and "not allowed with" in r.stderr
     assert not os.path.exists(tmp_path / "stuff")
+
+
+def test_rate_options_parse_and_reject_bad_values(tmp_path, content):
+    from bt._cli_run import parse_rate
+    assert [parse_rate(t) for t in ("65536", "500K", "1.5M", "2MiB/s", "1g", "0", "64kB/s")] == \
+        [65536, 512_000, 1_572_864, 2 * 1024 ** 2, 1024 ** 3, 0, 65536]
+    _, torrent = content
+    for bad in ("fast", "-1M", "1T", "1e6", ""):
+        r = bt_run("download", torrent, "-d", tmp_path, f"--max-download-rate={bad}")
+        assert r.returncode == 2, (bad, r.stderr)
+        assert f"expected a rate in bytes/s such as 65536, 500K or 1.5M (0: unlimited), " \
+               f"not {bad!r}" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_seed_upload_limit_slows_the_download(tmp_path, content):
+    """``bt seed --max-upload-rate 256K``: the 716 KiB take at least the
+    2.8 s the limit allows, less the bucket's 0.1 s burst and 15%."""
+    import time
+    src, torrent = content
+    seed = bt_popen("seed", torrent, "-d", src.parent, "--bind", "127.0.0.1",
+                    "--max-upload-rate", "256K")
+    try:
+        port, _ = _listening_port(seed)
+        start = time.monotonic()
+        r = bt_run("download", torrent, "-d", tmp_path / "dl", "--bind", "127.0.0.1",
+                   "--peer", f"127.0.0.1:{port}", "--max-download-rate", "10M")
+        elapsed = time.monotonic() - start
+        assert r.returncode == 0, r.stderr
+        assert elapsed >= 0.85 * (716.1 - 25.6) / 256, elapsed
+    finally:
+        seed.send_signal(signal.SIGINT)
+        seed.communicate(timeout=TIMEOUT)

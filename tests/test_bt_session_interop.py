@@ -7,14 +7,13 @@ flag bit 17 = uTP socket, see ../shared/PEERS.md)."""
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 import trio
 
 import bt
 from bt.bench import libtorrent_settings
-from testsupport import bt_content, sha256_files, transmission_daemon, unavailable
+from testsupport import bt_content, sha256_files, unavailable
+from utp.bench.peers import TransmissionPeer
 
 try:
     import libtorrent as lt
@@ -121,20 +120,16 @@ async def test_libtorrent_downloads_from_our_seed(tmp_path, transport):
 # ---- Transmission 3.00 (transmission-daemon; libutp inside) -----------------------------
 
 
-async def _tr_add(rpc, data: bytes) -> int:
-    added = await rpc.acall("torrent-add", metainfo=base64.b64encode(data).decode())
-    return (added.get("torrent-added") or added.get("torrent-duplicate"))["id"]
+def _need_transmission() -> None:
+    why = TransmissionPeer.missing()
+    if why is not None:
+        unavailable(why, ".ci/run installs transmission-daemon")
 
 
-async def _tr_get(rpc, tid: int, *fields):
-    (t,) = (await rpc.acall("torrent-get", ids=[tid], fields=list(fields)))["torrents"]
-    return t
-
-
-async def _tr_watch_peers(rpc, tid: int, seen: list[bool]) -> None:
+async def _tr_watch_peers(tr: TransmissionPeer, seen: list[bool]) -> None:
+    """Record Transmission's isUTP for each peer while the transfer runs."""
     while True:
-        for p in (await _tr_get(rpc, tid, "peers"))["peers"]:
-            seen.append(bool(p["isUTP"]))
+        seen.extend(p["utp"] for p in (await tr.status())["peers"])
         await trio.sleep(0.2)
 
 
@@ -143,22 +138,17 @@ async def test_download_from_transmission_seed(tmp_path, transport):
     """Transmission unchokes ~10.7 s after the handshake (its rechoke
     timer, PEERS.md): the download takes that long at least.  No pad
     files: Transmission 3.00 predates BEP 47 and wants them on disk."""
+    _need_transmission()
     src, names, data = _content(tmp_path, pad_files=False)
-    with transmission_daemon(tmp_path / "conf", src.parent, utp=transport == "utp") as (rpc, port):
-        await rpc.wait_ready()
-        tid = await _tr_add(rpc, data)
-        await rpc.acall("torrent-verify", ids=[tid])
-        with trio.fail_after(30):
-            while (await _tr_get(rpc, tid, "percentDone", "status")) != \
-                    {"percentDone": 1, "status": 6}:            # 6: seeding
-                await trio.sleep(0.1)
+    async with TransmissionPeer(tmp_path / "tr", utp=transport == "utp") as tr:
+        await tr.add(data, src.parent, seed=True)          # verified, seeding
         seen: list[bool] = []
         async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1",
                                    utp=transport == "utp", tcp=transport == "tcp") as ours, \
                 trio.open_nursery() as nursery:
-            nursery.start_soon(_tr_watch_peers, rpc, tid, seen)
+            nursery.start_soon(_tr_watch_peers, tr, seen)
             t = await ours.add_torrent(data)
-            t.add_peer(("127.0.0.1", port))
+            t.add_peer(("127.0.0.1", tr.port))
             with trio.fail_after(60):
                 await t.wait_finished()
             assert ours.counters[f"connections.{transport}"] == 1, ours.counters
@@ -170,24 +160,21 @@ async def test_download_from_transmission_seed(tmp_path, transport):
 async def test_transmission_downloads_from_our_seed_over_utp(tmp_path):
     """Transmission has no RPC to add a peer: our seed dials it.  It first
     requests ~10.6 s after we unchoke it (its own timer, PEERS.md)."""
+    _need_transmission()
     src, names, data = _content(tmp_path, pad_files=False)
-    with transmission_daemon(tmp_path / "conf", tmp_path / "tr", utp=True) as (rpc, port):
-        await rpc.wait_ready()
-        tid = await _tr_add(rpc, data)
-        with trio.fail_after(30):       # it drops peers of a torrent still being checked
-            while (await _tr_get(rpc, tid, "status"))["status"] != 4:      # 4: downloading
-                await trio.sleep(0.1)
+    async with TransmissionPeer(tmp_path / "tr") as tr:
+        await tr.add(data, tmp_path / "tr", seed=False)     # it drops peers while checking
         seen: list[bool] = []
         async with bt.open_session(download_dir=src.parent, host="127.0.0.1", tcp=False) as ours, \
                 trio.open_nursery() as nursery:
             t = await ours.add_torrent(data)
-            nursery.start_soon(_tr_watch_peers, rpc, tid, seen)
-            t.add_peer(("127.0.0.1", port))
+            nursery.start_soon(_tr_watch_peers, tr, seen)
+            t.add_peer(("127.0.0.1", tr.port))
             with trio.move_on_after(60):
-                while (await _tr_get(rpc, tid, "percentDone"))["percentDone"] != 1:
+                while (await tr.status())["progress"] != 1:
                     await trio.sleep(0.2)
-            got = await _tr_get(rpc, tid, "percentDone", "peers", "error", "errorString")
-            assert got["percentDone"] == 1, (got, ours.counters, t.counters, t.status())
+            got = await tr.status()
+            assert got["progress"] == 1, (got, ours.counters, t.counters, t.status())
             assert ours.counters["connections.utp"] == 1, ours.counters
             assert t.status().uploaded >= sum(SIZES)
             nursery.cancel_scope.cancel()

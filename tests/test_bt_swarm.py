@@ -12,14 +12,13 @@ uploaded payload to the other (the torrents' per-peer transfer totals)."""
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 import trio
 
 import bt
 from bt.bench import libtorrent_settings
-from testsupport import bt_content, require_libtorrent, sha256_files, transmission_daemon
+from testsupport import bt_content, require_libtorrent, sha256_files, unavailable
+from utp.bench.peers import TransmissionPeer
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -33,13 +32,11 @@ SEED_UPLOAD = 2 * 1024 * 1024          # bytes/s, the seed's whole upload
 FINISH_TIMEOUT = 240
 
 
-async def _tr_percent(rpc, tid: int) -> float:
-    (t,) = (await rpc.acall("torrent-get", ids=[tid], fields=["percentDone"]))["torrents"]
-    return t["percentDone"]
-
-
 async def test_libtorrent_seed_two_of_ours_and_transmission(tmp_path):
     lt = require_libtorrent()
+    why = TransmissionPeer.missing()
+    if why is not None:
+        unavailable(why, ".ci/run installs transmission-daemon")
     src, names, data = bt_content(tmp_path, SIZES, name="swarm", seed=13, piece_length=PIECE,
                                   pad_files=False)
     want = sha256_files(src, names)
@@ -54,14 +51,9 @@ async def test_libtorrent_seed_two_of_ours_and_transmission(tmp_path):
         with trio.fail_after(20):
             while not handle.status().is_seeding:
                 await trio.sleep(0.05)
-        with transmission_daemon(tmp_path / "conf", tmp_path / "tr", utp=True) as (rpc, tr_port):
-            await rpc.wait_ready()
-            added = await rpc.acall("torrent-add", metainfo=base64.b64encode(data).decode())
-            tid = (added.get("torrent-added") or added.get("torrent-duplicate"))["id"]
-            with trio.fail_after(30):      # it drops peers of a torrent still being checked
-                while (await rpc.acall("torrent-get", ids=[tid], fields=["status"])
-                       )["torrents"][0]["status"] != 4:               # 4: downloading
-                    await trio.sleep(0.1)
+        async with TransmissionPeer(tmp_path / "tr") as tr:
+            tr_port = tr.port
+            await tr.add(data, tmp_path / "tr", seed=False)     # it drops peers while checking
             handle.connect_peer(("127.0.0.1", tr_port))
             async with bt.open_session(download_dir=tmp_path / "a", host="127.0.0.1") as a, \
                     bt.open_session(download_dir=tmp_path / "b", host="127.0.0.1") as b:
@@ -74,7 +66,7 @@ async def test_libtorrent_seed_two_of_ours_and_transmission(tmp_path):
                 with trio.fail_after(FINISH_TIMEOUT):
                     await ta.wait_finished()
                     await tb.wait_finished()
-                    while await _tr_percent(rpc, tid) != 1:
+                    while (await tr.status())["progress"] != 1:
                         await trio.sleep(0.2)
                 sa, sb = ta.status(), tb.status()
                 diag = (a.counters, b.counters, ta.counters, tb.counters, sa, sb)

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import base64
 import random
-import urllib.error
 import warnings
 from dataclasses import dataclass, field
 
 import pytest
-from testsupport import TransmissionRPC, transmission_daemon, unavailable
+from testsupport import unavailable
 import trio
 
 from bt.peerwire import PeerWire, RequestsDropped
 from bt.picker import PiecePicker, request_queue_depth
 from bt.wire import (AllowedFast, Bitfield, ExtensionHandshake, Geometry, Handshake, HaveAll, HaveNone,
                      Interested, Piece, Reject, Request, Unchoke, allowed_fast_set)
+from utp.bench.peers import TransmissionPeer
 
 try:
     import libtorrent as lt
@@ -279,50 +278,27 @@ async def test_libtorrent_downloads_from_our_core_as_acceptor(lt_leecher):
 # ---- Transmission ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def transmission_seed(tmp_path):
-    """transmission-daemon seeding the torrent, TCP only, encryption off,
-    DHT/LPD/PEX off (PEERS.md)."""
-    if lt is None:
-        unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
-    ti, data = _make_torrent(tmp_path / "data")
-    with transmission_daemon(tmp_path / "conf", tmp_path / "data", utp=False) as (rpc, peer_port):
-        yield rpc, peer_port, ti, data
-
-
-async def _rpc(rpc: TransmissionRPC, method: str, **arguments):
-    return await rpc.acall(method, **arguments)
-
-
 @pytest.mark.slow       # Transmission unchokes after its 10 s rechoke timer
-async def test_download_from_transmission_seed_over_tcp(transmission_seed):
+async def test_download_from_transmission_seed_over_tcp(tmp_path):
     """Transmission sends its extension handshake *before* its bitfield
     (libtorrent sends it after): the first-message rule must allow that.
-    It unchokes ~10.7 s after the handshake (its rechoke timer)."""
-    rpc, peer_port, ti, data = transmission_seed
-    with trio.fail_after(20):
-        while True:
-            try:
-                await _rpc(rpc, "session-get")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                await trio.sleep(0.1)
+    It unchokes ~10.7 s after the handshake (its rechoke timer).
+    transmission-daemon seeds over TCP only, encryption, DHT, LPD and PEX
+    off (PEERS.md)."""
+    if lt is None:
+        unavailable(_why, "libtorrent is in the test extra; .ci/run installs it")
+    why = TransmissionPeer.missing()
+    if why is not None:
+        unavailable(why, ".ci/run installs transmission-daemon")
+    ti, data = _make_torrent(tmp_path / "data")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         metainfo = lt.bencode(lt.create_torrent(ti).generate())
-    added = await _rpc(rpc, "torrent-add", metainfo=base64.b64encode(metainfo).decode())
-    tid = (added.get("torrent-added") or added.get("torrent-duplicate"))["id"]
-    await _rpc(rpc, "torrent-verify", ids=[tid])
-    with trio.fail_after(20):
-        while True:
-            (t,) = (await _rpc(rpc, "torrent-get", ids=[tid],
-                               fields=["percentDone", "status"]))["torrents"]
-            if t["percentDone"] == 1 and t["status"] == 6:        # seeding
-                break
-            await trio.sleep(0.1)
-    infohash = bytes.fromhex(str(ti.info_hashes().v1))
-    hashes = [bytes(ti.hash_for_piece(i)) for i in range(ti.num_pieces())]
-    dl = await _download_with_core(peer_port, infohash, Geometry(SIZE, PIECE), hashes, 40)
+    async with TransmissionPeer(tmp_path / "tr", utp=False) as tr:
+        await tr.add(metainfo, tmp_path / "data", seed=True)     # verified, seeding
+        infohash = bytes.fromhex(str(ti.info_hashes().v1))
+        hashes = [bytes(ti.hash_for_piece(i)) for i in range(ti.num_pieces())]
+        dl = await _download_with_core(tr.port, infohash, Geometry(SIZE, PIECE), hashes, 40)
     assert dl.data == data
     assert dl.handshake is not None and dl.core.extensions
     assert dl.ext is not None and dl.ext.v and "transmission" in dl.ext.v.lower()

@@ -298,8 +298,11 @@ def syn_times(net, a, b):
     b.listen()
     ca = a.connect(b)
     assert net.run(200 * S, condition=lambda: ca.destroyed_at is not None)
-    assert {t for _, t in log} == {ST_SYN}
-    return [t for t, _ in log], ca
+    # SYNs, then one RESET as the attempt is given up (it clears a
+    # half-open socket at the peer, should one of the SYNs have arrived).
+    assert [t for _, t in log][-1] == ST_RESET and {t for _, t in log[:-1]} == {ST_SYN}
+    assert log[-1][0] == ca.error_at
+    return [t for t, _ in log[:-1]], ca
 
 
 def test_connect_timeout_schedule_defaults():
@@ -405,3 +408,27 @@ def test_retransmitted_syn_after_lost_synack_makes_one_connection():
         ca.close()
         b.accepted[0].close()
         net.run_for(5 * S)
+
+
+def test_abandoned_attempt_resets_the_acceptors_half_open_socket():
+    """Every SYN-ACK is lost; the initiator gives up and closes.  Its
+    RESET (on the acceptor's receive id) clears the half-open socket at
+    once instead of leaving it to time out: libutp-based peers such as
+    Transmission refuse further connections from an address while one
+    from it is half-open."""
+    net, a, b = make(delay_us=10 * MS)
+    net.links[("b", "a")].filter = lambda now, data, flags: False if ptype(data) == ST_STATE else None
+    with net:
+        b.listen()
+        ca = a.connect(b)
+        net.run_for(2500 * MS)
+        assert ca.connected_at is None
+        assert b.ctx.stats()["half_open"] == 1
+        ca.close()
+        net.run_for(100 * MS)
+        assert a.ctx.stats()["syn_abandoned"] == 1
+        st = b.ctx.stats()
+        assert st["half_open"] == 0 and st["sockets_live"] == 0, st
+        net.links[("b", "a")].filter = None
+        r = transfer(net, a, b, 64 * 1024)   # the next attempt is accepted as new
+        assert r.ok

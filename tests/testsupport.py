@@ -7,7 +7,6 @@ module ``testsupport`` before any test module is imported.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
@@ -99,94 +98,6 @@ async def exchange(sa, sb, size: int = 100_000) -> None:
         n.start_soon(send)
         n.start_soon(recv)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-
-
-# ---- Transmission (transmission-daemon driven over its JSON-RPC) ------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (Transmission needs its ports
-    named up front)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TransmissionRPC:
-    """Transmission's JSON-RPC, with its session-id dance (HTTP 409)."""
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/transmission/rpc"
-        self.session_id = ""
-
-    def call(self, method: str, **arguments):
-        import json
-        import urllib.error
-        import urllib.request
-        body = json.dumps({"method": method, "arguments": arguments}).encode()
-        for _ in range(2):
-            req = urllib.request.Request(self.url, body, {
-                "X-Transmission-Session-Id": self.session_id,
-                "Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    reply = json.load(r)
-                    assert reply["result"] == "success", reply
-                    return reply["arguments"]
-            except urllib.error.HTTPError as exc:
-                if exc.code != 409:
-                    raise
-                self.session_id = exc.headers["X-Transmission-Session-Id"]
-        raise AssertionError("Transmission kept answering 409")
-
-    async def acall(self, method: str, **arguments):
-        return await trio.to_thread.run_sync(lambda: self.call(method, **arguments))
-
-    async def wait_ready(self, timeout: float = 20) -> None:
-        import urllib.error
-        with trio.fail_after(timeout):
-            while True:
-                try:
-                    await self.acall("session-get")
-                    return
-                except (urllib.error.URLError, ConnectionError):
-                    await trio.sleep(0.1)
-
-
-@contextlib.contextmanager
-def transmission_daemon(conf: Path, download_dir: Path, *, utp: bool):
-    """transmission-daemon on loopback with DHT/LPD/PEX and encryption off
-    (PEERS.md); ``utp`` switches its uTP (libutp) on.  Yields (rpc,
-    peer_port).  Skips (fails under CI) without transmission-daemon."""
-    import json
-    import subprocess
-    if shutil.which("transmission-daemon") is None:
-        unavailable("transmission-daemon is not installed", ".ci/run installs transmission-daemon")
-    conf.mkdir(parents=True, exist_ok=True)
-    rpc_port, peer_port = free_port(), free_port()
-    (conf / "settings.json").write_text(json.dumps({
-        "bind-address-ipv4": "127.0.0.1", "bind-address-ipv6": "::1",
-        "rpc-bind-address": "127.0.0.1", "rpc-port": rpc_port,
-        "rpc-authentication-required": False, "rpc-whitelist-enabled": False,
-        "rpc-host-whitelist-enabled": False,
-        "peer-port": peer_port, "peer-port-random-on-start": False,
-        "dht-enabled": False, "lpd-enabled": False, "pex-enabled": False,
-        "port-forwarding-enabled": False, "utp-enabled": utp, "encryption": 0,
-        "speed-limit-down-enabled": False, "speed-limit-up-enabled": False,
-        "download-dir": str(download_dir), "start-added-torrents": True,
-    }))
-    proc = subprocess.Popen(["transmission-daemon", "-f", "-g", str(conf), "--log-error"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        yield TransmissionRPC(rpc_port), peer_port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ---- BitTorrent content -----------------------------------------------------------------

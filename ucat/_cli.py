@@ -26,6 +26,7 @@ Importing this module imports neither trio nor utp, so ``ucat -h`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
@@ -129,9 +130,9 @@ def format_address(address) -> str:
 # --- arguments -----------------------------------------------------------
 
 _USAGE = """\
-ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] [--progress] host port
-       ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--progress]
-       ucat --rendezvous KEY (--tracker udp://HOST:PORT | --bootstrap HOST:PORT ...) [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--progress]
+ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] [--map] [--progress] host port
+       ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--map] [--progress]
+       ucat --rendezvous KEY (--tracker udp://HOST:PORT | --bootstrap HOST:PORT ...) [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--map] [--progress]
        ucat --version"""
 
 _DESCRIPTION = """\
@@ -165,6 +166,13 @@ behaviour:
   (default 30 s); the tracker must accept sha1(KEY) as an info hash.  Over
   the DHT, entries expire but are never withdrawn: use a fresh KEY for each
   meeting.
+  --map (off by default) first asks the gateway -- the default route's
+  gateway, on UDP port 5351 for PCP and NAT-PMP, or a UPnP IGD found by an
+  SSDP search on the LAN -- to forward a public port to ucat's UDP port,
+  and prints "ucat: mapped PUBLIC to LOCAL at the gateway GW (PROTOCOL)".
+  That address is ucat's external address (what a peer can connect to with
+  no hole punching); the lease is renewed at half its lifetime and deleted
+  at exit.  If no protocol works, ucat says why and goes on without.
 
 exit status:
   0    both directions finished cleanly
@@ -305,6 +313,12 @@ def _parser() -> argparse.ArgumentParser:
         "--bootstrap", dest="bootstrap", metavar="HOST:PORT", action="append",
         help="meet through the Mainline DHT, starting from this node (repeatable), "
         "with --rendezvous",
+    )
+    parser.add_argument(
+        "--map", dest="map", action="store_true",
+        help="ask the gateway to forward a public port to ucat's UDP port (PCP, NAT-PMP, "
+        "then UPnP IGD), renew it while ucat runs and remove it at exit; the mapped "
+        "address is printed and used as ucat's external address (off by default)",
     )
     parser.add_argument(
         "--progress", dest="progress", action="store_true",
@@ -910,7 +924,10 @@ async def _with_endpoint(utp, opts, host, port, family, body):
     try:
         async with utp.open_endpoint(host, port, **kwargs) as ep:
             entered = True
-            return await body(ep)
+            async with contextlib.AsyncExitStack() as stack:
+                if opts.map:
+                    await _map_port(utp, ep, stack)
+                return await body(ep)
     except BaseException as exc:
         if entered:
             raise
@@ -922,6 +939,19 @@ async def _with_endpoint(utp, opts, host, port, family, body):
                 why = f"cannot bind to {where}: {why}"
             raise Failure(why) from None
         raise
+
+
+async def _map_port(utp, ep, stack) -> None:
+    """--map: ask the gateway (PCP, NAT-PMP, then UPnP IGD) to forward a
+    public port to ep for as long as ucat runs.  A failure is reported and
+    ucat goes on without: hole punching and direct connects still work."""
+    try:
+        mapping = await stack.enter_async_context(utp.port_mapping(ep))
+    except utp.PortMappingError as exc:
+        _say(f"{exc}; going on without a port mapping")
+        return
+    _say(f"mapped {format_address(mapping.external_address)} to {format_address(ep.local_address)} "
+         f"at the gateway {mapping.gateway} ({mapping.protocol})")
 
 
 async def _connect_mode(opts, fds: StdFds, log: _Log) -> None:

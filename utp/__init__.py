@@ -23,6 +23,8 @@ What it is:
   is the hash both announce), at a UDP tracker (package ``tracker``) or in
   the Mainline DHT (package ``dht``), and then punches; it raises
   :class:`RendezvousError` when the meeting itself fails.
+- :func:`port_mapping` asks the gateway to forward a public port to the
+  Endpoint (PCP, NAT-PMP or UPnP IGD), renews it and removes it on exit.
 
 What it is not: a BitTorrent peer (package ``bt``, coming).
 """
@@ -79,6 +81,7 @@ from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
 from ._endpoint import DatagramQueue, Endpoint
 from ._errors import UTPError
 from _utpkit.errors import NetworkError
+from ._portmap import PortMapping, PortMappingError, port_mapping
 from ._punch import is_initiator, punch
 from ._rendezvous import RendezvousError, info_hash_for, rendezvous
 from ._stream import UTPListener, UTPStream
@@ -97,6 +100,8 @@ __all__ = [
     "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "NetworkError", "punch", "rendezvous", "__version__",
     # named by punch()'s and rendezvous()'s docstrings
     "is_initiator", "RendezvousError", "info_hash_for",
+    # port mapping at the gateway (PCP, NAT-PMP, UPnP IGD)
+    "port_mapping", "PortMapping", "PortMappingError",
 ]
 
 

@@ -313,6 +313,7 @@ class Endpoint:
         self._failure: BaseException | None = None
         self._batches = 0
         self._votes = ExternalAddressVotes()
+        self._mapped: tuple[Any, ...] | None = None
         # ICMP port unreachable from DHT/tracker destinations: address key
         # -> trio time of the latest report (bounded, oldest dropped).
         self._unreachable: dict[tuple[Any, int], float] = {}
@@ -331,9 +332,19 @@ class Endpoint:
 
     @property
     def external_address(self) -> tuple[Any, ...] | None:
-        """Our public ``(ip, port)`` as others report it (the winner of
-        :meth:`vote_external_address`), or None before any report."""
+        """Our public ``(ip, port)``: the gateway's port mapping while one
+        is held (:func:`utp.port_mapping`), else as others report it (the
+        winner of :meth:`vote_external_address`), or None before any
+        report."""
+        if self._mapped is not None:
+            return self._mapped
         return self._votes.winner
+
+    def set_mapped_address(self, addr: tuple[Any, ...] | None) -> None:
+        """The public address a port mapping at our gateway forwards to
+        this Endpoint (None: no mapping).  It outranks peers' votes: the
+        gateway knows, peers only see."""
+        self._mapped = tuple(addr[:2]) if addr is not None else None
 
     def vote_external_address(self, addr: tuple[Any, ...], *, reporter: Any,
                               source: str = "unknown") -> None:
@@ -345,7 +356,8 @@ class Endpoint:
         """Every address some peer currently reports as ours (not just the
         winner): a rendezvous uses them to recognise itself in a peer
         list."""
-        return self._votes.addresses()
+        mapped = [self._mapped] if self._mapped is not None else []
+        return mapped + self._votes.addresses()
 
     async def connect(self, addr: tuple[Any, ...], *, attempt_timeout: float = 2.0,
                       timeout: float | None = 10.0,
@@ -484,7 +496,7 @@ class Endpoint:
             "batches": self._batches,
             "owners": owners,
             "engine": self._ctx.stats() if not self._ctx.closed else {},
-            "external_address": self._votes.statistics(),
+            "external_address": {**self._votes.statistics(), "mapped": self._mapped},
         }
         if self._listener is not None:
             stats["listener"] = self._listener.statistics()

@@ -219,6 +219,7 @@ cdef extern from "utp.h" nogil:
         uint64 unauth_bytes_out
         uint32 half_open
         uint32 half_open_peak
+        uint64 syn_abandoned
 
     ctypedef struct utpkit_socket_info:
         int state

@@ -25,6 +25,11 @@ private host each (10.N.0.0/24) behind them.  NAT kinds, in nftables:
   always a hop between two NATs.  Not part of :data:`NAT_KINDS` (the
   default matrix); see :data:`ALL_NAT_KINDS`.
 
+``upnp`` (issue 10, :mod:`ci.natlab.upnp`): a ``restricted`` router that
+also runs miniupnpd with NAT-PMP, PCP and UPnP IGD on its LAN side, for
+port mapping; not a kind of the punching matrices (see
+:data:`PORTMAP_KINDS`).
+
 Optional random loss on a router (``numgen random mod 100 < N drop``, both
 directions).  A loss figure means per datagram: N% of the IP packets the
 router forwards, in each direction, independently of each other.  That
@@ -77,12 +82,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-__all__ = ["Lab", "Host", "NAT_KINDS", "ALL_NAT_KINDS", "LabError", "can_build", "cleanup_stale",
-           "PREFIX"]
+__all__ = ["Lab", "Host", "NAT_KINDS", "ALL_NAT_KINDS", "PORTMAP_KINDS", "LabError", "can_build",
+           "cleanup_stale", "PREFIX"]
 
 # The default matrix's kinds; ALL_NAT_KINDS adds the ones issue 10 brought.
 NAT_KINDS = ("none", "full", "restricted", "symmetric")
 ALL_NAT_KINDS = NAT_KINDS + ("answering",)
+# Routers with a port mapping server (ci/natlab/upnp.py), outside the matrices.
+PORTMAP_KINDS = ("upnp",)
 PREFIX = "ulab"
 INTERNET = ipaddress.ip_network("198.18.0.0/15")
 
@@ -199,6 +206,7 @@ def _nft_ruleset(kind: str, wan_ip: str, lan_net: str, host_ip: str, loss: int) 
         "restricted": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
         "symmetric": ("", f'oifname "wan" ip saddr {lan_net} masquerade fully-random'),
         "answering": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
+        "upnp": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
     }[kind]
     lossy = f'numgen random mod 100 < {loss} counter name "lost" drop' if loss else ""
     # ``answering`` has no input firewall: the router's own stack answers
@@ -244,6 +252,7 @@ class Lab:
         self._bridge_port = 0
         self._tmpdirs: list[str] = []
         self.udp_timeout = udp_timeout
+        self.miniupnpd: dict[str, Any] = {}   # host name -> upnp.MiniUpnpd
         self.internet: str | None = None
         self._closed = False
 
@@ -358,8 +367,9 @@ class Lab:
     def add_host(self, name: str, kind: str = "none", *, loss: int = 0, ip: str | None = None) -> Host:
         """A host behind a NAT of ``kind`` (see NAT_KINDS); ``loss`` percent
         random loss on its router, each direction."""
-        if kind not in ALL_NAT_KINDS:
-            raise ValueError(f"unknown NAT kind {kind!r}; expected one of {ALL_NAT_KINDS}")
+        if kind not in ALL_NAT_KINDS + PORTMAP_KINDS:
+            raise ValueError(f"unknown NAT kind {kind!r}; expected one of "
+                             f"{ALL_NAT_KINDS + PORTMAP_KINDS}")
         if name in self.hosts:
             raise ValueError(f"the lab already has a host {name!r}")
         if not 0 <= loss < 100:
@@ -402,6 +412,9 @@ class Lab:
             # After the ruleset: its NAT rules load nf_conntrack, whose
             # sysctls exist only from then on.
             self.set_udp_timeout(host, self.udp_timeout)
+        if kind == "upnp":
+            from .upnp import start_miniupnpd
+            self.miniupnpd[name] = start_miniupnpd(self, host, lan_net, router_lan)
         return host
 
     def set_udp_timeout(self, host: Host, seconds: int) -> None:

@@ -32,16 +32,17 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
 from .peers import LibtorrentPeer, TransmissionPeer, in_netns
-from .peerwire import Torrent, WireError, leech, make_torrent, seed
+from .peerwire import HandshakeRefused, Torrent, WireError, leech, make_torrent, seed
 
 __all__ = ["Placement", "RunResult", "run_transfer", "lab_placement", "PEERS", "DIRECTIONS"]
 
 MiB = 1 << 20
+T = TypeVar("T")
 PEERS = ("libtorrent", "transmission")
 DIRECTIONS = ("download", "upload")
 
@@ -171,13 +172,32 @@ def _endpoint(placement: Placement) -> Any:
                                  udp_mtu=None, options=None)
 
 
+async def _dial(ep: Any, addr: tuple[str, int], result: RunResult,
+                run: Callable[[Any], Awaitable[T]]) -> tuple[Any, T]:
+    """Dial ``addr`` and ``run`` the peer wire on the stream; returns both.
+    A peer that turns the connection down before its handshake is dialed
+    again after a pause (1, 2, 4, 8 s), as BitTorrent clients retry peers,
+    until the caller's deadline: Transmission closes every connection from
+    an address while an earlier one from it is still half-open (its
+    SYN-ACK lost in the lab).  The count is kept in ``handshake_refused``."""
+    delay = 1.0
+    while True:
+        stream = await ep.connect(addr)
+        result.extra["stream_obj"] = stream
+        try:
+            return stream, await run(stream)
+        except HandshakeRefused:
+            result.extra["handshake_refused"] = result.extra.get("handshake_refused", 0) + 1
+            await stream.aclose()
+            await trio.sleep(delay)
+            delay = min(2 * delay, 8.0)
+
+
 async def _download(peer: Any, ep: Any, torrent: Torrent, placement: Placement,
                     result: RunResult, marks: dict[str, float]) -> Any:
     """We dial the peer and leech; returns our stream."""
-    stream = await ep.connect((placement.peer_ip, peer.port))
-    result.extra["stream_obj"] = stream
-    got = await leech(stream, torrent.info_hash, torrent.hashes, len(torrent.data),
-                      torrent.piece_length, marks)
+    stream, got = await _dial(ep, (placement.peer_ip, peer.port), result, lambda stream: leech(
+        stream, torrent.info_hash, torrent.hashes, len(torrent.data), torrent.piece_length, marks))
     marks["done"] = trio.current_time()
     result.sha256_equal = hashlib.sha256(got).hexdigest() == torrent.sha256
     result.receiver_drops = ep.statistics()["io"].get("kernel_drops")
@@ -194,10 +214,11 @@ async def _upload(kind: str, peer: Any, ep: Any, torrent: Torrent, placement: Pl
         listener = ep.listen()
         await peer.connect_peer(placement.our_public_ip, ep.local_address[1])
         stream = await listener.accept()
+        result.extra["stream_obj"] = stream
+        await seed(stream, torrent, complete, marks)
     else:
-        stream = await ep.connect((placement.peer_ip, peer.port))
-    result.extra["stream_obj"] = stream
-    await seed(stream, torrent, complete, marks)
+        stream, _ = await _dial(ep, (placement.peer_ip, peer.port), result,
+                                lambda stream: seed(stream, torrent, complete, marks))
     with trio.move_on_after(30):   # it may have hung up as it completed
         await complete.wait()
     if not complete.is_set():

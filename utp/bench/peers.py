@@ -264,12 +264,26 @@ def _libtorrent_worker(ip: str, buffers: int) -> None:
 class TransmissionPeer:
     """transmission-daemon (in namespace ``netns`` if given), peers on
     ``ip``, RPC on 127.0.0.1 of its namespace, everything that reaches out
-    (DHT, LPD, PEX, port mapping) off, plain handshakes, no speed limits."""
+    (DHT, LPD, PEX, port mapping) off, plain handshakes, no speed limits.
+    ``utp`` False turns its uTP (libutp) off: TCP only.  (Transmission 3.00
+    cannot turn TCP off; for uTP only, switch TCP off on the other side.)
+
+    Use as ``async with TransmissionPeer(workdir) as tr:``; :meth:`add` a
+    torrent (its data directory given), :meth:`status` for progress and
+    peers (``utp``: Transmission's ``isUTP``), :meth:`rpc` for the rest."""
 
     name = "transmission"
 
-    def __init__(self, workdir: str, ip: str = "127.0.0.1", *, netns: str | None = None) -> None:
-        self.workdir, self.ip, self.netns = workdir, ip, netns
+    @staticmethod
+    def missing() -> str | None:
+        """Why no daemon can run here (None when it can): for a test's skip."""
+        if shutil.which("transmission-daemon") is None:
+            return "transmission-daemon is not installed (Debian package transmission-daemon)"
+        return None
+
+    def __init__(self, workdir: str, ip: str = "127.0.0.1", *, netns: str | None = None,
+                 utp: bool = True) -> None:
+        self.workdir, self.ip, self.netns, self.utp = os.fspath(workdir), ip, netns, utp
         self.port = free_port(ip, netns)
         self.rpc_port = free_port("127.0.0.1", netns)
         self._session = ""
@@ -279,13 +293,13 @@ class TransmissionPeer:
     async def __aenter__(self) -> TransmissionPeer:
         exe = shutil.which("transmission-daemon")
         if exe is None:
-            raise PeerError("transmission-daemon is not installed (Debian package transmission-daemon)")
+            raise PeerError(str(self.missing()))
         config = os.path.join(self.workdir, "config")
         os.makedirs(config, exist_ok=True)
         settings = {
             "bind-address-ipv4": self.ip, "bind-address-ipv6": "::1",
             "peer-port": self.port, "peer-port-random-on-start": False,
-            "port-forwarding-enabled": False, "utp-enabled": True,
+            "port-forwarding-enabled": False, "utp-enabled": self.utp,
             "dht-enabled": False, "lpd-enabled": False, "pex-enabled": False,
             "encryption": 0,
             "rpc-enabled": True, "rpc-bind-address": "127.0.0.1", "rpc-port": self.rpc_port,
@@ -360,12 +374,12 @@ class TransmissionPeer:
             raise PeerError(f"transmission {method}: {reply.get('result')}")
         return reply.get("arguments", {})
 
-    async def add(self, metainfo: bytes, save_path: str, *, seed: bool) -> None:
+    async def add(self, metainfo: bytes, save_path: str | os.PathLike[str], *, seed: bool) -> None:
         """Add the torrent (its data in ``save_path`` when seeding: the
         daemon verifies it first) and wait until it runs: the daemon
         hangs up on handshakes for a torrent that is still being checked."""
         args = await self.rpc("torrent-add", metainfo=base64.b64encode(metainfo).decode(),
-                              paused=False, **{"download-dir": save_path})
+                              paused=False, **{"download-dir": os.fspath(save_path)})
         added = args.get("torrent-added") or args.get("torrent-duplicate")
         self.torrent_id = added["id"]
         with trio.fail_after(60):

@@ -26,8 +26,8 @@ import trio
 
 from _utpkit.bencode import encode as bencode
 
-__all__ = ["Torrent", "make_torrent", "PeerWire", "WireError", "PeerClosed", "leech", "seed",
-           "BLOCK", "peer_id"]
+__all__ = ["Torrent", "make_torrent", "PeerWire", "WireError", "PeerClosed", "HandshakeRefused",
+           "leech", "seed", "BLOCK", "peer_id"]
 
 BLOCK = 16384                  # the request size every client accepts
 PIPELINE = 128                 # requests kept outstanding (2 MiB)
@@ -43,6 +43,13 @@ class WireError(Exception):
 
 class PeerClosed(WireError):
     """The peer closed the connection (EOF between or inside messages)."""
+
+
+class HandshakeRefused(PeerClosed):
+    """The peer closed the connection before its handshake arrived: it
+    turned the connection down (Transmission does so while it still holds
+    an earlier, half-open connection from the same address).  Clients
+    retry such a peer later."""
 
 
 @dataclass
@@ -119,7 +126,10 @@ class PeerWire:
         """Send ours and read theirs (either side may go first: both send
         at once); the torrent must match."""
         await self.stream.send_all(PROTOCOL + bytes(8) + info_hash + my_id)
-        theirs = await self._read(68)
+        try:
+            theirs = await self._read(68)
+        except PeerClosed as exc:
+            raise HandshakeRefused(str(exc)) from None
         if theirs[:20] != PROTOCOL:
             raise WireError(f"not a BitTorrent handshake: {theirs[:20]!r}")
         if theirs[28:48] != info_hash:

@@ -249,6 +249,7 @@ typedef struct {
 	uint64 unauth_bytes_out;  /* bytes sent in answer to them (RESET, SYN-ACK, TIME_WAIT ACK) */
 	uint32 half_open;         /* accepted sockets the initiator has not confirmed yet */
 	uint32 half_open_peak;
+	uint64 syn_abandoned;     /* connection attempts given up: a RESET clears the peer's half-open socket */
 } utpkit_counters;
 
 /* A snapshot of one connection's transport state. */

@@ -693,10 +693,30 @@ static utp_socket *find_by_send_id(utp_context *ctx, const struct sockaddr *addr
 
 /* A RESET names either our receive id or our send id (libutp echoes the id
  * of the packet it refuses). */
-static utp_socket *find_by_any_id(utp_context *ctx, const struct sockaddr *from, socklen_t fromlen, uint16 id)
+/* The socket a RESET is for.  A peer aborting sends it on our receive id; a
+ * peer answering a packet it has no connection for sends it on our send id,
+ * echoing that packet's seq_nr as ack_nr (libutp, libtorrent and we do so).
+ * Many connections from one address make send ids of one socket collide
+ * with ids of another's stray RESETs (a given-up attempt's), so the send-id
+ * route needs that echo to name a packet we sent: *stray is set otherwise. */
+static utp_socket *find_reset_target(utp_context *ctx, const struct sockaddr *from, socklen_t fromlen,
+                                     const utp_packet *pk, int *stray)
 {
-	utp_socket *s = utp_table_find(ctx, from, fromlen, id);
-	return s ? s : find_by_send_id(ctx, from, fromlen, id);
+	utp_socket *s = utp_table_find(ctx, from, fromlen, pk->conn_id);
+	uint16 back;
+	*stray = 0;
+	if (s != NULL)
+		return s;
+	s = find_by_send_id(ctx, from, fromlen, pk->conn_id);
+	if (s == NULL)
+		return NULL;
+	/* How far behind our newest sequence number the echo is: within what is
+	 * in flight, with room for keepalives and the SYN. */
+	back = (uint16)(s->seq_nr - 1 - pk->ack_nr);
+	if (back <= (uint16)(s->seq_nr - s->acked_seq) + 256u)
+		return s;
+	*stray = 1;
+	return NULL;
 }
 
 int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct sockaddr *from,
@@ -732,9 +752,12 @@ int utp_process_udp(utp_context *ctx, const byte *buf, size_t len, const struct 
 			ctx->counters.drop_invalid++;
 		}
 	} else if (pk.type == ST_RESET) {
-		s = find_by_any_id(ctx, from, fromlen, pk.conn_id);
+		int stray;
+		s = find_reset_target(ctx, from, fromlen, &pk, &stray);
 		if (s)
 			utp_in_on_packet(s, &pk);
+		else if (stray)
+			ctx->counters.drop_invalid++;
 		else
 			ctx->counters.drop_unknown++;  /* never answer a RESET */
 	} else {

@@ -132,6 +132,22 @@ int utp_connect(utp_socket *s, const struct sockaddr *to, socklen_t tolen)
 	return 0;
 }
 
+/* A connection attempt is given up (closed, aborted or out of SYN retries).
+ * If one of our SYNs arrived but the SYN-ACK was lost, the peer holds a
+ * half-open socket for this connection id.  libutp never resends a SYN-ACK
+ * and keeps that socket until its own timeout; Transmission meanwhile
+ * closes every further connection from our address as a duplicate (seen
+ * in the lab: each retry answered by SYN-ACK + FIN).  A RESET on the
+ * peer's receive id (our send id) clears it, as libutp, libtorrent and our
+ * acceptor all look a RESET up by that id.  One datagram, never answered. */
+static void syn_abandon(utp_socket *s)
+{
+	if (s->state != UTPKIT_SOCK_SYN_SENT)
+		return;
+	s->ctx->counters.syn_abandoned++;
+	utp_send_reset_to(s->ctx, (struct sockaddr *)&s->addr, s->addrlen, s->send_id, s->syn_seq, 0);
+}
+
 /* The connection failed (RESET, timeout, ICMP).  A socket the application
  * already closed goes away quietly; otherwise ON_ERROR fires once and the
  * socket waits for utp_close. */
@@ -217,6 +233,7 @@ void utp_socket_on_timer(utp_socket *s)
 		return;
 	if (s->state == UTPKIT_SOCK_SYN_SENT && s->syn_deadline && now >= s->syn_deadline) {
 		if (s->syn_tries >= ctx->syn_retries) {
+			syn_abandon(s);
 			utp_socket_fail(s, UTP_ETIMEDOUT);
 			return;
 		}
@@ -325,6 +342,7 @@ void utp_close(utp_socket *s)
 	case UTPKIT_SOCK_DESTROYED:
 		break;
 	default:  /* IDLE, SYN_SENT, ERROR: nothing to finish */
+		syn_abandon(s);
 		utp_socket_destroy_later(s);
 		break;
 	}
@@ -341,6 +359,7 @@ void utpkit_abort(utp_socket *s)
 	if (s->state == UTPKIT_SOCK_CONNECTED || s->state == UTPKIT_SOCK_CLOSING)
 		utp_send_reset_to(s->ctx, (struct sockaddr *)&s->addr, s->addrlen, s->send_id, s->ack_nr,
 		                  s->is_acceptor && !s->confirmed);
+	syn_abandon(s);
 	s->app_closed = 1;
 	utp_socket_destroy_later(s);
 	utp_ctx_leave(s->ctx);
