@@ -2,12 +2,15 @@
 over any trio stream (a uTP :class:`utp.UTPStream` or a TCP
 ``trio.SocketStream``), glued to its torrent's picker, choker and storage.
 
-Three tasks per connection, so that no side can stall another:
+Four tasks per connection, so that no side can stall another:
 
 - the *reader* feeds received bytes to the core and handles its events
-  (availability into the picker, blocks to disk, requests queued for the
-  server); it never waits on the network's send side, so two peers that
-  both send big pieces cannot deadlock;
+  (availability into the picker, blocks queued for the disk, requests
+  queued for the server); it never waits on the network's send side, so
+  two peers that both send big pieces cannot deadlock, nor on the disk
+  unless 4 MiB are queued;
+- the *disk writer* hands the queued blocks to the torrent, as many as
+  gathered during the previous write in one thread hop;
 - the *writer* flushes whatever the core queued (requests, haves, choke
   state) whenever it is kicked;
 - the *server* answers the peer's requests in order while we unchoke it,
