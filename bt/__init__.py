@@ -1,5 +1,6 @@
 """BitTorrent peer for utpkit: downloads and seeds over uTP and TCP with
-peers given by address (trackers, DHT and the rest: see below).
+peers from the torrent's trackers or given by address (DHT and the rest:
+see below).
 
     async with bt.open_session(download_dir="dl") as session:
         torrent = await session.add_torrent("x.torrent")
@@ -32,6 +33,10 @@ The sans-I/O parts (no trio at import, no sockets):
   unchoke, anti-snubbing), :mod:`bt.ratelimit` (token bucket): pure policy
   fed ``now``; :mod:`bt.swarmsim`, a seeded swarm on a virtual clock
   driving them;
+- :mod:`bt.httptracker`: the HTTP(S) announce URL (BEP 3's byte-exact
+  percent-encoding) and the answer parser (BEP 23 compact and dictionary
+  peers, BEP 7 ``peers6``, ``failure reason``, ``warning message``,
+  intervals, tracker id), plus its httpx client;
 - the ``bt create`` and ``bt info`` commands (``python -m bt``).
 
 The trio drivers (loaded on first use, so ``import bt`` stays light):
@@ -42,11 +47,12 @@ timeouts, pause/resume/force recheck, state transitions in one place)
 and :mod:`bt.session` (:func:`open_session`: one uTP Endpoint and a TCP
 listener on the same port, incoming connections matched by infohash,
 outgoing uTP first then TCP, self and duplicate connections closed, IP
-bans, remove_torrent, the global rate limits of :mod:`bt.limits`);
-``bt download`` / ``bt seed``.
+bans, remove_torrent, the global rate limits of :mod:`bt.limits`),
+:mod:`bt.announce` (each torrent's trackers: BEP 12 tiers over HTTP(S) and
+the session's UDP tracker client, started / completed / stopped,
+intervals; ``torrent.status().trackers``); ``bt download`` / ``bt seed``.
 
-Not written yet: trackers for torrents (the UDP client exists in
-``tracker/``, HTTP does not), the benchmark, events and RPC, MSE and the
+Not written yet: the benchmark, events and RPC, MSE and the
 extensions (ut_metadata, ut_pex, ut_holepunch), DHT and magnets.  It is
 not a client UI.
 """
@@ -66,14 +72,16 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
            "ConnectionClosed", "RequestsDropped",
            "open_session", "Session", "SessionError", "SessionStatus", "Torrent", "TorrentStatus",
-           "TorrentState", "TorrentError", "PeerTransfer"]
+           "TorrentState", "TorrentError", "TrackerStatus", "TrackerState",
+           "PeerTransfer"]
 
 # The trio drivers load on first use, so ``import bt`` (and ``bt info``)
 # stays free of trio and the uTP extension.
 _LAZY = {"open_session": "session", "Session": "session", "SessionError": "session",
          "SessionStatus": "session",
          "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
-         "TorrentError": "torrent", "PeerTransfer": "torrent"}
+         "TorrentError": "torrent", "TrackerStatus": "announce", "TrackerState": "announce",
+         "PeerTransfer": "torrent"}
 
 
 def __getattr__(name: str) -> object:

@@ -2,7 +2,7 @@
 
     bt create PATH -o OUT.torrent [--tracker URL]... [--piece-size N] [--private] [--pad-files]
     bt info X.torrent [--json]
-    bt download X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--seed] [--no-utp | --no-tcp]
+    bt download X.torrent -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers] [--port N] [--seed] [--no-utp | --no-tcp]
     bt seed X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--no-utp | --no-tcp]
 
 ``download`` and ``seed`` live in :mod:`bt._cli_run` (they start trio and

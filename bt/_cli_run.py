@@ -1,10 +1,15 @@
 """``bt download`` and ``bt seed``: one torrent, one session, a progress
 line on stderr.
 
-    bt download X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--seed] [--no-utp | --no-tcp]
-                          [--max-upload-rate RATE] [--max-download-rate RATE]
-    bt seed X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--no-utp | --no-tcp]
-                      [--max-upload-rate RATE] [--max-download-rate RATE]
+    bt download X.torrent -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers]
+                [--port N] [--seed] [--no-utp | --no-tcp]
+                [--max-upload-rate RATE] [--max-download-rate RATE]
+    bt seed X.torrent -d DIR [same options as download, but --seed]
+
+The torrent's trackers (BEP 12 tiers; http, https and udp) are announced
+to unless ``--no-trackers``; ``--tracker`` adds one more tier each.  A
+tracker's state changes (working, failing with the reason, a warning)
+are printed as lines of their own.
 
 RATE is bytes per second, with an optional K, M or G suffix (powers of
 1024; ``500K``, ``1.5M``, an optional trailing ``B``, ``/s`` or ``B/s``);
@@ -66,6 +71,10 @@ def add_parsers(sub: Any) -> None:
                        help="the download directory (the torrent's files go under it)")
         p.add_argument("--peer", action="append", default=[], type=_peer, metavar="HOST:PORT",
                        help="a peer to connect to (repeatable)")
+        p.add_argument("--tracker", action="append", default=[], metavar="URL",
+                       help="announce to this tracker too, after the torrent's own (repeatable)")
+        p.add_argument("--no-trackers", action="store_true",
+                       help="announce to no tracker (peers from --peer only)")
         p.add_argument("--port", type=int, default=0, metavar="N",
                        help="the UDP (uTP) and TCP port to listen on (default: any free one)")
         p.add_argument("--bind", default=None, metavar="ADDR",
@@ -171,7 +180,8 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
                             utp=not args.no_utp, tcp=not args.no_tcp,
                             upload_limit=args.max_upload_rate or None,
                             download_limit=args.max_download_rate or None) as session:
-        torrent = await session.add_torrent(args.torrent)
+        torrent = await session.add_torrent(args.torrent, trackers=args.tracker,
+                                            use_trackers=not args.no_trackers)
         st = torrent.status()
         _say(f"{torrent.meta.name}: {st.pieces_have}/{st.pieces_total} pieces "
              f"({_human(st.bytes_have)} of {_human(st.bytes_total)}) already here; "
@@ -179,9 +189,11 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
         for addr in args.peer:
             torrent.add_peer(addr)
         tick = 1.0 if progress.tty else min(1.0, args.status_interval)
+        said: dict[str, tuple[Any, ...]] = {}
         while True:
             now = trio.current_time()
             st = torrent.status()
+            _tracker_changes(st, said, progress)
             if st.error is not None:
                 progress.end()
                 raise TorrentError(st.error)
@@ -198,6 +210,26 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
                 if torrent.finished:
                     await trio.sleep_forever()
                 await torrent.wait_finished()
+
+
+def _tracker_changes(st: Any, said: dict[str, tuple[Any, ...]], progress: _Progress) -> None:
+    """A line for each tracker whose state, error or warning changed."""
+    for t in st.trackers:
+        key = (t.state, t.error, t.warning)
+        if t.state == "announcing" or said.get(t.url) == key:
+            continue
+        said[t.url] = key
+        if progress.tty:
+            sys.stderr.write("\r\x1b[K")
+        if t.state == "working":
+            line = f"tracker {t.url}: working, {t.last_peers} peers"
+        elif t.state == "not contacted":
+            continue
+        else:
+            line = f"tracker {t.url}: {t.state}: {t.error}"
+        if t.warning:
+            line += f" (warning: {t.warning})"
+        _say(line)
 
 
 def run(args: argparse.Namespace) -> int:

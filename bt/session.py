@@ -27,13 +27,14 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import trio
 
 from _utpkit.addr import unmap_host
 from _utpkit.excgroup import unwrapped
 
+from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
 from .limits import RateLimits
 from .metainfo import Metainfo, load_metainfo, parse_metainfo_untrusted
 from .peer import PeerConnection
@@ -124,7 +125,7 @@ class Session:
 
     def __init__(self, nursery: trio.Nursery, endpoint: Any, port: int, download_dir: str,
                  resume_dir: str | None, utp: bool, tcp: bool, peer_id: bytes,
-                 limits: RateLimits | None = None) -> None:
+                 limits: RateLimits | None = None, tracker_timeout: float = 15.0) -> None:
         self._nursery = nursery
         self.endpoint = endpoint
         self.port = port
@@ -136,6 +137,8 @@ class Session:
         self.torrents: dict[bytes, Torrent] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self.disk_limiter = trio.CapacityLimiter(4)
+        #: HTTP(S) and UDP tracker clients shared by the torrents.
+        self.trackers = TrackerClients(nursery, endpoint, peer_id, timeout=tracker_timeout)
         self.limits = limits if limits is not None else RateLimits()
         #: IPs banned for the session, and the hash-failure strikes so far.
         self.banned: set[str] = set()
@@ -146,12 +149,16 @@ class Session:
     # ---- torrents ----------------------------------------------------------------------
 
     async def add_torrent(self, source: str | os.PathLike[str] | bytes | Metainfo, *,
-                          save_path: str | os.PathLike[str] | None = None) -> Torrent:
+                          save_path: str | os.PathLike[str] | None = None,
+                          trackers: Sequence[str | Sequence[str]] = (),
+                          use_trackers: bool = True) -> Torrent:
         """Add a torrent (a .torrent path, its bytes, or a parsed Metainfo),
         check what is already on disk under ``save_path`` (default: the
-        session's download_dir), and start it.  MetainfoError for a bad
-        torrent, StorageError for unusable paths, SessionError if it is
-        already in the session."""
+        session's download_dir), and start it, announcing to its trackers
+        (BEP 12 tiers; ``trackers`` adds tiers after the torrent's own, a
+        plain URL being a tier of its own; ``use_trackers=False``: none).
+        MetainfoError for a bad torrent, StorageError for unusable paths,
+        SessionError if it is already in the session."""
         if isinstance(source, Metainfo):
             meta = source
         elif isinstance(source, (bytes, bytearray)):
@@ -166,6 +173,10 @@ class Session:
         storage = AsyncTorrentStorage(raw, self.disk_limiter)
         result = await storage.check()
         torrent = Torrent(self, meta, storage, result.have)
+        extra = [trackers] if isinstance(trackers, str) else trackers    # one URL given bare
+        tiers = [*meta.trackers, *([t] if isinstance(t, str) else list(t) for t in extra)]
+        if use_trackers and tiers:
+            torrent.announcer = Announcer(torrent, self.trackers, tiers)
         self.torrents[meta.info_hash] = torrent
         self._nursery.start_soon(torrent.run)
         return torrent
@@ -327,9 +338,19 @@ class Session:
                 continue
             self._nursery.start_soon(self._incoming, stream, transport)
 
+    async def announce_stopped(self) -> None:
+        """``stopped`` to the trackers of every torrent, in parallel, for at
+        most STOPPED_TIMEOUT seconds (best effort: we are leaving anyway)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(STOPPED_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for torrent in self.torrents.values():
+                    if torrent.announcer is not None:
+                        nursery.start_soon(torrent.announcer.announce_stopped)
+
     async def aclose(self) -> None:
         """Close the torrents' files and write the resume files (after the
-        connections have ended)."""
+        connections have ended), and the HTTP tracker client."""
+        await self.trackers.aclose()
         for torrent in self.torrents.values():
             with contextlib.suppress(StorageError):
                 await torrent.storage.aclose()
@@ -367,13 +388,16 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                        port: int = 0, utp: bool = True, tcp: bool = True,
                        host: str | None = None, resume_dir: str | os.PathLike[str] | None = None,
                        peer_id: bytes | None = None, upload_limit: float | None = None,
-                       download_limit: float | None = None) -> AsyncIterator[Session]:
+                       download_limit: float | None = None,
+                       tracker_timeout: float = 15.0) -> AsyncIterator[Session]:
     """Run a BitTorrent session for the duration of the block.
 
     ``endpoint``: a running :class:`utp.Endpoint` to share (its port number
     is used for TCP too); None opens one on ``host``/``port`` (0: a port
     where UDP and TCP are both free).  ``utp`` / ``tcp`` switch each
     transport off, in and out.  ``resume_dir`` keeps resume files (default
+    ``DOWNLOAD_DIR/.bt-resume``).  ``tracker_timeout`` bounds one announce
+    to one tracker (then the next tracker of the BEP 12 walk is tried).
     ``DOWNLOAD_DIR/.bt-resume``).  ``upload_limit`` / ``download_limit``:
     global rates in bytes/s for all torrents (None: unlimited), changeable
     later with :meth:`Session.set_limits`.
@@ -389,6 +413,8 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     pid = peer_id if peer_id is not None else PEER_ID_PREFIX + secrets.token_bytes(12)
     if len(pid) != 20:
         raise SessionError("peer_id must be 20 bytes")
+    if not tracker_timeout > 0:
+        raise SessionError(f"tracker_timeout must be > 0 seconds, not {tracker_timeout!r}")
     limits = RateLimits(_check_rate("upload", upload_limit), _check_rate("download", download_limit))
     async with unwrapped(), contextlib.AsyncExitStack() as stack:
         tcp_listeners: list[trio.SocketListener] = []
@@ -410,7 +436,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
         try:
             async with trio.open_nursery() as nursery:
                 session = Session(nursery, endpoint if utp else None, real_port, download_dir,
-                                  rdir, utp, tcp, pid, limits)
+                                  rdir, utp, tcp, pid, limits, tracker_timeout)
                 if utp:
                     listener = endpoint.listener or endpoint.listen()
                     nursery.start_soon(session._accept_loop, listener, "utp")
@@ -419,6 +445,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                 try:
                     yield session
                 finally:
+                    await session.announce_stopped()
                     nursery.cancel_scope.cancel()
         finally:
             # every connection task has ended (no write still in a thread):

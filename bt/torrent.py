@@ -40,6 +40,7 @@ from .storage import AsyncTorrentStorage, StorageError
 from .wire import Choke, Geometry, Have, Unchoke
 
 if TYPE_CHECKING:
+    from .announce import Announcer, TrackerStatus
     from .session import Session
 
 __all__ = ["Torrent", "TorrentState", "TorrentStatus", "TorrentError", "StateListener",
@@ -111,6 +112,9 @@ class TorrentStatus:
     peers_utp: int
     eta: float | None
     error: str | None
+    #: One entry per tracker (BEP 12 order as currently tried), empty when
+    #: the torrent has none or trackers are off: see bt.announce.TrackerStatus.
+    trackers: tuple["TrackerStatus", ...] = ()
     #: Fraction of the pieces hashed so far while ``checking``, else None.
     checking_progress: float | None = None
     #: The torrent's counters (violations by reason, closes, pieces
@@ -159,6 +163,8 @@ class Torrent:
         #: address, and incoming peers that told us their listen port.
         self.known_peers: dict[tuple[Any, ...], None] = {}
         self._peer_send, self._peer_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        #: The torrent's trackers (set by the session; None: no announces).
+        self.announcer: Announcer | None = None
         self._scope: trio.CancelScope | None = None
         self._settle()
 
@@ -201,10 +207,28 @@ class Torrent:
         if addr not in self.known_peers and len(self.known_peers) < MAX_KNOWN_PEERS:
             self.known_peers[addr] = None
 
+    def _bytes_have(self) -> int:
+        return sum(self.geometry.piece_size(i) for i in range(self.geometry.num_pieces)
+                   if self.picker.has_piece(i))
+
+    def status_counts(self) -> tuple[int, int, int]:
+        """(uploaded, downloaded, left) in bytes, as a tracker announce
+        reports them: ``left`` without BEP 47 pad files (zeros nobody
+        sends), as libtorrent counts it."""
+        pl = self.meta.piece_length
+        left = 0
+        for f in self.meta.files:
+            if f.pad or not f.length:
+                continue
+            first, last = f.offset // pl, (f.offset + f.length - 1) // pl
+            for i in range(first, last + 1):
+                if not self.picker.has_piece(i):
+                    left += min(f.offset + f.length, (i + 1) * pl) - max(f.offset, i * pl)
+        return self.up.total, self.down.total, left
+
     def status(self) -> TorrentStatus:
         total = self.meta.total_length
-        have = sum(self.geometry.piece_size(i) for i in range(self.geometry.num_pieces)
-                   if self.picker.has_piece(i))
+        have = self._bytes_have()
         eta: float | None = None
         if self.state is TorrentState.DOWNLOADING and self._down_rate > 0:
             eta = (total - have) / self._down_rate
@@ -219,6 +243,7 @@ class Torrent:
             upload_rate=self._up_rate, downloaded=self.down.total, uploaded=self.up.total,
             peers=len(self.peers), peers_utp=sum(1 for p in self.peers if p.transport == "utp"),
             eta=eta, error=self.error, checking_progress=checking, counters=dict(self.counters),
+            trackers=self.announcer.status() if self.announcer is not None else (),
             transfers=self._transfers())
 
     def _transfers(self) -> tuple[PeerTransfer, ...]:
@@ -360,6 +385,8 @@ class Torrent:
             if self._removed:
                 nursery.cancel_scope.cancel()
             nursery.start_soon(self._dialer, nursery)
+            if self.announcer is not None:
+                nursery.start_soon(self.announcer.run)
             while True:
                 if self.active:
                     self._tick(time.monotonic())

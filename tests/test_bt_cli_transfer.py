@@ -100,6 +100,34 @@ def test_download_errors_are_one_line(tmp_path, content):
     assert not os.path.exists(tmp_path / "stuff")
 
 
+@pytest.mark.slow
+def test_seed_and_download_meet_through_a_tracker(tmp_path, content):
+    """No --peer: the seed announces to opentracker over UDP and the
+    leecher over HTTP (both added with --tracker to a torrent that has
+    none); the leecher finds the seed there and completes."""
+    from bt.metainfo import load_metainfo
+    from testsupport import opentracker
+    src, torrent = content
+    with opentracker([load_metainfo(torrent).info_hash]) as (ip, port):
+        seed = bt_popen("seed", torrent, "-d", src.parent, "--bind", "127.0.0.1",
+                        "--tracker", f"udp://{ip}:{port}", "--status-interval", "0.5")
+        try:
+            _listening_port(seed)
+            want = f"tracker udp://{ip}:{port}: working, 1 peers\n"
+            lines: list[str] = []
+            while want not in lines and len(lines) < 20:    # a progress line each 0.5 s
+                lines.append(seed.stderr.readline())
+            assert want in lines, lines
+            r = bt_run("download", torrent, "-d", tmp_path / "dl", "--bind", "127.0.0.1",
+                       "--tracker", f"http://{ip}:{port}/announce", "--status-interval", "0.2")
+            assert r.returncode == 0, r.stderr
+            assert f"tracker http://{ip}:{port}/announce: working, 2 peers" in r.stderr
+            assert "complete, every piece verified" in r.stderr
+            for rel in ("a.bin", "in/b.bin"):
+                assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+        finally:
+            seed.kill()
+            seed.wait()
 def test_rate_options_parse_and_reject_bad_values(tmp_path, content):
     from bt._cli_run import parse_rate
     assert [parse_rate(t) for t in ("65536", "500K", "1.5M", "2MiB/s", "1g", "0", "64kB/s")] == \

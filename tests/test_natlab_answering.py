@@ -149,14 +149,18 @@ def test_answering_pairs_at_start_offsets(capsys):
 
 @pytest.mark.slow
 def test_answering_repeated_at_random_offsets(capsys):
+    # The bar: 20 runs at random offsets in [-3, +3] s, at least 19
+    # connect.  Four at a time (each with a key of its own, from the same
+    # two hosts: separate flows in the routers), so it takes about a minute.
     rng = random.Random()
-    offsets = [round(rng.uniform(-3.0, 3.0), 2) for _ in range(10)]
+    offsets = [round(rng.uniform(-3.0, 3.0), 2) for _ in range(20)]
     jobs = [("answering", "answering", o) for o in offsets]
-    results = run_offsets(["answering"], jobs, size=SIZE, deadline=10.0)
+    results = run_offsets(["answering"], jobs, size=SIZE, deadline=10.0, parallel=4)
     with capsys.disabled():
         print("\n" + _report(results, "answering <-> answering at random offsets"))
         times = [t for t in map(later_connect_time, results) if t is not None]
         if times:
-            print(f"  median connect (later side) {statistics.median(times):.2f} s")
+            print(f"  median connect (later side) {statistics.median(times):.2f} s, "
+                  f"worst {max(times):.2f} s")
     connected = sum(r.ok for r in results)
-    assert connected >= 9, _report(results, f"only {connected} of 10 connected")
+    assert connected >= 19, _report(results, f"only {connected} of 20 connected")

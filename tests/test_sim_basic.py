@@ -235,21 +235,29 @@ def test_every_samples_the_queue():
         assert len(samples) <= 2_000_000 // 10_000 + 1
 
 
-def test_acceptor_data_overtaking_the_syn_ack_is_not_lost():
+def test_acceptor_data_never_overtakes_a_lost_syn_ack():
+    """The acceptor's SYN-ACK and its repeat are lost: its data waits until
+    the initiator has the SYN-ACK (from the answer to its repeated SYN) and
+    says so, so no DATA ever reaches an initiator still waiting for the
+    SYN-ACK (libtorrent would take it for the SYN-ACK and lose its
+    payload), and every byte arrives."""
     net, a, b = make(delay_us=10_000)
-    dropped = []
+    dropped, ab_types = [], []
 
     def drop_first_two(now, data, flags):
-        # The acceptor's SYN-ACK (STATE, seq S) and its first DATA (seq S).
         if len(dropped) < 2:
-            dropped.append(data[0] >> 4)
+            dropped.append((now, data[0] >> 4))
             return False
         return None
 
     with net:
         net.links[("b", "a")].filter = drop_first_two
+        net.links[("a", "b")].filter = lambda now, data, flags: ab_types.append(data[0] >> 4)
         b.listen(on_accept=lambda c: c.send(10_000, shutdown=True))
         ca = a.connect(b)
         net.run(60_000_000, condition=lambda: ca.eof_at is not None)
-        assert dropped == [2, 0]
+        # The SYN-ACK at 10 ms, its repeat after the acceptor's SYN timeout.
+        assert dropped == [(10_000, 2), (1_010_000, 2)]
         assert ca.received == 10_000
+        # The initiator sent SYNs until connected, then confirmed with an ACK.
+        assert ab_types[:3] == [4, 4, 2]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -22,6 +21,7 @@ import trio
 
 import tracker
 import utp
+from testsupport import opentracker as run_opentracker
 from testsupport import unavailable
 from tracker import (
     AnnounceResult, RequestTimedOut, ScrapeResult, TrackerFailure, UDPTrackerProtocol,
@@ -206,59 +206,13 @@ def test_parse_tracker_url():
 # ---- against opentracker on loopback --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return _free_port()
-    return port
-
-
 @pytest.fixture(scope="module")
 def opentracker():
-    """opentracker on 127.0.0.1 with HASH and OTHER on its whitelist;
-    yields its (ip, port)."""
-    exe = shutil.which("opentracker")
-    if exe is None:
-        unavailable("opentracker is not installed (apt-get install opentracker)",
-                    ".ci/run installs the Debian package opentracker")
-    d = tempfile.mkdtemp(prefix="utpkit-opentracker-")
-    os.chmod(d, 0o755)  # it drops to nobody, who must read the whitelist
-    with open(os.path.join(d, "whitelist.txt"), "w") as f:
-        f.write(f"{HASH.hex()}\n{OTHER.hex()}\n")
-        for key in RENDEZVOUS_KEYS:
-            f.write(hashlib.sha1(key.encode()).hexdigest() + "\n")
-    os.chmod(os.path.join(d, "whitelist.txt"), 0o644)
-    port = _free_port()
-    cmd = [exe, "-i", "127.0.0.1", "-p", str(port), "-P", str(port), "-d", d, "-w", "/whitelist.txt"]
-    if os.geteuid() == 0:
-        cmd += ["-u", "nobody"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        # Ready once a connect is answered and the whitelist is loaded
-        # (it loads it in a thread after starting).
-        deadline = time.monotonic() + 10
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(0.2)
-            while True:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                try:
-                    s.sendto(struct.pack(">QII", 0x41727101980, 0, 1), ("127.0.0.1", port))
-                    s.recvfrom(64)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("opentracker did not answer") from None
-        time.sleep(0.3)
-        yield ("127.0.0.1", port)
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        shutil.rmtree(d, ignore_errors=True)
+    """opentracker on 127.0.0.1 with HASH, OTHER and the rendezvous keys on
+    its whitelist; yields its (ip, port)."""
+    keys = [hashlib.sha1(k.encode()).digest() for k in RENDEZVOUS_KEYS]
+    with run_opentracker([HASH, OTHER, *keys]) as addr:
+        yield addr
 
 
 async def test_announce_and_scrape_against_opentracker(opentracker):

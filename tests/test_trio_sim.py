@@ -510,6 +510,59 @@ async def test_lost_last_ack_is_answered_after_close(autojump_clock):
         assert not [e for e in events if e.startswith("error")], events
 
 
+class _DropAcksOfTail(SimNetwork):
+    """Once A has sent data after B's FIN, drops every ACK B sends (ST_STATE)
+    for ``window`` seconds: A's tail and FIN arrive, but A hears of none
+    of it and retransmits."""
+
+    window = 0.3
+    since: float | None = None
+    dropped = 0
+
+    def _send(self, src, dst, data):
+        if src[0] == A and data[0] >> 4 in (ST_DATA, ST_FIN) and self.armed and self.since is None:
+            self.since = trio.current_time()
+        if (src[0] == B and data[0] >> 4 == ST_STATE and self.since is not None
+                and trio.current_time() - self.since < self.window):
+            self.dropped += 1
+            return
+        super()._send(src, dst, data)
+
+    armed = False
+
+
+async def test_retransmitted_tail_after_close_is_acked_not_reset(autojump_clock):
+    """TIME_WAIT, issue 10 (found by birthday probing's 5%-loss runs): B
+    has sent its FIN, then receives A's last data and FIN, but every ACK of
+    them is lost; B's socket is done and goes away.  A retransmits its
+    tail, which B already has: the remembered connection ACKs it (all of
+    it, FIN included) instead of resetting, so A ends cleanly."""
+    async with _DropAcksOfTail(seed=1, delay=0.01) as net, net.endpoint(A, PORT) as a, \
+            net.endpoint(B, PORT) as b:
+        sa, sb, listener = await _connect_pair(a, b)
+        events = []
+        sa.on_state_change = events.append
+        await sb.send_eof()
+        assert await sa.receive_some() == b""   # B's FIN, acknowledged by A
+        await trio.sleep(0.5)
+        net.armed = True
+        await sa.send_all(b"y" * 3000)
+        await sa.send_eof()
+        got = b""
+        while chunk := await sb.receive_some():
+            got += chunk
+        assert got == b"y" * 3000
+        await sb.aclose()
+        with trio.fail_after(3.0):
+            while b.statistics()["engine"]["sockets_live"]:
+                await b.wait_engine_progress()
+        await sa.wait_send_complete()
+        await trio.sleep(3)
+        assert net.dropped >= 1
+        assert not [e for e in events if e.startswith("error")], events
+        assert b.statistics()["engine"]["resets_sent"] == 0
+
+
 async def test_endpoint_stays_for_time_wait_so_a_resent_fin_is_acked(autojump_clock):
     """Issue 10, "the close that looks like a reset": A closes first and
     leaves right after B's FIN arrived; A's ACK of that FIN is lost.  The

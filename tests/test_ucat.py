@@ -311,6 +311,10 @@ def test_console_script():
         (["-s", "not an address", "127.0.0.1", "4000"], 2, r"bad host name"),
         (["-n", "localhost", "4000"], 1, r"-n: 'localhost' is not a numeric address"),
         (["-n", "-s", "::1", "127.0.0.1", "4000"], 1, r"'127\.0\.0\.1' has no IPv6 address"),
+        (["--rendezvous", "k", "--tracker", "udp://127.0.0.1:9", "--birthday-ports", "5000"], 2,
+         r"birthday ports must be 1\.\.1024, not 5000"),
+        (["--rendezvous", "k", "--tracker", "udp://127.0.0.1:9", "--birthday-rate", "0"], 2,
+         r"birthday rate must be positive"),
     ],
 )
 def test_bad_arguments(procs, args, status, pattern):

@@ -7,6 +7,7 @@ module ``testsupport`` before any test module is imported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -98,6 +99,72 @@ async def exchange(sa, sb, size: int = 100_000) -> None:
         n.start_soon(send)
         n.start_soon(recv)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+# ---- opentracker (Debian) ---------------------------------------------------------------
+
+
+def free_udp_tcp_port() -> int:
+    """A port free on 127.0.0.1 for both UDP and TCP right now
+    (opentracker serves UDP and HTTP announces on one port number)."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return free_udp_tcp_port()
+    return port
+
+
+@contextlib.contextmanager
+def opentracker(hashes):
+    """opentracker on 127.0.0.1 (UDP and HTTP on one port) with ``hashes``
+    (20-byte infohashes) on its whitelist; yields ``(ip, port)`` once it
+    answers a BEP 15 connect and has loaded the whitelist.  Skips (fails
+    under CI) without the Debian package."""
+    import socket
+    import struct
+    import subprocess
+    import tempfile
+    import time
+    exe = shutil.which("opentracker")
+    if exe is None:
+        unavailable("opentracker is not installed (apt-get install opentracker)",
+                    ".ci/run installs the Debian package opentracker")
+    d = tempfile.mkdtemp(prefix="utpkit-opentracker-")
+    os.chmod(d, 0o755)  # it drops to nobody, who must read the whitelist
+    with open(os.path.join(d, "whitelist.txt"), "w") as f:
+        f.write("".join(h.hex() + "\n" for h in hashes))
+    os.chmod(os.path.join(d, "whitelist.txt"), 0o644)
+    port = free_udp_tcp_port()
+    cmd = [exe, "-i", "127.0.0.1", "-p", str(port), "-P", str(port), "-d", d, "-w", "/whitelist.txt"]
+    if os.geteuid() == 0:
+        cmd += ["-u", "nobody"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Ready once a connect is answered and the whitelist is loaded
+        # (it loads it in a thread after starting).
+        deadline = time.monotonic() + 10
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                try:
+                    s.sendto(struct.pack(">QII", 0x41727101980, 0, 1), ("127.0.0.1", port))
+                    s.recvfrom(64)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("opentracker did not answer") from None
+        time.sleep(0.3)
+        yield ("127.0.0.1", port)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # ---- BitTorrent content -----------------------------------------------------------------

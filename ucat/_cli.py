@@ -133,6 +133,8 @@ _USAGE = """\
 ucat [-h] [-d] [-n] [-B bufsize] [-s local-address] [-p local-port] [-w timeout] [--map] [--progress] host port
        ucat -l [-d] [-n] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--map] [--progress]
        ucat --rendezvous KEY (--tracker udp://HOST:PORT | --bootstrap HOST:PORT ...) [-d] [-B bufsize] [-s local-address] [-p port] [-w timeout] [--map] [--progress]
+            [--birthday-ports N] [--birthday-rate PER_SECOND] [--birthday-max N]
+            [--nat-mapping independent|dependent] [--peer-nat-mapping independent|dependent]
        ucat --version"""
 
 _DESCRIPTION = """\
@@ -166,6 +168,12 @@ behaviour:
   (default 30 s); the tracker must accept sha1(KEY) as an info hash.  Over
   the DHT, entries expire but are never withdrawn: use a fresh KEY for each
   meeting.
+  When direct punching hears nothing from the peer (a symmetric NAT facing
+  a port-restricted one), ucat falls back to birthday probing: the
+  symmetric side opens up to --birthday-ports extra ports towards the peer
+  while the other probes random ports of its address, at most
+  --birthday-rate datagrams a second each and --birthday-max probes; -d
+  shows how many probes it took.  Two symmetric NATs end with an error.
   --map (off by default) first asks the gateway -- the default route's
   gateway, on UDP port 5351 for PCP and NAT-PMP, or a UPnP IGD found by an
   SSDP search on the LAN -- to forward a public port to ucat's UDP port,
@@ -315,6 +323,31 @@ def _parser() -> argparse.ArgumentParser:
         "with --rendezvous",
     )
     parser.add_argument(
+        "--birthday-ports", dest="birthday_ports", metavar="N", type=int, default=256,
+        help="with --rendezvous, behind a symmetric NAT: extra UDP ports to open towards a "
+        "port-restricted peer for birthday probing (default 256; 0 turns birthday probing off)",
+    )
+    parser.add_argument(
+        "--birthday-rate", dest="birthday_rate", metavar="PER_SECOND", type=float, default=400.0,
+        help="birthday probing: probes per second (default 400); the extra ports are "
+        "opened at most 5 times as fast",
+    )
+    parser.add_argument(
+        "--birthday-max", dest="birthday_max", metavar="N", type=int, default=6000,
+        help="birthday probing: random ports of the peer to probe at most (default 6000)",
+    )
+    parser.add_argument(
+        "--nat-mapping", dest="nat_mapping", choices=("independent", "dependent"),
+        help="with --rendezvous: our NAT's mapping behaviour, when known (dependent: a "
+        "symmetric NAT); picks the birthday probing role",
+    )
+    parser.add_argument(
+        "--peer-nat-mapping", dest="peer_nat_mapping", choices=("independent", "dependent"),
+        help="with --rendezvous: the peer's NAT's mapping behaviour, when known (told out of "
+        "band); with --nat-mapping dependent too, ucat fails at once: two symmetric NATs "
+        "cannot be punched",
+    )
+    parser.add_argument(
         "--map", dest="map", action="store_true",
         help="ask the gateway to forward a public port to ucat's UDP port (PCP, NAT-PMP, "
         "then UPnP IGD), renew it while ucat runs and remove it at exit; the mapped "
@@ -358,12 +391,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return opts
 
 
+def _birthday_limits(opts):
+    """The --birthday-* caps as utp.BirthdayLimits (None: turned off)."""
+    if opts.birthday_ports == 0:
+        return None
+    return _utp_module().BirthdayLimits(ports=opts.birthday_ports, rate=opts.birthday_rate,
+                                        spray_rate=5 * opts.birthday_rate,
+                                        max_probes=opts.birthday_max)
+
+
 def _check_rendezvous(opts) -> argparse.Namespace:
     if opts.listen or opts.host is not None:
         raise Failure("--rendezvous takes no host, port or -l: the tracker says where the peer is",
                       EXIT_USAGE)
     if not opts.rendezvous:
         raise Failure("--rendezvous needs a non-empty KEY", EXIT_USAGE)
+    try:
+        opts.birthday_limits = _birthday_limits(opts)
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
     if opts.tracker is None and opts.bootstrap is None:
         raise Failure("--rendezvous needs --tracker udp://HOST:PORT or --bootstrap HOST:PORT",
                       EXIT_USAGE)
@@ -1154,8 +1200,11 @@ async def _rendezvous_mode(opts, fds: StdFds, log: _Log) -> None:
         stream = None
         try:
             with trio.move_on_at(deadline + 1.0):  # a backstop
+                extra = {k: v for k, v in (("mapping", opts.nat_mapping),
+                                           ("peer_mapping", opts.peer_nat_mapping)) if v}
                 stream = await utp.rendezvous(ep, opts.rendezvous, via=via,
-                                              deadline=deadline, log=log)
+                                              deadline=deadline, log=log,
+                                              birthday=opts.birthday_limits, **extra)
         except BaseException as exc:  # the tracker client and the DHT node run nurseries
             leaf = _sole_leaf(exc)
             if isinstance(leaf, TimeoutError) or (isinstance(leaf, OSError) and leaf.errno is None):

@@ -22,7 +22,10 @@ What it is:
   :func:`rendezvous` finds the peer by a shared key (:func:`info_hash_for`
   is the hash both announce), at a UDP tracker (package ``tracker``) or in
   the Mainline DHT (package ``dht``), and then punches; it raises
-  :class:`RendezvousError` when the meeting itself fails.
+  :class:`RendezvousError` when the meeting itself fails.  A symmetric NAT
+  facing a port-restricted one connects by birthday probing (caps:
+  :class:`BirthdayLimits`); two symmetric NATs fail with
+  :class:`NATTraversalError` (or a TimeoutError that says so).
 - :func:`port_mapping` asks the gateway to forward a public port to the
   Endpoint (PCP, NAT-PMP or UPnP IGD), renews it and removes it on exit.
 
@@ -81,6 +84,7 @@ from ._api import open_endpoint, open_utp_stream, run_endpoint, serve_utp
 from ._endpoint import DatagramQueue, Endpoint
 from ._errors import UTPError
 from _utpkit.errors import NetworkError
+from ._birthday import BirthdayLimits, NATTraversalError
 from ._portmap import PortMapping, PortMappingError, port_mapping
 from ._punch import is_initiator, punch
 from ._rendezvous import RendezvousError, info_hash_for, rendezvous
@@ -99,7 +103,7 @@ __all__ = [
     "open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "Endpoint",
     "DatagramQueue", "UTPStream", "UTPListener", "UTPError", "NetworkError", "punch", "rendezvous", "__version__",
     # named by punch()'s and rendezvous()'s docstrings
-    "is_initiator", "RendezvousError", "info_hash_for",
+    "is_initiator", "RendezvousError", "info_hash_for", "BirthdayLimits", "NATTraversalError",
     # port mapping at the gateway (PCP, NAT-PMP, UPnP IGD)
     "port_mapping", "PortMapping", "PortMappingError",
 ]

@@ -10,10 +10,10 @@ import trio
 
 from _utpkit.excgroup import unwrapped
 
-from ._endpoint import Endpoint, make_udp_endpoint
+from ._endpoint import Endpoint, endpoint_on_socket, make_udp_endpoint
 from ._stream import UTPListener, UTPStream
 
-__all__ = ["open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint"]
+__all__ = ["open_endpoint", "open_utp_stream", "serve_utp", "run_endpoint", "adopt_socket"]
 
 
 @asynccontextmanager
@@ -141,10 +141,37 @@ async def open_utp_stream(host: str, port: int, *, local_address: str | None = N
     family, addr = await _resolve(host, port, numeric_host)
     ep = make_udp_endpoint(local_address, local_port, family=family if local_address is None else None,
                            **_endpoint_kwargs(endpoint_options))
+    return await _connect_owned(ep, addr, f"{host}:{port}", attempt_timeout=attempt_timeout,
+                                timeout=connect_timeout)
+
+
+async def adopt_socket(template: Endpoint, sock: trio.socket.SocketType, addr: tuple[Any, ...], *,
+                       deadline: float) -> UTPStream:
+    """Run a uTP Endpoint on ``sock`` (an already bound UDP socket: the one
+    birthday probing met through, utp._birthday) and connect from it to
+    ``addr``; the Endpoint takes ``template``'s buffer sizes and linger and
+    belongs to the returned stream, whose ``aclose()`` shuts it down (as
+    :func:`open_utp_stream`'s).  On failure the socket is closed."""
+    ep = endpoint_on_socket(sock, recv_buffer=template.recv_buffer,
+                            send_buffer=template.send_buffer, socket_buffer=None,
+                            linger=template.linger)
+    # One attempt for the whole time: the engine resends its SYN (same
+    # connection id) when it or the SYN-ACK is lost.  A second attempt
+    # would be a second connection, which the peer, accepting exactly one,
+    # refuses -- and the first, abandoned, would be reset.
+    left = max(deadline - trio.current_time(), 0.001)
+    return await _connect_owned(ep, addr, f"{addr[0]}:{addr[1]}", attempt_timeout=left,
+                                deadline=deadline)
+
+
+async def _connect_owned(ep: Endpoint, addr: tuple[Any, ...], name: str, *,
+                         attempt_timeout: float, timeout: float | None = None,
+                         deadline: float | None = None) -> UTPStream:
     owner = _OwnedEndpoint(ep)
-    trio.lowlevel.spawn_system_task(owner.run, name=f"utp endpoint for {host}:{port}")
+    trio.lowlevel.spawn_system_task(owner.run, name=f"utp endpoint for {name}")
     try:
-        stream = await ep.connect(addr, attempt_timeout=attempt_timeout, timeout=connect_timeout)
+        stream = await ep.connect(addr, attempt_timeout=attempt_timeout, timeout=timeout,
+                                  deadline=deadline)
     except BaseException:
         owner.scope.cancel()
         with trio.CancelScope(shield=True):

@@ -331,6 +331,13 @@ class Endpoint:
         return self._closed
 
     @property
+    def simulated(self) -> bool:
+        """Whether this Endpoint runs over a simulated network
+        (:mod:`utp.testing`) on trio's clock, not a real UDP socket: what
+        needs more real sockets (birthday probing) stays off there."""
+        return self._virtual
+
+    @property
     def external_address(self) -> tuple[Any, ...] | None:
         """Our public ``(ip, port)``: the gateway's port mapping while one
         is held (:func:`utp.port_mapping`), else as others report it (the
@@ -785,6 +792,17 @@ def make_udp_endpoint(host: str | None, port: int, *, family: int | None,
                       socket_buffer: int | None, linger: float,
                       udp_mtu: int | None, options: dict[int, int] | None) -> Endpoint:
     sock = _bind_udp(host, port, family)
+    return endpoint_on_socket(sock, recv_buffer=recv_buffer, send_buffer=send_buffer,
+                              socket_buffer=socket_buffer, linger=linger, udp_mtu=udp_mtu,
+                              options=options)
+
+
+def endpoint_on_socket(sock: trio.socket.SocketType, *, recv_buffer: int | None,
+                       send_buffer: int | None, socket_buffer: int | None, linger: float,
+                       udp_mtu: int | None = None,
+                       options: dict[int, int] | None = None) -> Endpoint:
+    """An Endpoint on an already bound UDP socket (also the one birthday
+    probing met through); on failure the socket is closed."""
     try:
         ctx = _utp.Context(udp_mtu=udp_mtu)
         try:

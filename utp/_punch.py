@@ -65,13 +65,24 @@ source of the peer's first probe and the responder accepts from any port of
 the peer's IP.  Where the TTL cannot be limited (a simulated network, a
 full socket buffer at the first probe) there is no opening phase and no
 hold: full packets start at once, as before.
+
+Symmetric against port-restricted (issue 10).  Re-aiming cannot help when
+a symmetric NAT faces a port-restricted one: each drops the other's
+packets, so neither side ever hears anything.  That silence is the
+signal: when nothing at all came from the peer's IP ``birthday.after``
+seconds past the hold, :func:`punch` stops the direct phase and switches
+to birthday probing (:mod:`utp._birthday`: the symmetric side opens many
+ports towards the peer, the other probes random ports of the symmetric
+side's address until one pair meets), unless the caller turned it off or
+the NATs' mapping behaviours say it cannot work (two symmetric NATs: an
+error at once).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
@@ -81,6 +92,7 @@ from _utpkit.excgroup import unwrapped
 
 from . import _utp
 from ._connect import check_address
+from ._birthday import BirthdayLimits, birthday as _birthday, refuse_two_symmetric
 from ._utp import EventKind
 from ._stream import UTPStream, _format_peer
 
@@ -167,7 +179,11 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
                 timeout: float | None = None, local_public: tuple[Any, ...] | None = None,
                 interval: float = 0.1, fast_period: float = 5.0,
                 keepalive: float = 20.0, hold: float = 1.0,
-                open_ttl: int | None = 2) -> UTPStream:
+                open_ttl: int | None = 2,
+                birthday: BirthdayLimits | None = BirthdayLimits(),
+                mapping: str | None = None, peer_mapping: str | None = None,
+                peer_lag: float = 0.0,
+                log: Callable[[str], None] | None = None) -> UTPStream:
     """Punch through the NATs between this Endpoint and ``peer`` and return
     the one uTP stream between them.
 
@@ -183,8 +199,29 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
     probes and holds nothing back, nor does ``hold=0`` (either is the
     behaviour before issue 10).
 
+    ``birthday`` (caps: :class:`utp.BirthdayLimits`; None turns it off,
+    and it is off on a simulated network, as it opens real sockets) is the
+    fallback for a symmetric NAT facing a port-restricted one
+    (:mod:`utp._birthday`): it starts when the direct phase heard nothing
+    from the peer's IP for ``birthday.after`` seconds past ``hold``.
+    ``mapping`` and ``peer_mapping`` are the NATs' mapping behaviours when
+    known ("independent": one public port for every destination, a cone
+    NAT; "dependent": a new one per destination, a symmetric NAT); they
+    pick the birthday roles, and two dependent ones fail at once with
+    :class:`utp.NATTraversalError`.  ``peer_lag`` is how much later than
+    us the peer may have called :func:`punch` (a rendezvous that found the
+    peer on its first look knows: the peer finds us at its next poll);
+    birthday scans wait that long, so none goes to a port the peer has
+    not opened yet.  ``log``, if given, gets a line per
+    step (what connected, after how many packets).  The returned stream's
+    ``punch_packets`` is how many datagrams this side sent until it
+    connected, and ``birthday_probes`` (when birthday probing connected)
+    the number of the probe that met.
+
     Raises TimeoutError naming what was tried (attempts, probes, what came
-    back) when nothing connected in time; ValueError when ``peer`` is our own
+    back) when nothing connected in time; NATTraversalError when both NATs
+    are known to be symmetric or birthday probing used up its cap;
+    ValueError when ``peer`` is our own
     public endpoint; RuntimeError when the Endpoint already has an open
     listener (the responder needs its own, filtered one).
 
@@ -198,11 +235,14 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
             raise ValueError(f"{name} must be positive, not {value!r}")
     if not hold >= 0:
         raise ValueError(f"hold must be zero or positive, not {hold!r}")
+    if not peer_lag >= 0:
+        raise ValueError(f"peer_lag must be zero or positive, not {peer_lag!r}")
     if open_ttl is not None and not 1 <= open_ttl <= 255:
         raise ValueError(f"open_ttl must be 1..255 or None, not {open_ttl!r}")
     if keepalive > 25:
         raise ValueError(f"keepalive {keepalive!r} s is too long: NATs drop idle mappings "
                          f"after ~30 s, so keep it at most 25 s")
+    refuse_two_symmetric(mapping, peer_mapping, f"punch to {_format_peer(peer)}")
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "punch")
     if local_public is None:
@@ -220,10 +260,20 @@ async def punch(ep: Endpoint, peer: tuple[Any, ...], *, deadline: float | None =
         queue = None  # someone else owns "other": punch without reading probes
     phase = _Phase(ep, peer, start, hold, open_ttl, interval,
                    lambda t: _Pacer(t, interval, fast_period, keepalive))
-    try:
+    say = log or (lambda line: None)
+
+    async def direct() -> UTPStream:
         if initiator:
-            return await _initiate(ep, peer, queue, start, end, phase)
-        return await _respond(ep, peer, queue, start, end, phase)
+            return await _initiate(ep, peer, queue, start, end, phase, say)
+        return await _respond(ep, peer, queue, start, end, phase, say)
+
+    try:
+        if birthday is None or ep.simulated:
+            # Birthday probing opens real UDP sockets: not on a simulated network.
+            return await direct()
+        return await _direct_then_birthday(ep, peer, queue, end, phase, direct, birthday,
+                                           initiator, mapping, peer_mapping, open_ttl,
+                                           peer_lag, say)
     finally:
         if queue is not None:
             # Unregister, so a later punch (or another owner) can have it.
@@ -238,6 +288,7 @@ class _Phase:
     def __init__(self, ep: Endpoint, peer: Any, start: float, hold: float, ttl: int | None,
                  interval: float, make_pacer: Callable[[float], _Pacer]) -> None:
         self.ep = ep
+        self.start = start
         self.targets: list[Any] = [peer]
         self.full_at = start + hold
         self.ttl = ttl
@@ -246,6 +297,8 @@ class _Phase:
         self.full = trio.Event()
         self.pacer = make_pacer(start)
         self.opening_sent = 0
+        self.sent = 0            # full-TTL attempts and probes, for the packet count
+        self.heard_peer = False
         if hold <= 0:
             self._go_full(start)
 
@@ -256,6 +309,7 @@ class _Phase:
 
     def heard(self) -> None:
         """A packet from the peer's IP arrived: its NAT is open towards us."""
+        self.heard_peer = True
         self._go_full(trio.current_time())
 
     async def run_opening(self) -> None:
@@ -288,7 +342,8 @@ class _Attempt:
 
 
 async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
-                    start: float, end: float, phase: _Phase) -> UTPStream:
+                    start: float, end: float, phase: _Phase,
+                    say: Callable[[str], None]) -> UTPStream:
     events: list[tuple[_Attempt, EventKind, Any]] = []
     lot = trio.lowlevel.ParkingLot()
     pending: list[_Attempt] = []
@@ -355,6 +410,7 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
                         sock.userdata = waiter_for(att)
                         pending.append(att)
                         opened += 1
+                        phase.sent += 1
                         ep.after_engine_call()  # the SYN leaves now
                     pacer.advance(now)
                 wake = phase.pacer.next if phase.full.is_set() else math.inf
@@ -363,7 +419,12 @@ async def _initiate(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | 
             nursery.cancel_scope.cancel()
         if winner is not None:
             pending.remove(winner)
-            return UTPStream(ep, winner.sock, winner.addr)
+            stream = UTPStream(ep, winner.sock, winner.addr)
+            stream.punch_packets = opened + phase.opening_sent  # type: ignore[attr-defined]
+            say(f"punched as the initiator after {trio.current_time() - start:.2f} s: "
+                f"{opened + phase.opening_sent} datagrams sent ({opened} uTP connection "
+                f"attempts, {phase.opening_sent} NAT-opening probes)")
+            return stream
     finally:
         for att in pending:
             att.sock.userdata = None
@@ -390,7 +451,8 @@ def _opening_note(phase: _Phase) -> str:
 
 
 async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
-                   start: float, end: float, phase: _Phase) -> UTPStream:
+                   start: float, end: float, phase: _Phase,
+                   say: Callable[[str], None]) -> UTPStream:
     if ep.listener is not None:
         raise RuntimeError("punch cannot answer on an Endpoint that already has a listener; "
                            "close it first")
@@ -434,6 +496,7 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
                 for t in list(targets):
                     await ep.sendto(PROBE, t)
                     probes += 1
+                    phase.sent += 1
                 pacer.advance(now)
             await trio.sleep_until(pacer.next)
 
@@ -449,6 +512,10 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     finally:
         listener._shutdown()
     if stream is not None:
+        stream.punch_packets = probes + phase.opening_sent  # type: ignore[attr-defined]
+        say(f"punched as the responder after {trio.current_time() - start:.2f} s: "
+            f"{probes + phase.opening_sent} datagrams sent ({probes} probes, "
+            f"{phase.opening_sent} NAT-opening probes)")
         return stream
     elapsed = trio.current_time() - start
     where = " and ".join(_format_peer(t) for t in targets)
@@ -459,3 +526,50 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
         f"responder sent {probes} probe{'s' if probes != 1 else ''} to {where} and listened, "
         f"but no uTP connection came from {_ip(peer)}{refused}{_opening_note(phase)}")
 
+
+
+async def _direct_then_birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
+                                end: float, phase: _Phase,
+                                direct: Callable[[], Awaitable[UTPStream]],
+                                limits: BirthdayLimits, initiator: bool, mapping: str | None,
+                                peer_mapping: str | None, open_ttl: int | None,
+                                peer_lag: float, say: Callable[[str], None]) -> UTPStream:
+    """Punch directly; if nothing at all came from the peer's IP by
+    ``hold + limits.after`` seconds, switch to birthday probing
+    (utp._birthday) for the rest of the time."""
+    switch_at = phase.full_at + limits.after
+    won: list[UTPStream] = []
+    failed: list[BaseException] = []
+    async with unwrapped(), trio.open_nursery() as nursery:
+        async def run_direct() -> None:
+            try:
+                won.append(await direct())
+            except TimeoutError as exc:
+                failed.append(exc)
+            nursery.cancel_scope.cancel()
+
+        async def watch() -> None:
+            await trio.sleep_until(switch_at)
+            if not phase.heard_peer:
+                nursery.cancel_scope.cancel()
+        nursery.start_soon(run_direct)
+        nursery.start_soon(watch)
+    if won:
+        return won[0]
+    if failed:
+        raise failed[0]
+    # Roles (utp._birthday, "Who plays which role").
+    if mapping is not None:
+        spray, scan = mapping == "dependent", mapping == "independent"
+    elif peer_mapping is not None:
+        spray, scan = peer_mapping == "independent", peer_mapping == "dependent"
+    else:
+        spray = scan = True
+    why = (f"nothing came from {_ip(peer)} in {limits.after:g} s of direct punching"
+           + (f" (our NAT: {mapping})" if mapping else "")
+           + (f" (the peer's NAT: {peer_mapping})" if peer_mapping else ""))
+    stream = await _birthday(ep, peer, queue, end=end, spray=spray, scan=scan,
+                             initiator=initiator, limits=limits, open_ttl=open_ttl, log=say,
+                             why=why, start=phase.start,
+                             direct_sent=phase.sent + phase.opening_sent, scan_delay=peer_lag)
+    return stream

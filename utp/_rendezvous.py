@@ -19,6 +19,12 @@ those reports (:attr:`Endpoint.external_address`).  An entry is us when some
 node reported it as our address; our public endpoint for the tie-break is
 our entry in the list (what the peer sees too), else the Endpoint's winner.
 The DHT has no "stopped": entries expire, so use a fresh key per meeting.
+
+Mapping behaviour (for birthday probing's roles, utp._birthday): when DHT
+nodes reported our one public IP at different ports, our NAT maps per
+destination, and :func:`rendezvous` passes ``mapping="dependent"`` to
+:func:`punch` (unless the caller gave one).  A tracker reports nothing
+about our port, so there the roles come from punching's own silence.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from _utpkit.addr import addr_key as _key
 from _utpkit.addr import normalize_ip as _norm_ip
 from _utpkit.errors import NetworkError
 
+from ._birthday import mapping_from_reports, refuse_two_symmetric
 from ._punch import end_time, is_initiator, punch
 from ._stream import UTPStream, _format_peer
 
@@ -98,13 +105,17 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
     stored our announce, and the tracker client's errors (e.g.
     tracker.TrackerError).  Every message names the tracker, node or peer.
     """
+    # Told both NATs are symmetric: fail before meeting (the first to meet
+    # would fail at once and withdraw, leaving the other to time out).
+    refuse_two_symmetric(punch_options.get("mapping"), punch_options.get("peer_mapping"),
+                         "connect through the rendezvous")
     start = trio.current_time()
     end = end_time(start, timeout, deadline, "rendezvous")
     # The two peers call punch at most one poll apart (the later one finds
     # the earlier at once, the earlier finds it at its next poll): hold
     # full-TTL packets back for two polls (utp._punch, "Routers that answer").
-    punch_options = {"hold": max(1.0, 2 * poll), **punch_options}
     say = log or (lambda line: None)
+    punch_options = {"hold": max(1.0, 2 * poll), "log": say, **punch_options}
     if _is_dht(via):
         return await _rendezvous_dht(ep, key, via, start, end, poll, say, punch_options)
 
@@ -135,6 +146,9 @@ async def rendezvous(ep: Endpoint, key: str | bytes, *, via: Any, deadline: floa
             role = ("initiator (sending SYNs)" if is_initiator(me, peer)
                     else "responder (probing, accepting)")
             say(f"peer {_format_peer(peer)}; we are {_format_peer(me)}; punching as the {role}")
+            if answers == 1 and "peer_lag" not in punch_options:
+                # The peer was there at once: it finds us at its next poll.
+                punch_options = {**punch_options, "peer_lag": poll}
             return await punch(ep, peer, local_public=me, deadline=end, **punch_options)
         finally:
             # Withdraw once punching is over (not before: the peer may
@@ -330,4 +344,11 @@ async def _dht_meet_and_punch(ep: Endpoint, node: Any, key: str | bytes, where: 
     role = ("initiator (sending SYNs)" if is_initiator(me, peer)
             else "responder (probing, accepting)")
     say(f"peer {_format_peer(peer)}; we are {_format_peer(me)}; punching as the {role}")
+    if lookups == 1 and "peer_lag" not in punch_options:
+        # The peer was there at once: it finds us at its next lookup.
+        punch_options = {**punch_options, "peer_lag": poll}
+    if "mapping" not in punch_options:
+        # Several DHT nodes that saw us at different ports: our NAT maps
+        # per destination (utp._birthday, "Who plays which role").
+        punch_options = {**punch_options, "mapping": mapping_from_reports(ep.reported_addresses())}
     return await punch(ep, peer, local_public=me, deadline=end, **punch_options)

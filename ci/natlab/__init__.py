@@ -24,6 +24,28 @@ private host each (10.N.0.0/24) behind them.  NAT kinds, in nftables:
   before the other side's -- as on the real internet, where there is
   always a hop between two NATs.  Not part of :data:`NAT_KINDS` (the
   default matrix); see :data:`ALL_NAT_KINDS`.
+- ``double`` (issue 10): a home NAT behind a carrier-grade NAT.  The host
+  sits behind a home router (``restricted``: port-preserving
+  ``masquerade``) whose WAN side is on the carrier's shared address space
+  (100.64.N.0/24 of RFC 6598's 100.64.0.0/10), and the carrier's router
+  masquerades that again to the public address.  Both drop unsolicited
+  inbound packets; loss, if any, is on the home router.  From outside it
+  behaves as a port-restricted cone NAT two hops deep: a NAT-opening
+  probe with TTL 2 dies at the carrier's router without opening it, which
+  its input firewall makes harmless.
+- ``hairpin`` (issue 10): two hosts behind the same port-restricted
+  masquerade that reach each other through its public address: the router
+  does hairpin NAT ("NAT loopback"): a packet from the LAN to its own
+  public address is forwarded back into the LAN, to the host that owns the
+  destination port, with its source rewritten to the public address and
+  the sender's port (so each host sees the other exactly as the internet
+  does).  Linux has no rule for "the host whose mapping owns this port",
+  so the lab gives each host its own range of local ports
+  (``ip_local_port_range``: 20000-29999 for the first, 30000-39999 for
+  the second; masquerade keeps them) and the router maps the ranges back:
+  a real router looks the port up in its mapping table instead.  The
+  first ``add_host(name, "hairpin")`` builds the router and one host, a
+  second one with ``behind=`` that host adds the other.
 
 ``upnp`` (issue 10, :mod:`ci.natlab.upnp`): a ``restricted`` router that
 also runs miniupnpd with NAT-PMP, PCP and UPnP IGD on its LAN side, for
@@ -87,7 +109,9 @@ __all__ = ["Lab", "Host", "NAT_KINDS", "ALL_NAT_KINDS", "PORTMAP_KINDS", "LabErr
 
 # The default matrix's kinds; ALL_NAT_KINDS adds the ones issue 10 brought.
 NAT_KINDS = ("none", "full", "restricted", "symmetric")
-ALL_NAT_KINDS = NAT_KINDS + ("answering",)
+ALL_NAT_KINDS = NAT_KINDS + ("answering", "double", "hairpin")
+# Hairpin hosts' local port ranges (see the module docs), in the order added.
+HAIRPIN_PORTS = ((20000, 29999), (30000, 39999))
 # Routers with a port mapping server (ci/natlab/upnp.py), outside the matrices.
 PORTMAP_KINDS = ("upnp",)
 PREFIX = "ulab"
@@ -135,6 +159,16 @@ def no_offloads(ns: str, ifname: str) -> None:
         name, _, value = line.strip().partition(":")
         if name in ("tx-udp-segmentation", "generic-segmentation-offload") and value.split()[:1] == ["on"]:
             raise LabError(f"ethtool could not turn {name} off on {ifname} in {ns}: {line.strip()}")
+
+
+def _veth(ns1: str, if1: str, addr1: str, ns2: str, if2: str, addr2: str) -> None:
+    """A veth pair from ``if1`` in ``ns1`` to ``if2`` in ``ns2``, offloads
+    off, each end with its address (CIDR) and up."""
+    _run(["ip", "-n", ns1, "link", "add", if1, "type", "veth", "peer", "name", if2, "netns", ns2])
+    for ns, ifname, addr in ((ns1, if1, addr1), (ns2, if2, addr2)):
+        no_offloads(ns, ifname)
+        _run(["ip", "-n", ns, "addr", "add", addr, "dev", ifname])
+        _run(["ip", "-n", ns, "link", "set", ifname, "up"])
 
 
 def read_sysctl(ns: str, key: str) -> str:
@@ -199,15 +233,31 @@ class Host:
                               capture_output=True, text=True)
 
 
-def _nft_ruleset(kind: str, wan_ip: str, lan_net: str, host_ip: str, loss: int) -> str:
+def _hairpin_rules(wan_ip: str, lan_net: str, hosts: Sequence[str]) -> tuple[str, str]:
+    """Hairpin NAT (module docs): from the LAN to our public address, DNAT
+    to the host that owns the port range, and SNAT to the public address
+    (postrouting knows no input interface: the source net says LAN)."""
+    pre = "\n    ".join(f'iifname "lan" ip daddr {wan_ip} meta l4proto {{ udp, tcp }} th dport '
+                        f'{lo}-{hi} dnat to {ip}' for ip, (lo, hi) in zip(hosts, HAIRPIN_PORTS))
+    post = f'ip saddr {lan_net} oifname "lan" ct status dnat snat to {wan_ip}'
+    return pre, post
+
+
+def _nft_ruleset(kind: str, wan_ip: str, lan_net: str, host_ip: str, loss: int,
+                 hairpin_hosts: Sequence[str] = ()) -> str:
     nat = {
         "full": (f'iifname "wan" ip daddr {wan_ip} dnat to {host_ip}',
                  f'oifname "wan" ip saddr {lan_net} snat to {wan_ip}'),
         "restricted": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
         "symmetric": ("", f'oifname "wan" ip saddr {lan_net} masquerade fully-random'),
         "answering": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
+        "double": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
+        "hairpin": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
         "upnp": ("", f'oifname "wan" ip saddr {lan_net} masquerade'),
     }[kind]
+    if kind == "hairpin":
+        pre, post = _hairpin_rules(wan_ip, lan_net, hairpin_hosts)
+        nat = (pre, nat[1] + "\n    " + post)
     lossy = f'numgen random mod 100 < {loss} counter name "lost" drop' if loss else ""
     # ``answering`` has no input firewall: the router's own stack answers
     # unsolicited packets (ICMP port unreachable) and conntrack keeps them.
@@ -359,14 +409,68 @@ class Lab:
         _run(["ip", "-n", rns, "route", "add", gw, "dev", "wan"])
         _run(["ip", "-n", rns, "route", "add", "default", "via", gw, "dev", "wan", "src", wan])
 
+    def _lan_port(self, rns: str, hns: str, port: str) -> None:
+        """A veth from router ``rns``'s LAN bridge to host ``hns`` (eth0)."""
+        _run(["ip", "-n", rns, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+              "netns", hns])
+        no_offloads(rns, port)
+        no_offloads(hns, "eth0")
+        _run(["ip", "-n", rns, "link", "set", port, "master", "lan", "up"])
+
+    def _attach_via_cgn(self, name: str, rns: str, public: str, n: int) -> str:
+        """Put a carrier-grade NAT between home router ``rns`` and the
+        internet (kind ``double``): the CGN has the public address ``public``
+        and masquerades 100.64.N.0/24 (RFC 6598 space), where the home
+        router's WAN gets 100.64.N.2.  Returns the home router's WAN
+        address."""
+        cgn = self._ns(f"c-{name}")
+        self._attach(cgn, "wan", public)
+        inside, home_wan = f"100.64.{n}.1", f"100.64.{n}.2"
+        _veth(cgn, "lan", f"{inside}/24", rns, "wan", f"{home_wan}/24")
+        _run(["ip", "-n", rns, "route", "add", "default", "via", inside])
+        _sysctl(cgn, "net.ipv4.ip_forward", 1)
+        _run(["ip", "netns", "exec", cgn, "nft", "-f", "-"],
+             input=_nft_ruleset("restricted", public, f"100.64.{n}.0/24", home_wan, 0))
+        return home_wan
+
+    def _add_hairpin_second(self, name: str, first: Host) -> Host:
+        """The second host behind ``first``'s hairpin router (module docs)."""
+        if first.kind != "hairpin" or first.router_ns is None:
+            raise ValueError(f"behind= needs a hairpin host, not {first.name!r} ({first.kind})")
+        if any(h.router_ns == first.router_ns and h is not first for h in self.hosts.values()):
+            raise ValueError(f"{first.name!r}'s hairpin router already has two hosts")
+        rns = first.router_ns
+        hns = self._ns(f"h-{name}")
+        prefix = first.ip.rsplit(".", 1)[0]
+        host_ip = f"{prefix}.3"
+        self._lan_port(rns, hns, "lanp2")
+        _run(["ip", "-n", hns, "addr", "add", f"{host_ip}/24", "dev", "eth0"])
+        _run(["ip", "-n", hns, "link", "set", "eth0", "up"])
+        _run(["ip", "-n", hns, "route", "add", "default", "via", f"{prefix}.1"])
+        _run(["ip", "netns", "exec", hns, "sh", "-c",
+              f'echo "{HAIRPIN_PORTS[1][0]} {HAIRPIN_PORTS[1][1]}" > '
+              f'/proc/sys/net/ipv4/ip_local_port_range'])
+        # Reload the router's rules with both hosts' port ranges.
+        lan_net = f"{prefix}.0/24"
+        _run(["ip", "netns", "exec", rns, "nft", "delete", "table", "ip", "natlab"])
+        _run(["ip", "netns", "exec", rns, "nft", "-f", "-"],
+             input=_nft_ruleset("hairpin", first.public_ip, lan_net, first.ip, first.loss,
+                                [first.ip, host_ip]))
+        host = Host(self, name, hns, host_ip, "hairpin", first.public_ip, rns, first.loss)
+        self.hosts[name] = host
+        return host
+
     def _public_ip(self) -> str:
         ip = str(INTERNET.network_address + self._next_public)
         self._next_public += 1
         return ip
 
-    def add_host(self, name: str, kind: str = "none", *, loss: int = 0, ip: str | None = None) -> Host:
+    def add_host(self, name: str, kind: str = "none", *, loss: int = 0, ip: str | None = None,
+                 behind: Host | None = None) -> Host:
         """A host behind a NAT of ``kind`` (see NAT_KINDS); ``loss`` percent
-        random loss on its router, each direction."""
+        random loss on its router, each direction.  ``behind``: for kind
+        ``hairpin``, the first hairpin host, whose router the new host
+        shares (module docs)."""
         if kind not in ALL_NAT_KINDS + PORTMAP_KINDS:
             raise ValueError(f"unknown NAT kind {kind!r}; expected one of "
                              f"{ALL_NAT_KINDS + PORTMAP_KINDS}")
@@ -374,6 +478,8 @@ class Lab:
             raise ValueError(f"the lab already has a host {name!r}")
         if not 0 <= loss < 100:
             raise ValueError("loss is a percentage, 0..99")
+        if behind is not None:
+            return self._add_hairpin_second(name, behind)
         if kind == "none":
             if loss:
                 raise ValueError("loss needs a router: use a NAT kind other than none")
@@ -390,23 +496,36 @@ class Lab:
         self._next_lan += 1
         lan_net = f"10.{n}.0.0/24"
         router_lan, host_ip = f"10.{n}.0.1", f"10.{n}.0.2"
+        public = wan
         if kind == "answering":
             self._attach_via_isp(name, rns, wan, n)
+        elif kind == "double":
+            wan = self._attach_via_cgn(name, rns, public, n)
         else:
             self._attach(rns, "wan", wan)
-        _run(["ip", "-n", rns, "link", "add", "lan", "type", "veth", "peer", "name", "eth0",
-              "netns", hns])
-        no_offloads(rns, "lan")
-        no_offloads(hns, "eth0")
-        _run(["ip", "-n", rns, "addr", "add", f"{router_lan}/24", "dev", "lan"])
-        _run(["ip", "-n", rns, "link", "set", "lan", "up"])
-        _run(["ip", "-n", hns, "addr", "add", f"{host_ip}/24", "dev", "eth0"])
-        _run(["ip", "-n", hns, "link", "set", "eth0", "up"])
+        if kind == "hairpin":
+            # The LAN is a bridge, so a second host can join it.
+            _run(["ip", "-n", rns, "link", "add", "lan", "type", "bridge"])
+            no_offloads(rns, "lan")
+            self._lan_port(rns, hns, "lanp1")
+            _run(["ip", "netns", "exec", hns, "sh", "-c",
+                  f'echo "{HAIRPIN_PORTS[0][0]} {HAIRPIN_PORTS[0][1]}" > '
+                  f'/proc/sys/net/ipv4/ip_local_port_range'])
+            # Hairpinned packets leave by the interface they came in on.
+            _sysctl(rns, "net.ipv4.conf.all.send_redirects", 0)
+            _sysctl(rns, "net.ipv4.conf.lan.send_redirects", 0)
+            _run(["ip", "-n", rns, "addr", "add", f"{router_lan}/24", "dev", "lan"])
+            _run(["ip", "-n", rns, "link", "set", "lan", "up"])
+            _run(["ip", "-n", hns, "addr", "add", f"{host_ip}/24", "dev", "eth0"])
+            _run(["ip", "-n", hns, "link", "set", "eth0", "up"])
+        else:
+            _veth(rns, "lan", f"{router_lan}/24", hns, "eth0", f"{host_ip}/24")
         _run(["ip", "-n", hns, "route", "add", "default", "via", router_lan])
         ex = ["ip", "netns", "exec", rns]
         _sysctl(rns, "net.ipv4.ip_forward", 1)
-        _run(ex + ["nft", "-f", "-"], input=_nft_ruleset(kind, wan, lan_net, host_ip, loss))
-        host = Host(self, name, hns, host_ip, kind, wan, rns, loss)
+        _run(ex + ["nft", "-f", "-"], input=_nft_ruleset(kind, wan, lan_net, host_ip, loss,
+                                                         [host_ip]))
+        host = Host(self, name, hns, host_ip, kind, public, rns, loss)
         self.hosts[name] = host
         if self.udp_timeout is not None:
             # After the ruleset: its NAT rules load nf_conntrack, whose

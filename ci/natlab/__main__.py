@@ -1,16 +1,21 @@
 """python -m ci.natlab matrix [--via tracker|dht] [--loss N] [--size BYTES] [--deadline S]
-    [--kinds K,K] [--offset SECONDS]
+    [--kinds K,K|all] [--offset SECONDS] [--repeat N] [--json]
 python -m ci.natlab cleanup
 
 ``matrix`` builds a NAT lab (as root), runs ucat --rendezvous for every pair
 of NAT kinds (meeting at an opentracker, or through a DHT node with --via
 dht), prints the success matrix and exits 0 when every pair did
-what theory says.  ``cleanup`` deletes namespaces left by killed runs.
+what theory says.  ``--repeat N`` runs every pair N times (median and worst
+per pair); ``--json`` prints the results as JSON instead (per pair:
+connected or not, time to connect, datagrams sent until connected, birthday
+probes until a pair met; and every run).  ``cleanup`` deletes namespaces
+left by killed runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -58,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--via", choices=("tracker", "dht"), default="tracker",
                    help="meet at an opentracker (default) or through a DHT node on the lab's internet")
     m.add_argument("--parallel", type=int, default=3, help="pairs run at once")
+    m.add_argument("--repeat", type=int, default=1,
+                   help="runs of every pair (median and worst per pair; default 1)")
+    m.add_argument("--pairs", default="",
+                   help="only these ordered pairs, e.g. symmetric:restricted,answering:symmetric")
+    m.add_argument("--json", action="store_true", help="print the results as JSON")
     sub.add_parser("cleanup", help="delete namespaces of lab runs that were killed")
     args = parser.parse_args(argv)
     why = can_build()
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"natlab: {why}", file=sys.stderr)
         return 1
-    from .matrix import format_matrix, run_matrix
+    from .matrix import format_matrix, results_json, run_matrix
 
     kinds = ([*ALL_NAT_KINDS] if args.kinds.strip() == "all"
              else [k.strip() for k in args.kinds.split(",") if k.strip()])
@@ -84,11 +94,27 @@ def main(argv: list[str] | None = None) -> int:
     def progress(text: str) -> None:
         print(f"[{time.monotonic() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
 
+    pairs = None
+    if args.pairs.strip():
+        pairs = []
+        for item in args.pairs.split(","):
+            a, _, b = item.strip().partition(":")
+            if a not in kinds or b not in kinds:
+                parser.error(f"--pairs {item!r}: both kinds must be among --kinds "
+                             f"({','.join(kinds)})")
+            pairs.append((a, b))
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     results = run_matrix(kinds, loss=args.loss, size=args.size, deadline=args.deadline,
                          parallel=args.parallel, via=args.via, progress=progress,
-                         offset=args.offset)
-    print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline,
-                        via=args.via, offset=args.offset))
+                         offset=args.offset, repeat=args.repeat, pairs=pairs)
+    if args.json:
+        print(json.dumps(results_json(results, via=args.via, loss=args.loss, size=args.size,
+                                      deadline=args.deadline, offset=args.offset,
+                                      repeat=args.repeat), indent=1))
+    else:
+        print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline,
+                            via=args.via, offset=args.offset))
     return 0 if all(r.as_expected for r in results) else 1
 
 

@@ -8,16 +8,26 @@ moment with the same key, meet at an opentracker on the lab's internet
 punch, and move ``size`` random bytes each way; a pair succeeds when both
 exit 0 and each side's output has the sha256 of the other side's input.
 With ``offset`` seconds, B starts that long after A (negative: A after B).
-Theory says every pair connects except symmetric with a port-restricted
-NAT (``restricted``, ``answering``) and symmetric with symmetric: those must end with a clear error within the
-deadline.  A is always on the lower public address, so (X, Y) and (Y, X)
-put the initiator's role on different NATs.
+Theory says every pair connects except symmetric with symmetric, which
+must end with a clear error within the deadline; symmetric with a
+port-restricted NAT (``restricted``, ``answering``, ``double``,
+``hairpin``) connects only by birthday probing (utp._birthday).  A is
+always on the lower public address (the ``hairpin`` pair shares one, and
+B sits behind A's router), so (X, Y) and (Y, X) put the initiator's role
+on different NATs.
+
+Each result also has what the ucats' ``-d`` logs say: datagrams each side
+sent until it connected, and for birthday probing the number of the probe
+that met.  ``repeat`` runs every pair that many times (each run with a key
+of its own); :func:`summarize` gives median and worst per pair, and
+:func:`results_json` the machine-readable form (``matrix --json``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import statistics
 import importlib.util
 import os
 import re
@@ -26,25 +36,32 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import NAT_KINDS, Lab
 
-_PORT_RESTRICTED = {"restricted", "answering"}
+_PORT_RESTRICTED = {"restricted", "answering", "double", "hairpin"}
 
 __all__ = ["PairResult", "run_matrix", "run_offsets", "format_matrix", "punchable",
-           "later_connect_time"]
+           "later_connect_time", "by_birthday", "summarize", "results_json"]
 
 _CONNECTED = re.compile(r"\+(\d+\.\d+)s connected to \S+ after (\d+\.\d+) s")
+_PUNCHED = re.compile(r"punched as the \w+ after [\d.]+ s: (\d+) datagrams sent")
+_BIRTHDAY = re.compile(r"birthday probing connected after .*?: probe #(\d+|\?) met; "
+                       r"(\d+) datagrams sent")
 
 
 def punchable(a: str, b: str) -> bool:
-    """What theory says: a symmetric NAT meets only peers that accept from
-    any port (no NAT, full cone)."""
-    if "symmetric" in (a, b):
-        other = b if a == "symmetric" else a
-        return other not in _PORT_RESTRICTED and other != "symmetric"
-    return True
+    """What theory says: everything but two symmetric NATs; a symmetric
+    NAT meets a port-restricted one only by birthday probing
+    (:func:`by_birthday`)."""
+    return not (a == "symmetric" and b == "symmetric")
+
+
+def by_birthday(a: str, b: str) -> bool:
+    """Whether the pair can only connect by birthday probing: a symmetric
+    NAT facing one that accepts only from ports it sent to."""
+    return {a, b} & {"symmetric"} != set() and (a if b == "symmetric" else b) in _PORT_RESTRICTED
 
 
 @dataclass
@@ -58,6 +75,9 @@ class PairResult:
     delivered: bool = False         # each side's output is the other's input
     offset: float = 0.0             # B started this long after A (negative: before)
     connect_time_b: float | None = None  # B's start to B's connected, seconds
+    packets_a: int | None = None    # datagrams A sent until connected (its -d log)
+    packets_b: int | None = None
+    probes: int | None = None       # birthday probing: the number of the probe that met
 
     @property
     def connected(self) -> bool:
@@ -101,7 +121,9 @@ def _last_line(path: str) -> str:
 
 def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: str, *, size: int,
               deadline: float, workdir: str, env: dict[str, str],
-              offset: float = 0.0, key: str | None = None) -> PairResult:
+              offset: float = 0.0, key: str | None = None,
+              extra: dict[str, Sequence[str]] | None = None) -> PairResult:
+    """One pair; ``extra``: more ucat arguments per side ("a", "b")."""
     a, b = lab.hosts[f"a-{a_kind}"], lab.hosts[f"b-{b_kind}"]
     if key is None:
         key = lab.matrix_keys[(a_kind, b_kind)]
@@ -124,7 +146,9 @@ def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: 
             time.sleep(delay)
         with open(files[side]["in"], "rb") as fin, open(files[side]["out"], "wb") as fout, \
                 open(files[side]["err"], "wb") as ferr:
-            procs[side] = host.popen(argv, stdin=fin, stdout=fout, stderr=ferr, env=env, cwd=workdir)
+            more = list((extra or {}).get(side, ()))
+            procs[side] = host.popen(argv + more, stdin=fin, stdout=fout, stderr=ferr, env=env,
+                                     cwd=workdir)
     codes = {}
     for side, proc in procs.items():
         try:
@@ -134,10 +158,18 @@ def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: 
             codes[side] = proc.wait()
     elapsed = time.monotonic() - start
     times: dict[str, float | None] = {}
+    packets: dict[str, int | None] = {}
+    probes: int | None = None
     for side in ("a", "b"):
         with open(files[side]["err"], errors="replace") as f:
-            m = _CONNECTED.search(f.read())
-            times[side] = float(m.group(1)) if m else None
+            text = f.read()
+        m = _CONNECTED.search(text)
+        times[side] = float(m.group(1)) if m else None
+        m = _PUNCHED.search(text) or _BIRTHDAY.search(text)
+        packets[side] = int(m.groups()[-1]) if m else None
+        m = _BIRTHDAY.search(text)
+        if m and m.group(1) != "?":
+            probes = int(m.group(1))
     connect_time = times["a"]
     error = ""
     delivered = True
@@ -151,7 +183,7 @@ def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: 
         error = "; ".join(f"{side.upper()} exit {codes[side]}: {_last_line(files[side]['err'])}"
                           for side in ("a", "b") if codes[side] != 0)
     return PairResult(a_kind, b_kind, ok, connect_time, elapsed, error, delivered, offset,
-                      times["b"])
+                      times["b"], packets["a"], packets["b"], probes)
 
 
 def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0,
@@ -165,7 +197,10 @@ def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0,
     t = lab.add_host("tracker" if via == "tracker" else "dht")
     for side in ("a", "b"):
         for kind in kinds:
-            lab.add_host(f"{side}-{kind}", kind, loss=loss if kind != "none" else 0)
+            # The hairpin pair shares one router: B joins A's.
+            behind = lab.hosts["a-hairpin"] if side == "b" and kind == "hairpin" else None
+            lab.add_host(f"{side}-{kind}", kind, loss=loss if kind != "none" else 0,
+                         behind=behind)
     run = secrets.token_hex(4)
     lab.matrix_keys = {(x, y): f"natlab-{run}-{x}-{y}" for x in kinds for y in kinds}
     if via == "dht":
@@ -177,39 +212,91 @@ def build_matrix_lab(lab: Lab, kinds: Sequence[str], *, loss: int = 0,
 def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4 << 20,
                deadline: float = 10.0, parallel: int = 3,
                pairs: Sequence[tuple[str, str]] | None = None,
-               via: str = "tracker", offset: float = 0.0,
+               via: str = "tracker", offset: float = 0.0, repeat: int = 1,
                progress: Callable[[str], None] | None = None) -> list[PairResult]:
     """Build a lab, run every pair (``parallel`` at a time), tear it down.
     ``via``: meet at an opentracker ("tracker") or through a DHT node ("dht");
-    ``offset``: B starts that many seconds after A (negative: before).
+    ``offset``: B starts that many seconds after A (negative: before);
+    ``repeat``: runs of each pair (each with a key of its own).
     ``progress``, if given, is called with a line of text at each step and
     as each pair ends (the matrix itself comes only at the end)."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, not {repeat!r}")
     say = progress or (lambda text: None)
+    todo = list(pairs) if pairs is not None else [(x, y) for x in kinds for y in kinds]
+    # The pairs expected to fail wait out the deadline: start them first.
+    todo.sort(key=lambda p: punchable(*p))
+    todo = [p for p in todo for _ in range(repeat)]
+    run = secrets.token_hex(4)
+    keys = [f"natlab-{run}-run{i}" for i in range(len(todo))]
     with Lab() as lab:
         say(f"building the lab: {2 * len(kinds)} hosts behind NATs and a "
             f"{'tracker' if via == 'tracker' else 'DHT node'} ...")
-        meet = (via, build_matrix_lab(lab, kinds, loss=loss, via=via))
+        meet = (via, build_matrix_lab(lab, kinds, loss=loss, via=via, extra_keys=keys))
         workdir = lab.tempdir()
         env = _python_env()
-        todo = list(pairs) if pairs is not None else [(x, y) for x in kinds for y in kinds]
-        # The pairs expected to fail wait out the deadline: start them first.
-        todo.sort(key=lambda p: punchable(*p))
         say(f"running {len(todo)} pairs, {parallel} at a time (a pair that cannot connect "
             f"waits out the {deadline:g} s deadline)")
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = [pool.submit(_run_pair, lab, meet, x, y, size=size, deadline=deadline,
-                                   workdir=workdir, env=env, offset=offset) for x, y in todo]
+                                   workdir=workdir, env=env, offset=offset, key=key)
+                       for (x, y), key in zip(todo, keys)]
             results = []
             for f in concurrent.futures.as_completed(futures):
                 r = f.result()
                 results.append(r)
                 verdict = ("connected" if r.connected else "did not connect") + \
                     ("" if r.as_expected else " (NOT as theory says)")
-                say(f"{len(results):2}/{len(todo)} {r.a} -> {r.b}: {verdict} "
+                how = f" by birthday probing (probe #{r.probes})" if r.probes else ""
+                say(f"{len(results):2}/{len(todo)} {r.a} -> {r.b}: {verdict}{how} "
                     f"in {r.elapsed:.1f} s" + (f": {r.error}" if r.error and not r.ok else ""))
     order = {k: i for i, k in enumerate(kinds)}
     results.sort(key=lambda r: (order[r.a], order[r.b]))
     return results
+
+
+def _stats(values: Sequence[float | int | None]) -> dict[str, Any] | None:
+    got = [v for v in values if v is not None]
+    if not got:
+        return None
+    return {"median": statistics.median(got), "worst": max(got), "best": min(got), "n": len(got)}
+
+
+def summarize(results: Sequence[PairResult]) -> list[dict[str, Any]]:
+    """Per pair (in the order first seen): runs, how many connected, and
+    median / worst / best (over the runs that have the figure) of the time
+    to connect (A's start to A's "connected"), the datagrams each side sent
+    until then, and for birthday probing the probe that met."""
+    groups: dict[tuple[str, str], list[PairResult]] = {}
+    for r in results:
+        groups.setdefault((r.a, r.b), []).append(r)
+    out = []
+    for (a, b), runs in groups.items():
+        ok = [r for r in runs if r.connected]
+        out.append({
+            "a": a, "b": b, "runs": len(runs), "connected": len(ok),
+            "expected": punchable(a, b), "birthday": by_birthday(a, b),
+            "as_expected": all(r.as_expected for r in runs),
+            "connect_time": _stats([r.connect_time for r in ok]),
+            "packets_a": _stats([r.packets_a for r in ok]),
+            "packets_b": _stats([r.packets_b for r in ok]),
+            "probes": _stats([r.probes for r in ok]),
+            "errors": sorted({r.error for r in runs if r.error and not r.ok}),
+        })
+    return out
+
+
+def results_json(results: Sequence[PairResult], **settings: Any) -> dict[str, Any]:
+    """``matrix --json``: the settings, the per-pair summary and every run."""
+    return {
+        "settings": settings,
+        "pairs": summarize(results),
+        "runs": [{"a": r.a, "b": r.b, "connected": r.connected, "ok": r.ok,
+                  "connect_time": r.connect_time, "connect_time_b": r.connect_time_b,
+                  "elapsed": round(r.elapsed, 3), "offset": r.offset,
+                  "packets_a": r.packets_a, "packets_b": r.packets_b,
+                  "birthday_probes": r.probes, "error": r.error} for r in results],
+    }
 
 
 def run_offsets(kinds: Sequence[str], jobs: Sequence[tuple[str, str, float]], *, loss: int = 0,
@@ -238,13 +325,15 @@ def later_connect_time(r: PairResult) -> float | None:
 
 
 _LABEL = {"none": "none", "full": "full cone", "restricted": "port-restr.", "symmetric": "symmetric",
-          "answering": "answering"}
+          "answering": "answering", "double": "double NAT", "hairpin": "hairpin"}
 
 
 def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadline: float,
                   via: str = "tracker", offset: float = 0.0) -> str:
     kinds = list(dict.fromkeys([r.a for r in results] + [r.b for r in results]))
     cell = {(r.a, r.b): r for r in results}
+    groups = {(g["a"], g["b"]): g for g in summarize(results)}
+    repeated = any(g["runs"] > 1 for g in groups.values())
     width = 14
     how = "opentracker" if via == "tracker" else "the DHT (a python -m dht serve node)"
     lines = [f"NAT matrix: ucat --rendezvous via {how}, {size / 2**20:g} MiB each way, "
@@ -252,14 +341,19 @@ def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadli
              f"deadline {deadline:g} s"
              + (f"; B starts {offset:+g} s after A" if offset else ""),
              "rows: A (the lower public address), columns: B; cell: time from start to "
-             "connected on A, or 'no' with the time until both gave up",
+             "connected on A ('b': by birthday probing), or 'no' with the time until both gave up"
+             + ("; with repeats: runs connected / runs, median time" if repeated else ""),
              "".ljust(width) + "".join(_LABEL[k].ljust(width) for k in kinds)]
     for a in kinds:
         row = _LABEL[a].ljust(width)
         for b in kinds:
             r = cell.get((a, b))
+            g = groups.get((a, b))
             if r is None:
                 text = "-"
+            elif g is not None and g["runs"] > 1:
+                t = g["connect_time"]
+                text = f"{g['connected']}/{g['runs']}" + (f" {t['median']:.2f}s" if t else "")
             elif r.ok:
                 text = f"ok {r.connect_time:.2f}s" if r.connect_time is not None else "ok"
             elif r.delivered:
@@ -268,10 +362,23 @@ def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadli
                 text = f"data {r.connect_time:.2f}s" if r.connect_time is not None else "data"
             else:
                 text = f"no {r.elapsed:.1f}s"
-            if r is not None and not r.as_expected:
+            if r is not None and r.probes is not None:
+                text += " b"
+            if r is not None and not (g["as_expected"] if g else r.as_expected):
                 text += " !"
             row += text.ljust(width)
         lines.append(row.rstrip())
+    if repeated or any(r.probes is not None or r.packets_a is not None for r in results):
+        lines.append("per pair (median / worst over the runs that connected): time to connect; "
+                     "datagrams sent until connected, A and B; birthday probes until a pair met")
+        for g in groups.values():
+            def fmt(st: dict[str, Any] | None, unit: str = "", digits: int = 0) -> str:
+                return "-" if st is None else \
+                    f"{st['median']:.{digits}f}{unit} / {st['worst']:.{digits}f}{unit}"
+            lines.append(f"  {g['a']:>10} -> {g['b']:<10} {g['connected']}/{g['runs']} connected; "
+                         f"{fmt(g['connect_time'], 's', 2)}; packets {fmt(g['packets_a'])}, "
+                         f"{fmt(g['packets_b'])}"
+                         + (f"; probes {fmt(g['probes'])}" if g["probes"] else ""))
     bad = [r for r in results if not r.as_expected]
     lines.append(f"{sum(r.connected for r in results)} of {len(results)} pairs connected; "
                  f"{'all as theory says' if not bad else f'{len(bad)} NOT as theory says (!)'}")

@@ -285,6 +285,8 @@ void utp_accept_release(utp_socket *s)
 
 void utp_accept_confirmed(utp_socket *s)
 {
+	if (s->is_acceptor && !s->confirmed)
+		s->syn_deadline = 0;   /* no more SYN-ACK repeats: held data goes with the next flush */
 	s->confirmed = 1;
 	utp_accept_release(s);
 }

@@ -634,7 +634,9 @@ void utp_timewait_add(utp_socket *s)
 
 /* A FIN (or a duplicate) for a connection we closed a moment ago: ACK it
  * as the socket would have.  A FIN we had not seen yet, arriving right
- * after we left, is acknowledged too: the peer ends cleanly.  Anything
+ * after we left, is acknowledged too: the peer ends cleanly.  So is a
+ * retransmission of data we already have (the peer lost our ACKs of its
+ * tail while we finished): the ACK tells it everything arrived.  Anything
  * carrying new data still gets a RESET.  Returns 1 when answered. */
 int utp_timewait_answer(utp_context *ctx, const utp_packet *pk, const struct sockaddr *from, socklen_t fromlen)
 {
@@ -653,7 +655,7 @@ int utp_timewait_answer(utp_context *ctx, const utp_packet *pk, const struct soc
 			tw->ack_nr = pk->seq_nr;
 			tw->have_fin = 1;
 			timewait_set_linger(ctx, tw);
-		} else if (!(d >= 0x8000 && (pk->type == ST_FIN || pk->payload_len == 0))) {
+		} else if (d < 0x8000) {
 			return 0;  /* new data: the RESET path */
 		}
 		utp_packet_write_header(pkt, ST_STATE, tw->send_id, (uint32)ctx->now, 0, 0, tw->seq_nr,

@@ -188,6 +188,7 @@ struct UTPSocket {
 	unsigned confirmed : 1;    /* acceptor: the initiator has sent something after its SYN */
 	unsigned half_open : 1;    /* counted in the context's half-open totals (utp_accept.c) */
 	unsigned peer_sacks : 1;   /* the peer has sent a SACK: its ACKs say what they cover */
+	unsigned speak_unconfirmed : 1; /* acceptor: held data goes out though unconfirmed */
 
 	/* lists: all sockets, hash chain, deferred ACKs, zombies */
 	utp_socket *next, *prev;
@@ -242,7 +243,7 @@ struct UTPSocket {
 	uint16 sack_limit;         /* last sequence number the peer's latest ACK said anything about */
 	double pace_tokens;        /* bytes that may leave back to back now */
 	uint32 pace_burst;         /* most bytes back to back (shrinks after burst losses) */
-	uint64 syn_deadline;       /* 0: not armed */
+	uint64 syn_deadline;       /* initiator: SYN resend; acceptor: SYN-ACK repeat while data is held.  0: not armed */
 	uint64 keepalive_deadline; /* 0: not armed */
 	uint64 ack_due;            /* deferred ACK must go by then; 0: none */
 	uint64 last_recv;

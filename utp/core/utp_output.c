@@ -366,6 +366,20 @@ void utp_out_flush(utp_socket *s)
 	s->pace_deadline = 0;
 	if (s->state != UTPKIT_SOCK_CONNECTED && s->state != UTPKIT_SOCK_CLOSING)
 		return;
+	if (s->is_acceptor && !s->confirmed && !s->speak_unconfirmed) {
+		/* The acceptor's data waits until the initiator shows it has our
+		 * SYN-ACK (any packet after its SYN).  Data reaching an initiator
+		 * still waiting for the SYN-ACK completes libtorrent's handshake
+		 * but loses its payload (it takes the DATA for the SYN-ACK and
+		 * marks its sequence number received), and libutp's acceptor
+		 * never speaks first at all.  Meanwhile the SYN-ACK is repeated
+		 * (utp_socket.c), which also repairs a lost one. */
+		if (s->syn_deadline == 0 && s->next_send != s->seq_nr) {
+			s->syn_tries = 0;
+			s->syn_deadline = s->ctx->now + (uint64)s->ctx->syn_timeout_ms * 1000u;
+		}
+		return;
+	}
 	while (!s->zombie) {
 		utp_outpkt *p = first_lost(s);
 		if (p == NULL) {

@@ -239,6 +239,23 @@ void utp_socket_on_timer(utp_socket *s)
 		}
 		s->syn_tries++;
 		utp_out_send_syn(s);
+	} else if (s->is_acceptor && !s->confirmed && s->syn_deadline && now >= s->syn_deadline) {
+		/* Data is held for an unconfirmed initiator (utp_out_flush): repeat
+		 * the SYN-ACK, in case it was lost, twice; then let the data go, for
+		 * an initiator that has the SYN-ACK but waits for us to speak first
+		 * (our own initiators confirm with an ACK at once, and answer a
+		 * repeated SYN-ACK with one). */
+		if (s->syn_tries >= UTP_MIN(ctx->syn_retries, 2u)) {
+			s->syn_deadline = 0;
+			s->speak_unconfirmed = 1;
+			utp_out_flush(s);
+		} else {
+			s->syn_tries++;
+			if (utp_unauth_permit(ctx, (struct sockaddr *)&s->addr, s->addrlen, UTP_HEADER_SIZE,
+			                      UTP_UNAUTH_OTHER))
+				utp_out_send_synack(s);
+			s->syn_deadline = now + ((uint64)ctx->syn_timeout_ms * 1000u << s->syn_tries);
+		}
 	}
 	if (s->ack_pending && s->ack_due && now >= s->ack_due)
 		utp_out_send_ack(s);
