@@ -72,14 +72,16 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
            "ConnectionClosed", "RequestsDropped",
            "open_session", "Session", "SessionError", "SessionStatus", "Torrent", "TorrentStatus",
-           "TorrentState", "TorrentError", "TrackerStatus", "TrackerState"]
+           "TorrentState", "TorrentError", "TrackerStatus", "TrackerState",
+           "PeerTransfer"]
 
 # The trio drivers load on first use, so ``import bt`` (and ``bt info``)
 # stays free of trio and the uTP extension.
 _LAZY = {"open_session": "session", "Session": "session", "SessionError": "session",
          "SessionStatus": "session",
          "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
-         "TorrentError": "torrent", "TrackerStatus": "announce", "TrackerState": "announce"}
+         "TorrentError": "torrent", "TrackerStatus": "announce", "TrackerState": "announce",
+         "PeerTransfer": "torrent"}
 
 
 def __getattr__(name: str) -> object:

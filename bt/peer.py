@@ -2,18 +2,25 @@
 over any trio stream (a uTP :class:`utp.UTPStream` or a TCP
 ``trio.SocketStream``), glued to its torrent's picker, choker and storage.
 
-Three tasks per connection, so that no side can stall another:
+Four tasks per connection, so that no side can stall another:
 
 - the *reader* feeds received bytes to the core and handles its events
-  (availability into the picker, blocks to disk, requests queued for the
-  server); it never waits on the network's send side, so two peers that
-  both send big pieces cannot deadlock;
+  (availability into the picker, blocks queued for the disk, requests
+  queued for the server); it never waits on the network's send side, so
+  two peers that both send big pieces cannot deadlock, nor on the disk
+  unless 4 MiB are queued;
+- the *disk writer* hands the queued blocks to the torrent, as many as
+  gathered during the previous write in one thread hop;
 - the *writer* flushes whatever the core queued (requests, haves, choke
   state) whenever it is kicked;
 - the *server* answers the peer's requests in order while we unchoke it,
   reading blocks through the storage's thread pool and flushing each one
   before the next (back-pressure: a peer with 2000 requests outstanding
   does not make us buffer 32 MiB).
+
+What an event changes and which requests go out is
+:class:`bt.peerlogic.PeerLogic`, shared with the simulations in the tests;
+this class adds the tasks, the stream and the clock.
 
 The torrent (:mod:`bt.torrent`) owns everything shared: the picker,
 piece verification, Have broadcasts, the choker and the periodic
@@ -27,14 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from _utpkit.errors import LocalProtocolError
 from _utpkit.excgroup import leaves
 
-from .peerwire import ConnectionClosed, PeerWire, RequestsDropped
-from .picker import request_queue_depth
+from .peerlogic import Block, PeerClosed, PeerLogic, RateMeter
+from .peerwire import PeerWire
 from .storage import StorageError
-from .wire import (Bitfield, Cancel, ExtensionHandshake, Have, HaveAll, HaveNone, Interested,
-                   NotInterested, Piece, Reject, Request, Unchoke, WireError)
+from .wire import ExtensionHandshake, Piece, Reject, WireError
 
 
 if TYPE_CHECKING:
@@ -45,50 +50,20 @@ __all__ = ["PeerConnection", "PeerClosed", "RateMeter", "CLIENT_VERSION"]
 CLIENT_VERSION = "utpkit-bt 0.1"
 #: Bytes per receive call: a few uTP packets' worth, or a TCP window slice.
 _RECV_SIZE = 256 * 1024
-#: The RTT assumed in the pipelining depth (request_queue_depth uses at
-#: least its 3 s queue time anyway, which dominates on loopback and LANs).
-_ASSUMED_RTT = 0.1
 #: Requests answered per pass of the server before it looks for new ones.
 _SERVE_BATCH = 32
+#: Received bytes waiting for the disk before the reader stops reading (the
+#: unread bytes then hold the sender back through the transport's window).
+_DISK_QUEUE_MAX = 4 * 1024 * 1024
 
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-class PeerClosed(Exception):
-    """The connection ended; ``reason`` says why (for counters and logs)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 _ENDINGS = (PeerClosed, WireError, *_STREAM_ERRORS)
 
 
-class RateMeter:
-    """Bytes per second over a sliding window of a few seconds (what
-    status lines and the choker want: a rate that reacts within seconds
-    but does not jump with each block)."""
-
-    def __init__(self, window: float = 5.0) -> None:
-        self.window = window
-        self.total = 0
-        self._samples: list[tuple[float, int]] = []
-
-    def add(self, n: int) -> None:
-        self.total += n
-
-    def rate(self, now: float) -> float:
-        s = self._samples
-        s.append((now, self.total))
-        while len(s) > 2 and now - s[1][0] >= self.window:
-            s.pop(0)
-        t0, b0 = s[0]
-        return (self.total - b0) / (now - t0) if now > t0 else 0.0
-
-
-class PeerConnection:
+class PeerConnection(PeerLogic):
     """One connection to a peer, after both handshakes are known.
 
     ``core`` has already exchanged handshakes (the session creates it:
@@ -99,22 +74,22 @@ class PeerConnection:
 
     def __init__(self, torrent: "Torrent", stream: trio.abc.Stream, core: PeerWire,
                  addr: tuple[Any, ...], transport: str, peer_id: bytes) -> None:
-        self.torrent = torrent
+        super().__init__(torrent, core)
+        self.torrent: Torrent = torrent
         self.stream = stream
-        self.core = core
         self.addr = addr
         self.transport = transport         # "utp" or "tcp"
         self.peer_id = peer_id
-        self.down = RateMeter()            # payload bytes (blocks) received
-        self.up = RateMeter()              # payload bytes sent
-        self.down_rate = 0.0
-        self.up_rate = 0.0
-        self.in_picker = False
         self._kick = trio.Event()
         self._serve_kick = trio.Event()
         self._send_lock = trio.Lock()
         self._scope: trio.CancelScope | None = None
         self._closing = False
+        # blocks received and not yet handed to the torrent's writes
+        self._disk_queue: list[Block] = []
+        self._disk_bytes = 0
+        self._disk_kick = trio.Event()
+        self._disk_room = trio.Event()
         self.close_reason = ""
 
     def __repr__(self) -> str:
@@ -133,6 +108,7 @@ class PeerConnection:
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._server)
+                nursery.start_soon(self._disk_writer)
                 await self._drain_events()      # the handshake may have brought more
                 await self._reader()
         except BaseException as exc:
@@ -144,6 +120,10 @@ class PeerConnection:
             # a violation is what to count, even when another task ended too
             self._ended(next((e for e in ends if isinstance(e, WireError)), ends[0]))
         finally:
+            # The picker counts queued blocks as received: they must be
+            # stored (and their pieces verified) whatever ended the connection.
+            with trio.CancelScope(shield=True):     # (_write_queued shields each write)
+                await self._write_queued()
             t.detach(self)
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
@@ -177,15 +157,8 @@ class PeerConnection:
 
     def _send_first(self) -> None:
         """Our availability (and, if negotiated, our extension handshake)."""
-        core, picker = self.core, self.torrent.picker
-        n = picker.geometry.num_pieces
-        have = [i for i in range(n) if picker.has_piece(i)]
-        if core.fast and len(have) == n:
-            core.send(HaveAll())
-        elif core.fast and not have:
-            core.send(HaveNone())
-        elif have:
-            core.send(Bitfield.from_indices(have, n))
+        core = self.core
+        self.send_availability()
         if core.extensions:
             core.send(ExtensionHandshake(m={}, v=CLIENT_VERSION, reqq=core.reqq,
                                          p=self.torrent.listen_port or None))
@@ -193,8 +166,14 @@ class PeerConnection:
 
     # ---- tasks -------------------------------------------------------------------------
 
+    def now(self) -> float:
+        return time.monotonic()
+
     def kick(self) -> None:
         self._kick.set()
+
+    def requested(self) -> None:
+        self._serve_kick.set()
 
     async def _flush(self) -> None:
         async with self._send_lock:
@@ -269,124 +248,48 @@ class PeerConnection:
     # ---- events ------------------------------------------------------------------------
 
     async def _drain_events(self) -> None:
-        core = self.core
-        while (ev := core.next_event()) is not None:
-            await self._on_event(ev)
-        self.fill_requests()
-        self.kick()
+        """Handle the queued events (new requests go out at once) and queue
+        the blocks among them for the disk writer; wait while too much is
+        queued."""
+        blocks, ending = self.drain_events()
+        blocks = self.torrent.hold_blocks(blocks)
+        if blocks:
+            self._disk_queue += blocks
+            self._disk_bytes += sum(len(b[2]) for b in blocks)
+            self._disk_kick.set()
+            while self._disk_bytes > _DISK_QUEUE_MAX and ending is None:
+                await self._disk_room.wait()
+        if ending is not None:
+            raise ending
 
-    def _ensure_in_picker(self, bitfield: Bitfield | None = None, have_all: bool = False) -> None:
-        if self.in_picker:
-            return
-        self.torrent.picker.add_peer(self, bitfield, have_all=have_all)
-        self.in_picker = True
+    async def _disk_writer(self) -> None:
+        """Hand the queued blocks to the torrent, all that gathered while
+        the previous write ran in one thread hop: the reader never waits for
+        the disk, and a busy disk means larger batches, not more hops."""
+        while True:
+            await self._disk_kick.wait()
+            self._disk_kick = trio.Event()
+            await self._write_queued()
 
-    async def _on_event(self, ev: Any) -> None:
-        t, core = self.torrent, self.core
-        if isinstance(ev, Bitfield):
-            self._ensure_in_picker(ev)
-            self.update_interest()
-        elif isinstance(ev, HaveAll):
-            self._ensure_in_picker(have_all=True)
-            self.update_interest()
-        elif isinstance(ev, HaveNone):
-            self._ensure_in_picker()
-        elif isinstance(ev, Have):
-            self._ensure_in_picker()
-            t.picker.have(self, ev.index)
-            self.update_interest()
-        elif isinstance(ev, Piece):
-            await self._on_block(ev)
-        elif isinstance(ev, Reject):
-            t.picker.cancelled(self, ev.key)
-        elif isinstance(ev, RequestsDropped):
-            for r in ev.requests:
-                t.picker.cancelled(self, r.key)
-        elif isinstance(ev, Request):
-            self._serve_kick.set()
-        elif isinstance(ev, Unchoke):
-            t.choker.data_received(self, time.monotonic())   # the snub clock restarts
-        elif isinstance(ev, (Interested, NotInterested)):
-            t.choker.update(self, peer_interested=core.peer_interested)
-            t.interest_changed()
-        elif isinstance(ev, ConnectionClosed):
-            raise PeerClosed("peer closed")
-        elif isinstance(ev, ExtensionHandshake):
-            ip = ev.yourip_address
-            if ip is not None:
-                t.session.vote_external_address(ip, self.addr)
-            if ev.p:
-                t._remember((self.addr[0], ev.p))      # where to dial it after a pause
-        # Choke, Cancel, Suggest, AllowedFast, Extended, KeepAlive: the
-        # core keeps the state; nothing to add here.
+    async def _write_queued(self) -> None:
+        """Write what is queued.  Shielded: the picker counts these blocks as
+        received, so a closing connection must not drop them between queue
+        and disk, nor leave their piece unhashed (a write in a thread cannot
+        be interrupted anyway)."""
+        while self._disk_queue:
+            blocks, self._disk_queue = self._disk_queue, []
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.torrent.write_blocks(self, blocks)
+            finally:
+                self._disk_bytes -= sum(len(b[2]) for b in blocks)
+                self._disk_room.set()
+                self._disk_room = trio.Event()
 
-    async def _on_block(self, ev: Piece) -> None:
+    def on_extension_handshake(self, ev: ExtensionHandshake) -> None:
         t = self.torrent
-        now = time.monotonic()
-        n = len(ev.data)
-        self.down.add(n)
-        t.down.add(n)
-        t.choker.data_received(self, now)
-        if t.picker.has_piece(ev.index):
-            t.counters["blocks.redundant"] += 1
-            t.picker.received(self, ev.key, now)
-            return
-        for other in t.picker.received(self, ev.key, now):
-            other.send(Cancel(*ev.key))                 # end game
-        await t.write_block(self, ev.index, ev.begin, ev.data)
-
-    # ---- requests and interest ----------------------------------------------------------
-
-    def send(self, msg: Any) -> None:
-        """Queue a message, ignoring a connection that is already closing."""
-        try:
-            self.core.send(msg)
-        except LocalProtocolError:
-            return
-        self.kick()
-
-    def peer_is_seed(self) -> bool:
-        picker = self.torrent.picker
-        return self.in_picker and all(picker.peer_has(self, i)
-                                      for i in range(picker.geometry.num_pieces))
-
-    def update_interest(self) -> None:
-        if not self.in_picker:
-            return
-        want = self.torrent.wants_data and self.torrent.picker.interesting(self)
-        if want != self.core.am_interested:
-            self.send(NotInterested() if not want else Interested())
-            self.torrent.choker.update(self, am_interested=want, now=time.monotonic())
-
-    def fill_requests(self) -> None:
-        """Top up our outstanding requests to the pipelining depth."""
-        core, t = self.core, self.torrent
-        if not self.in_picker or not core.am_interested or not t.wants_data:
-            return
-        if core.peer_choking and not core.allowed_fast_in:
-            return
-        now = time.monotonic()
-        depth = request_queue_depth(self.down_rate, _ASSUMED_RTT,
-                                    snubbed=t.choker.is_snubbed(self, now),
-                                    peer_reqq=core.peer_reqq)
-        want = depth - core.outstanding
-        if want <= 0:
-            return
-        allowed = core.allowed_fast_in if core.peer_choking else None
-        for blk in t.picker.pick(self, want, allowed=allowed):
-            core.send(Request(*blk))
-            t.picker.requested(self, blk, now)
-        self.kick()
-
-    def tick(self, now: float) -> None:
-        """Once a second from the torrent: rates, keep-alives, timeouts."""
-        self.down_rate = self.down.rate(now)
-        self.up_rate = self.up.rate(now)
-        try:
-            self.core.handle_timer(now)
-        except WireError as exc:
-            self._count_violation(exc)
-            self.close(f"timeout: {exc.reason}")
-            return
-        self.fill_requests()
-        self.kick()
+        ip = ev.yourip_address
+        if ip is not None:
+            t.session.vote_external_address(ip, self.addr)
+        if ev.p:
+            t._remember((self.addr[0], ev.p))      # where to dial it after a pause

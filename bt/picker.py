@@ -208,10 +208,13 @@ class PiecePicker:
     # ---- picking ----------------------------------------------------------------------
 
     def _base_order(self) -> list[int]:
-        """Every piece, best first by (priority, availability, tie-break),
-        or (priority, tie-break) in the random phase, or (priority, index)
-        in sequential mode.  Cached: sorting is O(n log n) in C, but only
-        when availability or priorities changed since the last pick."""
+        """Every piece we lack, best first by (priority, availability,
+        tie-break), or (priority, tie-break) in the random phase, or
+        (priority, index) in sequential mode.  Cached: sorting is O(n log n)
+        in C, but only when availability or priorities changed since the
+        last pick.  Pieces we get meanwhile stay in the cached list (a piece
+        is never lost again): :meth:`pick` skips them and drops those at the
+        front, so a long download does not rescan what it has."""
         mode = ("seq" if self.sequential else
                 "random" if self._done < self.random_first else "rarest")
         if self._order is None or self._order_mode != mode:
@@ -225,7 +228,8 @@ class PiecePicker:
                        for p, a, t in zip(self._priority, self._avail, tie)]
             else:
                 key = [-p * n + t for p, t in zip(self._priority, tie)]
-            self._order = sorted(range(n), key=key.__getitem__)
+            have = self._have
+            self._order = sorted((i for i in range(n) if not have[i]), key=key.__getitem__)
             self._keys = key
             self._order_mode = mode
         return self._order
@@ -257,6 +261,11 @@ class PiecePicker:
                         and (allowed_set is None or i in allowed_set))
 
         order = self._base_order()
+        done = 0
+        while done < len(order) and have[order[done]]:
+            done += 1
+        if done:
+            del order[:done]
         out: list[Block] = []
         if not self.sequential:
             # Partial pieces first: this peer's own (whole-piece preference),
@@ -269,8 +278,10 @@ class PiecePicker:
                 self._free_blocks(i, out, count)
                 if len(out) >= count:
                     return out
+        partial = self._partial
+        skip_partial = not self.sequential
         for i in order:
-            if (not self.sequential and i in self._partial) or not wanted(i):
+            if have[i] or (skip_partial and i in partial) or not wanted(i):
                 continue
             self._free_blocks(i, out, count)
             if len(out) >= count:

@@ -34,16 +34,17 @@ from _utpkit.contract import StrEnum
 from .choker import ChokeDecision, Choker
 from .metainfo import Metainfo
 from .peer import PeerConnection, RateMeter
+from .peerlogic import Block, expire_requests
 from .picker import PiecePicker
 from .storage import AsyncTorrentStorage, StorageError
-from .wire import Cancel, Choke, Geometry, Have, Unchoke
+from .wire import Choke, Geometry, Have, Unchoke
 
 if TYPE_CHECKING:
     from .announce import Announcer, TrackerStatus
     from .session import Session
 
 __all__ = ["Torrent", "TorrentState", "TorrentStatus", "TorrentError", "StateListener",
-           "PIECE_TIMEOUT", "MAX_PEERS", "MAX_KNOWN_PEERS", "DISCONNECT_TIMEOUT"]
+           "PeerTransfer", "PIECE_TIMEOUT", "MAX_PEERS", "MAX_KNOWN_PEERS", "DISCONNECT_TIMEOUT"]
 
 #: A peer that delivers nothing for this long with requests outstanding
 #: has them re-issued elsewhere (libtorrent's piece_timeout, 20 s).
@@ -84,6 +85,16 @@ class TorrentError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class PeerTransfer:
+    """Payload bytes exchanged with one peer (by peer id) over the torrent's
+    life, ended connections included: whom the torrent traded with, which
+    the live peer list forgets once two seeds disconnect."""
+    peer_id: bytes
+    downloaded: int
+    uploaded: int
+
+
+@dataclass(frozen=True, slots=True)
 class TorrentStatus:
     """A snapshot for progress lines and RPC.  Rates in bytes/s, ``eta`` in
     seconds (None when unknown or finished)."""
@@ -109,6 +120,9 @@ class TorrentStatus:
     #: The torrent's counters (violations by reason, closes, pieces
     #: passed/failed, bans...): a copy.
     counters: dict[str, int] = field(default_factory=dict)
+    #: Payload bytes exchanged with each peer, by peer id, ended
+    #: connections included.
+    transfers: tuple[PeerTransfer, ...] = ()
 
 
 class Torrent:
@@ -142,6 +156,7 @@ class Torrent:
         self._writing: dict[int, int] = {}
         self._verifying: set[int] = set()
         self._dialing: set[tuple[Any, ...]] = set()
+        self._ended: dict[bytes, tuple[int, int]] = {}     # peer id -> (down, up) of closed conns
         #: Hash failures by piece index (the pieces fetched again).
         self.hash_failures: dict[int, int] = {}
         #: Addresses to dial again after a pause or recheck: peers added by
@@ -228,7 +243,15 @@ class Torrent:
             upload_rate=self._up_rate, downloaded=self.down.total, uploaded=self.up.total,
             peers=len(self.peers), peers_utp=sum(1 for p in self.peers if p.transport == "utp"),
             eta=eta, error=self.error, checking_progress=checking, counters=dict(self.counters),
-            trackers=self.announcer.status() if self.announcer is not None else ())
+            trackers=self.announcer.status() if self.announcer is not None else (),
+            transfers=self._transfers())
+
+    def _transfers(self) -> tuple[PeerTransfer, ...]:
+        totals = dict(self._ended)
+        for p in self.peers:
+            down, up = totals.get(p.peer_id, (0, 0))
+            totals[p.peer_id] = (down + p.down.total, up + p.up.total)
+        return tuple(PeerTransfer(pid, down, up) for pid, (down, up) in totals.items())
 
     # ---- state -------------------------------------------------------------------------
 
@@ -385,10 +408,7 @@ class Torrent:
     def _tick(self, now: float) -> None:
         self._down_rate = self.down.rate(now)
         self._up_rate = self.up.rate(now)
-        for peer in self.picker.timed_out_peers(now, PIECE_TIMEOUT):
-            self.counters["requests.peer_timed_out"] += 1
-            for blk in self.picker.peer_timed_out(peer):
-                peer.send(Cancel(*blk))
+        expire_requests(self, now, PIECE_TIMEOUT)
         for peer in list(self.peers):
             peer.tick(now)
             self.choker.update(peer, download_rate=peer.down_rate, upload_rate=peer.up_rate)
@@ -424,6 +444,9 @@ class Torrent:
         self.choker.add_peer(peer, time.monotonic())
 
     def detach(self, peer: PeerConnection) -> None:
+        if peer in self.peers:
+            down, up = self._ended.get(peer.peer_id, (0, 0))
+            self._ended[peer.peer_id] = (down + peer.down.total, up + peer.up.total)
         self.peers.discard(peer)
         self.choker.remove_peer(peer)
         if peer.in_picker:
@@ -438,42 +461,56 @@ class Torrent:
 
     # ---- blocks and pieces -------------------------------------------------------------
 
-    async def write_block(self, sender: PeerConnection, index: int, begin: int,
-                          data: bytes | memoryview) -> None:
-        """Write a received block; hash the piece when its last write lands
-        (not when its last block is *received*: another block's write may
-        still be running in a thread)."""
-        if index in self._verifying or self.picker.has_piece(index):
-            self.counters["blocks.redundant"] += 1      # an end-game duplicate
+    def hold_blocks(self, blocks: list[Block]) -> list[Block]:
+        """Received ``(index, begin, data)`` blocks on their way to the disk
+        (a connection queues them for :meth:`write_blocks`): the redundant
+        ones are dropped, the rest counted as being written, so that no
+        piece is hashed, or passed by another peer's blocks, while one of
+        its blocks is still queued."""
+        todo = []
+        for index, begin, data in blocks:
+            if index in self._verifying or self.picker.has_piece(index):
+                self.counters["blocks.redundant"] += 1      # an end-game duplicate
+                continue
+            todo.append((index, begin, data))
+            self._writing[index] = self._writing.get(index, 0) + 1
+        return todo
+
+    async def write_blocks(self, sender: PeerConnection, todo: list[Block]) -> None:
+        """Write blocks from :meth:`hold_blocks` in one thread hop; hash each
+        piece when its last write lands (not when its last block is
+        *received*: another block's write may still be queued or running)."""
+        if not todo:
             return
-        self._writing[index] = self._writing.get(index, 0) + 1
         try:
-            await self.storage.write(index, begin, data)
+            await self.storage.write_many(todo)
         except StorageError as exc:
             self.fail(exc)
             return
         finally:
-            self._writing[index] -= 1
-            if not self._writing[index]:
-                del self._writing[index]
-        if index in self._writing or index in self._verifying \
-                or not self.picker.piece_complete(index):
-            return
-        self._verifying.add(index)
-        # Shielded: every block is written, so a connection closed now (a
-        # pause, a ban) must not leave the piece received but never hashed.
-        try:
-            with trio.CancelScope(shield=True):
-                ok = await self.storage.verify(index)
-        except StorageError as exc:
-            self.fail(exc)
-            return
-        finally:
-            self._verifying.discard(index)
-        if ok:
-            self._piece_passed(index)
-        else:
-            self._piece_failed(index)
+            for index, _, _ in todo:
+                self._writing[index] -= 1
+                if not self._writing[index]:
+                    del self._writing[index]
+        for index in dict.fromkeys(index for index, _, _ in todo):
+            if index in self._writing or index in self._verifying \
+                    or self.picker.has_piece(index) or not self.picker.piece_complete(index):
+                continue
+            self._verifying.add(index)
+            # Shielded: every block is written, so a connection closed now (a
+            # pause, a ban) must not leave the piece received but never hashed.
+            try:
+                with trio.CancelScope(shield=True):
+                    ok = await self.storage.verify(index)
+            except StorageError as exc:
+                self.fail(exc)
+                return
+            finally:
+                self._verifying.discard(index)
+            if ok:
+                self._piece_passed(index)
+            else:
+                self._piece_failed(index)
 
     def _wake(self) -> None:
         self._changed.set()

@@ -1,25 +1,29 @@
-"""PeerWire cores, the picker and the pipelining helper glued the way the
-session driver will glue them, on a virtual clock with in-memory streams:
-a leecher downloads from an honest seed and a bad one (one that stalls,
-one that sends corrupt blocks), re-issues timed-out requests, scores and
-drops the bad peer, and finishes with every piece verified."""
+"""The torrent's real peer logic (:class:`bt.peerlogic.PeerLogic`, the code
+the trio driver runs) over PeerWire cores, with scripted seeds, on a
+virtual clock: a leecher downloads from an honest seed and a bad one (one
+that stalls, one that sends corrupt blocks), re-issues timed-out requests,
+scores and drops the bad peer, and finishes with every piece verified.
+Only storage and verification are the simulation's own (bt.torrent does
+them in threads)."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import random
 
-from bt.peerwire import PeerWire, RequestsDropped
-from bt.picker import PiecePicker, request_queue_depth
-from bt.wire import (Cancel, Geometry, Handshake, HaveAll, HaveNone, Interested, Piece, Reject,
-                     Request, Unchoke)
+from bt.choker import Choker
+from bt.peerlogic import PeerLogic, RateMeter, expire_requests
+from bt.peerwire import PeerWire
+from bt.picker import PiecePicker
+from bt.torrent import PIECE_TIMEOUT
+from bt.wire import Cancel, Geometry, Handshake, HaveAll, Interested, Piece, Request, Unchoke
 
 IH = hashlib.sha1(b"core sim").digest()
 G = Geometry(total_length=24 * 65536 - 1000, piece_length=65536)      # 24 pieces, 4 blocks
 DATA = random.Random(9).randbytes(G.total_length)
 HASHES = [hashlib.sha1(DATA[i * G.piece_length:(i + 1) * G.piece_length]).digest()
           for i in range(G.num_pieces)]
-PIECE_TIMEOUT = 20.0       # libtorrent's piece_timeout
 
 
 class Seed:
@@ -67,124 +71,137 @@ class Seed:
             self.core.send(Piece(ev.index, ev.begin, block))
 
 
-class Leecher:
-    """The driver logic the session will have, minus sockets."""
+class SimTorrent:
+    """The leecher's torrent: the shared state the peer logic works on, a
+    virtual clock, and in place of bt.torrent's threads an in-memory store
+    that verifies a piece once its last block is in."""
 
     def __init__(self, seeds: dict[str, Seed]) -> None:
+        self.now = 0.0
         self.picker = PiecePicker(G, random.Random(3))
-        self.conns = {name: PeerWire(now=0.0, geometry=G) for name in seeds}
+        self.choker = Choker(random.Random(4), now=0.0)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.down = RateMeter()
         self.seeds = seeds
-        self.blocks: dict[int, dict[int, bytes]] = {}
-        self.snubbed: set[str] = set()
+        self.links = {name: SimLink(self, name) for name in seeds}
+        self.stored: dict[int, dict[int, bytes]] = {}
         self.strikes: dict[str, int] = {}
         self.banned: set[str] = set()
-        self.timeouts = 0
-        self.failed_pieces = 0
-        for core in self.conns.values():
-            core.send(Handshake.make(IH, b"L" * 20))
+        for name, link in self.links.items():
+            self.choker.add_peer(link, 0.0)
+            link.core.send(Handshake.make(IH, b"L" * 20))
+            self.transfer(name)
+            # as the session does: the peer's handshake first, then ours
+            assert isinstance(link.core.next_event(), Handshake)
+            link.send_availability()
 
-    def pump(self, now: float) -> None:
-        """Move bytes both ways and run both sides until quiet."""
+    @property
+    def wants_data(self) -> bool:
+        return not self.picker.complete
+
+    def interest_changed(self) -> None:
+        """Rechokes a new leecher; this torrent uploads nothing."""
+
+    def transfer(self, name: str) -> bool:
+        """Move the bytes queued either way over one link."""
+        link, seed = self.links[name], self.seeds[name]
+        out = link.core.data_to_send()
+        if out:
+            seed.core.receive_data(out, self.now)
+        seed.step(self.now)
+        back = seed.core.data_to_send()
+        if back:
+            link.core.receive_data(back, self.now)
+        return bool(out or back)
+
+    def pump(self) -> None:
+        """Run both sides of every link until quiet."""
         for _ in range(50):
             moved = False
-            for name, core in list(self.conns.items()):
-                seed = self.seeds[name].core
-                out = core.data_to_send()
-                if out:
-                    seed.receive_data(out, now)
-                    moved = True
-                self.seeds[name].step(now)
-                back = seed.data_to_send()
-                if back:
-                    core.receive_data(back, now)
-                    moved = True
-                self.handle_events(name, now)
+            for name in list(self.links):
+                moved |= self.transfer(name)
+                link = self.links[name]
+                blocks, ending = link.drain_events()
+                assert ending is None, ending
+                self.store(blocks)
             if not moved:
                 return
 
-    def handle_events(self, name: str, now: float) -> None:
-        core = self.conns.get(name)
-        while core is not None and (ev := core.next_event()) is not None:
-            if isinstance(ev, Handshake):
-                core.send(HaveNone())
-            elif isinstance(ev, HaveAll):
-                self.picker.add_peer(name, have_all=True)
-                core.send(Interested())
-            elif isinstance(ev, Piece):
-                self.on_block(name, ev, now)
-                core = self.conns.get(name)        # a ban closes it
-            elif isinstance(ev, Reject):
-                self.picker.cancelled(name, ev.key)
-            elif isinstance(ev, RequestsDropped):
-                for r in ev.requests:
-                    self.picker.cancelled(name, r.key)
-
-    def on_block(self, name: str, ev: Piece, now: float) -> None:
-        for other in self.picker.received(name, ev.key, now):
-            if other in self.conns:
-                self.conns[other].send(Cancel(*ev.key))      # end game
-        self.blocks.setdefault(ev.index, {})[ev.begin] = bytes(ev.data)
-        if not self.picker.piece_complete(ev.index):
-            return
-        piece = b"".join(v for _, v in sorted(self.blocks.pop(ev.index).items()))
-        if hashlib.sha1(piece).digest() == HASHES[ev.index]:
-            self.picker.piece_passed(ev.index)
-            return
-        self.failed_pieces += 1
-        for sender in self.picker.piece_failed(ev.index):
-            self.strikes[sender] = self.strikes.get(sender, 0) + 1
-            if self.strikes[sender] >= 2:          # bad data twice: banned
-                self.ban(sender)
-
-    def ban(self, name: str) -> None:
-        self.banned.add(name)
-        del self.conns[name]
-        self.picker.remove_peer(name)
-
-    def maintain(self, now: float) -> None:
-        for name in self.picker.timed_out_peers(now, PIECE_TIMEOUT):
-            self.timeouts += 1
-            self.snubbed.add(name)
-            for blk in self.picker.peer_timed_out(name):
-                self.conns[name].send(Cancel(*blk))
-        for name, core in self.conns.items():
-            if core.peer_choking or not core.am_interested:
+    def store(self, blocks: list) -> None:
+        """Keep the blocks, then hash each piece whose blocks are all in
+        (the picker counts a block as soon as it is received, so a piece can
+        be complete there before its last block of this batch is kept)."""
+        for index, begin, data in blocks:
+            if not self.picker.has_piece(index):
+                self.stored.setdefault(index, {})[begin] = bytes(data)
+        for index in dict.fromkeys(index for index, _, _ in blocks):
+            if self.picker.has_piece(index) or not self.picker.piece_complete(index):
                 continue
-            # 4 blocks/s measured: the minimum queue of 4 blocks
-            depth = request_queue_depth(4 * 16384 / 3, 0.05, snubbed=name in self.snubbed,
-                                        peer_reqq=core.peer_reqq)
-            for blk in self.picker.pick(name, depth - core.outstanding):
-                core.send(Request(*blk))
-                self.picker.requested(name, blk, now)
+            piece = b"".join(v for _, v in sorted(self.stored.pop(index).items()))
+            if hashlib.sha1(piece).digest() == HASHES[index]:
+                self.picker.piece_passed(index)
+                continue
+            self.counters["pieces.failed"] += 1
+            for sender in self.picker.piece_failed(index):
+                self.strikes[sender.name] = self.strikes.get(sender.name, 0) + 1
+                if self.strikes[sender.name] >= 2:          # bad data twice: banned
+                    self.ban(sender)
+
+    def ban(self, link: "SimLink") -> None:
+        self.banned.add(link.name)
+        del self.links[link.name]
+        self.choker.remove_peer(link)
+        self.picker.remove_peer(link)
+        link.in_picker = False
+
+    def maintain(self) -> None:
+        """bt.torrent's once-a-second upkeep, for the links."""
+        expire_requests(self, self.now, PIECE_TIMEOUT)
+        for link in list(self.links.values()):
+            link.tick(self.now)
 
 
-def run(seeds: dict[str, Seed], until: float = 300.0) -> tuple[Leecher, float]:
-    leecher = Leecher(seeds)
-    now = 0.0
-    while now < until and not leecher.picker.complete:
-        leecher.pump(now)
-        leecher.maintain(now)
-        leecher.pump(now)
-        now += 1.0
-    return leecher, now
+class SimLink(PeerLogic):
+    """A connection as the driver sees it, on the simulation's clock."""
+
+    def __init__(self, torrent: SimTorrent, name: str) -> None:
+        super().__init__(torrent, PeerWire(now=0.0, geometry=G))
+        self.sim = torrent
+        self.name = name
+
+    def now(self) -> float:
+        return self.sim.now
+
+    def close(self, reason: str) -> None:
+        raise AssertionError(f"link {self.name} closed: {reason}")
+
+
+def run(seeds: dict[str, Seed], until: float = 300.0) -> SimTorrent:
+    t = SimTorrent(seeds)
+    while t.now < until and not t.picker.complete:
+        t.pump()
+        t.maintain()
+        t.pump()
+        t.now += 1.0
+    return t
 
 
 def test_stalled_seed_requests_time_out_and_move_to_the_honest_one():
     seeds = {"honest": Seed(), "staller": Seed(serve=3)}
-    leecher, now = run(seeds)
-    assert leecher.picker.complete, "the download never finished"
-    assert leecher.timeouts >= 1 and "staller" in leecher.snubbed
+    t = run(seeds)
+    assert t.picker.complete, "the download never finished"
+    assert t.counters["requests.peer_timed_out"] >= 1
     assert seeds["staller"].cancels >= 1          # its stuck requests were cancelled
     # the honest seed's 4 blocks/s carried nearly all of the 96 blocks,
     # without waiting for the staller's held ones
     assert seeds["staller"].served == 3 and seeds["honest"].served >= 93
-    assert now <= 96 / 4 + 4
-    assert leecher.failed_pieces == 0
+    assert t.now <= 96 / 4 + 4, t.now
+    assert t.counters["pieces.failed"] == 0
 
 
 def test_corrupt_seed_is_banned_and_its_pieces_fetched_again():
     seeds = {"honest": Seed(), "liar": Seed(corrupt=True)}
-    leecher, now = run(seeds)
-    assert leecher.picker.complete
-    assert leecher.banned == {"liar"} and leecher.failed_pieces >= 2
-    assert "liar" not in leecher.conns
+    t = run(seeds)
+    assert t.picker.complete
+    assert t.banned == {"liar"} and t.counters["pieces.failed"] >= 2
+    assert "liar" not in t.links

@@ -46,6 +46,13 @@ async def test_our_leecher_downloads_from_our_seed(tmp_path, transport):
         assert leech.counters["pieces.passed"] == leech.meta.num_pieces
         assert leech.counters["pieces.failed"] == 0
         assert seed.status().uploaded >= sum(s for s in (300_000, 70_001, 123_456))
+        # two seeds hang up; the per-peer totals outlive the connection
+        with trio.fail_after(20):
+            while leech.peers:
+                await trio.sleep(0.05)
+        st = leech.status()
+        assert [(x.peer_id, x.downloaded, x.uploaded) for x in st.transfers] == \
+            [(seed_ses.peer_id, st.downloaded, 0)]
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
 
 

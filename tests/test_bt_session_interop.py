@@ -11,6 +11,7 @@ import pytest
 import trio
 
 import bt
+from bt.bench import libtorrent_settings
 from testsupport import bt_content, sha256_files, unavailable
 from utp.bench.peers import TransmissionPeer
 
@@ -34,17 +35,7 @@ def _content(root, pad_files: bool = True):
 
 
 def _lt_session(transport: str):
-    utp, tcp = transport == "utp", transport == "tcp"
-    return lt.session({
-        "listen_interfaces": "127.0.0.1:0",
-        "enable_dht": False, "enable_lsd": False, "enable_upnp": False,
-        "enable_natpmp": False, "dht_bootstrap_nodes": "",
-        "enable_outgoing_utp": utp, "enable_incoming_utp": utp,
-        "enable_outgoing_tcp": tcp, "enable_incoming_tcp": tcp,
-        "in_enc_policy": 2, "out_enc_policy": 2,
-        "allow_multiple_connections_per_ip": True,
-        "recv_socket_buffer_size": 4194304, "send_socket_buffer_size": 4194304,
-    })
+    return lt.session(libtorrent_settings("127.0.0.1", transport))
 
 
 def _add(ses, data: bytes, save_path):

@@ -31,6 +31,17 @@ def unavailable(reason: str, fix: str = ".ci/run installs what the tests need") 
     pytest.skip(reason)
 
 
+def require_libtorrent() -> ModuleType:
+    """The libtorrent module (PyPI wheel); skips the test without it (fails
+    under CI=true)."""
+    try:
+        import libtorrent
+    except ImportError as exc:
+        unavailable(f"libtorrent is not importable ({exc}); pip install libtorrent",
+                    "libtorrent is in the test extra; .ci/run installs it")
+    return libtorrent
+
+
 def require_no_inplace_extension() -> None:
     """Tests of what a fresh clone does need a checkout whose utp/ has no
     compiled module; a developer's `pip install -e` builds one in place."""
