@@ -601,3 +601,75 @@ def test_addresses_round_trip(ip, port, flow, scope):
         s.close()
     finally:
         ctx.close()
+
+
+# ---- the firewall: asked before the engine answers a SYN ------------------
+
+
+def _types_from(p, ctx):
+    return [data[0] >> 4 for src, data, _ in p.wire if src is ctx]
+
+
+def test_firewall_refuses_before_the_syn_ack(pair):
+    p = pair
+    p.b.listening = True
+    asked = []
+
+    def firewall(addr):
+        asked.append(addr)
+        return addr != p.a_addr
+    p.b.firewall = firewall
+    assert p.b.firewall is firewall
+    s = p.a.connect(p.b_addr)
+    p.pump()
+    assert asked == [p.a_addr]
+    # B answered with a RESET only: no SYN-ACK (ST_STATE), no socket, no
+    # "accept" event; A got the refusal at once.
+    assert _types_from(p, p.b) == [3]
+    assert "accept" not in p.kinds(p.b)
+    stats = p.b.stats()
+    assert stats["live_sockets"] == 0 and stats["sockets_live"] == 0
+    assert stats["syn_refused"] == 1
+    assert (stats["firewall_calls"], stats["firewall_refused"], stats["firewall_errors"]) == (1, 1, 0)
+    assert ("error", s, utp.UTP_ECONNREFUSED) in p.events[p.a]
+    # Cleared: the engine decides alone again, and the same peer gets in.
+    p.b.firewall = None
+    connect(p)
+    assert p.b.stats()["firewall_calls"] == 1
+
+
+def test_firewall_exception_refuses_and_is_raised_after_the_datagram(pair):
+    p = pair
+    p.b.listening = True
+
+    def boom(addr):
+        raise KeyError("firewall broke")
+    p.b.firewall = boom
+    p.a.connect(p.b_addr)
+    syn = [d for d, _addr, _flags in p.a.take_datagrams() if d[0] >> 4 == 4]
+    assert len(syn) == 1
+    with pytest.raises(KeyError, match="firewall broke"):
+        p.b.process_udp(syn[0], p.a_addr)
+    assert [d[0][0] >> 4 for d in p.b.take_datagrams()] == [3]
+    assert p.b.take_events() == []
+    assert p.b.stats()["firewall_errors"] == 1 and p.b.stats()["live_sockets"] == 0
+    # Raised once only.
+    p.pump()
+
+
+def test_firewall_must_not_call_the_engine(pair):
+    p = pair
+    p.b.listening = True
+    seen = []
+
+    def reentrant(addr):
+        try:
+            p.b.connect(p.a_addr)
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        return True
+    p.b.firewall = reentrant
+    s, _accepted = connect(p)
+    assert len(seen) == 1 and "must not call the engine" in seen[0]
+    with pytest.raises(TypeError, match="callable"):
+        p.b.firewall = 3

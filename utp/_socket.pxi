@@ -68,6 +68,8 @@ cdef class Socket:
             raise ClosedError("uninitialised utp.Socket")
         if rec.cs.closed:
             raise ClosedError("the socket's Context is closed")
+        if rec.cs.in_firewall:
+            raise RuntimeError("the Context's firewall must not call the engine")
         if rec.user_closed:
             raise ClosedError("the socket is closed")
         if rec.sock == NULL:

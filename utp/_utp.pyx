@@ -19,7 +19,7 @@ at freed memory, even when one engine call accepts and destroys a socket.
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from cpython.ref cimport PyObject
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp, memset, strlen
 from libc.stdint cimport uint64_t, int64_t, uint32_t
@@ -270,6 +270,12 @@ cdef struct CtxState:
     uint32_t live              # records whose engine socket is alive
     uint64_t next_serial
     uint64_t dg_dropped        # datagrams lost to allocation failure
+    PyObject *firewall         # borrowed (Context._firewall holds it): the admission callable, or NULL
+    PyObject *fw_error         # owned: the first exception the firewall raised, not yet re-raised
+    bint in_firewall           # the firewall is running: engine calls are refused
+    uint64_t fw_calls          # firewall calls
+    uint64_t fw_refused        # SYNs it refused (exceptions included)
+    uint64_t fw_errors         # exceptions it raised
     Rec *recs
     udpio_queue out            # outgoing datagrams, in order
     udpio *io                  # real-socket I/O state; NULL until first used
@@ -400,9 +406,45 @@ cdef uint64 _cb_sendto(utp_callback_arguments *a) noexcept nogil:
 
 
 cdef uint64 _cb_firewall(utp_callback_arguments *a) noexcept nogil:
+    # The engine asks before it answers a SYN (or a cookie's ACK) at all:
+    # a refusal here means no SYN-ACK, no socket and no "accept" event.
     cdef CtxState *cs = _cs_of(a)
     if cs == NULL or not cs.listening or cs.live >= cs.max_sockets:
         return 1
+    if cs.firewall == NULL:
+        return 0    # the common case: no Python, no GIL
+    return _call_firewall(cs, a.address, a.address_len)
+
+
+cdef uint64 _call_firewall(CtxState *cs, const sockaddr *sa, socklen_t salen) noexcept with gil:
+    cdef bint ok = False
+    cs.fw_calls += 1
+    cs.in_firewall = True
+    try:
+        if sa != NULL:
+            ok = bool((<object>cs.firewall)(_format_addr(sa, salen)))
+    except BaseException as exc:
+        # Refused, counted, and re-raised by the call that fed the engine
+        # (process_udp / recv_batch) once the engine is done with the batch.
+        cs.fw_errors += 1
+        if cs.fw_error == NULL:
+            Py_INCREF(exc)
+            cs.fw_error = <PyObject *>exc
+    finally:
+        cs.in_firewall = False
+    if ok:
+        return 0
+    cs.fw_refused += 1
+    return 1
+
+
+cdef int _raise_fw_error(CtxState *cs) except -1:
+    cdef object exc
+    if cs.fw_error != NULL:
+        exc = <object>cs.fw_error
+        Py_XDECREF(cs.fw_error)
+        cs.fw_error = NULL
+        raise exc
     return 0
 
 
@@ -722,6 +764,7 @@ cdef class Context:
     cdef object _out_addr_obj
     cdef sockaddr_storage _out_addr
     cdef socklen_t _out_addrlen
+    cdef object _firewall
 
     def __cinit__(self, *, bint virtual_time=False, seed=None, udp_mtu=None):
         cdef CtxState *cs
@@ -776,6 +819,9 @@ cdef class Context:
     cdef inline CtxState *_live(self) except NULL:
         if self._cs == NULL:
             raise ClosedError("the Context is closed")
+        if self._cs.in_firewall:
+            raise RuntimeError("the Context's firewall must not call the engine "
+                               "(it runs in the middle of a received datagram)")
         if self._cs.oom:
             self._cs.oom = False
             raise MemoryError("an engine callback failed to allocate memory; "
@@ -790,6 +836,10 @@ cdef class Context:
             return
         self._cs = NULL
         cs.closed = True
+        cs.firewall = NULL
+        self._firewall = None
+        Py_XDECREF(cs.fw_error)
+        cs.fw_error = NULL
         # DESTROYING callbacks fired by utp_destroy are recorded like any
         # other and then dropped with the rest of the queue.
         utp_destroy(cs.ctx)
@@ -860,6 +910,32 @@ cdef class Context:
         self._live().listening = value
 
     @property
+    def firewall(self):
+        """A callable deciding, before the engine answers a SYN at all,
+        whether to accept a connection from the peer's address (given as
+        ``(host, port)`` or ``(host, port, flowinfo, scope_id)``): false
+        refuses it (a RESET, no SYN-ACK, no socket, no "accept" event,
+        counted in stats() as "firewall_refused" and the engine's
+        "syn_refused").  None (the default) accepts every SYN while
+        ``listening``, without entering Python.
+
+        It runs inside process_udp() / recv_batch(), so it must not call
+        this Context or its Sockets (RuntimeError).  An exception it raises
+        refuses the SYN, is counted ("firewall_errors") and is re-raised by
+        that process_udp() / recv_batch() call after the whole batch was
+        handled."""
+        self._live()
+        return self._firewall
+
+    @firewall.setter
+    def firewall(self, value):
+        cdef CtxState *cs = self._live()
+        if value is not None and not callable(value):
+            raise TypeError(f"firewall must be callable or None, not {type(value).__name__}")
+        self._firewall = value
+        cs.firewall = NULL if value is None else <PyObject *>value
+
+    @property
     def max_sockets(self) -> int:
         """Live sockets above which incoming SYNs are refused (the
         UTPKIT_MAX_SOCKETS option; setting one sets the other)."""
@@ -916,6 +992,7 @@ cdef class Context:
                                     <const sockaddr *>&self._in_addr, self._in_addrlen)
             finally:
                 PyBuffer_Release(&view)
+        _raise_fw_error(cs)
         return r != 0
 
     def process_icmp_error(self, data, addr) -> bool:
@@ -1196,6 +1273,7 @@ cdef class Context:
             return 0
         with nogil:
             r = udpio_recv(io, cs.ctx, cfd, budget)
+        _raise_fw_error(cs)
         if r < 0:
             raise OSError(-r, _os.strerror(-r))
         return r
@@ -1342,6 +1420,9 @@ cdef class Context:
         if c != NULL:
             d.update(c[0])
         d["sendto_dropped"] = cs.dg_dropped
+        d["firewall_calls"] = cs.fw_calls
+        d["firewall_refused"] = cs.fw_refused
+        d["firewall_errors"] = cs.fw_errors
         d["live_sockets"] = cs.live
         return d
 
