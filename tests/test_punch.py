@@ -147,9 +147,10 @@ async def test_no_nat_one_syn_connects_and_lower_endpoint_initiates(autojump_clo
         assert sa.peer_address == (PUB_B, PORT) and sb.peer_address == (PUB_A, PORT)
         await _exchange(sa, sb)
         await _exchange(sb, sa)
-        # The punch's probe queue and listener are gone again.
+        # The punch's probe queue and claim are gone again; it never
+        # opened the Endpoint's listener.
         assert "other" not in a.statistics()["owners"]
-        assert b.statistics()["listener"]["accepted"] == 1
+        assert b.statistics().get("claims", []) == [] and b.listener is None
 
 
 async def test_tie_break_swaps_roles(autojump_clock):
@@ -197,7 +198,11 @@ async def test_long_rtt_several_syns_arrive_exactly_one_connection(autojump_cloc
             assert isinstance(sa, utp.UTPStream), sa
             assert isinstance(sb, utp.UTPStream), sb
             assert len(_syns(net, PUB_A)) >= 5
-            assert b.statistics()["listener"]["accepted"] == 1
+            # B's engine admitted exactly one SYN (the punch's firewall,
+            # asked before any SYN-ACK) and refused the later ones.
+            eng = b.statistics()["engine"]
+            assert eng["firewall_calls"] - eng["firewall_refused"] == 1
+            assert eng["syn_refused"] >= 1 and b.listener is None
             # The later SYNs were refused (RESET), once the punch had its one.
             resets = [d for _, s, _, d in net.trace if s[0] == PUB_B and d[0] >> 4 == 3]
             assert resets
@@ -285,8 +290,8 @@ async def test_arguments(autojump_clock):
             with pytest.raises(ValueError, match="needs local_public"):
                 await utp.punch(wild, (PUB_B, PORT), timeout=1)
         a.listen()
-        with pytest.raises(RuntimeError, match="listener"):
-            # B's endpoint sorts higher: we would answer, and need our own listener.
+        with pytest.raises(TimeoutError, match="as the responder"):
+            # We answer here, and may although the Endpoint already listens.
             await utp.punch(a, ("198.18.0.1", PORT), timeout=1)
 
 
@@ -297,3 +302,40 @@ async def test_cancellation_leaves_nothing(autojump_clock):
         await trio.sleep(0.1)
         assert a.statistics()["connections"] == 0
         assert "other" not in a.statistics()["owners"]
+
+
+async def test_punch_on_a_listening_endpoint_leaves_other_peers_to_the_app(autojump_clock):
+    # B answers the punch (its endpoint sorts higher) while its application
+    # listens on the same Endpoint: the punch claims A's IP only, and a third
+    # host's connection still reaches the application's listener.
+    other = "198.18.0.30"
+    async with NatNet(seed=12, delay=DELAY) as net, net.endpoint(PUB_A, PORT) as a, \
+            net.endpoint(PUB_B, PORT) as b, net.endpoint(other, PORT) as c:
+        app = b.listen()
+        out = {}
+
+        async def side_b():
+            out["b"] = await b.punch((PUB_A, PORT), local_public=(PUB_B, PORT), timeout=10)
+
+        async def third():
+            out["c"] = await c.connect((PUB_B, PORT))
+            out["app"] = await app.accept()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(side_b)
+            n.start_soon(third)
+            out["a"] = await a.punch((PUB_B, PORT), local_public=(PUB_A, PORT), timeout=10)
+        sa, sb = out["a"], out["b"]
+        assert sb.peer_address == (PUB_A, PORT) and out["app"].peer_address == (other, PORT)
+        await _exchange(sa, sb)
+        await out["c"].send_all(b"still the app's")
+        assert await out["app"].receive_some() == b"still the app's"
+        st = b.statistics()
+        assert st["listener"]["accepted"] == 1 and st["listener"]["refused_firewall"] == 0
+        assert st.get("claims", []) == [] and b.listener is app
+        assert "other" not in st["owners"]  # the punch released its datagram queue
+        # After the punch the app gets A's new connections too.
+        s2 = await a.connect((PUB_B, PORT))
+        assert (await app.accept()).peer_address == (PUB_A, PORT)
+        for s in (sa, sb, s2, out["c"]):
+            await s.aclose()

@@ -368,11 +368,13 @@ async def test_firewall_refuses_and_errors_reach_accept(autojump_clock):
                 net.endpoint("10.0.0.3", PORT) as c:
             listener = b.listen()
             listener.firewall = lambda addr: addr[0] != A
-            s = await a.connect((B, PORT))
-            with pytest.raises(trio.BrokenResourceError):
-                with trio.fail_after(5):
-                    await s.receive_some()
+            # Refused before the SYN-ACK: the connect itself fails, at once.
+            t0 = trio.current_time()
+            with pytest.raises(ConnectionRefusedError):
+                await a.connect((B, PORT))
+            assert trio.current_time() - t0 < 0.1
             assert listener.statistics()["refused_firewall"] == 1
+            assert b.statistics()["engine"]["live_sockets"] == 0
             s3 = await c.connect((B, PORT))
             peer = await listener.accept()
             assert peer.peer_address[0] == "10.0.0.3"
@@ -381,10 +383,47 @@ async def test_firewall_refuses_and_errors_reach_accept(autojump_clock):
             def boom(addr):
                 raise RuntimeError("firewall broke")
             listener.firewall = boom
-            await a.connect((B, PORT))
+            with pytest.raises(ConnectionRefusedError):
+                await a.connect((B, PORT))
             with pytest.raises(RuntimeError, match="firewall broke"):
                 with trio.fail_after(5):
                     await listener.accept()
+            assert listener.statistics()["accepted"] == 1
+
+
+async def test_claim_incoming_takes_its_addresses_and_leaves_the_rest(autojump_clock):
+    async with SimNetwork(seed=3, delay=0.01) as net:
+        async with net.endpoint(A, PORT) as a, net.endpoint(B, PORT) as b, \
+                net.endpoint("10.0.0.3", PORT) as c:
+            app = b.listen()
+            claim = b.claim_incoming(lambda addr: addr[0] == A, backlog=1)
+            assert b.listener is app
+            sa = await a.connect((B, PORT))
+            sc = await c.connect((B, PORT))
+            got_a = await claim.accept()
+            got_c = await app.accept()
+            assert got_a.peer_address[0] == A and got_c.peer_address[0] == "10.0.0.3"
+            await sa.send_all(b"to the claim")
+            assert await got_a.receive_some() == b"to the claim"
+            assert b.statistics()["claims"][0]["accepted"] == 1
+            # A claim's firewall refuses outright, like a listener's.
+            claim.firewall = lambda addr: False
+            with pytest.raises(ConnectionRefusedError):
+                await a.connect((B, PORT))
+            assert claim.statistics()["refused_firewall"] == 1
+            # Closed, the claim is gone and its addresses reach the app again.
+            await claim.aclose()
+            sa2 = await a.connect((B, PORT))
+            assert (await app.accept()).peer_address[0] == A
+            # No app listener: unclaimed peers are refused and counted.
+            await app.aclose()
+            claim2 = b.claim_incoming(lambda addr: addr[0] == A)
+            with pytest.raises(ConnectionRefusedError):
+                await c.connect((B, PORT))
+            assert b.statistics()["refused_unclaimed"] == 1
+            await claim2.aclose()
+            for s in (sa, sc, sa2):
+                await s.aclose()
 
 
 # ---- the shared socket --------------------------------------------------------------------

@@ -249,16 +249,15 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     scan_done = trio.Event()
     listener = None
     if scan:
-        if ep.listener is not None:
-            raise RuntimeError("birthday probing cannot listen on an Endpoint that already has "
-                               "a listener; close it first")
-        listener = ep.listen(backlog=1)
+        # The peer's IP only (Endpoint.claim_incoming): an application
+        # listener on this Endpoint keeps the other connections.
+        listener = ep.claim_incoming(lambda addr: _same_ip(addr, peer), backlog=1)
         accepted: list[Any] = []
 
         def firewall(addr: Any) -> bool:
             # One connection: the first SYN from the peer's IP -- unless we
             # met as the sprayer too and win the tie-break (module docs).
-            if accepted or not _same_ip(addr, peer) or (sprayer_met.is_set() and initiator):
+            if accepted or (sprayer_met.is_set() and initiator):
                 return False
             accepted.append(addr)
             return True

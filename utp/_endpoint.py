@@ -23,7 +23,7 @@ opening an engine socket (:meth:`Endpoint.open_engine_socket`), bracketing
 engine calls (:meth:`Endpoint.before_engine_call`,
 :meth:`Endpoint.after_engine_call`), datagram queues
 (:meth:`Endpoint.datagram_queue`, :meth:`Endpoint.release_datagram_queue`),
-accepting (:meth:`Endpoint.set_accepting`), waiting for room in a send
+accepting (:meth:`Endpoint.update_admission`, :meth:`Endpoint.claim_incoming`), waiting for room in a send
 buffer (:meth:`Endpoint.watch_send_room`), ICMP port unreachable reports
 for DHT and tracker traffic (:meth:`Endpoint.port_unreachable`,
 :meth:`Endpoint.wait_port_unreachable`) and the lifecycle
@@ -299,6 +299,10 @@ class Endpoint:
         # Streams with a task in wait_send_all_might_not_block().
         self._room_waiters: set[UTPStream] = set()
         self._listener: UTPListener | None = None
+        # Listeners of claim_incoming(), first match wins; and the SYNs that
+        # no listener took while claims made Python decide.
+        self._claims: list[UTPListener] = []
+        self._refused_unclaimed = 0
         self._queues: dict[str, DatagramQueue] = {}
         self._unowned: dict[str, int] = collections.defaultdict(int)
         self._timer_scope: trio.CancelScope | None = None
@@ -395,8 +399,39 @@ class Endpoint:
         if self.listener is not None:
             raise RuntimeError("this Endpoint already has a listener")
         self._listener = UTPListener(self, backlog)
-        self._ctx.listening = True
+        self.update_admission()
         return self._listener
+
+    def claim_incoming(self, match: Callable[[Any], bool], *, backlog: int = 1) -> UTPListener:
+        """A listener of its own for the incoming connections whose peer
+        address ``match`` accepts, taken before the Endpoint's listener
+        (:meth:`listen`) sees them; that one keeps getting the others.
+
+        This lets :func:`utp.punch` answer on an Endpoint whose application
+        already listens (a server that also punches): the punch claims the
+        peer's IP and leaves everything else alone.  Claims are checked in
+        the order they were made, first match wins.  ``match`` is called
+        for every new incoming SYN while the claim is open (before the
+        engine answers it, so keep it cheap and pure; an exception counts
+        as a refusal and goes to the claim's ``on_error``).  Closing the
+        returned listener ends the claim.  Without any listener, claims or
+        not, unmatched peers are refused (RESET)."""
+        self.check_open()
+        if not callable(match):
+            raise TypeError(f"match must be callable, not {type(match).__name__}")
+        claim = UTPListener(self, backlog, match=match)
+        self._claims.append(claim)
+        self.update_admission()
+        return claim
+
+    async def punch(self, peer: tuple[Any, ...], **options: Any) -> UTPStream:
+        """Hole-punch a uTP connection to ``peer`` from this Endpoint:
+        :func:`utp.punch` with this Endpoint (see it for ``options``:
+        ``deadline``, ``interval``, ...).  Works whether or not the
+        application listens here: the punch claims only the peer's IP
+        (:meth:`claim_incoming`) and frees its datagram queue afterwards."""
+        from ._punch import punch
+        return await punch(self, peer, **options)
 
     @property
     def listener(self) -> UTPListener | None:
@@ -507,6 +542,9 @@ class Endpoint:
         }
         if self._listener is not None:
             stats["listener"] = self._listener.statistics()
+        if self._claims or self._refused_unclaimed:
+            stats["claims"] = [c.statistics() for c in self._claims]
+            stats["refused_unclaimed"] = self._refused_unclaimed
         if not self._ctx.closed:
             stats.update(self._driver.statistics(self._ctx))
         return stats
@@ -571,6 +609,38 @@ class Endpoint:
         ``_on_event``) until the engine destroys the socket."""
         self._streams[sock] = stream
 
+    def update_admission(self) -> None:
+        """Tell the engine who may connect, after a listener or claim was
+        opened, paused, resumed, closed or given a firewall.  With only the
+        Endpoint's listener and no firewall, the engine decides alone (no
+        Python per SYN); otherwise it asks :meth:`_admit` before answering
+        each SYN."""
+        if self._ctx.closed:
+            return
+        self._claims = [c for c in self._claims if not c.closed]
+        main = self.listener
+        self._ctx.listening = bool(self._claims) or (main is not None and not main.paused)
+        python = bool(self._claims) or (main is not None and main.firewall is not None)
+        self._ctx.firewall = self._admit if python else None
+
+    def _route(self, addr: Any) -> UTPListener | None:
+        for claim in self._claims:
+            if not claim.closed:
+                try:
+                    if claim.match is not None and claim.match(addr):
+                        return claim
+                except BaseException as exc:
+                    claim._report(exc)
+                    return None
+        return self.listener
+
+    def _admit(self, addr: Any) -> bool:
+        target = self._route(addr)
+        if target is None:
+            self._refused_unclaimed += 1
+            return False
+        return target._admit(addr)
+
     def set_accepting(self, accepting: bool) -> None:
         """Whether the engine accepts incoming SYNs (while not, it refuses
         them with a RESET).  For pausing and closing a listener; does
@@ -603,8 +673,8 @@ class Endpoint:
 
     def _dispatch(self, kind: EventKind, sock: _utp.Socket, arg: Any) -> None:
         if kind is _ACCEPT:
-            listener = self.listener
-            if listener is None:
+            listener = self._route(arg)
+            if listener is None or listener.closed:
                 sock.close()  # the engine only accepts while we listen; a race
                 return
             listener._on_accept(sock, arg)
@@ -715,6 +785,8 @@ class Endpoint:
         the engine to finish their FIN exchanges, so data written just before
         the Endpoint closes still arrives.  The tasks must still run
         (:meth:`run`); :meth:`close_now` follows."""
+        for claim in list(self._claims):
+            claim._shutdown()
         if self._listener is not None:
             self._listener._shutdown()
         for stream in list(self._streams.values()):
@@ -747,6 +819,8 @@ class Endpoint:
         self._streams.clear()
         for q in self._queues.values():
             q.close()
+        for claim in list(self._claims):
+            claim._shutdown()
         if self._listener is not None:
             self._listener._shutdown()
         self._unreachable_lot.unpark_all()

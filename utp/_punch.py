@@ -453,21 +453,20 @@ def _opening_note(phase: _Phase) -> str:
 async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None,
                    start: float, end: float, phase: _Phase,
                    say: Callable[[str], None]) -> UTPStream:
-    if ep.listener is not None:
-        raise RuntimeError("punch cannot answer on an Endpoint that already has a listener; "
-                           "close it first")
-    listener = ep.listen(backlog=1)
+    # Connections from the peer's IP (any port: a symmetric NAT sends from a
+    # port the rendezvous never saw) are ours; the application's listener,
+    # if any, keeps getting everyone else's.
+    listener = ep.claim_incoming(lambda addr: _same_ip(addr, peer), backlog=1)
     accepted_from: list[Any] = []
-    refused_from: list[Any] = []
+    # SYNs from other addresses that no listener took (for the error message).
+    unclaimed_before = ep.statistics().get("refused_unclaimed", 0)
 
     def firewall(addr: Any) -> bool:
-        # Exactly one connection: the first SYN from the peer's IP (any
-        # port: a symmetric NAT sends from a port the rendezvous never saw).
-        if not accepted_from and _same_ip(addr, peer):
+        # Exactly one connection: the first SYN.
+        if not accepted_from:
             accepted_from.append(addr)
             phase.heard()
             return True
-        refused_from.append(addr)
         return False
 
     listener.firewall = firewall
@@ -519,8 +518,9 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
         return stream
     elapsed = trio.current_time() - start
     where = " and ".join(_format_peer(t) for t in targets)
-    refused = (f"; refused {len(refused_from)} connection{'s' if len(refused_from) != 1 else ''} "
-               f"from other addresses" if refused_from else "")
+    n_other = ep.statistics().get("refused_unclaimed", 0) - unclaimed_before if not ep.closed else 0
+    refused = (f"; refused {n_other} connection{'s' if n_other != 1 else ''} "
+               f"from other addresses" if n_other else "")
     raise TimeoutError(
         f"hole punching to {_format_peer(peer)} timed out after {elapsed:.1f} s: as the "
         f"responder sent {probes} probe{'s' if probes != 1 else ''} to {where} and listened, "

@@ -396,19 +396,31 @@ class UTPListener(trio.abc.Listener[UTPStream]):
     Refusals and firewall exceptions are counted in :meth:`statistics`; an
     exception raised by the firewall is passed to ``on_error`` when set, and
     otherwise re-raised from the next ``accept()``.
+
+    The firewall runs inside the engine, before it answers the SYN: a
+    refused peer gets a RESET and nothing else (no SYN-ACK, no engine
+    socket, no accept event).  It runs in the middle of a received
+    datagram, so it must not call the Endpoint's engine (connect, write,
+    ...; RuntimeError); it may look at and change plain Python state.
+
+    A listener from :meth:`Endpoint.claim_incoming` (``match`` set) gets
+    only the connections whose peer address ``match`` accepts; the
+    Endpoint's own listener gets the rest.
     """
 
-    def __init__(self, endpoint: Endpoint, backlog: int) -> None:
+    def __init__(self, endpoint: Endpoint, backlog: int,
+                 match: Callable[[Any], bool] | None = None) -> None:
         if backlog < 1:
             raise ValueError("backlog must be at least 1")
         self._ep = endpoint
+        self.match = match
         self.backlog = backlog
         self._queue: Deque[UTPStream] = collections.deque()
         self._lot = trio.lowlevel.ParkingLot()
         self._closed = False
         self._paused = False
         self._pending_error: BaseException | None = None
-        self.firewall: Callable[[Any], bool] | None = None
+        self._firewall: Callable[[Any], bool] | None = None
         self.on_error: Callable[[BaseException], None] | None = None
         self.accepted = 0
         self.refused_backlog = 0
@@ -417,6 +429,20 @@ class UTPListener(trio.abc.Listener[UTPStream]):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def firewall(self) -> Callable[[Any], bool] | None:
+        """Called with the peer's address before the engine answers a SYN;
+        false refuses the peer outright (see the class docs)."""
+        return self._firewall
+
+    @firewall.setter
+    def firewall(self, value: Callable[[Any], bool] | None) -> None:
+        if value is not None and not callable(value):
+            raise TypeError(f"firewall must be callable or None, not {type(value).__name__}")
+        self._firewall = value
+        if not self._closed:
+            self._ep.update_admission()
 
     @property
     def paused(self) -> bool:
@@ -429,26 +455,32 @@ class UTPListener(trio.abc.Listener[UTPStream]):
     def pause(self) -> None:
         """Stop accepting: new SYNs are refused with a RESET."""
         self._paused = True
-        self._ep.set_accepting(False)
+        self._ep.update_admission()
 
     def resume(self) -> None:
         """Accept again (undoes :meth:`pause`; nothing once closed)."""
         self._paused = False
         if not self._closed:
-            self._ep.set_accepting(True)
+            self._ep.update_admission()
+
+    def _admit(self, addr: Any) -> bool:
+        """The engine's question before it answers a SYN from ``addr``
+        (through Endpoint.update_admission): may it connect?"""
+        if self._closed or self._paused:
+            return False
+        fw = self._firewall
+        if fw is None:
+            return True
+        try:
+            allowed = bool(fw(addr))
+        except BaseException as exc:  # never lost: reported, and the peer refused
+            self._report(exc)
+            allowed = False
+        if not allowed:
+            self.refused_firewall += 1
+        return allowed
 
     def _on_accept(self, sock: _utp.Socket, addr: Any) -> None:
-        fw = self.firewall
-        if fw is not None:
-            try:
-                allowed = fw(addr)
-            except BaseException as exc:  # never lost: reported, and the peer refused
-                self._report(exc)
-                allowed = False
-            if not allowed:
-                self.refused_firewall += 1
-                sock.abort()
-                return
         if len(self._queue) >= self.backlog:
             self.refused_backlog += 1
             sock.abort()
@@ -483,7 +515,7 @@ class UTPListener(trio.abc.Listener[UTPStream]):
         if self._closed:
             return
         self._closed = True
-        self._ep.set_accepting(False)
+        self._ep.update_admission()
         while self._queue:
             self._queue.popleft()._abort()
         self._lot.unpark_all()
