@@ -276,3 +276,72 @@ async def test_endpoint_reports_icmp_port_unreachable_for_datagrams():
                 await ep.sendto(b"d1:ad2:id20:" + b"x" * 20 + b"e1:q4:ping1:t2:aa1:y1:qe", closed)
         assert ep.port_unreachable(closed, since=start)
         assert not ep.port_unreachable(("127.0.0.1", closed[1] ^ 1))
+
+
+# ---- accept hooks: the firewall in the engine, claims, Endpoint.punch -----------------
+
+
+async def test_firewall_refuses_before_the_syn_ack_on_real_sockets():
+    async with utp.open_endpoint("127.0.0.1", 0) as server, \
+            utp.open_endpoint("127.0.0.2", 0) as refused, \
+            utp.open_endpoint("127.0.0.1", 0) as allowed:
+        listener = server.listen()
+        asked = []
+
+        def firewall(addr):
+            asked.append(addr[0])
+            return addr[0] != "127.0.0.2"
+        listener.firewall = firewall
+        where = server.local_address[:2]
+        with trio.fail_after(10):
+            with pytest.raises(ConnectionRefusedError):
+                await refused.connect(where)
+            eng = server.statistics()["engine"]
+            # No socket was ever made for it, so no ON_ACCEPT could fire.
+            assert eng["sockets_created"] == 0 and eng["syn_refused"] >= 1
+            assert listener.statistics()["queued"] == 0
+            assert listener.statistics()["refused_firewall"] >= 1
+            s = await allowed.connect(where)
+            peer = await listener.accept()
+        assert asked[0] == "127.0.0.2" and asked[-1] == "127.0.0.1"
+        assert peer.peer_address[0] == "127.0.0.1"
+        assert server.statistics()["engine"]["sockets_created"] == 1
+        assert listener.statistics()["accepted"] == 1
+        await s.send_all(b"hello")
+        assert await peer.receive_some() == b"hello"
+        await s.aclose()
+        await peer.aclose()
+
+
+async def test_punch_on_a_listening_endpoint_over_loopback():
+    # 127.0.0.2 sorts higher, so `b` answers the punch while its application
+    # listener stays open and takes a third peer's connection meanwhile.
+    async with utp.open_endpoint("127.0.0.1", 0) as a, utp.open_endpoint("127.0.0.2", 0) as b, \
+            utp.open_endpoint("127.0.0.3", 0) as c:
+        app = b.listen()
+        pa, pb = a.local_address[:2], b.local_address[:2]
+        out = {}
+
+        async def side_b():
+            out["b"] = await b.punch(pa, local_public=pb, timeout=10)
+
+        async def third():
+            out["c"] = await c.connect(pb)
+            out["app"] = await app.accept()
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                n.start_soon(side_b)
+                n.start_soon(third)
+                out["a"] = await a.punch(pb, local_public=pa, timeout=10)
+        sa, sb = out["a"], out["b"]
+        assert sb.peer_address[:2] == pa and out["app"].peer_address[0] == "127.0.0.3"
+        await sa.send_all(b"punched")
+        assert await sb.receive_some() == b"punched"
+        await out["c"].send_all(b"app")
+        assert await out["app"].receive_some() == b"app"
+        st = b.statistics()
+        assert st["listener"]["accepted"] == 1 and b.listener is app
+        assert st.get("claims", []) == [] and "other" not in st["owners"]
+        for s in (sa, sb, out["c"], out["app"]):
+            await s.aclose()
