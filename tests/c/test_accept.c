@@ -312,7 +312,55 @@ static void test_abort_unconfirmed_is_limited(void)
 	sim_free();
 }
 
+/* The firewall is asked before a cookie SYN-ACK too (no state, no answer but
+ * a RESET), and again when a cookie comes back: a peer refused by then gets
+ * a RESET and no socket. */
+static int connected_or_failed(void *arg)
+{
+	struct sim_conn *c = arg;
+	return c->connected || conn_done(arg);
+}
+
+static void test_firewall_before_cookies(void)
+{
+	struct sim_node *a, *b;
+	struct sim_conn *ca;
+	unsigned char *tx = sim_pattern(5000, 9);
+
+	sim_init(111, START_US);
+	a = sim_add_node(1000, 0);
+	b = sim_add_node(2000, 0);
+	sim_listen(b, 0, NULL, 0, 64);
+	CHECK(utp_context_set_option(b->ctx, UTPKIT_HALF_OPEN_MAX, 0) == 0);
+	b->firewall = 1;
+	ca = sim_conn_new(a, C_CLOSE_ON_ERROR, NULL, 0, 16);
+	CHECK(sim_connect_node(ca, b) == 0);
+	CHECK(sim_run(conn_done, ca, 10 * SEC));
+	CHECK_EQ(ca->error, UTP_ECONNREFUSED);
+	CHECK_EQ(counters(b)->syn_cookies, 0);
+	CHECK_EQ(b->sent_state, 0);
+	CHECK_EQ(counters(b)->sockets_created, 0);
+	CHECK_EQ(b->naccepted, 0);
+
+	/* Let the SYN through (a cookie SYN-ACK), refuse the cookie's return. */
+	b->firewall = 0;
+	ca = sim_conn_new(a, C_CLOSE_ON_ERROR, tx, 5000, 16);
+	CHECK(sim_connect_node(ca, b) == 0);
+	CHECK(sim_run(connected_or_failed, ca, 10 * SEC));
+	CHECK(ca->connected);
+	CHECK_EQ(counters(b)->syn_cookies, 1);
+	b->firewall = 1;
+	CHECK(sim_run(conn_done, ca, 60 * SEC));
+	CHECK_EQ(ca->error, UTP_ECONNRESET);
+	CHECK_EQ(counters(b)->cookie_accepted, 0);
+	CHECK_EQ(counters(b)->sockets_created, 0);
+	CHECK_EQ(b->naccepted, 0);
+	sim_free();
+	free(tx);
+}
+
 static const struct check_test tests[] = {
+	{ "firewall_before_cookies", test_firewall_before_cookies },
 	{ "syn_shape", test_syn_shape },
 	{ "half_open_bounds", test_half_open_bounds },
 	{ "cookie_transfer", test_cookie_transfer },

@@ -465,6 +465,13 @@ static void test_refused_by_firewall(void)
 	CHECK_EQ(b->naccepted, 0);
 	CHECK(counters(b)->syn_refused >= 1);
 	CHECK(counters(b)->sockets_live == 0);
+	/* Refused outright, before anything else: a RESET, never a SYN-ACK
+	 * (plain or cookie), and no socket was ever made (so no ON_ACCEPT). */
+	CHECK(b->sent_reset >= 1);
+	CHECK_EQ(b->sent_state, 0);
+	CHECK_EQ(b->sent, b->sent_reset);
+	CHECK_EQ(counters(b)->sockets_created, 0);
+	CHECK_EQ(counters(b)->syn_cookies, 0);
 	CHECK(sim_run(conn_destroyed, ca, 10 * SEC));
 	check_all_freed(a);
 	check_all_freed(b);
