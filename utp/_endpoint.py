@@ -46,6 +46,7 @@ from _utpkit.addr import addr_key
 
 from . import _utp
 from ._connect import connect_with_retry
+from ._punch import punch as _punch
 from ._stream import UTPListener, UTPStream
 from ._utp import EventKind
 
@@ -424,14 +425,18 @@ class Endpoint:
         self.update_admission()
         return claim
 
-    async def punch(self, peer: tuple[Any, ...], **options: Any) -> UTPStream:
-        """Hole-punch a uTP connection to ``peer`` from this Endpoint:
-        :func:`utp.punch` with this Endpoint (see it for ``options``:
-        ``deadline``, ``interval``, ...).  Works whether or not the
-        application listens here: the punch claims only the peer's IP
-        (:meth:`claim_incoming`) and frees its datagram queue afterwards."""
-        from ._punch import punch
-        return await punch(self, peer, **options)
+    async def punch(self, peer: tuple[Any, ...], *, local_public: tuple[Any, ...] | None = None,
+                    deadline: float | None = None, timeout: float | None = None,
+                    **options: Any) -> UTPStream:
+        """Hole-punch a uTP connection to ``peer`` (its public endpoint)
+        from this Endpoint: :func:`utp.punch` with this Endpoint, where
+        ``local_public``, ``deadline``, ``timeout`` and the other
+        ``options`` (``interval``, ``hold``, ``birthday``, ``log``, ...)
+        are documented.  Works whether or not the application listens
+        here: the punch claims only the peer's IP (:meth:`claim_incoming`)
+        and releases its datagram queue afterwards."""
+        return await _punch(self, peer, local_public=local_public, deadline=deadline,
+                           timeout=timeout, **options)
 
     @property
     def listener(self) -> UTPListener | None:
