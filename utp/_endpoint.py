@@ -648,8 +648,10 @@ class Endpoint:
 
     def set_accepting(self, accepting: bool) -> None:
         """Whether the engine accepts incoming SYNs (while not, it refuses
-        them with a RESET).  For pausing and closing a listener; does
-        nothing once the engine is closed."""
+        them with a RESET): a low-level override until the next
+        :meth:`update_admission`, which listeners and claims call when they
+        open, pause, resume or close.  Does nothing once the engine is
+        closed."""
         if not self._ctx.closed:
             self._ctx.listening = accepting
 
