@@ -51,11 +51,16 @@ if TYPE_CHECKING:
     from .torrent import Torrent
 
 __all__ = ["Announcer", "TrackerClients", "TrackerState", "TrackerStatus", "INTERVAL_FLOOR",
-           "RETRY_FIRST", "RETRY_MAX", "STOPPED_TIMEOUT", "NUMWANT"]
+           "INTERVAL_CEILING", "RETRY_FIRST", "RETRY_MAX", "STOPPED_TIMEOUT", "NUMWANT"]
 
 #: Never announce to a working tracker more often than this, whatever its
 #: ``interval`` says (a tracker saying 0 must not make us spin).
 INTERVAL_FLOOR = 30.0
+#: ... nor less often than this: a tracker answering with a week-long
+#: ``interval`` (or ``min interval``) must not leave the torrent without new
+#: peers for a week.  Transmission and libtorrent re-announce within an hour
+#: at most as well.
+INTERVAL_CEILING = 3600.0
 #: A failed tracker (and, after a round where all failed, the torrent)
 #: waits this before the next try, doubling with each failure ...
 RETRY_FIRST = 30.0
@@ -371,7 +376,8 @@ class Announcer:
                 if event is not AnnounceEvent.NONE:
                     self._completed_pending = False
                 self._failed_rounds = 0
-                wait = max(float(result.interval), float(result.min_interval or 0), INTERVAL_FLOOR)
+                wait = min(max(float(result.interval), float(result.min_interval or 0), INTERVAL_FLOOR),
+                           INTERVAL_CEILING)
                 self._next = trio.current_time() + wait
                 self._feed(result.peers)
                 return

@@ -309,6 +309,26 @@ async def test_announcer_tiers_events_intervals_and_stopped(tmp_path, monkeypatc
         nursery.cancel_scope.cancel()
 
 
+async def test_a_week_long_interval_is_capped_at_an_hour(tmp_path):
+    """A tracker asking for a week between announces (interval and min
+    interval) gets one an hour: the torrent is not left without new peers."""
+    body = _answer(interval=7 * 86400, min_interval=7 * 86400, peers=b"")
+    _, _, data = _content(tmp_path)
+    async with trio.open_nursery() as nursery:
+        fake = await nursery.start(FakeTracker(lambda q: (200, body)).serve)
+        async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1",
+                                   tracker_timeout=2) as ses:
+            t = await ses.add_torrent(data, trackers=[fake.url])
+            with trio.fail_after(15):
+                while not any(s.announces == 1 for s in t.status().trackers):
+                    await trio.sleep(0.05)
+            (w,) = t.status().trackers
+            assert w.interval == 7 * 86400
+            ceiling = bt.announce.INTERVAL_CEILING
+            assert ceiling - 60 <= w.next_announce_in <= ceiling
+        nursery.cancel_scope.cancel()
+
+
 async def test_no_trackers_and_a_finished_torrent_announces_left_zero(tmp_path, monkeypatch):
     src, _, data = _content(tmp_path)
     async with trio.open_nursery() as nursery:
