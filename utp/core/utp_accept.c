@@ -152,8 +152,10 @@ static uint16 cookie_of(utp_context *ctx, const struct sockaddr *from, uint16 sy
 
 static utp_src_slot *src_slot(utp_context *ctx, const struct sockaddr *a)
 {
-	uint64_t w[3];
+	uint64_t w[3], h;
 	uint16 port;
+	utp_src_slot *victim = NULL;
+	int i;
 	if (ctx->src == NULL) {
 		ctx->src = calloc(UTP_SRC_SLOTS, sizeof *ctx->src);
 		if (ctx->src == NULL)
@@ -162,7 +164,25 @@ static utp_src_slot *src_slot(utp_context *ctx, const struct sockaddr *a)
 	ensure_key(ctx);
 	addr_words(a, w, &port);
 	w[2] = 0x5352430000000000ull;  /* domain separation from cookies */
-	return &ctx->src[siphash_words(ctx->cookie_key, w, 3) & (UTP_SRC_SLOTS - 1)];
+	h = siphash_words(ctx->cookie_key, w, 3);
+	for (i = 0; i < UTP_SRC_PROBE; i++) {
+		utp_src_slot *sl = &ctx->src[(h + i) & (UTP_SRC_SLOTS - 1)];
+		if (sl->used && sl->addr[0] == w[0] && sl->addr[1] == w[1])
+			return sl;
+		if (!sl->used) {
+			if (victim == NULL || victim->used)
+				victim = sl;   /* the first free slot */
+		} else if (sl->half_open == 0 && (victim == NULL || (victim->used && sl->refill < victim->refill))) {
+			victim = sl;       /* else the stalest one without half-open sockets */
+		}
+	}
+	if (victim == NULL)
+		return NULL;   /* all hold half-open sockets of other sources: refused, as a full table */
+	memset(victim, 0, sizeof *victim);
+	victim->used = 1;
+	victim->addr[0] = w[0];
+	victim->addr[1] = w[1];
+	return victim;
 }
 
 void utp_accept_free(utp_context *ctx)

@@ -304,16 +304,22 @@ typedef struct {
 
 #define UTP_TIMEWAIT_MAX 256
 
-/* Per source address state of utp_accept.c, in a small table indexed by a
- * hash of the address (no port): addresses that collide share a slot, which
- * only makes the limits stricter for them. */
+/* Per source address state of utp_accept.c, in a small open-addressed table
+ * keyed by the address (no port).  Each address has a slot of its own: a
+ * flood source whose hash falls next to a legitimate client's must not
+ * drain that client's SYN-ACK budget.  When the UTP_SRC_PROBE slots an
+ * address may use are all taken, the one refilled longest ago that holds
+ * no half-open socket is reused (its source starts afresh). */
 typedef struct {
+	uint64 addr[2];            /* the source address, as addr_words() gives it */
 	uint64 refill;             /* last refill of tokens, microseconds */
 	uint32 tokens;             /* SYN replies this source may still get */
 	uint32 half_open;          /* accepted, unconfirmed sockets from here */
+	uint32 used;
 } utp_src_slot;
 
 #define UTP_SRC_SLOTS 1024
+#define UTP_SRC_PROBE 8
 
 struct struct_utp_context {
 	void *userdata;
