@@ -197,13 +197,6 @@ static void on_data(utp_socket *s, const utp_packet *pk)
 		utp_ack_defer(s);
 }
 
-/* An ACK with the deferred ones at the end of this batch of datagrams,
- * unless data carrying one leaves first (transmit clears ack_pending). */
-static void ack_now(utp_socket *s)
-{
-	utp_ack_defer(s);
-}
-
 static void on_connected(utp_socket *s, const utp_packet *pk)
 {
 	utp_context *ctx = s->ctx;
@@ -211,8 +204,9 @@ static void on_connected(utp_socket *s, const utp_packet *pk)
 	s->ack_nr = (uint16)(pk->seq_nr - 1);
 	s->syn_deadline = 0;
 	/* The third leg of the handshake: it tells the acceptor we have its
-	 * SYN-ACK, so data it holds for us may go (utp_out_flush). */
-	ack_now(s);
+	 * SYN-ACK, so data it holds for us may go (utp_out_flush).  Deferred
+	 * to the end of the batch: data written meanwhile carries it instead. */
+	utp_ack_defer(s);
 	if (s->syn_tries == 0)
 		utp_rtt_sample(s, (uint32)(ctx->now - s->syn_sent));  /* Karn: only if sent once */
 	s->want_writable = 0;
@@ -275,7 +269,7 @@ void utp_in_on_packet(utp_socket *s, const utp_packet *pk)
 	} else if (!s->is_acceptor && pk->type == ST_STATE && pk->ack_nr == s->syn_seq) {
 		/* The acceptor repeats its SYN-ACK while it holds data for us
 		 * unconfirmed (our confirming ACK was lost): confirm again. */
-		ack_now(s);
+		utp_ack_defer(s);
 	}
 
 	if (utp_out_on_ack(s, pk) != 0)
