@@ -17,7 +17,7 @@ from typing import Any, Union
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["BencodeError", "encode", "decode_untrusted", "decode_with_spans_untrusted",
-           "MAX_DEPTH", "MAX_SIZE"]
+           "decode_prefix_untrusted", "MAX_DEPTH", "MAX_SIZE"]
 
 MAX_DEPTH = 16      # KRPC nests three deep (dict > dict > list); 16 is generous
 MAX_SIZE = 65536    # one UDP datagram
@@ -46,6 +46,17 @@ def decode_untrusted(data: bytes, *, max_depth: int = MAX_DEPTH, max_size: int =
     if i != n:
         raise BencodeError(f"trailing data at offset {i}")
     return value
+
+
+def decode_prefix_untrusted(data: bytes, *, max_depth: int = MAX_DEPTH,
+                            max_size: int = MAX_SIZE) -> tuple[Any, int]:
+    """Decode the one canonical bencoded value at the start of ``data`` and
+    return it with the offset where it ends: for messages that put raw
+    bytes after a dictionary (BEP 9's ut_metadata data).  Raises
+    BencodeError as :func:`decode_untrusted` does, except for trailing
+    data."""
+    data = _input(data, max_size)
+    return _decode(data, 0, len(data), 0, max_depth)
 
 
 def decode_with_spans_untrusted(data: bytes, *, max_depth: int = MAX_DEPTH,

@@ -2,6 +2,7 @@
 
     bt create PATH -o OUT.torrent [--tracker URL]... [--piece-size N] [--private] [--pad-files]
     bt info X.torrent [--json]
+    bt magnet X.torrent [--peer HOST:PORT]...
     bt download X.torrent -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers] [--port N] [--seed] [--no-utp | --no-tcp]
     bt seed X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--no-utp | --no-tcp]
 
@@ -24,6 +25,7 @@ from _utpkit.errors import ProtocolError
 from .create import create_torrent, write_torrent
 from ._cli_run import add_parsers as add_run_parsers
 from ._cli_run import run as run_transfer
+from .magnet import magnet_from_metainfo
 from .metainfo import Metainfo, load_metainfo
 
 __all__ = ["main"]
@@ -65,8 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show what a .torrent holds")
     i.add_argument("torrent")
     i.add_argument("--json", action="store_true", help="print JSON")
+    mg = sub.add_parser("magnet", help="print a .torrent's magnet link")
+    mg.add_argument("torrent")
+    mg.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", type=_peer_arg,
+                    help="add an x.pe peer to the link (repeatable)")
     add_run_parsers(sub)
     return p
+
+
+def _peer_arg(text: str) -> tuple[str, int]:
+    from _utpkit.addr import parse_hostport
+    try:
+        return parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _describe(m: Metainfo) -> dict[str, Any]:
@@ -126,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             m = load_metainfo(args.output)
             print(f"{args.output}: {m.name}, {_human(m.total_length)} in {m.num_pieces} pieces "
                   f"of {_human(m.piece_length)}, info hash {m.info_hash.hex()}")
+        elif args.command == "magnet":
+            print(magnet_from_metainfo(load_metainfo(args.torrent), peers=tuple(args.peer)))
         else:
             m = load_metainfo(args.torrent)
             if args.json:

@@ -29,7 +29,8 @@ from .extensions import PeerExtensions
 from .peerwire import ConnectionClosed, PeerWire, RequestsDropped
 from .picker import PiecePicker, request_queue_depth
 from .wire import (Bitfield, Cancel, Extended, ExtensionHandshake, Have, HaveAll, HaveNone,
-                   Interested, NotInterested, Piece, Reject, Request, Unchoke, WireError)
+                   Interested, NotInterested, Piece, Reject, Request, Unchoke, Violation,
+                   WireError)
 
 __all__ = ["PeerLogic", "SwarmSide", "PeerClosed", "RateMeter", "Block", "expire_requests",
            "ASSUMED_RTT"]
@@ -37,6 +38,9 @@ __all__ = ["PeerLogic", "SwarmSide", "PeerClosed", "RateMeter", "Block", "expire
 #: The RTT assumed in the pipelining depth (request_queue_depth uses at
 #: least its 3 s queue time anyway, which dominates on loopback and LANs).
 ASSUMED_RTT = 0.1
+
+#: Have messages remembered from a peer before the metadata is known.
+_MAX_EARLY_HAVES = 1 << 16
 
 #: A block to store: (piece index, offset, data).
 Block = tuple[int, int, "bytes | memoryview"]
@@ -100,6 +104,11 @@ class PeerLogic:
         #: The BEP 10 extension handlers of this connection (set by the
         #: driver from the session's registry; None: extensions unused).
         self.extensions: PeerExtensions | None = None
+        # What the peer said it has before the torrent's metadata (a magnet
+        # link) gave the picker a shape: replayed by metadata_arrived().
+        self._early_bitfield: Bitfield | None = None
+        self._early_have_all = False
+        self._early_haves: set[int] = set()
 
     # ---- what a driver supplies --------------------------------------------------------
 
@@ -138,6 +147,10 @@ class PeerLogic:
         """Our pieces: have-all / have-none with the Fast Extension, else a
         bitfield (nothing when we have nothing)."""
         core, picker = self.core, self.torrent.picker
+        if picker is None:                  # a magnet link: nothing yet
+            if core.fast:
+                core.send(HaveNone())
+            return
         n = picker.geometry.num_pieces
         have = [i for i in range(n) if picker.has_piece(i)]
         if core.fast and len(have) == n:
@@ -184,8 +197,55 @@ class PeerLogic:
         self.torrent.picker.add_peer(self, bitfield, have_all=have_all)
         self.in_picker = True
 
+    def _on_early(self, ev: Any) -> bool:
+        """Availability before the metadata: kept for later.  True when
+        ``ev`` was such a message."""
+        if isinstance(ev, Bitfield):
+            self._early_bitfield = ev
+        elif isinstance(ev, HaveAll):
+            self._early_have_all = True
+        elif isinstance(ev, Have):
+            if len(self._early_haves) < _MAX_EARLY_HAVES:
+                self._early_haves.add(ev.index)
+        elif not isinstance(ev, HaveNone):
+            return False
+        return True
+
+    def metadata_arrived(self) -> None:
+        """The torrent's metadata and storage are ready: the core learns
+        the geometry, what the peer announced before goes into the picker
+        (a bitfield of the wrong size ends the connection), and we say what
+        we have (nothing, or what the check found, as Have messages)."""
+        t, core = self.torrent, self.core
+        core.set_geometry(t.geometry)
+        n = t.geometry.num_pieces
+        bf = self._early_bitfield
+        try:
+            if bf is not None:
+                core.check_bitfield(bf.bits)
+            bad = [i for i in self._early_haves if i >= n]
+            if bad:
+                raise WireError(Violation.BAD_INDEX, f"have {bad[0]} of a torrent with {n} pieces")
+        except WireError as exc:
+            self._count_violation(exc)
+            self.close(f"violation: {exc.reason}")
+            return
+        if bf is not None or self._early_have_all or self._early_haves:
+            self._ensure_in_picker(bf, have_all=self._early_have_all)
+            for i in sorted(self._early_haves):
+                t.picker.have(self, i)
+        self._early_bitfield, self._early_haves = None, set()
+        for i in range(n):
+            if t.picker.has_piece(i):
+                self.send(Have(i))
+        self.update_interest()
+        self.fill_requests()
+        self.kick()
+
     def _on_event(self, ev: Any) -> None:
         t, core = self.torrent, self.core
+        if t.picker is None and self._on_early(ev):
+            return
         if isinstance(ev, Bitfield):
             self._ensure_in_picker(ev)
             self.update_interest()
@@ -206,8 +266,12 @@ class PeerLogic:
         elif isinstance(ev, Request):
             self.requested()
         elif isinstance(ev, Unchoke):
+            if t.picker is None:
+                return
             t.choker.data_received(self, self.now())   # the snub clock restarts
         elif isinstance(ev, (Interested, NotInterested)):
+            if t.picker is None:
+                return
             t.choker.update(self, peer_interested=core.peer_interested)
             t.interest_changed()
         elif isinstance(ev, ConnectionClosed):

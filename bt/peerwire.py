@@ -255,6 +255,11 @@ class PeerWire:
         """The torrent's shape became known (metadata fetched)."""
         self.geometry = geometry
 
+    def check_bitfield(self, bits: bytes) -> None:
+        """WireError(BAD_BITFIELD) unless ``bits`` fits the geometry: for a
+        bitfield that arrived before the geometry was known."""
+        self._check_bitfield(bits)
+
     def statistics(self) -> dict[str, Any]:
         return {"state": str(self.state), "outstanding": len(self._outgoing),
                 "incoming_requests": len(self._incoming), **self.counters}

@@ -37,12 +37,14 @@ from _utpkit.excgroup import unwrapped
 from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
 from .extensions import ExtensionRegistry
 from .limits import RateLimits
+from .magnet import Magnet, parse_magnet
 from .metainfo import Metainfo, load_metainfo, parse_metainfo_untrusted
 from .peer import PeerConnection
 from .peerwire import HANDSHAKE_TIMEOUT, ConnectionClosed, PeerWire
 from .storage import AsyncTorrentStorage, StorageError
 from .storage_file import FileStorage
 from .torrent import StateListener, Torrent
+from .ut_metadata import UtMetadata
 from .wire import Handshake, WireError
 
 __all__ = ["Session", "SessionStatus", "open_session", "SessionError", "PEER_ID_PREFIX",
@@ -148,11 +150,13 @@ class Session:
         self.state_listeners: list[StateListener] = []
         #: The BEP 10 extensions offered on every new connection
         #: (:mod:`bt.extensions`); register more before adding torrents.
-        self.extensions = ExtensionRegistry()
+        self.extensions = ExtensionRegistry([UtMetadata()])
+        #: The DHT's per-torrent lookups and announces (None: no DHT).
+        self.dht_torrents: Any = None
 
     # ---- torrents ----------------------------------------------------------------------
 
-    async def add_torrent(self, source: str | os.PathLike[str] | bytes | Metainfo, *,
+    async def add_torrent(self, source: str | os.PathLike[str] | bytes | Metainfo | Magnet, *,
                           save_path: str | os.PathLike[str] | None = None,
                           trackers: Sequence[str | Sequence[str]] = (),
                           use_trackers: bool = True) -> Torrent:
@@ -161,8 +165,24 @@ class Session:
         session's download_dir), and start it, announcing to its trackers
         (BEP 12 tiers; ``trackers`` adds tiers after the torrent's own, a
         plain URL being a tier of its own; ``use_trackers=False``: none).
-        MetainfoError for a bad torrent, StorageError for unusable paths,
-        SessionError if it is already in the session."""
+
+        A magnet link (a ``"magnet:?..."`` string or a :class:`bt.magnet.Magnet`)
+        gives a torrent in state ``metadata`` (``has_metadata`` False)
+        that dials the link's ``x.pe`` peers, announces to its ``tr``
+        trackers and looks the infohash up in the DHT, fetches the info
+        dictionary with ut_metadata (BEP 9), then opens its storage and
+        goes on as any download (:meth:`Torrent.wait_metadata`).
+
+        MetainfoError for a bad torrent, MagnetError for a bad link,
+        StorageError for unusable paths, SessionError if it is already in
+        the session."""
+        where = os.fspath(save_path) if save_path is not None else self.download_dir
+        extra = [trackers] if isinstance(trackers, str) else trackers    # one URL given bare
+        extra_tiers = [[t] if isinstance(t, str) else list(t) for t in extra]
+        if isinstance(source, str) and source[:8].lower() == "magnet:?":
+            source = parse_magnet(source)
+        if isinstance(source, Magnet):
+            return self._add_magnet(source, where, extra_tiers, use_trackers)
         if isinstance(source, Metainfo):
             meta = source
         elif isinstance(source, (bytes, bytearray)):
@@ -171,19 +191,43 @@ class Session:
             meta = await trio.to_thread.run_sync(load_metainfo, source)
         if meta.info_hash in self.torrents:
             raise SessionError(f"torrent {meta.info_hash.hex()} is already in the session")
-        where = os.fspath(save_path) if save_path is not None else self.download_dir
-        backend = FileStorage(where, resume_dir=self.resume_dir)
+        storage, have = await self._open_storage(meta, where)
+        torrent = Torrent(self, meta, storage, have, save_path=where)
+        tiers = [*meta.trackers, *extra_tiers]
+        if use_trackers and tiers:
+            torrent.announcer = Announcer(torrent, self.trackers, tiers)
+        return self._start(torrent)
+
+    def _add_magnet(self, magnet: Magnet, where: str, extra_tiers: list[list[str]],
+                    use_trackers: bool) -> Torrent:
+        if magnet.info_hash in self.torrents:
+            raise SessionError(f"torrent {magnet.info_hash.hex()} is already in the session")
+        torrent = Torrent(self, None, None, magnet=magnet, save_path=where)
+        tiers = [*([t] for t in magnet.trackers), *extra_tiers]
+        if use_trackers and tiers:
+            torrent.announcer = Announcer(torrent, self.trackers, tiers)
+        self._start(torrent)
+        for addr in magnet.peers:
+            torrent.add_peer(addr)
+        return torrent
+
+    def _start(self, torrent: Torrent) -> Torrent:
+        self.torrents[torrent.info_hash] = torrent
+        self._nursery.start_soon(torrent.run)
+        if self.dht_torrents is not None:
+            self.dht_torrents.add(torrent)
+        return torrent
+
+    async def _open_storage(self, meta: Metainfo, where: str | None
+                            ) -> tuple[AsyncTorrentStorage, frozenset[int]]:
+        """Open ``meta``'s files under ``where`` (default: the download
+        directory) and check what is there already: (storage, pieces had)."""
+        backend = FileStorage(where if where is not None else self.download_dir,
+                              resume_dir=self.resume_dir)
         raw = await trio.to_thread.run_sync(backend.open_torrent, meta)
         storage = AsyncTorrentStorage(raw, self.disk_limiter)
         result = await storage.check()
-        torrent = Torrent(self, meta, storage, result.have)
-        extra = [trackers] if isinstance(trackers, str) else trackers    # one URL given bare
-        tiers = [*meta.trackers, *([t] if isinstance(t, str) else list(t) for t in extra)]
-        if use_trackers and tiers:
-            torrent.announcer = Announcer(torrent, self.trackers, tiers)
-        self.torrents[meta.info_hash] = torrent
-        self._nursery.start_soon(torrent.run)
-        return torrent
+        return storage, result.have
 
     async def remove_torrent(self, torrent: Torrent, *, delete_data: bool = False) -> None:
         """Remove ``torrent`` from the session: its connections closed (and
@@ -197,6 +241,8 @@ class Session:
             raise SessionError(f"torrent {torrent.info_hash.hex()} is not in this session")
         del self.torrents[torrent.info_hash]
         await torrent.stop()
+        if torrent.storage is None:
+            return                              # a magnet link without metadata: no files
         with contextlib.suppress(StorageError):
             await torrent.storage.aclose()      # a resume write failing does not matter now
         await torrent.storage.delete(data=delete_data)
@@ -356,6 +402,8 @@ class Session:
         connections have ended), and the HTTP tracker client."""
         await self.trackers.aclose()
         for torrent in self.torrents.values():
+            if torrent.storage is None:
+                continue
             with contextlib.suppress(StorageError):
                 await torrent.storage.aclose()
 

@@ -32,11 +32,13 @@ import trio
 from _utpkit.contract import StrEnum
 
 from .choker import ChokeDecision, Choker
-from .metainfo import Metainfo
+from .magnet import Magnet
+from .metainfo import Metainfo, MetainfoError, parse_info_untrusted
 from .peer import PeerConnection, RateMeter
 from .peerlogic import Block, expire_requests
 from .picker import PiecePicker
 from .storage import AsyncTorrentStorage, StorageError
+from .ut_metadata import FetchOutcome, MetadataFetcher
 from .wire import Choke, Geometry, Have, Unchoke
 
 if TYPE_CHECKING:
@@ -62,9 +64,11 @@ DISCONNECT_TIMEOUT = 10.0
 
 class TorrentState(StrEnum):
     """Where a torrent is.  Transitions, for an events notifier:
+    ``metadata`` -> ``checking`` (a magnet link's info dictionary arrived),
     ``checking`` -> ``downloading``/``seeding`` (started), ``downloading``
     -> ``seeding`` (completed), anything -> ``paused`` (paused) and back
     (resumed), anything -> ``error``, anything -> ``removed`` (stopped)."""
+    METADATA = "metadata"           # a magnet link: fetching the info dictionary (BEP 9)
     CHECKING = "checking"
     DOWNLOADING = "downloading"
     SEEDING = "seeding"
@@ -123,6 +127,9 @@ class TorrentStatus:
     #: Payload bytes exchanged with each peer, by peer id, ended
     #: connections included.
     transfers: tuple[PeerTransfer, ...] = ()
+    #: Fraction of the info dictionary fetched while ``metadata`` (a
+    #: magnet link), else None.
+    metadata_progress: float | None = None
 
 
 class Torrent:
@@ -130,14 +137,29 @@ class Torrent:
     :meth:`status`, :meth:`add_peer`, :meth:`wait_finished`, :meth:`pause`,
     :meth:`resume`, :meth:`force_recheck`, :attr:`counters`, :attr:`peers`."""
 
-    def __init__(self, session: "Session", meta: Metainfo, storage: AsyncTorrentStorage,
-                 have: frozenset[int]) -> None:
+    def __init__(self, session: "Session", meta: Metainfo | None,
+                 storage: AsyncTorrentStorage | None, have: frozenset[int] = frozenset(), *,
+                 magnet: Magnet | None = None, save_path: str | None = None) -> None:
         self.session = session
-        self.meta = meta
-        self.info_hash = meta.info_hash
-        self.geometry = Geometry(meta.total_length, meta.piece_length)
-        self.storage = storage
-        self.picker = PiecePicker(self.geometry, random.Random(), have=have)
+        #: The parsed torrent; None while a magnet link's metadata is fetched
+        #: (:attr:`has_metadata`, :meth:`wait_metadata`).
+        self.meta: Metainfo = meta          # type: ignore[assignment]
+        self.magnet = magnet
+        self.save_path = save_path
+        self.geometry: Geometry = None      # type: ignore[assignment]
+        self.storage: AsyncTorrentStorage = None    # type: ignore[assignment]
+        self.picker: PiecePicker = None     # type: ignore[assignment]
+        #: ut_metadata's assembly while the metadata is missing, else None.
+        self.metadata_fetcher: MetadataFetcher | None = None
+        if meta is not None:
+            assert storage is not None
+            self.info_hash = meta.info_hash
+            self._set_meta(meta, storage, have)
+        else:
+            if magnet is None:
+                raise TorrentError("a torrent needs its metainfo or a magnet link")
+            self.info_hash = magnet.info_hash
+            self.metadata_fetcher = MetadataFetcher(self.info_hash)
         self.choker = Choker(random.Random(), now=time.monotonic())
         self.peers: set[PeerConnection] = set()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -166,7 +188,100 @@ class Torrent:
         #: The torrent's trackers (set by the session; None: no announces).
         self.announcer: Announcer | None = None
         self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self._settle()
+
+    def _set_meta(self, meta: Metainfo, storage: AsyncTorrentStorage,
+                  have: frozenset[int]) -> None:
+        self.meta = meta
+        self.geometry = Geometry(meta.total_length, meta.piece_length)
+        self.storage = storage
+        self.picker = PiecePicker(self.geometry, random.Random(), have=have)
+
+    # ---- metadata (magnet links) -------------------------------------------------------
+
+    @property
+    def has_metadata(self) -> bool:
+        """Whether the info dictionary is known (always, unless the torrent
+        came from a magnet link and ut_metadata has not delivered it yet)."""
+        return self.meta is not None
+
+    @property
+    def name(self) -> str:
+        """The torrent's name: the info dictionary's, else the magnet
+        link's ``dn``, else the infohash in hex."""
+        if self.meta is not None:
+            return self.meta.name
+        return (self.magnet.name if self.magnet is not None and self.magnet.name
+                else self.info_hash.hex())
+
+    @property
+    def private(self) -> bool:
+        """BEP 27: a private torrent uses its trackers only (no DHT, no
+        PEX).  Unknown before the metadata: a magnet link is public until
+        the info dictionary says otherwise."""
+        return self.meta is not None and self.meta.private
+
+    @property
+    def info_bytes(self) -> bytes | None:
+        """The raw info dictionary (what ut_metadata serves), None while
+        it is being fetched."""
+        return self.meta.info_bytes if self.meta is not None else None
+
+    async def wait_metadata(self) -> None:
+        """Return once the info dictionary is known and the storage open
+        (at once for a .torrent); TorrentError if the torrent fails or is
+        removed first."""
+        while self.picker is None:
+            if self.error is not None:
+                raise TorrentError(self.error)
+            self._ensure_not_removed("wait for")
+            await self._changed.wait()
+
+    def metadata_fetched(self, outcome: FetchOutcome) -> None:
+        """From ut_metadata: the verified info dictionary, or a hash
+        mismatch (the peers proven to have lied are closed)."""
+        if outcome.info_bytes is None:
+            self.counters["metadata.hash_failures"] += 1
+            for liar in outcome.liars:
+                self.counters["metadata.liars"] += 1
+                peer = getattr(liar, "peer", None)
+                if peer is not None:
+                    peer.close("bad metadata")
+            return
+        if self.meta is not None or self._nursery is None:
+            return
+        self._nursery.start_soon(self._metadata_arrived, outcome.info_bytes)
+
+    async def _metadata_arrived(self, info_bytes: bytes) -> None:
+        """Parse the info dictionary, open and check the storage, then
+        carry on as a normal download with the connections we have."""
+        tiers = [[t] for t in self.magnet.trackers] if self.magnet is not None else []
+        self.metadata_fetcher = None
+        try:
+            meta = parse_info_untrusted(info_bytes, trackers=tiers)
+        except MetainfoError as exc:
+            self.error = f"the torrent's metadata is unusable: {exc}"
+            self._settle()
+            for peer in list(self.peers):
+                peer.close("torrent error")
+            return
+        self.counters["metadata.fetched"] += 1
+        self._checking = True
+        self.meta = meta
+        self._settle()
+        try:
+            storage, have = await self.session._open_storage(meta, self.save_path)
+        except StorageError as exc:
+            self._checking = False
+            self.fail(exc)
+            return
+        self._set_meta(meta, storage, have)
+        self._checking = False
+        self._settle()
+        for peer in list(self.peers):
+            peer.metadata_arrived()
+        self._wake()
 
     # ---- public ------------------------------------------------------------------------
 
@@ -176,17 +291,19 @@ class Torrent:
 
     @property
     def wants_data(self) -> bool:
+        # (never before the metadata: there is nothing to request yet)
         return self.state is TorrentState.DOWNLOADING
 
     @property
     def active(self) -> bool:
         """Whether the torrent takes part in the swarm now: connections
         accepted and dialed, rechokes run (downloading or seeding)."""
-        return self.state in (TorrentState.DOWNLOADING, TorrentState.SEEDING)
+        return self.state in (TorrentState.DOWNLOADING, TorrentState.SEEDING,
+                              TorrentState.METADATA)
 
     @property
     def finished(self) -> bool:
-        return self.picker.complete
+        return self.picker is not None and self.picker.complete
 
     @property
     def banned(self) -> set[str]:
@@ -208,13 +325,18 @@ class Torrent:
             self.known_peers[addr] = None
 
     def _bytes_have(self) -> int:
+        if self.picker is None:
+            return 0
         return sum(self.geometry.piece_size(i) for i in range(self.geometry.num_pieces)
                    if self.picker.has_piece(i))
 
     def status_counts(self) -> tuple[int, int, int]:
         """(uploaded, downloaded, left) in bytes, as a tracker announce
         reports them: ``left`` without BEP 47 pad files (zeros nobody
-        sends), as libtorrent counts it."""
+        sends), as libtorrent counts it; before a magnet link's metadata,
+        16 KiB (unknown, but not zero: a tracker takes zero for a seed)."""
+        if self.picker is None:
+            return self.up.total, self.down.total, 16384
         pl = self.meta.piece_length
         left = 0
         for f in self.meta.files:
@@ -227,24 +349,31 @@ class Torrent:
         return self.up.total, self.down.total, left
 
     def status(self) -> TorrentStatus:
-        total = self.meta.total_length
+        total = self.meta.total_length if self.picker is not None else 0
         have = self._bytes_have()
         eta: float | None = None
         if self.state is TorrentState.DOWNLOADING and self._down_rate > 0:
             eta = (total - have) / self._down_rate
         checking = None
-        if self.state is TorrentState.CHECKING:
+        if self.state is TorrentState.CHECKING and self.geometry is not None:
             checking = self._check_done / max(1, self.geometry.num_pieces)
         assert self.state is not None
+        fetcher = self.metadata_fetcher
+        if self.picker is None:
+            progress = 0.0
+        else:
+            progress = have / total if total else 1.0
         return TorrentStatus(
-            state=self.state, progress=have / total if total else 1.0,
-            pieces_have=self.picker.num_have, pieces_total=self.geometry.num_pieces,
+            state=self.state, progress=progress,
+            pieces_have=self.picker.num_have if self.picker is not None else 0,
+            pieces_total=self.geometry.num_pieces if self.geometry is not None else 0,
             bytes_have=have, bytes_total=total, download_rate=self._down_rate,
             upload_rate=self._up_rate, downloaded=self.down.total, uploaded=self.up.total,
             peers=len(self.peers), peers_utp=sum(1 for p in self.peers if p.transport == "utp"),
             eta=eta, error=self.error, checking_progress=checking, counters=dict(self.counters),
             trackers=self.announcer.status() if self.announcer is not None else (),
-            transfers=self._transfers())
+            transfers=self._transfers(),
+            metadata_progress=fetcher.progress if fetcher is not None else None)
 
     def _transfers(self) -> tuple[PeerTransfer, ...]:
         totals = dict(self._ended)
@@ -266,6 +395,8 @@ class Torrent:
             new = TorrentState.CHECKING
         elif self._paused:
             new = TorrentState.PAUSED
+        elif self.picker is None:
+            new = TorrentState.METADATA
         elif self.picker.complete:
             new = TorrentState.SEEDING
         else:
@@ -288,6 +419,8 @@ class Torrent:
         self._paused = True
         self._settle()
         await self._disconnect_all("paused")
+        if self.storage is None:
+            return
         try:
             await self.storage.save_resume()
         except StorageError as exc:
@@ -313,8 +446,10 @@ class Torrent:
         check puts the torrent in the error state (TorrentError is not
         raised: the state and :attr:`error` say it)."""
         self._ensure_not_removed("recheck")
+        if self.picker is None:
+            raise TorrentError(f"torrent {self.name} has no metadata yet: nothing to check")
         if self._checking:
-            raise TorrentError(f"torrent {self.meta.name} is already being checked")
+            raise TorrentError(f"torrent {self.name} is already being checked")
         self._checking = True
         self._check_done = 0
         self.error = None
@@ -340,7 +475,7 @@ class Torrent:
 
     def _ensure_not_removed(self, what: str) -> None:
         if self._removed:
-            raise TorrentError(f"cannot {what} torrent {self.meta.name}: it was removed")
+            raise TorrentError(f"cannot {what} torrent {self.name}: it was removed")
 
     def _redial(self) -> None:
         for addr in self.known_peers:
@@ -369,7 +504,7 @@ class Torrent:
     async def wait_finished(self) -> None:
         """Return once every piece is verified; TorrentError if the torrent
         stops with an error or is removed first (a pause just waits)."""
-        while not self.picker.complete:
+        while not self.finished:
             if self.error is not None:
                 raise TorrentError(self.error)
             self._ensure_not_removed("wait for")
@@ -382,6 +517,7 @@ class Torrent:
         maintain once a second while active."""
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
+            self._nursery = nursery
             if self._removed:
                 nursery.cancel_scope.cancel()
             nursery.start_soon(self._dialer, nursery)
@@ -408,6 +544,10 @@ class Torrent:
     def _tick(self, now: float) -> None:
         self._down_rate = self.down.rate(now)
         self._up_rate = self.up.rate(now)
+        if self.picker is None:
+            for peer in list(self.peers):
+                peer.tick(now)          # keep-alives, ut_metadata's timeouts
+            return
         expire_requests(self, now, PIECE_TIMEOUT)
         for peer in list(self.peers):
             peer.tick(now)
@@ -430,6 +570,8 @@ class Torrent:
         """A peer became (un)interested: with an upload slot free, rechoke
         now rather than at the next 10 s tick (a new leecher should not
         wait 10 s for its first block)."""
+        if self.picker is None:
+            return
         interested = sum(1 for p in self.peers if p.core.peer_interested)
         unchoked = self.choker.unchoked
         if len(unchoked) < min(self.choker.slots + 1, interested) \
