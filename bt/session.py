@@ -35,6 +35,7 @@ from _utpkit.addr import unmap_host
 from _utpkit.excgroup import unwrapped
 
 from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
+from .dht_torrents import SessionDHT
 from .extensions import ExtensionRegistry
 from .limits import RateLimits
 from .magnet import Magnet, parse_magnet
@@ -151,8 +152,10 @@ class Session:
         #: The BEP 10 extensions offered on every new connection
         #: (:mod:`bt.extensions`); register more before adding torrents.
         self.extensions = ExtensionRegistry([UtMetadata()])
-        #: The DHT's per-torrent lookups and announces (None: no DHT).
-        self.dht_torrents: Any = None
+        #: The session's DHT node (:class:`dht.DHTNode`; None: no DHT) and
+        #: its torrents' announce loops.
+        self.dht: Any = None
+        self.dht_torrents: SessionDHT | None = None
 
     # ---- torrents ----------------------------------------------------------------------
 
@@ -436,12 +439,47 @@ async def _bind_both(stack: contextlib.AsyncExitStack, host: str | None, port: i
 
 
 @contextlib.asynccontextmanager
+async def _open_dht(endpoint: Any, bootstrap: Sequence[tuple[str, int]],
+                    state_file: str | os.PathLike[str] | None, resume_dir: str
+                    ) -> AsyncIterator[Any]:
+    import dht as _dht
+    if state_file is None:
+        try:
+            os.makedirs(resume_dir, exist_ok=True)
+        except OSError as exc:
+            raise SessionError(f"cannot create {resume_dir} for the DHT state: {exc}") from None
+        state_file = os.path.join(resume_dir, "dht.json")
+    boot = []
+    for b in bootstrap:
+        try:
+            boot.append((str(b[0]), int(b[1])))
+        except (TypeError, ValueError, IndexError):
+            raise SessionError(f"DHT bootstrap node must be (host, port), not {b!r}") from None
+    try:
+        cm = _dht.open_node(endpoint, bootstrap=boot, state_file=os.fspath(state_file),
+                            wait_bootstrap=False)
+        node = await cm.__aenter__()
+    except RuntimeError as exc:         # the Endpoint's DHT datagrams have an owner
+        raise SessionError(f"cannot run a DHT node on this Endpoint: {exc}") from None
+    try:
+        yield node
+    except BaseException as exc:
+        if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await cm.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
 async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[str] = ".",
                        port: int = 0, utp: bool = True, tcp: bool = True,
                        host: str | None = None, resume_dir: str | os.PathLike[str] | None = None,
                        peer_id: bytes | None = None, upload_limit: float | None = None,
                        download_limit: float | None = None,
-                       tracker_timeout: float = 15.0) -> AsyncIterator[Session]:
+                       tracker_timeout: float = 15.0, dht: bool | None = None,
+                       dht_bootstrap: Sequence[tuple[str, int]] = (),
+                       dht_state_file: str | os.PathLike[str] | None = None
+                       ) -> AsyncIterator[Session]:
     """Run a BitTorrent session for the duration of the block.
 
     ``endpoint``: a running :class:`utp.Endpoint` to share (its port number
@@ -453,6 +491,15 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     ``DOWNLOAD_DIR/.bt-resume``).  ``upload_limit`` / ``download_limit``:
     global rates in bytes/s for all torrents (None: unlimited), changeable
     later with :meth:`Session.set_limits`.
+
+    ``dht``: run a Mainline DHT node (BEP 5) on the session's Endpoint
+    (the one UDP port), used by every public torrent (:mod:`bt.dht_torrents`);
+    default on when the session opens its own Endpoint, off when given one
+    (whose owner may run a node on it already).  ``dht_bootstrap``: the
+    ``(host, port)`` nodes to start from -- none by default: nothing is
+    contacted that the caller did not name.  ``dht_state_file`` keeps the
+    node id and routing table across runs (default
+    ``RESUME_DIR/dht.json``).
 
     Resource handling: the endpoint (if opened here), the listeners, every
     connection and torrent belong to the block; leaving it closes them and
@@ -470,6 +517,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     limits = RateLimits(_check_rate("upload", upload_limit), _check_rate("download", download_limit))
     async with unwrapped(), contextlib.AsyncExitStack() as stack:
         tcp_listeners: list[trio.SocketListener] = []
+        own_endpoint = endpoint is None
         if endpoint is None and utp:
             endpoint, tcp_listeners = await _bind_both(stack, host, port, tcp)
         elif tcp:
@@ -484,11 +532,21 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
             real_port = int(endpoint.local_address[1])
         else:
             real_port = int(tcp_listeners[0].socket.getsockname()[1])
+        node = None
+        if dht is None:
+            dht = own_endpoint
+        if dht and utp and endpoint is not None:
+            node = await stack.enter_async_context(
+                _open_dht(endpoint, dht_bootstrap, dht_state_file, rdir))
         session: Session | None = None
         try:
             async with trio.open_nursery() as nursery:
                 session = Session(nursery, endpoint if utp else None, real_port, download_dir,
                                   rdir, utp, tcp, pid, limits, tracker_timeout)
+                if node is not None:
+                    session.dht = node
+                    session.dht_torrents = SessionDHT(session, node, nursery)
+                    nursery.start_soon(session.dht_torrents.follow_external_address)
                 if utp:
                     listener = endpoint.listener or endpoint.listen()
                     nursery.start_soon(session._accept_loop, listener, "utp")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
+from _utpkit.addr import unmap_host
 from _utpkit.contract import StrEnum
 
 from .choker import ChokeDecision, Choker
@@ -319,6 +320,31 @@ class Torrent:
         a = (addr[0], int(addr[1]))
         self._remember(a)
         self._peer_send.send_nowait(a)
+
+    def offer_peers(self, peers: Any, source: str) -> int:
+        """Peers learned from ``source`` ("dht", "pex", ...): each one not
+        connected, not ourselves and not banned is dialed (:meth:`add_peer`)
+        and counted as ``{source}.peers``.  Returns how many were taken."""
+        ours = self.listen_port
+        own_ips = {"0.0.0.0", "::", "::1"}
+        ep = self.session.endpoint
+        if ep is not None:
+            own_ips.add(str(ep.local_address[0]))
+            ext = ep.external_address
+            if ext is not None:
+                own_ips.add(str(ext[0]))
+        connected = {(str(p.addr[0]), int(p.addr[1])) for p in self.peers}
+        taken = 0
+        for host, port in peers:
+            host, port = unmap_host(str(host)), int(port)
+            if not 0 < port < 65536 or (host, port) in connected or host in self.banned:
+                continue
+            if port == ours and (host in own_ips or host.startswith("127.")):
+                continue                    # ourselves, as the DHT or a tracker lists us
+            self.counters[f"{source}.peers"] += 1
+            self.add_peer((host, port))
+            taken += 1
+        return taken
 
     def _remember(self, addr: tuple[Any, ...]) -> None:
         if addr not in self.known_peers and len(self.known_peers) < MAX_KNOWN_PEERS:

@@ -27,7 +27,7 @@ from _utpkit.excgroup import unwrapped
 from ._core import (AddressReported, DHTCore, ExternalAddressChanged, LookupDone, PeersFound,
                     PingDone)
 from ._table import load_state, save_state
-from ._wire import ID_LEN, Addr
+from ._wire import ID_LEN, Addr, unpack_addr_untrusted
 
 __all__ = ["open_node", "DHTNode", "PeerSearch", "DHTAnnounceResult", "parse_hostport"]
 
@@ -135,6 +135,8 @@ class DHTNode:
         self.external_address: Optional[Addr] = None
         self.send_errors = 0
         self.closed = False
+        #: Whether the id may change to a BEP 42 id (not when the caller fixed it).
+        self._auto_id = True
 
     def _check_open(self) -> None:
         if self.closed:
@@ -295,6 +297,45 @@ class DHTNode:
                               tuple(n for r in w.results for n in r.nodes),
                               tuple(e for r in w.results for e in r.announce_errors))
 
+    def announce_search(self, infohash: bytes, port: int | None = None, *,
+                        family: int | None = None) -> PeerSearch:
+        """get_peers and announce_peer in one traversal (what a BitTorrent
+        client does each announce interval): iterate for the peers found on
+        the way; the iteration ends once the announce went out.  ``port``
+        None sends ``implied_port=1`` (see :meth:`announce`)."""
+        self._check_open()
+        _check_id(infohash)
+        now = trio.current_time()
+        local_port = int(self.endpoint.local_address[1]) or None
+        ids = [self.core.announce(infohash, now, port, f, local_port=local_port)
+               for f in self._families(family)]
+        return PeerSearch(self, self._track(ids))
+
+    def adopt_external_address(self, host: str) -> bool:
+        """Another source (the Endpoint's tally of every report) says our
+        public IP is ``host``: take a BEP 42 id for it unless ours already
+        matches (or ``host`` is local, or the id was given explicitly).
+        True when the id changed."""
+        self._check_open()
+        if not self._auto_id:
+            return False
+        changed = self.core.adopt_secure_id(host, trio.current_time())
+        self._pump()
+        return changed
+
+    def stored_peers(self, infohash: bytes, limit: int = 100) -> list[Addr]:
+        """Peers that announced ``infohash`` to this node (our own store,
+        which no lookup of ours asks: in a small DHT we may be the node
+        closest to the infohash)."""
+        now = trio.current_time()
+        out: list[Addr] = []
+        for fam in self.core.families:
+            for raw in self.core.store.get(bytes(infohash), now, fam, limit, self.core.rng):
+                a = unpack_addr_untrusted(raw)
+                if a is not None:
+                    out.append(a)
+        return out
+
     async def find_node(self, target: bytes, *, family: int | None = None) -> list[tuple[bytes, Addr]]:
         """The k closest nodes to ``target`` that answered, closest first."""
         self._check_open()
@@ -385,6 +426,7 @@ async def open_node(endpoint: Any, *, bootstrap: Iterable[Addr] = (), node_id: b
                    **{"auto_secure_id": node_id_given is None, **core_options})
     queue = endpoint.datagram_queue("dht", maxlen=queue_size)
     node = DHTNode(endpoint, core, queue, dual=is_v6)
+    node._auto_id = node_id_given is None
     try:
         # The node's nursery is ours: an exception from the caller's block
         # comes out as itself, not in a group (trio >= 0.25).

@@ -293,3 +293,23 @@ async def test_a_peer_serving_a_false_info_dict_is_dropped(tmp_path):
         assert leech.counters["metadata.fetched"] == 1
         assert leech.counters["closed.bad metadata"] == 1
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
+
+
+async def test_magnet_through_our_dht_only(tmp_path):
+    """No x.pe, no tracker: the leecher's only lead is the seed's DHT node
+    (its bootstrap node); the seed announces with implied_port, the leecher
+    finds it and fetches metadata and data."""
+    src, names, data = bt_content(tmp_path, [60_000, 30_000])
+    meta = parse_metainfo_untrusted(data)
+    async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as seed_ses:
+        assert seed_ses.dht is not None
+        await seed_ses.add_torrent(data)
+        async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1",
+                                   dht_bootstrap=[("127.0.0.1", seed_ses.port)]) as leech_ses:
+            leech = await leech_ses.add_torrent(str(magnet_from_metainfo(meta)))
+            with trio.fail_after(90):
+                await leech.wait_finished()
+            assert leech.counters["dht.peers"] >= 1
+            assert leech_ses.counters["connections.utp"] >= 1       # uTP first
+    assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
+    assert (tmp_path / "dl" / ".bt-resume" / "dht.json").exists()
