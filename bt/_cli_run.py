@@ -1,13 +1,21 @@
 """``bt download`` and ``bt seed``: one torrent, one session, a progress
 line on stderr.
 
-    bt download X.torrent -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers]
+    bt download X.torrent|MAGNET -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers]
                 [--port N] [--seed] [--no-utp | --no-tcp]
+                [--dht-bootstrap HOST:PORT]... [--no-dht]
                 [--max-upload-rate RATE] [--max-download-rate RATE]
     bt seed X.torrent -d DIR [same options as download, but --seed]
 
 The torrent's trackers (BEP 12 tiers; http, https and udp) are announced
-to unless ``--no-trackers``; ``--tracker`` adds one more tier each.  A
+to unless ``--no-trackers``; ``--tracker`` adds one more tier each.
+
+``download`` takes a magnet link (``"magnet:?xt=urn:btih:..."``) instead
+of a file: its ``x.pe`` peers are dialed, its ``tr`` trackers announced to,
+and the DHT searched; the info dictionary comes from peers (ut_metadata)
+and the progress line shows ``metadata`` until it is here.  The DHT runs
+unless ``--no-dht``; it knows no node until ``--dht-bootstrap`` names one
+(no public host is ever contacted by default).  A
 tracker's state changes (working, failing with the reason, a warning)
 are printed as lines of their own.
 
@@ -66,7 +74,8 @@ def add_parsers(sub: Any) -> None:
     for name, what in (("download", "download a torrent (and optionally keep seeding)"),
                        ("seed", "check the data of a torrent and serve it")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("torrent", help="the .torrent file")
+        p.add_argument("torrent", help="the .torrent file" + (
+            " or a magnet link (quote it)" if name == "download" else ""))
         p.add_argument("-d", "--dir", required=True, metavar="DIR",
                        help="the download directory (the torrent's files go under it)")
         p.add_argument("--peer", action="append", default=[], type=_peer, metavar="HOST:PORT",
@@ -86,6 +95,10 @@ def add_parsers(sub: Any) -> None:
                        help="upload limit in bytes/s, K/M/G suffixes allowed (default: none)")
         p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
                        help="download limit in bytes/s, K/M/G suffixes allowed (default: none)")
+        p.add_argument("--dht-bootstrap", action="append", default=[], type=_peer,
+                       metavar="HOST:PORT",
+                       help="a DHT node to start from (repeatable; default: none)")
+        p.add_argument("--no-dht", action="store_true", help="do not run a DHT node")
         g = p.add_mutually_exclusive_group()
         g.add_argument("--no-utp", action="store_true", help="TCP only")
         g.add_argument("--no-tcp", action="store_true", help="uTP only")
@@ -109,7 +122,12 @@ def _eta(seconds: float | None) -> str:
 
 
 def status_line(st: Any) -> str:
-    """One line of progress: done/total, rates, peers, ETA."""
+    """One line of progress: done/total, rates, peers, ETA (while a magnet
+    link's metadata is fetched: how much of it, and the peers)."""
+    if st.state == "metadata":
+        got = st.metadata_progress or 0.0
+        return (f"metadata {got * 100:5.1f}% (fetching the info dictionary)"
+                f" peers {st.peers} ({st.peers_utp} uTP)")
     return (f"{st.state} {st.progress * 100:5.1f}% {_human(st.bytes_have)}/{_human(st.bytes_total)}"
             f" down {_human(st.download_rate)}/s up {_human(st.upload_rate)}/s"
             f" peers {st.peers} ({st.peers_utp} uTP) eta {_eta(st.eta)}")
@@ -179,14 +197,31 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
     async with open_session(download_dir=args.dir, port=args.port, host=args.bind,
                             utp=not args.no_utp, tcp=not args.no_tcp,
                             upload_limit=args.max_upload_rate or None,
-                            download_limit=args.max_download_rate or None) as session:
+                            download_limit=args.max_download_rate or None,
+                            dht=not args.no_dht and not args.no_utp,
+                            dht_bootstrap=args.dht_bootstrap) as session:
         torrent = await session.add_torrent(args.torrent, trackers=args.tracker,
                                             use_trackers=not args.no_trackers)
+        dialed = not torrent.has_metadata
+        if dialed:
+            _say(f"{torrent.name}: magnet link, fetching the metadata from peers; "
+                 f"listening on port {session.port}")
+            for addr in args.peer:
+                torrent.add_peer(addr)
+            while not torrent.has_metadata or torrent.picker is None:
+                st = torrent.status()
+                if st.error is not None:
+                    progress.end()
+                    raise TorrentError(st.error)
+                progress.show(st, trio.current_time())
+                with trio.move_on_after(1.0 if progress.tty else min(1.0, args.status_interval)):
+                    await torrent.wait_metadata()
+            progress.end()
         st = torrent.status()
-        _say(f"{torrent.meta.name}: {st.pieces_have}/{st.pieces_total} pieces "
+        _say(f"{torrent.name}: {st.pieces_have}/{st.pieces_total} pieces "
              f"({_human(st.bytes_have)} of {_human(st.bytes_total)}) already here; "
              f"listening on port {session.port}")
-        for addr in args.peer:
+        for addr in args.peer if not dialed else ():
             torrent.add_peer(addr)
         tick = 1.0 if progress.tty else min(1.0, args.status_interval)
         said: dict[str, tuple[Any, ...]] = {}
@@ -201,7 +236,7 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
                 done["complete"] = True
                 progress.show(st, now, force=True)
                 progress.end()
-                _say(f"{torrent.meta.name}: complete, every piece verified"
+                _say(f"{torrent.name}: complete, every piece verified"
                      + ("; seeding until interrupted" if keep_seeding else ""))
                 if not keep_seeding:
                     return 0
@@ -243,7 +278,17 @@ def run(args: argparse.Namespace) -> int:
     from .torrent import TorrentError
 
     prog = f"bt {args.command}"
-    if not os.path.isfile(args.torrent):
+    if args.torrent[:8].lower() == "magnet:?":
+        from .magnet import MagnetError, parse_magnet
+        try:
+            parse_magnet(args.torrent)
+        except MagnetError as exc:
+            _say(f"{prog}: {exc}")
+            return 1
+        if args.command == "seed":
+            _say(f"{prog}: a magnet link has no data to seed; use bt download --seed")
+            return 1
+    elif not os.path.isfile(args.torrent):
         _say(f"{prog}: {args.torrent}: no such file")
         return 1
     done = {"complete": False, "interrupted": False}

@@ -159,3 +159,38 @@ def test_seed_upload_limit_slows_the_download(tmp_path, content):
     finally:
         seed.send_signal(signal.SIGINT)
         seed.communicate(timeout=TIMEOUT)
+
+
+@pytest.mark.slow
+def test_download_a_magnet_link_found_through_the_dht(tmp_path, content):
+    """``bt download MAGNET`` with only ``--dht-bootstrap`` (the seed's
+    DHT node): the progress shows the metadata phase, then the data."""
+    from bt.magnet import magnet_from_metainfo
+    from bt.metainfo import load_metainfo
+    src, torrent = content
+    link = str(magnet_from_metainfo(load_metainfo(torrent)))
+    seed = bt_popen("seed", torrent, "-d", src.parent, "--bind", "127.0.0.1",
+                    "--status-interval", "0.5")
+    try:
+        port, _ = _listening_port(seed)
+        r = bt_run("download", link, "-d", tmp_path / "dl", "--bind", "127.0.0.1",
+                   "--dht-bootstrap", f"127.0.0.1:{port}", "--status-interval", "0.2")
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.splitlines()
+        assert lines[0].startswith("stuff: magnet link, fetching the metadata"), lines[0]
+        assert any(ln.startswith("metadata ") for ln in lines), r.stderr
+        assert "complete, every piece verified" in r.stderr
+        for rel in ("a.bin", "in/b.bin"):
+            assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+    finally:
+        seed.kill()
+        seed.wait()
+
+
+def test_bad_magnet_links_are_one_line_errors(tmp_path):
+    r = bt_run("download", "magnet:?xt=urn:btih:1234", "-d", tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("bt download: xt: ")
+    r = bt_run("download", "magnet:?xt=urn:btih:" + "a" * 40, "-d", tmp_path,
+               "--dht-bootstrap", "nohost:1")
+    assert r.returncode == 2 and "literal IP" in r.stderr
