@@ -415,6 +415,9 @@ class Announcer:
             t.tracker_id = result.tracker_id
         if event is AnnounceEvent.STARTED:
             t.started = True
+        ext = getattr(result, "external_ip", None)
+        if ext is not None:         # BEP 24: one more vote for our external address
+            self._torrent.session.vote_external_address(ext, (t.url,), source="tracker")
         self._torrent.counters["tracker.announces"] += 1
         return result
 

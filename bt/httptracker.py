@@ -71,6 +71,9 @@ class HTTPAnnounceResult:
     complete: int | None = None
     incomplete: int | None = None
     dropped: int = 0
+    #: BEP 24 ``external ip``: the address the tracker saw us come from (a
+    #: vote for our external address), when it says.
+    external_ip: str | None = None
 
 
 class TrackerRefused(TrackerError):
@@ -191,12 +194,15 @@ def parse_announce_response(body: bytes, *, url: str = "") -> HTTPAnnounceResult
     if tid is not None and not isinstance(tid, bytes):
         raise RemoteProtocolError(f"tracker {url}: 'tracker id' is not a string")
     warning = d.get(b"warning message")
+    ext = d.get(b"external ip")
+    external_ip = str(ipaddress.ip_address(ext)) \
+        if isinstance(ext, bytes) and len(ext) in (4, 16) else None
     return HTTPAnnounceResult(
         interval=DEFAULT_INTERVAL if interval is None else interval, min_interval=min_interval,
         peers=tuple(peers), tracker_id=tid or None,
         warning=None if warning is None else _text(warning, url, "warning message"),
         complete=_int(d, b"complete", url), incomplete=_int(d, b"incomplete", url),
-        dropped=dropped)
+        dropped=dropped, external_ip=external_ip)
 
 
 def _check_url(url: str) -> None:

@@ -288,10 +288,14 @@ class Session:
 
     # ---- connections -------------------------------------------------------------------
 
-    def vote_external_address(self, ip: str, reporter: tuple[Any, ...]) -> None:
-        """A peer told us (BEP 10 ``yourip``) where it sees us."""
+    def vote_external_address(self, ip: str, reporter: tuple[Any, ...], *,
+                              source: str = "bt") -> None:
+        """A peer (BEP 10 ``yourip``) or a tracker (BEP 24 ``external
+        ip``) told us where it sees us: one vote in the Endpoint's tally,
+        which the DHT node's ``ip`` reports join too.  The port is ours:
+        BitTorrent reports carry the IP only."""
         if self.endpoint is not None:
-            self.endpoint.vote_external_address((ip, self.port), reporter=reporter, source="bt")
+            self.endpoint.vote_external_address((ip, self.port), reporter=reporter, source=source)
 
     async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> None:
         """Dial ``addr`` for ``torrent`` (uTP, then TCP) and run the

@@ -245,6 +245,10 @@ async def test_our_leecher_fetches_metadata_and_data_by_magnet(tmp_path):
             await leech.wait_finished()
         assert leech.counters["metadata.fetched"] == 1
         assert leech.status().transfers[0].downloaded >= meta.total_length
+        # each side's BEP 10 yourip is a vote in the other's Endpoint tally
+        votes = leech_ses.endpoint.statistics()["external_address"]
+        assert votes["by_source"].get("bt", 0) >= 1
+        assert votes["winner"] == ("127.0.0.1", leech_ses.port)
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
 
 
@@ -295,6 +299,7 @@ async def test_a_peer_serving_a_false_info_dict_is_dropped(tmp_path):
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
 
 
+@pytest.mark.slow
 async def test_magnet_through_our_dht_only(tmp_path):
     """No x.pe, no tracker: the leecher's only lead is the seed's DHT node
     (its bootstrap node); the seed announces with implied_port, the leecher

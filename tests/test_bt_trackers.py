@@ -83,7 +83,12 @@ def test_parse_compact_peers6_and_dictionary_peers():
         {"ip": b"host.example", "port": 5},          # a name: not dialled
         {"ip": b"10.0.0.3", "port": 0}]))            # no port
     assert r.peers == (("10.0.0.2", 51413), ("::1", 1)) and r.dropped == 2
-    assert r.min_interval is None and r.warning is None
+    assert r.min_interval is None and r.warning is None and r.external_ip is None
+    # BEP 24: the address the tracker saw us at (a vote for our external address)
+    r = parse_announce_response(_answer(interval=60, peers=b"", external_ip=bytes([203, 0, 113, 9])))
+    assert r.external_ip == "203.0.113.9"
+    r = parse_announce_response(_answer(interval=60, peers=b"", external_ip=b"bad"))
+    assert r.external_ip is None
 
 
 def test_parse_failure_reason_and_malformed_answers():
