@@ -1,4 +1,5 @@
 """``python -m bt.bench``: BitTorrent download speed and cost on loopback.
+(``--magnet``: time from a magnet link to the first byte, :mod:`bt.bench_magnet`.)
 
 In one run, one single-file torrent of random data (512 MiB; ``--quick``:
 64 MiB) is downloaded, seed to leecher, in six pairings:
@@ -429,6 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     ap.add_argument("--size-mib", type=int, help=argparse.SUPPRESS)     # the smoke test's tiny run
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--magnet", action="store_true",
+                    help="instead: seconds from a magnet link to metadata, first byte and "
+                         "finished, DHT only (python -m bt.bench --magnet --help)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--magnet" in argv:
+        from .bench_magnet import main as magnet_main
+        argv.remove("--magnet")
+        return magnet_main(argv)
     args = ap.parse_args(argv)
     if args.worker:
         _worker(json.loads(args.worker))

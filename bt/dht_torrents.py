@@ -2,14 +2,15 @@
 session's Endpoint (the one UDP port that uTP and the trackers use), and
 per torrent a loop of get_peers + announce_peer with ``implied_port``.
 
-Cadence, after libtorrent: a torrent announces when it starts and then
-every :data:`DHT_ANNOUNCE_INTERVAL` (its ``dht_announce_interval``, 15
-minutes).  One change: while a torrent has no peer at all (a magnet link
+Cadence, after libtorrent: a torrent announces when it starts (as soon as
+the node knows another node) and then every :data:`DHT_ANNOUNCE_INTERVAL`
+(its ``dht_announce_interval``, 15 minutes).  One change: while a torrent has no peer at all (a magnet link
 nobody answered yet, a swarm that was empty), it searches again sooner,
 :data:`EMPTY_RETRY` seconds doubling up to the interval, since a peer that
 announces a minute after us would otherwise wait a quarter of an hour to
-be found.  Peers announced *to* our node are used too: in a small DHT we
-may be the node closest to the infohash, and no lookup asks itself.
+be found.  Peers announced *to* our node are used too, and while a
+torrent has no peer they are dialed as they arrive: in a small DHT we may
+be the node closest to the infohash, and no lookup asks itself.
 
 Private torrents (BEP 27) never touch the DHT: a magnet link's torrent
 stops its loop once the info dictionary says ``private``.
@@ -29,12 +30,16 @@ if TYPE_CHECKING:
     from .session import Session
     from .torrent import Torrent
 
-__all__ = ["SessionDHT", "DHT_ANNOUNCE_INTERVAL", "EMPTY_RETRY", "EXTERNAL_CHECK"]
+__all__ = ["SessionDHT", "DHT_ANNOUNCE_INTERVAL", "EMPTY_RETRY", "EXTERNAL_CHECK",
+           "WATCH_INTERVAL"]
 
 #: libtorrent's dht_announce_interval (settings_pack default, 15 * 60 s).
 DHT_ANNOUNCE_INTERVAL = 15 * 60.0
 #: First re-search delay for a torrent without peers (doubling).
 EMPTY_RETRY = 5.0
+#: How often a torrent's loop looks at its state (and, without peers, at
+#: the peers announced to our own node; a dictionary lookup).
+WATCH_INTERVAL = 0.5
 #: How often the node's id is checked against the Endpoint's external address.
 EXTERNAL_CHECK = 30.0
 
@@ -60,23 +65,32 @@ class SessionDHT:
 
     async def _torrent_loop(self, torrent: "Torrent") -> None:
         retry = EMPTY_RETRY
+        next_at = trio.current_time()
+        had_peers = False
+        offered: set[tuple[str, int]] = set()
         while not self._gone(torrent):
             if torrent.private:
                 return
-            if not torrent.active:
-                await trio.sleep(1.0)
-                continue
-            await self.announce(torrent)
-            had_peers = bool(torrent.peers)
-            if had_peers:
-                wait, retry = DHT_ANNOUNCE_INTERVAL, EMPTY_RETRY
-            else:
-                wait, retry = retry, min(retry * 2, DHT_ANNOUNCE_INTERVAL)
-            deadline = trio.current_time() + wait
-            while trio.current_time() < deadline and not self._gone(torrent):
-                await trio.sleep(min(1.0, max(0.0, deadline - trio.current_time())))
+            now = trio.current_time()
+            if torrent.active:
                 if had_peers and not torrent.peers:
-                    break       # lost every peer: search again now, not in 15 minutes
+                    next_at = now       # lost every peer: search again now, not in 15 min
+                if now >= next_at and self.node.core.table_size() > 0:
+                    await self.announce(torrent)
+                    had_peers = bool(torrent.peers)
+                    if had_peers:
+                        wait, retry = DHT_ANNOUNCE_INTERVAL, EMPTY_RETRY
+                    else:
+                        wait, retry = retry, min(retry * 2, DHT_ANNOUNCE_INTERVAL)
+                    next_at = trio.current_time() + wait
+                elif not torrent.peers:
+                    # between rounds: a peer that announced to our own node
+                    # is dialed at once (a leecher that found us first)
+                    new = [a for a in self.node.stored_peers(torrent.info_hash)
+                           if a not in offered]
+                    offered.update(new)
+                    torrent.offer_peers(new, "dht")
+            await trio.sleep(WATCH_INTERVAL)
 
     async def announce(self, torrent: "Torrent") -> int:
         """One get_peers + announce_peer round for ``torrent``; the peers

@@ -91,6 +91,8 @@ class PeerConnection(PeerLogic):
         self._disk_kick = trio.Event()
         self._disk_room = trio.Event()
         self.close_reason = ""
+        #: Whether we dialed (True) or the peer did.
+        self.outgoing = False
         registry = getattr(torrent.session, "extensions", None)
         if registry is not None:
             self.extensions = registry.connection(self)
@@ -152,6 +154,11 @@ class PeerConnection(PeerLogic):
         key = f"violation.{exc.reason}"
         self.torrent.counters[key] += 1
         self.torrent.session.counters[key] += 1
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called (the tasks may still be ending)."""
+        return self._closing
 
     def close(self, reason: str) -> None:
         """End the connection from outside (ban, torrent stopping)."""

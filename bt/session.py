@@ -337,11 +337,22 @@ class Session:
             return
         await self._run_connection(stream, PeerWire(now=time.monotonic()), addr, transport, None)
 
-    def _refuse(self, torrent: Torrent, hs: Handshake, addr: tuple[Any, ...]) -> str | None:
+    def _refuse(self, torrent: Torrent, hs: Handshake, addr: tuple[Any, ...],
+                outgoing: bool) -> str | None:
         if hs.peer_id == self.peer_id:
             return "self"
-        if torrent.connected_to(hs.peer_id):
-            return "duplicate"
+        existing = torrent.connection_to(hs.peer_id)
+        if existing is not None:
+            # Two peers that found each other at once (both through the
+            # DHT, say) dial each other: both sides keep the connection
+            # that the peer with the lower id opened, so exactly one
+            # survives, whatever order each side saw them in.
+            winner = min(self.peer_id, hs.peer_id)
+            existing_by = self.peer_id if existing.outgoing else hs.peer_id
+            if existing_by == winner or (self.peer_id if outgoing else hs.peer_id) != winner:
+                return "duplicate"
+            existing.close("duplicate: simultaneous open")
+            self.counters["handshake.simultaneous_open"] += 1
         if addr[0] in self.banned:
             return "banned"
         if not torrent.active:
@@ -353,6 +364,7 @@ class Session:
                               torrent: Torrent | None) -> None:
         """Handshake (both directions), the checks, then the peer's tasks."""
         started = False
+        outgoing = torrent is not None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 hs = await _read_handshake(stream, core)
@@ -361,7 +373,7 @@ class Session:
                     if torrent is None:
                         self.counters["handshake.unknown_infohash"] += 1
                         return
-                    refused = self._refuse(torrent, hs, addr)
+                    refused = self._refuse(torrent, hs, addr, outgoing)
                     if refused:
                         self.counters[f"handshake.{refused}"] += 1
                         return
@@ -370,11 +382,12 @@ class Session:
                 elif hs.infohash != torrent.info_hash:
                     self.counters["handshake.wrong_infohash"] += 1
                     return
-            refused = self._refuse(torrent, hs, addr)
+            refused = self._refuse(torrent, hs, addr, outgoing)
             if refused:
                 self.counters[f"handshake.{refused}"] += 1
                 return
             conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id)
+            conn.outgoing = outgoing
             self.counters[f"connections.{transport}"] += 1
             started = True
             await conn.run()

@@ -627,6 +627,11 @@ class Torrent:
     def connected_to(self, peer_id: bytes) -> bool:
         return any(p.peer_id == peer_id for p in self.peers)
 
+    def connection_to(self, peer_id: bytes) -> PeerConnection | None:
+        """The open connection to the peer with ``peer_id`` (not one that is
+        closing), if any."""
+        return next((p for p in self.peers if p.peer_id == peer_id and not p.closing), None)
+
     # ---- blocks and pieces -------------------------------------------------------------
 
     def hold_blocks(self, blocks: list[Block]) -> list[Block]:

@@ -54,3 +54,14 @@ def test_tiny_run_prints_every_row_and_both_ratios(tmp_path):
                    for ln in lines), got.stdout
     # the work directory is removed afterwards
     assert not any(p.name.startswith("bt-bench-") for p in tmp_path.iterdir())
+
+
+def test_magnet_run_prints_the_three_times(tmp_path):
+    """``--magnet`` (issue 9): a 1 MiB swarm of our own, DHT only; the row
+    has seconds to metadata, first byte and finished, in that order."""
+    got = _bench(tmp_path, "--magnet", "--size-mib", "1", "--only", "ours<-ours",
+                 timeout=120)
+    assert got.returncode == 0, (got.stdout, got.stderr)
+    row = next(ln for ln in got.stdout.splitlines() if ln.startswith("ours<-ours "))
+    t = [float(x) for x in row.split()[1:]]
+    assert len(t) == 3 and 0 < t[0] <= t[1] <= t[2], row
