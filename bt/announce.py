@@ -71,7 +71,7 @@ STOPPED_TIMEOUT = 3.0
 #: Seconds between looks at the torrent's state (paused, error: stopped).
 STATE_POLL = 1.0
 #: The torrent states in which it takes part in the swarm (and announces).
-_ACTIVE = ("downloading", "seeding")
+_ACTIVE = ("downloading", "seeding", "metadata")
 #: Peers asked for per announce (libtorrent asks for 200; 50 is BEP 3's default).
 NUMWANT = 50
 

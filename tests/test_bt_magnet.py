@@ -318,3 +318,26 @@ async def test_magnet_through_our_dht_only(tmp_path):
             assert leech_ses.counters["connections.utp"] >= 1       # uTP first
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
     assert (tmp_path / "dl" / ".bt-resume" / "dht.json").exists()
+
+
+@pytest.mark.slow
+async def test_magnet_trackers_alone_bring_the_peers(tmp_path):
+    """DHT off, no x.pe: the link's ``tr`` (opentracker, UDP) is the only
+    lead, announced to while the torrent is still in ``metadata``."""
+    from testsupport import opentracker
+    src, names, data = bt_content(tmp_path, [50_000, 20_000])
+    meta = parse_metainfo_untrusted(data)
+    with opentracker([meta.info_hash]) as (ip, port):
+        url = f"udp://{ip}:{port}"
+        async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1",
+                                   dht=False, tracker_timeout=2) as seed_ses, \
+                bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1",
+                                dht=False, tracker_timeout=2) as leech_ses:
+            assert leech_ses.dht is None
+            await seed_ses.add_torrent(data, trackers=[url])
+            link = str(Magnet(meta.info_hash, "content", (url,)))
+            leech = await leech_ses.add_torrent(link)
+            with trio.fail_after(60):
+                await leech.wait_finished()
+            assert leech.status().trackers[0].announces >= 1
+    assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
