@@ -40,8 +40,9 @@ EMPTY_RETRY = 5.0
 #: How often a torrent's loop looks at its state (and, without peers, at
 #: the peers announced to our own node; a dictionary lookup).
 WATCH_INTERVAL = 0.5
-#: How often the node's id is checked against the Endpoint's external address.
-EXTERNAL_CHECK = 30.0
+#: How often the node's id is checked against the Endpoint's external address
+#: (a property read: cheap).
+EXTERNAL_CHECK = 5.0
 
 
 class SessionDHT:

@@ -341,3 +341,33 @@ async def test_magnet_trackers_alone_bring_the_peers(tmp_path):
                 await leech.wait_finished()
             assert leech.status().trackers[0].announces >= 1
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
+
+
+@pytest.mark.slow
+async def test_private_torrents_stay_off_the_dht_and_the_node_id_follows_the_vote(tmp_path):
+    from dht._wire import is_secure_id
+    _, _, public = bt_content(tmp_path / "a", [30_000], name="pub")
+    _, _, private = bt_content(tmp_path / "b", [30_000], name="priv")
+    from bt.create import create_torrent
+    private = create_torrent(tmp_path / "b" / "src" / "priv", private=True, piece_length=16384)
+    async with bt.open_session(download_dir=tmp_path / "x", host="127.0.0.1") as a, \
+            bt.open_session(download_dir=tmp_path / "y", host="127.0.0.1",
+                            dht_bootstrap=[("127.0.0.1", a.port)]) as b:
+        pub = await b.add_torrent(public)
+        priv = await b.add_torrent(private)
+        assert priv.private and not pub.private
+        with trio.fail_after(10):
+            while pub.counters["dht.announces"] < 1:
+                await trio.sleep(0.1)
+        await trio.sleep(1.0)
+        assert priv.counters["dht.announces"] == 0
+        assert b.dht.stored_peers(priv.info_hash) == a.dht.stored_peers(priv.info_hash) == []
+        # BEP 42: three reporters (here: trackers, BEP 24) agree on a public
+        # address; the node takes an id derived from it
+        public_ip = "124.31.75.21"
+        assert not is_secure_id(b.dht.node_id, public_ip)
+        for n in range(3):
+            b.vote_external_address(public_ip, (f"http://t{n}/announce",), source="tracker")
+        with trio.fail_after(15):
+            while not is_secure_id(b.dht.node_id, public_ip):
+                await trio.sleep(0.2)
