@@ -46,6 +46,11 @@ def content(tmp_path):
     return src, torrent
 
 
+def _assert_downloaded(tmp_path, src) -> None:
+    for rel in ("a.bin", "in/b.bin"):
+        assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+
+
 def _listening_port(proc) -> tuple[int, str]:
     line = proc.stderr.readline()
     m = re.search(r"listening on port (\d+)", line)
@@ -70,8 +75,7 @@ def test_seed_then_download_between_processes(tmp_path, content, transport):
         final = r.stderr.splitlines()[-2]          # the line forced out at completion
         utp = 1 if transport == "--no-tcp" else 0
         assert final.startswith("seeding 100.0%") and f"peers 1 ({utp} uTP)" in final, final
-        for rel in ("a.bin", "in/b.bin"):
-            assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+        _assert_downloaded(tmp_path, src)
         seed.send_signal(signal.SIGINT)
         out, err = seed.communicate(timeout=TIMEOUT)
         assert seed.returncode == 0, err           # complete data, interrupted: success
@@ -123,8 +127,7 @@ def test_seed_and_download_meet_through_a_tracker(tmp_path, content):
             assert r.returncode == 0, r.stderr
             assert f"tracker http://{ip}:{port}/announce: working, 2 peers" in r.stderr
             assert "complete, every piece verified" in r.stderr
-            for rel in ("a.bin", "in/b.bin"):
-                assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+            _assert_downloaded(tmp_path, src)
         finally:
             seed.kill()
             seed.wait()
@@ -180,8 +183,7 @@ def test_download_a_magnet_link_found_through_the_dht(tmp_path, content):
         assert lines[0].startswith("stuff: magnet link, fetching the metadata"), lines[0]
         assert any(ln.startswith("metadata ") for ln in lines), r.stderr
         assert "complete, every piece verified" in r.stderr
-        for rel in ("a.bin", "in/b.bin"):
-            assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+        _assert_downloaded(tmp_path, src)
     finally:
         seed.kill()
         seed.wait()
