@@ -1,6 +1,6 @@
 """BitTorrent peer for utpkit: downloads and seeds over uTP and TCP with
-peers from the torrent's trackers or given by address (DHT and the rest:
-see below).
+peers from the torrent's trackers, the DHT or given by address, from a
+.torrent or a magnet link (PEX and the rest: see below).
 
     async with bt.open_session(download_dir="dl") as session:
         torrent = await session.add_torrent("x.torrent")
@@ -37,7 +37,12 @@ The sans-I/O parts (no trio at import, no sockets):
   percent-encoding) and the answer parser (BEP 23 compact and dictionary
   peers, BEP 7 ``peers6``, ``failure reason``, ``warning message``,
   intervals, tracker id), plus its httpx client;
-- the ``bt create`` and ``bt info`` commands (``python -m bt``).
+- :mod:`bt.magnet`: magnet links (BEP 9: hex/base32 ``xt``, ``dn``,
+  ``tr``, ``x.pe``) parsed and written;
+- :mod:`bt.extensions`: the BEP 10 extension registry (a name, our id,
+  handshake fields, a handler per connection); :mod:`bt.ut_metadata`:
+  fetching and serving the info dictionary (BEP 9) as such an extension;
+- the ``bt create``, ``bt info`` and ``bt magnet`` commands (``python -m bt``).
 
 The trio drivers (loaded on first use, so ``import bt`` stays light):
 :mod:`bt.peer` (one connection: reader, writer and server tasks around a
@@ -50,13 +55,16 @@ outgoing uTP first then TCP, self and duplicate connections closed, IP
 bans, remove_torrent, the global rate limits of :mod:`bt.limits`),
 :mod:`bt.announce` (each torrent's trackers: BEP 12 tiers over HTTP(S) and
 the session's UDP tracker client, started / completed / stopped,
-intervals; ``torrent.status().trackers``); ``bt download`` / ``bt seed``.
+intervals; ``torrent.status().trackers``), :mod:`bt.dht_torrents` (the
+session's DHT node announcing each public torrent); ``bt download`` /
+``bt seed``.
 
-Not written yet: the benchmark, events and RPC, MSE and the
-extensions (ut_metadata, ut_pex, ut_holepunch), DHT and magnets.  It is
+Not written yet: events and RPC, MSE, ut_pex and ut_holepunch.  It is
 not a client UI.
 """
 
+from .extensions import Extension, ExtensionHandler, ExtensionRegistry
+from .magnet import Magnet, MagnetError, magnet_from_metainfo, parse_magnet
 from .create import CreateError, create_torrent, create_torrent_async, piece_size_for, write_torrent
 from .metainfo import (FileEntry, Metainfo, MetainfoError, load_metainfo, parse_info_untrusted,
                        parse_metainfo_untrusted)
@@ -71,6 +79,8 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "AsyncTorrentStorage", "MemoryStorage", "Piece", "StorageError", "FileStorage",
            "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
            "ConnectionClosed", "RequestsDropped",
+           "Magnet", "MagnetError", "parse_magnet", "magnet_from_metainfo",
+           "Extension", "ExtensionHandler", "ExtensionRegistry",
            "open_session", "Session", "SessionError", "SessionStatus", "Torrent", "TorrentStatus",
            "TorrentState", "TorrentError", "TrackerStatus", "TrackerState",
            "PeerTransfer"]

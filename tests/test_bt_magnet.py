@@ -115,6 +115,32 @@ def test_decoder_parses_or_raises_its_error(payload):
         assert isinstance(msg, MetadataMessage)
 
 
+@given(st.lists(st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda t, p, n, d: encode_metadata_message(MetadataMessage(t, p, n, d)),
+              st.integers(0, 3), st.integers(0, 4), st.one_of(st.none(), st.integers(1, 70000)),
+              st.binary(max_size=40))), max_size=8))
+@settings(deadline=None, max_examples=200)
+def test_handler_on_hostile_payloads_raises_only_its_error(payloads):
+    """A fetching handler and a serving one fed arbitrary messages: each
+    is handled or raises MetadataError; the fetcher never takes a piece it
+    did not ask for, and never completes with a wrong dictionary."""
+    from bt.wire import ExtensionHandshake
+    info = b"d4:name1:x12:piece lengthi16384e6:pieces20:" + bytes(20) + b"6:lengthi1ee"
+    fetching = _Source(ih=hashlib.sha1(info).digest())
+    for src in (fetching, _Source(info)):
+        h = UtMetadataHandler(src)
+        h.peer_supports = True
+        h.on_handshake(ExtensionHandshake(m={"ut_metadata": 1}, metadata_size=70000), 0.0)
+        for p in payloads:
+            try:
+                h.receive_untrusted(p, 1.0)
+            except MetadataError:
+                pass
+        h.take_payloads()
+    assert all(o.info_bytes in (None, info) for o in fetching.outcomes)
+
+
 def fetch_all(f, peer, info, now=0.0, lie=None):
     """Serve every piece ``f`` asks ``peer`` for; returns the outcome."""
     outcome = None
