@@ -469,9 +469,9 @@ async def _open_dht(endpoint: Any, bootstrap: Sequence[tuple[str, int]],
     if state_file is None:
         try:
             os.makedirs(resume_dir, exist_ok=True)
-        except OSError as exc:
-            raise SessionError(f"cannot create {resume_dir} for the DHT state: {exc}") from None
-        state_file = os.path.join(resume_dir, "dht.json")
+            state_file = os.path.join(resume_dir, "dht.json")
+        except OSError:
+            pass        # (a read-only download directory) the node runs without a state file
     boot = []
     for b in bootstrap:
         try:
@@ -479,8 +479,8 @@ async def _open_dht(endpoint: Any, bootstrap: Sequence[tuple[str, int]],
         except (TypeError, ValueError, IndexError):
             raise SessionError(f"DHT bootstrap node must be (host, port), not {b!r}") from None
     try:
-        cm = _dht.open_node(endpoint, bootstrap=boot, state_file=os.fspath(state_file),
-                            wait_bootstrap=False)
+        cm = _dht.open_node(endpoint, bootstrap=boot, wait_bootstrap=False,
+                            state_file=os.fspath(state_file) if state_file is not None else None)
         node = await cm.__aenter__()
     except RuntimeError as exc:         # the Endpoint's DHT datagrams have an owner
         raise SessionError(f"cannot run a DHT node on this Endpoint: {exc}") from None
