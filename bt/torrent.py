@@ -33,7 +33,7 @@ from _utpkit.addr import unmap_host
 from _utpkit.contract import StrEnum
 
 from .choker import ChokeDecision, Choker
-from .magnet import Magnet
+from .magnet import Magnet, magnet_from_metainfo
 from .metainfo import Metainfo, MetainfoError, parse_info_untrusted
 from .peer import PeerConnection, RateMeter
 from .peerlogic import Block, expire_requests
@@ -234,6 +234,15 @@ class Torrent:
             return self.meta.name
         return (self.magnet.name if self.magnet is not None and self.magnet.name
                 else self.info_hash.hex())
+
+    @property
+    def magnet_link(self) -> str:
+        """The torrent's magnet link: from its metainfo (name, trackers)
+        when known, else the link it was added with."""
+        if self.meta is not None:
+            return str(magnet_from_metainfo(self.meta))
+        assert self.magnet is not None
+        return str(self.magnet)
 
     @property
     def private(self) -> bool:

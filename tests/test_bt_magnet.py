@@ -264,10 +264,12 @@ async def test_our_leecher_fetches_metadata_and_data_by_magnet(tmp_path):
         await seed_ses.add_torrent(data)
         leech = await leech_ses.add_torrent(_link(meta, seed_ses.port))
         assert not leech.has_metadata and leech.status().state == "metadata"
+        assert parse_magnet(leech.magnet_link).info_hash == meta.info_hash
         assert leech.status().metadata_progress == 0.0
         with trio.fail_after(60):
             await leech.wait_metadata()
             assert leech.meta.info_hash == meta.info_hash and leech.name == meta.name
+            assert parse_magnet(leech.magnet_link) == magnet_from_metainfo(meta)
             await leech.wait_finished()
         assert leech.counters["metadata.fetched"] == 1
         assert leech.status().transfers[0].downloaded >= meta.total_length
