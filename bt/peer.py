@@ -169,16 +169,27 @@ class PeerConnection(PeerLogic):
 
     def _send_first(self) -> None:
         """Our availability (and, if negotiated, our extension handshake)."""
-        core = self.core
         self.send_availability()
-        if core.extensions:
-            port = self.torrent.listen_port or None
-            if self.extensions is not None:
-                core.send(self.extensions.handshake(v=CLIENT_VERSION, reqq=core.reqq, p=port,
-                                                    peer_addr=self.addr))
-            else:
-                core.send(ExtensionHandshake(m={}, v=CLIENT_VERSION, reqq=core.reqq, p=port))
+        self._send_extension_handshake()
         self.kick()
+
+    def _send_extension_handshake(self) -> None:
+        core = self.core
+        if not core.extensions:
+            return
+        port = self.torrent.listen_port or None
+        if self.extensions is not None:
+            self.send(self.extensions.handshake(v=CLIENT_VERSION, reqq=core.reqq, p=port,
+                                                peer_addr=self.addr))
+        else:
+            self.send(ExtensionHandshake(m={}, v=CLIENT_VERSION, reqq=core.reqq, p=port))
+
+    def metadata_arrived(self) -> None:
+        """The magnet link's metadata is here: as :class:`PeerLogic`, and a
+        new extension handshake (BEP 10 allows one at any time) with our
+        ``metadata_size``, so a peer still fetching can fetch from us."""
+        self._send_extension_handshake()
+        super().metadata_arrived()
 
     # ---- tasks -------------------------------------------------------------------------
 

@@ -399,3 +399,28 @@ async def test_private_torrents_stay_off_the_dht_and_the_node_id_follows_the_vot
         with trio.fail_after(15):
             while not is_secure_id(b.dht.node_id, public_ip):
                 await trio.sleep(0.2)
+
+
+async def test_a_magnet_leecher_serves_the_metadata_it_fetched(tmp_path):
+    """B knows only A, and A (a magnet leecher itself) knows only the seed:
+    once A has the info dictionary it says so in a new extension handshake
+    (metadata_size), B fetches it from A, then the data."""
+    src, names, data = bt_content(tmp_path, [80_000, 10_000])
+    meta = parse_metainfo_untrusted(data)
+    async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1",
+                               dht=False) as s_ses, \
+            bt.open_session(download_dir=tmp_path / "a", host="127.0.0.1", dht=False) as a_ses, \
+            bt.open_session(download_dir=tmp_path / "b", host="127.0.0.1", dht=False) as b_ses:
+        a = await a_ses.add_torrent(_link(meta))
+        b = await b_ses.add_torrent(_link(meta, a_ses.port))
+        with trio.fail_after(30):
+            while not b.peers:                  # B is connected to A before A has anything
+                await trio.sleep(0.02)
+        assert b.status().state == a.status().state == "metadata"
+        await s_ses.add_torrent(data)
+        a.add_peer(("127.0.0.1", s_ses.port))
+        with trio.fail_after(60):
+            await b.wait_finished()
+        assert a.counters["metadata.fetched"] == b.counters["metadata.fetched"] == 1
+        assert {p.peer_id for p in b.peers} <= {a_ses.peer_id}
+    assert sha256_files(tmp_path / "b" / "content", names) == sha256_files(src, names)
