@@ -40,6 +40,8 @@ EMPTY_RETRY = 5.0
 #: How often a torrent's loop looks at its state (and, without peers, at
 #: the peers announced to our own node; a dictionary lookup).
 WATCH_INTERVAL = 0.5
+#: The same before a torrent's first announce.
+FIRST_WATCH = 0.05
 #: How often the node's id is checked against the Endpoint's external address
 #: (a property read: cheap).
 EXTERNAL_CHECK = 5.0
@@ -69,6 +71,7 @@ class SessionDHT:
         next_at = trio.current_time()
         had_peers = False
         offered: set[tuple[str, int]] = set()
+        announced = False
         while not self._gone(torrent):
             if torrent.private:
                 return
@@ -78,6 +81,7 @@ class SessionDHT:
                     next_at = now       # lost every peer: search again now, not in 15 min
                 if now >= next_at and self.node.core.table_size() > 0:
                     await self.announce(torrent)
+                    announced = True
                     had_peers = bool(torrent.peers)
                     if had_peers:
                         wait, retry = DHT_ANNOUNCE_INTERVAL, EMPTY_RETRY
@@ -91,7 +95,9 @@ class SessionDHT:
                            if a not in offered]
                     offered.update(new)
                     torrent.offer_peers(new, "dht")
-            await trio.sleep(WATCH_INTERVAL)
+            # until the first announce, look often: it goes out as soon as the
+            # bootstrap lookup has given the node someone to ask
+            await trio.sleep(WATCH_INTERVAL if announced else FIRST_WATCH)
 
     async def announce(self, torrent: "Torrent") -> int:
         """One get_peers + announce_peer round for ``torrent``; the peers
