@@ -131,8 +131,13 @@ class Torrent:
     :meth:`resume`, :meth:`force_recheck`, :attr:`counters`, :attr:`peers`."""
 
     def __init__(self, session: "Session", meta: Metainfo, storage: AsyncTorrentStorage,
-                 have: frozenset[int]) -> None:
+                 have: frozenset[int], *, gid: str = "", save_path: str = ".") -> None:
         self.session = session
+        #: The download's aria2 gid (16 hex digits), stable for its life:
+        #: how events, hooks and RPC name it.
+        self.gid = gid
+        #: The directory the torrent's files are under.
+        self.save_path = save_path
         self.meta = meta
         self.info_hash = meta.info_hash
         self.geometry = Geometry(meta.total_length, meta.piece_length)
