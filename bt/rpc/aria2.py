@@ -94,6 +94,8 @@ class Download:
     followed_by: list[str] = field(default_factory=list)
     following: str | None = None
     final: dict[str, Any] | None = None
+    #: When it stopped, for tellStopped's order (0: not stopped yet).
+    stop_seq: int = 0
 
     @property
     def links(self) -> dict[str, Any]:
@@ -185,6 +187,7 @@ class Aria2Api:
 
     def _stopped(self, d: Download) -> None:
         self.stopped_total += 1
+        d.stop_seq = self.stopped_total
         limit = int(self.options.get("max-download-result", MAX_DOWNLOAD_RESULT) or 0)
         stopped = [g for g, x in self.downloads.items() if x.final is not None]
         for g in stopped[:max(0, len(stopped) - limit)]:
@@ -230,7 +233,12 @@ class Aria2Api:
         try:
             torrent = await self.session.add_torrent(source, save_path=directory,
                                                      gid=None if magnet else gid)
-        except (MetainfoError, SessionError, StorageError, ValueError, TypeError) as exc:
+        except (MetainfoError, SessionError, StorageError, ValueError, TypeError, OSError) as exc:
+            if magnet and isinstance(exc, OSError):
+                # a session without magnet support took the URI for a path
+                raise RpcError("cannot add the magnet link: this bt session does not support "
+                               "magnet links (no metadata exchange); add the .torrent with "
+                               "aria2.addTorrent") from None
             what = "magnet link" if magnet else "torrent"
             raise RpcError(f"cannot add the {what}: {exc}") from None
         if magnet and getattr(torrent, "has_metadata", True):
@@ -406,7 +414,12 @@ class Aria2Api:
         return self._window(p, self._select(("waiting", "paused")))
 
     async def _tell_stopped(self, p: Params) -> list[dict[str, Any]]:
-        return self._window(p, self._select(("complete", "error", "removed")))
+        stopped = self._select(("complete", "error", "removed"))
+        for d in stopped:
+            if not d.stop_seq:          # an error found now
+                self.stopped_total += 1
+                d.stop_seq = self.stopped_total
+        return self._window(p, sorted(stopped, key=lambda d: d.stop_seq))
 
     async def _purge(self, p: Params) -> str:
         for d in self._select(("complete", "error", "removed")):
