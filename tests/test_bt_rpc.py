@@ -424,3 +424,106 @@ async def test_slow_websocket_client_is_dropped(tmp_path):
             assert m["result"] == list(NOTIFICATIONS)
             del slow
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.interop
+async def test_answers_match_aria2c(tmp_path):
+    """The same requests to aria2c 1.36 (Debian `aria2`, on loopback, no
+    DHT/LPD/PEX) and to our daemon: identical error answers and HTTP
+    statuses, and for a paused torrent the same tellStatus/getFiles
+    fields (ours may add some, never lack one) with the same values where
+    they do not depend on the implementation."""
+    import shutil
+    import socket
+    import subprocess
+    from testsupport import unavailable
+    aria2c = shutil.which("aria2c")
+    if aria2c is None:
+        unavailable("aria2c is not installed (Debian aria2)", ".ci/run installs aria2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = _torrent(tmp_path, "cmp", (70_000, 20_000))
+    adir = tmp_path / "aria2"
+    adir.mkdir()
+    proc = subprocess.Popen([aria2c, "--enable-rpc", f"--rpc-listen-port={port}",
+                             f"--rpc-secret={SECRET}", f"--dir={adir}", "--enable-dht=false",
+                             "--enable-dht6=false", "--bt-enable-lpd=false",
+                             "--enable-peer-exchange=false", "--rpc-listen-all=false",
+                             "--no-conf", "--quiet"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as h:
+            ours, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET)
+            theirs = f"http://127.0.0.1:{port}"
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        await h.post(theirs + "/jsonrpc", content=b"{}")
+                        break
+                    except httpx.TransportError:
+                        await trio.sleep(0.1)
+            tok = f"token:{SECRET}"
+
+            async def both(body: str):
+                a = await h.post(theirs + "/jsonrpc", content=body)
+                b = await h.post(ours + "/jsonrpc", content=body)
+                return (a.status_code, a.json()), (b.status_code, b.json())
+
+            def req(method, *params, rid=1):
+                return json.dumps({"jsonrpc": "2.0", "id": rid, "method": method,
+                                   "params": list(params)})
+            same = [
+                "{bad", "[]", '{"jsonrpc":"2.0","method":"aria2.getVersion"}',
+                req("aria2.tellStatus", "0123456789abcdef"),
+                req("aria2.tellStatus", "token:nope", "0123456789abcdef"),
+                req("aria2.tellStatus", tok, "0123456789abcdef"),
+                req("aria2.tellStatus", tok, 5), req("aria2.tellStatus", tok),
+                req("aria2.pause", tok, "fedcba9876543210"),
+                req("aria2.nosuch", tok), req("aria2.getGlobalStat"),
+                req("aria2.tellActive", tok), req("aria2.tellWaiting", tok, 0, 10),
+                req("aria2.tellStopped", tok, 0, 10),
+                req("aria2.changeGlobalOption", tok, {"max-overall-download-limit": "xx"}),
+                req("aria2.changeGlobalOption", tok, {"max-overall-upload-limit": "2M"}),
+                req("system.listNotifications"),
+                req("system.multicall", [{"methodName": "aria2.tellActive", "params": [tok]},
+                                         {"methodName": "aria2.getGlobalStat", "params": []}]),
+            ]
+            for body in same:
+                a, b = await both(body)
+                assert a == b, body
+            stat_a, stat_b = await both(req("aria2.getGlobalStat", tok))
+            assert stat_a == stat_b
+            # a paused torrent in both
+            b64 = _b64(data)
+            (_, ga), (_, gb) = await both(req("aria2.addTorrent", tok, b64, [], {"pause": "true"}))
+            assert "result" in ga and "result" in gb, (ga, gb)
+            ga, gb = ga["result"], gb["result"]
+            # a second copy: aria2 queues it and fails it when it starts; we refuse
+            # it at once, with aria2's message
+            dup = (await h.post(ours + "/jsonrpc", content=req("aria2.addTorrent", tok, b64))).json()
+            info_hash = bt.parse_metainfo_untrusted(data).info_hash.hex()
+            assert dup["error"] == {"code": 1, "message": f"InfoHash {info_hash} is already registered."}
+            sa = (await h.post(theirs + "/jsonrpc", content=req("aria2.tellStatus", tok, ga))).json()["result"]
+            sb = (await h.post(ours + "/jsonrpc", content=req("aria2.tellStatus", tok, gb))).json()["result"]
+            assert set(sa) - set(sb) == set(), (sorted(sa), sorted(sb))
+            # (aria2 reports totalLength 0 for a torrent paused before it started)
+            for k in ("status", "infoHash", "pieceLength", "numPieces",
+                      "connections", "uploadLength", "numSeeders", "downloadSpeed"):
+                assert sa[k] == sb[k], k
+            assert sa["bittorrent"]["info"] == sb["bittorrent"]["info"]
+            assert sa["bittorrent"]["mode"] == sb["bittorrent"]["mode"]
+            assert sa["bittorrent"]["announceList"] == sb["bittorrent"]["announceList"]
+            # aria2 lists BEP 47 pad files (".pad/N"); we leave them out, same indexes
+            real = [f for f in sa["files"] if "/.pad/" not in f["path"]]
+            assert len(real) == len(sb["files"]) == 2
+            for fa, fb in zip(real, sb["files"]):
+                assert set(fa) == set(fb)
+                assert (fa["index"], fa["length"], fa["selected"], fa["uris"]) == \
+                    (fb["index"], fb["length"], fb["selected"], fb["uris"])
+                assert fa["path"].replace(str(adir), "") == fb["path"].replace(str(tmp_path / "dl"), "")
+            nursery.cancel_scope.cancel()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -220,7 +220,7 @@ class Aria2Api:
         """Add a torrent (bytes) or a magnet link to the session; the
         download's gid is ``gid`` when given (a restored session) else new.
         RpcError naming the cause when the session refuses it."""
-        from ..metainfo import MetainfoError
+        from ..metainfo import MetainfoError, parse_metainfo_untrusted
         from ..session import SessionError
         from ..storage import StorageError
         directory = options.get("dir") or self.options["dir"]
@@ -231,7 +231,12 @@ class Aria2Api:
         magnet = isinstance(source, str)
         step_gid = gid if magnet else None
         try:
-            torrent = await self.session.add_torrent(source, save_path=directory,
+            what: Any = source
+            if not magnet:
+                what = parse_metainfo_untrusted(source)       # type: ignore[arg-type]
+                if what.info_hash in self.session.torrents:
+                    raise RpcError(f"InfoHash {what.info_hash.hex()} is already registered.")
+            torrent = await self.session.add_torrent(what, save_path=directory,
                                                      gid=None if magnet else gid)
         except (MetainfoError, SessionError, StorageError, ValueError, TypeError, OSError) as exc:
             if magnet and isinstance(exc, OSError):

@@ -26,7 +26,7 @@ th{background:#f4f4f4}
 .bar{width:10em;height:.9em;background:#eee;border-radius:3px;display:inline-block;vertical-align:middle}
 .bar>div{height:100%;background:#3a7;border-radius:3px}
 #state{color:#666;margin-left:1em}
-#err{color:#b00}
+#err,#msg{color:#b00}
 form{margin:.8em 0}
 input[type=text]{width:32em}
 button{margin-right:.3em}
@@ -36,7 +36,7 @@ button{margin-right:.3em}
 <button id="auth-ok">use</button></div>
 <form id="add"><input id="magnet" type="text" placeholder="magnet:?xt=urn:btih:…">
 <button type="submit">add magnet</button></form>
-<div id="err"></div>
+<div id="msg"></div><div id="err"></div>
 <table><thead><tr><th>name</th><th>status</th><th>progress</th><th>down</th><th>up</th>
 <th>peers</th><th></th></tr></thead><tbody id="rows"></tbody></table>
 <script>
@@ -69,8 +69,10 @@ function cell(tr,cls,text){const td=document.createElement("td");td.className=cl
   td.textContent=text;tr.appendChild(td);return td;}
 function button(td,cls,label,method,gid){const b=document.createElement("button");
   b.className=cls;b.textContent=label;b.onclick=async()=>{
-    try{await call(method,[gid]);}catch(e){showErr(e);} refresh();};td.appendChild(b);}
+    try{await call(method,[gid]); showMsg(null);}catch(e){showMsg(e);} refresh();};
+  td.appendChild(b);}
 function showErr(e){document.getElementById("err").textContent=e?String(e.message||e):"";}
+function showMsg(e){document.getElementById("msg").textContent=e?String(e.message||e):"";}
 function render(list){
   const rows=document.getElementById("rows"); rows.textContent="";
   for(const d of list){
@@ -101,7 +103,9 @@ async function refresh(){
       {methodName:"aria2.tellWaiting",params:params([0,1000,KEYS])},
       {methodName:"aria2.tellStopped",params:params([0,1000,KEYS])}]]);
     const list=[];
-    for(const x of r){ if(Array.isArray(x)) list.push(...x[0]); else throw new Error(x.message); }
+    for(const x of r){
+      if(Array.isArray(x)) list.push(...x[0]);
+      else { if(x.message==="Unauthorized") askSecret(); throw new Error(x.message); } }
     render(list); showErr(null);
   }catch(e){showErr(e);} finally{busy=false;}
 }
@@ -114,8 +118,8 @@ function connect(){
 }
 document.getElementById("add").onsubmit=async(ev)=>{ev.preventDefault();
   const v=document.getElementById("magnet").value.trim(); if(!v) return;
-  try{await call("aria2.addUri",[[v]]); document.getElementById("magnet").value="";}
-  catch(e){showErr(e);} refresh();};
+  try{await call("aria2.addUri",[[v]]); document.getElementById("magnet").value=""; showMsg(null);}
+  catch(e){showMsg(e);} refresh();};
 connect(); refresh(); setInterval(refresh,1000);
 </script></body></html>
 """
