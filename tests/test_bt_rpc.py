@@ -527,3 +527,44 @@ async def test_answers_match_aria2c(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_restart_with_the_session_file(tmp_path):
+    """--save-session, then a new daemon with --input-file: every download
+    is back with its gid, directory, paused state and data (a seed stays
+    complete); aria2.addTorrent's .torrent is kept next to the file."""
+    session_file = tmp_path / "bt.session"
+    seed_data = _torrent(tmp_path, "seeded", (50_000,))       # its files are in tmp/seeded/src
+    other = _torrent(tmp_path, "other", (20_000,))
+    async with httpx.AsyncClient(timeout=10) as h:
+        async def call(base, method, *params):
+            r = await h.post(base + "/jsonrpc", json={"jsonrpc": "2.0", "id": 1, "method": method,
+                                                      "params": [f"token:{SECRET}", *params]})
+            return r.json()["result"]
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                base, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET,
+                                             "--save-session", str(session_file))
+                g1 = await call(base, "aria2.addTorrent", _b64(seed_data), [],
+                                {"dir": str(tmp_path / "seeded" / "src")})
+                g2 = await call(base, "aria2.addTorrent", _b64(other), [], {"pause": "true"})
+                before = {d["gid"]: d for d in await call(base, "aria2.tellActive")
+                          + await call(base, "aria2.tellWaiting", 0, 10)}
+                assert before[g1]["completedLength"] == before[g1]["totalLength"] != "0"
+                assert await call(base, "aria2.shutdown") == "OK"
+            text = session_file.read_text()
+            assert f" gid={g1}" in text and f" gid={g2}" in text and " pause=true" in text
+            saved = sorted((tmp_path / "bt.session.torrents").iterdir())
+            assert len(saved) == 2
+            async with trio.open_nursery() as nursery:
+                base, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET,
+                                             "--input-file", str(session_file),
+                                             "--save-session", str(session_file))
+                active = await call(base, "aria2.tellActive", ["gid", "status", "dir",
+                                                                "completedLength", "totalLength"])
+                waiting = await call(base, "aria2.tellWaiting", 0, 10, ["gid", "status", "dir"])
+                assert active == [{"gid": g1, "status": "active", "dir": str(tmp_path / "seeded" / "src"),
+                                   "completedLength": before[g1]["totalLength"],
+                                   "totalLength": before[g1]["totalLength"]}]
+                assert waiting == [{"gid": g2, "status": "paused", "dir": str(tmp_path / "dl")}]
+                nursery.cancel_scope.cancel()
