@@ -260,6 +260,7 @@ class Notifier:
         self._async: dict[int, _AsyncListener] = {}
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._running: set[str] = set()         # gids started and not ended
+        self._started: set[str] = set()         # gids ever started
         self._seeded: set[str] = set()          # gids whose BT_COMPLETE was told
         self._tasks = 0
         self._tasks_done = trio.Event()
@@ -363,6 +364,7 @@ class Notifier:
                 self._seeded.discard(gid)           # (a recheck found pieces missing)
             if not running:
                 self._running.add(gid)
+                self._started.add(gid)
                 self.emit(torrent, EventKind.START)
             if new is TorrentState.SEEDING and gid not in self._seeded:
                 self._seeded.add(gid)
@@ -377,8 +379,9 @@ class Notifier:
         elif new is TorrentState.REMOVED:
             self._running.discard(gid)
             self._seeded.discard(gid)
-            if old is not TorrentState.ERROR:
+            if old is not TorrentState.ERROR and gid in self._started:
                 self._end(torrent)
+            self._started.discard(gid)
 
     def _end(self, torrent: "Torrent") -> None:
         self.emit(torrent, EventKind.COMPLETE if torrent.finished else EventKind.STOP)

@@ -43,7 +43,7 @@ from .peer import PeerConnection
 from .peerwire import HANDSHAKE_TIMEOUT, ConnectionClosed, PeerWire
 from .storage import AsyncTorrentStorage, StorageError
 from .storage_file import FileStorage
-from .torrent import StateListener, Torrent
+from .torrent import StateListener, Torrent, TorrentState
 from .wire import Handshake, WireError
 
 __all__ = ["Session", "SessionStatus", "open_session", "SessionError", "PEER_ID_PREFIX",
@@ -200,17 +200,34 @@ class Session:
         backend = FileStorage(where, resume_dir=self.resume_dir)
         raw = await trio.to_thread.run_sync(backend.open_torrent, meta)
         storage = AsyncTorrentStorage(raw, self.disk_limiter)
-        result = await storage.check()
-        if gid in self._gids:       # taken while we checked
+        if meta.info_hash in self.torrents:             # added while we opened it
+            await storage.aclose()
+            raise SessionError(f"torrent {meta.info_hash.hex()} is already in the session")
+        if gid in self._gids:
+            await storage.aclose()
             raise ValueError(f"gid {gid} is already used by torrent "
                              f"{self._gids[gid].meta.name!r} in this session")
-        torrent = Torrent(self, meta, storage, result.have, gid=gid, save_path=where)
+        # in the session while it checks (state "checking", incoming
+        # connections refused), so that its gid and status can be asked for
+        torrent = Torrent(self, meta, storage, frozenset(), gid=gid, save_path=where,
+                          checking=True)
+        self.torrents[meta.info_hash] = torrent
         self._gids[gid] = torrent
+        try:
+            await torrent.initial_check()
+        except BaseException:
+            if self.torrents.get(meta.info_hash) is torrent:
+                del self.torrents[meta.info_hash]
+                self._gids.pop(gid, None)
+            with trio.CancelScope(shield=True), contextlib.suppress(StorageError):
+                await storage.aclose()
+            raise
+        if torrent.state is TorrentState.REMOVED:       # removed while it checked
+            return torrent
         extra = [trackers] if isinstance(trackers, str) else trackers    # one URL given bare
         tiers = [*meta.trackers, *([t] if isinstance(t, str) else list(t) for t in extra)]
         if use_trackers and tiers:
             torrent.announcer = Announcer(torrent, self.trackers, tiers)
-        self.torrents[meta.info_hash] = torrent
         self._nursery.start_soon(torrent.run)
         return torrent
 

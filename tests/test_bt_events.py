@@ -28,10 +28,10 @@ def _content(root, sizes=SIZES):
     return bt_content(root, sizes, seed=5, piece_length=PIECE)
 
 
-async def _until(pred, timeout: float = 30.0) -> None:
+async def _until(pred, timeout: float = 30.0, poll: float = 0.02) -> None:
     with trio.fail_after(timeout):
         while not pred():
-            await trio.sleep(0.02)
+            await trio.sleep(poll)
 
 
 class Recorder:
@@ -245,3 +245,49 @@ async def test_gids(tmp_path):
         t3 = await ls.add_torrent(data3, gid=gid)     # a restored download takes it back
         assert ls.torrent_by_gid(gid) is t3
         assert ls.torrent_by_gid("nonsense") is None
+
+
+async def test_the_initial_check_is_state_checking_and_a_removal_during_it(tmp_path):
+    """add_torrent's data check is visible: the torrent is in the session
+    (by infohash and gid) in state ``checking`` while it hashes, the state
+    listeners hear None -> checking -> seeding; removed during that check,
+    it never starts (no events) and add_torrent hands back the removed
+    torrent."""
+    src, _, data = bt_content(tmp_path, (6_000_000, 2_000_000), seed=4, piece_length=PIECE)
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1",
+                               resume_dir=tmp_path / "none") as s:
+        seen: list[tuple[str | None, str, float | None]] = []
+        s.state_listeners.append(lambda t, old, new: seen.append(
+            (old and str(old), str(new), t.status().checking_progress)))
+        kinds: list[EventKind] = []
+        s.add_listener(lambda ev: kinds.append(ev.kind))
+        during: list[tuple[str, str]] = []
+        async with trio.open_nursery() as nursery:
+            async def watch():
+                await _until(lambda: bool(s.torrents), poll=0)
+                t = next(iter(s.torrents.values()))
+                assert s.torrent_by_gid(t.gid) is t
+                during.append((str(t.state), str(t.status().state)))
+            nursery.start_soon(watch)
+            t = await s.add_torrent(data)
+        assert during == [("checking", "checking")]
+        assert seen == [(None, "checking", 0.0), ("checking", "seeding", None)]
+        assert kinds == [START, BT_COMPLETE]
+        await s.remove_torrent(t)
+        seen.clear()
+        kinds.clear()
+        (tmp_path / "none").mkdir(exist_ok=True)
+        for f in (tmp_path / "none").iterdir():
+            f.unlink()                          # no resume file: it hashes again
+        got: list[bt.Torrent] = []
+        async with trio.open_nursery() as nursery:
+            async def add():
+                got.append(await s.add_torrent(data))
+            nursery.start_soon(add)
+            await _until(lambda: bool(s.torrents), poll=0)
+            checking = next(iter(s.torrents.values()))
+            await s.remove_torrent(checking)
+        assert got == [checking] and checking.state == "removed"
+        assert not s.torrents and s.torrent_by_gid(checking.gid) is None
+        assert [(o, n) for o, n, _ in seen] == [(None, "checking"), ("checking", "removed")]
+        assert kinds == []
