@@ -568,3 +568,27 @@ async def test_restart_with_the_session_file(tmp_path):
                                    "totalLength": before[g1]["totalLength"]}]
                 assert waiting == [{"gid": g2, "status": "paused", "dir": str(tmp_path / "dl")}]
                 nursery.cancel_scope.cancel()
+
+
+async def test_daemon_runs_hooks(tmp_path):
+    """--on-download-start / --on-download-pause run with aria2's arguments
+    (gid, number of files, first file's path)."""
+    import os
+    import stat
+    script = tmp_path / "hook.sh"
+    out = tmp_path / "hook.out"
+    script.write_text(f'#!/bin/sh\necho "$0 $1 $2 $3" >> {out}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    data = _torrent(tmp_path, "hooked", (10_000,))
+    async with trio.open_nursery() as nursery:
+        base, _ = await start_daemon(nursery, tmp_path, "--on-download-start", str(script),
+                                     "--on-download-pause", str(script))
+        c = Client(base, "http", None)
+        gid = await c.call("aria2.addTorrent", _b64(data))
+        await c.call("aria2.pause", gid)
+        first = os.path.join(tmp_path / "dl", "hooked", "file0.bin")
+        with trio.fail_after(20):
+            while not out.exists() or len(out.read_text().splitlines()) < 2:
+                await trio.sleep(0.05)
+        assert out.read_text().splitlines() == [f"{script} {gid} 1 {first}"] * 2
+        nursery.cancel_scope.cancel()

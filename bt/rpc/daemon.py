@@ -6,6 +6,9 @@ driven over aria2's JSON-RPC, with the status page.
               [--rpc-max-request-size N] [--max-ws-clients N]
               [--save-session FILE] [--input-file FILE] [--save-session-interval S]
               [--max-upload-rate RATE] [--max-download-rate RATE]
+              [--on-download-start CMD] [--on-download-pause CMD] [--on-download-stop CMD]
+              [--on-download-complete CMD] [--on-download-error CMD]
+              [--on-bt-download-complete CMD] [--hook-timeout S]
 
 The RPC listens on 127.0.0.1:6800 (aria2's port) unless ``--rpc-listen``
 names another address.  ``--input-file`` adds the downloads of an aria2
@@ -20,6 +23,7 @@ cleanly (connections closed, resume files and the session file written).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -30,6 +34,9 @@ from _utpkit.addr import parse_hostport
 __all__ = ["add_parser", "run", "serve_daemon"]
 
 DEFAULT_RPC = ("127.0.0.1", 6800)
+#: aria2's hook options, one per event kind (bt.events.EventKind.option).
+HOOK_OPTIONS = ("on-download-start", "on-download-pause", "on-download-stop",
+                "on-download-complete", "on-download-error", "on-bt-download-complete")
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -72,12 +79,12 @@ def add_parser(sub: Any) -> None:
                    help="also write the session file every S seconds (default: 0, never)")
     p.add_argument("--input-file", default=None, metavar="FILE",
                    help="add the downloads of this session file at start, with their gids")
-    try:
-        from ..hooks import add_hook_arguments
-    except ImportError:          # hooks not in this build
-        pass
-    else:
-        add_hook_arguments(p)
+    for option in HOOK_OPTIONS:        # bt.events.EventKind.option (not imported: no trio here)
+        p.add_argument(f"--{option}", default=None, metavar="COMMAND",
+                       help=f"run COMMAND GID NUM_FILES FIRST_FILE_PATH {option[3:]} "
+                            "(bt.hooks; no shell, as aria2's option)")
+    p.add_argument("--hook-timeout", type=float, default=60.0, metavar="S",
+                   help="terminate a hook command still running after S seconds (default: 60)")
 
 
 def _say(line: str) -> None:
@@ -136,10 +143,11 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
             server.broadcast(ev.method, gid)
             _say(_event_line(gid, ev))
         session.add_listener(on_event)
-        hooks = getattr(args, "hooks", None)
-        if hooks is not None:
-            from ..hooks import install_hooks
-            install_hooks(session, args)
+        from ..events import EventKind
+        from ..hooks import Hooks
+        commands = {k: getattr(args, k.option.replace("-", "_")) for k in EventKind}
+        if any(commands.values()):
+            Hooks(commands, timeout=args.hook_timeout).install(session)
 
         if args.input_file:
             await _load(api, args.input_file, parse_session, RpcError)
@@ -218,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .._cli_run import _say as say
     from ..session import SessionError
+    logging.basicConfig(level=logging.WARNING, format="bt daemon: %(name)s: %(message)s")
+    logging.getLogger("bt.hooks").setLevel(logging.INFO)
     try:
         return trio.run(serve_daemon, args)
     except KeyboardInterrupt:
