@@ -16,8 +16,7 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 import bt
-from bt._cli import _parser
-from bt.rpc.daemon import serve_daemon
+from bt.rpc.daemon import daemon_args, serve_daemon
 from testsupport import bt_content
 
 PIECE = 16 * 1024
@@ -85,10 +84,10 @@ class Client:
 async def start_daemon(nursery, tmp_path, *extra: str) -> tuple[str, object]:
     """The daemon on an ephemeral loopback port; returns its base URL and
     the args (for the session file paths)."""
-    args = _parser().parse_args(["daemon", "-d", str(tmp_path / "dl"), "--bind", "127.0.0.1",
-                                 "--rpc-listen", "127.0.0.1:0", *extra])
-    bound = await nursery.start(lambda task_status: serve_daemon(args, task_status=task_status))
-    return bound[0], args
+    args = daemon_args("-d", str(tmp_path / "dl"), "--bind", "127.0.0.1",
+                       "--rpc-listen", "127.0.0.1:0", *extra)
+    running = await nursery.start(lambda task_status: serve_daemon(args, task_status=task_status))
+    return running.url, args
 
 
 def _torrent(tmp_path, name="content", sizes=(100_000, 50_000, 7)):
@@ -388,12 +387,14 @@ async def test_websocket_notifications_and_limits(tmp_path):
 
 
 async def test_slow_websocket_client_is_dropped(tmp_path):
-    """A client that stops reading is closed once its queue is full; the
-    daemon keeps answering others."""
+    """A client that stops reading is dropped once its queue is full (and
+    its connection closed when it answers no ping for the read timeout);
+    the daemon keeps answering others."""
     from bt.rpc.aria2 import NOTIFICATIONS
     from bt.rpc.jsonrpc import Dispatcher
     from bt.rpc.server import RpcServer
-    server = RpcServer(Dispatcher({}, notifications=NOTIFICATIONS), ws_queue=8)
+    server = RpcServer(Dispatcher({}, notifications=NOTIFICATIONS), ws_queue=8,
+                       ping_interval=0.5, read_timeout=2, send_timeout=2)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve, "127.0.0.1", 0)
         ws_url = bound[0].replace("http", "ws") + "/jsonrpc"
@@ -422,6 +423,10 @@ async def test_slow_websocket_client_is_dropped(tmp_path):
                     if m.get("id") == 1:
                         break
             assert m["result"] == list(NOTIFICATIONS)
+            with trio.fail_after(15):          # the slow one's connection is closed
+                while server.counters["ws.ended"] < 1:
+                    await trio.sleep(0.05)
+            assert len(server.clients) == 1
             del slow
         nursery.cancel_scope.cancel()
 

@@ -27,11 +27,12 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from _utpkit.addr import parse_hostport
 
-__all__ = ["add_parser", "run", "serve_daemon"]
+__all__ = ["add_parser", "run", "serve_daemon", "Running", "daemon_args"]
 
 DEFAULT_RPC = ("127.0.0.1", 6800)
 #: aria2's hook options, one per event kind (bt.events.EventKind.option).
@@ -87,6 +88,13 @@ def add_parser(sub: Any) -> None:
                    help="terminate a hook command still running after S seconds (default: 60)")
 
 
+def daemon_args(*argv: str) -> argparse.Namespace:
+    """``bt daemon ARGV`` parsed, for running :func:`serve_daemon` in a
+    program of one's own (tests, the benchmark)."""
+    from .._cli import _parser
+    return _parser().parse_args(["daemon", *argv])
+
+
 def _say(line: str) -> None:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
@@ -98,9 +106,23 @@ def _event_line(gid: str, ev: Any) -> str:
             f"{st.bytes_have}/{st.bytes_total} bytes, {st.peers} peers)")
 
 
+@dataclass(frozen=True)
+class Running:
+    """What :func:`serve_daemon` reports once it listens (for tests and the
+    benchmark): the RPC's bound URLs (``http://127.0.0.1:6800``), the
+    server and the method layer (whose ``session`` is the session)."""
+    urls: list[str]
+    server: Any
+    api: Any
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+
 async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> int:
     """Run the daemon until a signal or a shutdown call.  ``task_status``
-    (trio's) gets the RPC's bound URLs once it listens (for tests)."""
+    (trio's) gets a :class:`Running` once the RPC listens."""
     import trio
 
     from ..session import open_session
@@ -157,7 +179,7 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
             _say(f"bt daemon: peers on port {session.port}; JSON-RPC on "
                  f"{bound[0]}/jsonrpc, status page on {bound[0]}/")
             if task_status is not None:
-                task_status.started(bound)
+                task_status.started(Running(bound, server, api))
             if args.save_session and args.save_session_interval > 0:
                 nursery.start_soon(_autosave, save, args.save_session_interval)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

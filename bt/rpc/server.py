@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import socket
 import urllib.parse
 from typing import Any, Awaitable, Callable
 
@@ -38,6 +39,16 @@ MAX_BODY = 2 * 1024 * 1024
 MAX_WS_CLIENTS = 64
 #: Messages queued for one WebSocket client before it counts as too slow.
 WS_QUEUE = 1024
+#: Seconds between WebSocket pings, and without a byte from a connection
+#: before it is closed (idle HTTP keep-alives close sooner, after 5 s).
+PING_INTERVAL = 15.0
+READ_TIMEOUT = 45
+#: Seconds a connection's sent data may stay unacknowledged -- including a
+#: zero receive window, a client that stopped reading -- before the
+#: kernel aborts it (TCP_USER_TIMEOUT on the listening socket, inherited
+#: by every connection): hypercorn writes with the socket send shielded
+#: from cancellation, so this is what ends a send stuck on such a client.
+SEND_TIMEOUT = 30.0
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -48,6 +59,7 @@ class _Client:
     def __init__(self, queue: int) -> None:
         self.send, self.recv = trio.open_memory_channel[bytes](queue)
         self.closed = False
+        self.scope: trio.CancelScope | None = None
 
 
 class RpcServer:
@@ -56,13 +68,18 @@ class RpcServer:
 
     def __init__(self, dispatcher: Dispatcher, *, page: bytes | None = None,
                  max_body: int = MAX_BODY, max_ws_clients: int = MAX_WS_CLIENTS,
-                 ws_queue: int = WS_QUEUE, allow_origin_all: bool = False) -> None:
+                 ws_queue: int = WS_QUEUE, allow_origin_all: bool = False,
+                 ping_interval: float = PING_INTERVAL, read_timeout: int = READ_TIMEOUT,
+                 send_timeout: float = SEND_TIMEOUT) -> None:
         self.dispatcher = dispatcher
         self.page = page
         self.max_body = max_body
         self.max_ws_clients = max_ws_clients
         self.ws_queue = ws_queue
         self.allow_origin_all = allow_origin_all
+        self.ping_interval = ping_interval
+        self.read_timeout = read_timeout
+        self.send_timeout = send_timeout
         self.clients: set[_Client] = set()
         self.counters: collections.Counter[str] = collections.Counter()
         self.bound: list[str] = []
@@ -85,7 +102,13 @@ class RpcServer:
         except trio.WouldBlock:
             self.counters["ws.dropped_slow"] += 1
             c.closed = True
-            c.send.close()              # its sender sees the end and closes the socket
+            c.send.close()
+            self.clients.discard(c)     # no longer counted or sent to
+            if c.scope is not None:
+                c.scope.cancel()
+            # hypercorn writes with its socket send shielded: a sender stuck on
+            # a full socket ends when the connection's read timeout closes it
+            # (the client, not reading, answers no ping: see serve())
         except trio.ClosedResourceError:
             c.closed = True
 
@@ -197,6 +220,7 @@ class RpcServer:
         self.counters["ws.accepted"] += 1
         try:
             async with trio.open_nursery() as nursery:
+                client.scope = nursery.cancel_scope
                 nursery.start_soon(self._ws_sender, client, send, nursery.cancel_scope)
                 while True:
                     msg = await receive()
@@ -219,6 +243,7 @@ class RpcServer:
                 client.send.close()
         finally:
             self.clients.discard(client)
+            self.counters["ws.ended"] += 1
 
     async def _ws_sender(self, client: _Client, send: Send, scope: trio.CancelScope) -> None:
         try:
@@ -238,17 +263,43 @@ class RpcServer:
         from hypercorn.config import Config
         from hypercorn.trio import serve
         config = Config()
-        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        # hypercorn adopts the descriptor (and closes it when done)
+        config.bind = [f"fd://{_listening_socket(host, port, self.send_timeout).detach()}"]
         config.accesslog = None
         config.errorlog = logging.getLogger("bt.rpc.http")
         config.websocket_max_message_size = self.max_body
         config.h11_max_incomplete_size = 64 * 1024
         config.graceful_timeout = 1.0
         config.include_server_header = False
+        # A WebSocket client that stops reading stops answering pings too:
+        # with nothing read from it for READ_TIMEOUT its connection is
+        # closed, which also frees a send stuck on its full socket.  Any
+        # live client (browsers, websocket-client, trio-websocket) answers
+        # pings by itself.
+        config.websocket_ping_interval = self.ping_interval
+        config.read_timeout = self.read_timeout
         async with trio.open_nursery() as nursery:
             self.bound = await nursery.start(
                 functools.partial(serve, self, config, mode="asgi"))  # type: ignore[arg-type]
             task_status.started(self.bound)
+
+
+def _listening_socket(host: str, port: int, send_timeout: float) -> socket.socket:
+    """A listening TCP socket on host:port with TCP_USER_TIMEOUT set (see
+    SEND_TIMEOUT); OSError if it cannot bind."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout * 1000))
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _json(obj: Any) -> bytes:
