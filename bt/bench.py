@@ -1,4 +1,5 @@
 """``python -m bt.bench``: BitTorrent download speed and cost on loopback.
+(``python -m bt.bench rpc``: bt daemon's JSON-RPC, see :mod:`bt.bench_rpc`.)
 
 In one run, one single-file torrent of random data (512 MiB; ``--quick``:
 64 MiB) is downloaded, seed to leecher, in six pairings:
@@ -416,6 +417,10 @@ def report(results: Sequence[RunResult], size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rpc"]:             # python -m bt.bench rpc: bt daemon's JSON-RPC
+        from .bench_rpc import main as rpc_main
+        return rpc_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m bt.bench",
         description="BitTorrent downloads on loopback: ours and libtorrent, uTP and TCP, "
