@@ -265,9 +265,11 @@ def _transfer(work: Path, data: bytes, handle: Any, poll: bool, n: int) -> tuple
 def bench_transfer(work: Path, size: int, rounds: int) -> list[str]:
     import libtorrent as lt
 
-    from .bench import libtorrent_settings
+    from .bench import LT_BUFFERS, libtorrent_settings
     src, data = _make_payload(work / "payload", size)
-    ses = lt.session(libtorrent_settings("127.0.0.1", "both"))
+    # 4 MiB socket buffers: with the kernel's default its uTP drops packets
+    # and the rate swings, hiding what polling costs (../shared/PEERS.md)
+    ses = lt.session(libtorrent_settings("127.0.0.1", "both", buffers=LT_BUFFERS))
     atp = lt.add_torrent_params()
     atp.ti = lt.torrent_info(lt.bdecode(data))
     atp.save_path = str(src)

@@ -597,3 +597,41 @@ async def test_daemon_runs_hooks(tmp_path):
                 await trio.sleep(0.05)
         assert out.read_text().splitlines() == [f"{script} {gid} 1 {first}"] * 2
         nursery.cancel_scope.cancel()
+
+
+def test_session_file_parsing():
+    """aria2's input-file format: URIs (tab-separated mirrors: the first
+    is used), indented options, comments; an option before any URI is an
+    error naming its line."""
+    from bt.rpc.sessionfile import parse_session
+    entries = parse_session("# saved\n/a/x.torrent\n gid=0123456789abcdef\n\tdir=/d\n\n"
+                            "magnet:?xt=urn:btih:" + "ab" * 20 + "\thttp://mirror\n pause=true\n")
+    assert [(e.uri, e.options) for e in entries] == [
+        ("/a/x.torrent", {"gid": "0123456789abcdef", "dir": "/d"}),
+        ("magnet:?xt=urn:btih:" + "ab" * 20, {"pause": "true"})]
+    with pytest.raises(ValueError, match="line 1"):
+        parse_session(" gid=0123456789abcdef\n")
+    with pytest.raises(ValueError, match="line 2: expected key=value"):
+        parse_session("/x.torrent\n nonsense\n")
+
+
+async def test_dispatcher_without_a_server():
+    """The JSON-RPC layer alone: bytes in, bytes out."""
+    from bt.rpc.jsonrpc import Dispatcher, RpcError
+
+    async def echo(p):
+        return [p.get(0, str), p.get(1, int, 7)]
+
+    async def boom(p):
+        raise RpcError("nope")
+    d = Dispatcher({"t.echo": echo, "t.boom": boom}, secret="k")
+    a = await d.handle(b'{"jsonrpc":"2.0","id":"x","method":"t.echo","params":["token:k","a"]}')
+    assert (a.status, json.loads(a.body)) == (200, {"id": "x", "jsonrpc": "2.0", "result": ["a", 7]})
+    a = await d.handle(b'{"jsonrpc":"2.0","id":1,"method":"t.echo","params":["token:k","a",true]}')
+    assert json.loads(a.body)["error"] == {"code": 1, "message": "The parameter at 1 has wrong type."}
+    a = await d.handle(b'{"jsonrpc":"2.0","id":1,"method":"t.boom","params":["token:k"]}')
+    assert (a.status, json.loads(a.body)["error"]) == (400, {"code": 1, "message": "nope"})
+    a = await d.handle(b'{"jsonrpc":"2.0","id":1,"method":"t.nosuch","params":[]}')
+    assert json.loads(a.body)["error"]["message"] == "Unauthorized"       # no hint without the token
+    a = await d.handle(b"[" * 100_000)
+    assert a.status == 500 and json.loads(a.body)["error"]["code"] == -32700
