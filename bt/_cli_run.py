@@ -62,6 +62,18 @@ def parse_rate(text: str) -> int:
     return int(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
 
 
+def add_rate_and_transport_options(p: argparse.ArgumentParser) -> None:
+    """--max-upload-rate, --max-download-rate, --no-utp | --no-tcp: shared
+    by download, seed and daemon."""
+    p.add_argument("--max-upload-rate", type=parse_rate, default=0, metavar="RATE",
+                   help="upload limit in bytes/s, K/M/G suffixes allowed (default: none)")
+    p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
+                   help="download limit in bytes/s, K/M/G suffixes allowed (default: none)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-utp", action="store_true", help="TCP only")
+    g.add_argument("--no-tcp", action="store_true", help="uTP only")
+
+
 def add_parsers(sub: Any) -> None:
     for name, what in (("download", "download a torrent (and optionally keep seeding)"),
                        ("seed", "check the data of a torrent and serve it")):
@@ -82,13 +94,7 @@ def add_parsers(sub: Any) -> None:
         if name == "download":
             p.add_argument("--seed", action="store_true",
                            help="keep seeding after the download until interrupted")
-        p.add_argument("--max-upload-rate", type=parse_rate, default=0, metavar="RATE",
-                       help="upload limit in bytes/s, K/M/G suffixes allowed (default: none)")
-        p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
-                       help="download limit in bytes/s, K/M/G suffixes allowed (default: none)")
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--no-utp", action="store_true", help="TCP only")
-        g.add_argument("--no-tcp", action="store_true", help="uTP only")
+        add_rate_and_transport_options(p)
         p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
                        help="seconds between progress lines when stderr is not a terminal")
 

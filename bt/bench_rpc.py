@@ -206,21 +206,6 @@ def bench_notifications(clients: int, count: int) -> list[str]:
             f"{dropped} clients dropped as slow"]
 
 
-def _make_payload(work: Path, size: int) -> tuple[Path, bytes]:
-    from .create import create_torrent
-    src = work / "seed"
-    src.mkdir(parents=True)
-    rng = random.Random(5)
-    path = src / "payload.bin"
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 * MiB)
-            f.write(rng.randbytes(n))
-            left -= n
-    return src, create_torrent(path)
-
-
 def _transfer(work: Path, data: bytes, handle: Any, poll: bool, n: int) -> tuple[float, int]:
     """One download by a fresh daemon from the libtorrent seed ``handle``
     (told to dial it); returns (MB/s from the first byte to the last, and
@@ -265,11 +250,13 @@ def _transfer(work: Path, data: bytes, handle: Any, poll: bool, n: int) -> tuple
 def bench_transfer(work: Path, size: int, rounds: int) -> list[str]:
     import libtorrent as lt
 
-    from .bench import LT_BUFFERS, libtorrent_settings
-    src, data = _make_payload(work / "payload", size)
+    from .bench import _make_content, libtorrent_settings
+    (work / "payload").mkdir(parents=True)
+    src, torrent_path = _make_content(work / "payload", size)
+    data = torrent_path.read_bytes()
     # 4 MiB socket buffers: with the kernel's default its uTP drops packets
     # and the rate swings, hiding what polling costs (../shared/PEERS.md)
-    ses = lt.session(libtorrent_settings("127.0.0.1", "both", buffers=LT_BUFFERS))
+    ses = lt.session(libtorrent_settings("127.0.0.1", "both", buffers=4 * MiB))
     atp = lt.add_torrent_params()
     atp.ti = lt.torrent_info(lt.bdecode(data))
     atp.save_path = str(src)

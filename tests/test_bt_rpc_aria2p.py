@@ -16,7 +16,7 @@ import pytest
 import bt
 
 from bt.bench import libtorrent_settings
-from testsupport import BtDaemon, bt_content, require_libtorrent, unavailable
+from testsupport import BtDaemon, bt_content, require_libtorrent, unavailable, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -26,15 +26,7 @@ PIECE = 64 * 1024
 
 
 def _until(what: str, cond, timeout: float = 60.0, daemon: BtDaemon | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = "\n".join(daemon.lines[-15:]) if daemon else ""
-            raise AssertionError(f"timed out waiting for {what}\n{tail}")
-        time.sleep(0.1)
+    return wait_until(what, cond, timeout, log=daemon.lines if daemon else None)
 
 
 class _Seed:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.request
 
 import pytest
 
 from bt.bench import libtorrent_settings
-from testsupport import BtDaemon, bt_content, require_libtorrent, unavailable
+from testsupport import BtDaemon, bt_content, require_libtorrent, unavailable, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -50,18 +49,10 @@ def _browser():
 
 
 def _wait(what, cond, timeout=30.0, daemon=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except Exception:               # an element re-rendered under us
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = "\n".join(daemon.lines[-10:]) if daemon else ""
-            raise AssertionError(f"timed out waiting for {what}\n{tail}")
-        time.sleep(0.1)
+    # an element re-rendered under us (the table is redrawn every second)
+    # is "not yet"
+    return wait_until(what, cond, timeout, log=daemon.lines if daemon else None,
+                      ignore=(Exception,))
 
 
 def test_status_page_in_chromium(tmp_path):

@@ -271,3 +271,24 @@ class BtDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def wait_until(what: str, cond, timeout: float = 30.0, *, log: list[str] | None = None,
+               ignore: tuple[type[BaseException], ...] = ()):
+    """Poll ``cond()`` every 0.1 s (blocking: for synchronous tests driving
+    a subprocess) until it returns something true, and return that.  An
+    exception in ``ignore`` counts as "not yet".  AssertionError naming
+    ``what`` (and the last lines of ``log``) after ``timeout`` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+        except ignore:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = "\n".join((log or [])[-15:])
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{tail}")
+        time.sleep(0.1)

@@ -183,7 +183,8 @@ class Aria2Api:
                 self.downloads[real_gid] = Download(real_gid, d.torrent, d.dir, d.source,
                                                     dict(d.options), following=d.gid)
                 self.notify("aria2.onDownloadComplete", d.gid)
-                self.notify("aria2.onDownloadStart", real_gid)
+                # (the real download's onDownloadStart comes from the session's
+                # notifier, when the torrent starts downloading)
 
     def _stopped(self, d: Download) -> None:
         self.stopped_total += 1
@@ -251,6 +252,8 @@ class Aria2Api:
         g = (step_gid or new_gid(self._taken())) if magnet else str(torrent.gid)
         d = Download(g, torrent, directory, source, dict(options), metadata_step=magnet)
         self._insert(d, position)
+        if magnet:      # the notifier starts the torrent only once it has its metadata
+            self.notify("aria2.onDownloadStart", d.gid)
         if options.get("pause") == "true":
             await torrent.pause()
         return d
@@ -327,19 +330,19 @@ class Aria2Api:
         await d.torrent.resume()
         return d.gid
 
-    async def _pause_all(self, p: Params) -> str:
-        self.sync()
-        for d in list(self.downloads.values()):
-            if d.final is None and d.status() == "active":
-                await d.torrent.pause()
+    async def _every(self, status: str, action: str) -> str:
+        """pauseAll / unpauseAll: ``action`` on every live download in
+        ``status``."""
+        for d in self._select((status,)):
+            if d.final is None:
+                await getattr(d.torrent, action)()
         return "OK"
 
+    async def _pause_all(self, p: Params) -> str:
+        return await self._every("active", "pause")
+
     async def _unpause_all(self, p: Params) -> str:
-        self.sync()
-        for d in list(self.downloads.values()):
-            if d.final is None and d.status() == "paused":
-                await d.torrent.resume()
-        return "OK"
+        return await self._every("paused", "resume")
 
     async def _change_position(self, p: Params) -> int:
         d = self.live(p.get(0, str), "move")

@@ -49,7 +49,7 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def add_parser(sub: Any) -> None:
-    from .._cli_run import parse_rate
+    from .._cli_run import add_rate_and_transport_options
     p = sub.add_parser("daemon", help="run a session driven over aria2's JSON-RPC (and a status page)")
     p.add_argument("-d", "--dir", default=".", metavar="DIR",
                    help="the default download directory (a download's dir option overrides it)")
@@ -57,13 +57,7 @@ def add_parser(sub: Any) -> None:
                    help="the UDP (uTP) and TCP port for peers (default: any free one)")
     p.add_argument("--bind", default=None, metavar="ADDR",
                    help="the local address for peers (default: all)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--no-utp", action="store_true", help="TCP only")
-    g.add_argument("--no-tcp", action="store_true", help="uTP only")
-    p.add_argument("--max-upload-rate", type=parse_rate, default=0, metavar="RATE",
-                   help="global upload limit in bytes/s, K/M/G suffixes allowed (default: none)")
-    p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
-                   help="global download limit in bytes/s (default: none)")
+    add_rate_and_transport_options(p)
     p.add_argument("--rpc-listen", type=_listen, default=DEFAULT_RPC, metavar="HOST:PORT",
                    help="where the JSON-RPC and the status page listen (default: 127.0.0.1:6800)")
     p.add_argument("--rpc-secret", default=None, metavar="TOKEN",
