@@ -308,7 +308,7 @@ class Aria2Api:
                 await self.session.remove_torrent(d.torrent)
             except SessionError as exc:
                 raise RpcError(str(exc)) from None
-        d.freeze("complete" if d.torrent.finished and not d.metadata_step else "removed")
+        d.freeze("complete" if not d.metadata_step and d.torrent.finished else "removed")
         self._stopped(d)
 
     async def _remove(self, p: Params) -> str:
