@@ -50,6 +50,7 @@ READ_TIMEOUT = 45
 #: from cancellation, so this is what ends a send stuck on such a client.
 SEND_TIMEOUT = 30.0
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS", "PUT", "DELETE", "PATCH"})
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -107,8 +108,9 @@ class RpcServer:
             if c.scope is not None:
                 c.scope.cancel()
             # hypercorn writes with its socket send shielded: a sender stuck on
-            # a full socket ends when the connection's read timeout closes it
-            # (the client, not reading, answers no ping: see serve())
+            # a full socket ends when the kernel gives up on the connection
+            # (SEND_TIMEOUT) or its read timeout closes it (a client that does
+            # not read answers no ping): see serve()
         except trio.ClosedResourceError:
             c.closed = True
 
@@ -163,7 +165,7 @@ class RpcServer:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
-        self.counters[f"http.{method}"] += 1
+        self.counters[f"http.{method}" if method in _METHODS else "http.other"] += 1
         if path == "/jsonrpc" and method == "POST":
             body = await self._read_body(scope, receive)
             if body is None:
