@@ -58,7 +58,8 @@ class _Daemon:
             raise RuntimeError(f"bt daemon did not start: {line!r}")
         self.peer_port = int(m.group(1))
         self.url = m.group(2) + "/jsonrpc"
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        err = self.proc.stderr
+        threading.Thread(target=lambda: [None for _ in err], daemon=True).start()   # drained
         import httpx
         self.http = httpx.Client(timeout=60)
         self.n = 0
@@ -256,9 +257,9 @@ def bench_transfer(work: Path, size: int, rounds: int) -> list[str]:
     data = torrent_path.read_bytes()
     # 4 MiB socket buffers: with the kernel's default its uTP drops packets
     # and the rate swings, hiding what polling costs (../shared/PEERS.md)
-    ses = lt.session(libtorrent_settings("127.0.0.1", "both", buffers=4 * MiB))
+    ses = lt.session(libtorrent_settings("127.0.0.1", "both", buffers=4 * MiB))  # type: ignore[call-overload]
     atp = lt.add_torrent_params()
-    atp.ti = lt.torrent_info(lt.bdecode(data))
+    atp.ti = lt.torrent_info(lt.bdecode(data))                                   # type: ignore[arg-type]
     atp.save_path = str(src)
     handle = ses.add_torrent(atp)
     while handle.status().state != lt.torrent_status.seeding:

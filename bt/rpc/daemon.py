@@ -161,7 +161,8 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
         session.add_listener(on_event)
         from ..events import EventKind
         from ..hooks import Hooks
-        commands = {k: getattr(args, k.option.replace("-", "_")) for k in EventKind}
+        commands: dict[EventKind | str, str | None] = {
+            k: getattr(args, k.option.replace("-", "_")) for k in EventKind}
         if any(commands.values()):
             Hooks(commands, timeout=args.hook_timeout).install(session)
 
