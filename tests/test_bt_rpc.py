@@ -403,8 +403,9 @@ async def test_slow_websocket_client_is_dropped(tmp_path):
                 while len(server.clients) < 2:
                     await trio.sleep(0.01)
             got = 0
-            for n in range(20_000):         # far more than socket buffers hold
-                server.broadcast("aria2.onDownloadStart", f"{n:016x}")
+            big = "x" * 8192                # 5,000 of these: far more than socket buffers hold
+            for n in range(5_000):
+                server.broadcast("aria2.onDownloadStart", f"{n:016x}{big}")
                 if n % 4 == 3:
                     while got < n - 2:      # the fast one keeps up
                         await fast.get_message()
