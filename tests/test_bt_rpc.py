@@ -636,3 +636,80 @@ async def test_dispatcher_without_a_server():
     assert json.loads(a.body)["error"]["message"] == "Unauthorized"       # no hint without the token
     a = await d.handle(b"[" * 100_000)
     assert a.status == 500 and json.loads(a.body)["error"]["code"] == -32700
+
+
+async def test_magnet_two_steps_bookkeeping(tmp_path):
+    """The RPC layer's side of a magnet link, against a session double
+    shaped as the magnet work's interface (``add_torrent("magnet:?...")``
+    returns a torrent with ``has_metadata`` False in state ``metadata``):
+    the metadata step's gid and struct, then -- once the metadata is in --
+    the step complete with ``followedBy``, the real download ``following``
+    it, aria2's notifications, tellStopped/tellActive and the session file.
+    (The end-to-end path with a real session: test_bt_rpc_aria2p.py.)"""
+    from bt.rpc.aria2 import Aria2Api
+    from bt.rpc.jsonrpc import Params
+    from bt.rpc.sessionfile import render_session
+    from bt.wire import Geometry
+
+    data = _torrent(tmp_path, "magnetic", (40_000,))
+    meta = bt.parse_metainfo_untrusted(data)
+
+    class Meter:
+        total = 0
+
+    class Picker:
+        num_have = 0
+
+        def has_piece(self, i):
+            return False
+
+    class MagnetTorrent:
+        def __init__(self, info_hash):
+            self.info_hash, self.gid, self.name = info_hash, "00000000000000aa", "magnetic"
+            self.has_metadata, self.state, self.meta = False, "metadata", None
+            self.peers, self.error, self.up = set(), None, Meter()
+            self._down_rate = self._up_rate = 0.0
+            self.finished = False
+
+        def learn(self):
+            self.has_metadata, self.state, self.meta = True, "downloading", meta
+            self.geometry = Geometry(meta.total_length, meta.piece_length)
+            self.picker = Picker()
+
+    class Session:
+        download_dir = str(tmp_path / "dl")
+        torrents: dict = {}
+
+        async def add_torrent(self, source, *, save_path, gid):
+            assert source.startswith("magnet:?") and gid is None
+            self.torrent = MagnetTorrent(meta.info_hash)
+            self.torrents[meta.info_hash] = self.torrent
+            return self.torrent
+
+    session = Session()
+    api = Aria2Api(session)
+    notes = []
+    api.notify = lambda method, gid: notes.append((method, gid))
+    uri = f"magnet:?xt=urn:btih:{meta.info_hash.hex()}&dn=magnetic"
+    step = await api._add_uri(Params([[uri]]))
+    assert step != session.torrent.gid and notes == [("aria2.onDownloadStart", step)]
+    st = await api._tell_status(Params([step]))
+    assert (st["status"], st["totalLength"], st["infoHash"]) == ("active", "0", meta.info_hash.hex())
+    assert st["files"][0]["path"] == "[METADATA]magnetic" and "followedBy" not in st
+    text, files = render_session(api, str(tmp_path / "s"))
+    assert f"{uri}\n" in text and f" gid={step}" in text and files == {}
+
+    session.torrent.learn()
+    real = session.torrent.gid
+    assert api.event_gid(session.torrent) == real          # the notifier's START names it
+    assert notes[1:] == [("aria2.onDownloadComplete", step)]
+    st = await api._tell_status(Params([step]))
+    assert (st["status"], st["followedBy"], st["errorCode"]) == ("complete", [real], "0")
+    rt = await api._tell_status(Params([real]))
+    assert (rt["following"], rt["totalLength"]) == (step, str(meta.total_length))
+    assert rt["bittorrent"]["info"]["name"] == "magnetic" and rt["status"] == "active"
+    assert [d["gid"] for d in await api._tell_active(Params([]))] == [real]
+    assert [d["gid"] for d in await api._tell_stopped(Params([0, 10]))] == [step]
+    text, files = render_session(api, str(tmp_path / "s"))
+    assert f" gid={real}" in text and uri not in text
+    assert list(files.values()) == [b"d4:info" + meta.info_bytes + b"e"]
