@@ -289,13 +289,7 @@ class _Worker:
         self.proc.stdin.flush()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
@@ -343,6 +337,18 @@ def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: fl
                 w.close()
         shutil.rmtree(leech_dir, ignore_errors=True)
     return res
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` is still there after ``grace``
+    seconds; waits for it either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _make_content(work: Path, size: int) -> tuple[Path, Path]:

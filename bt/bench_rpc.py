@@ -74,13 +74,9 @@ class _Daemon:
         return answer["result"]
 
     def close(self) -> None:
+        from .bench import stop_process
         self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20)
 
 
 def synthetic_torrent(n: int, rng: random.Random) -> bytes:

@@ -300,8 +300,14 @@ async def test_errors_as_aria2(tmp_path):
             async def chunks():
                 for _ in range(30):
                     yield b" " * 10_000
-            r = await h.post(url, content=chunks())
-            assert r.status_code == 413
+            # (the server answers 413 and closes while the client may still be
+            # sending: the client sees the answer or the closed connection)
+            try:
+                r = await h.post(url, content=chunks())
+            except (httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError):
+                pass
+            else:
+                assert r.status_code == 413
             # public methods answer without the token
             r = await h.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "system.listNotifications"})
             assert r.status_code == 200

@@ -263,14 +263,8 @@ class BtDaemon:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import subprocess
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from bt.bench import stop_process
+        stop_process(self.proc)
 
 
 def wait_until(what: str, cond, timeout: float = 30.0, *, log: list[str] | None = None,
