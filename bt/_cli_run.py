@@ -277,7 +277,7 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
         _say(f"{torrent.meta.name}: {st.pieces_have}/{st.pieces_total} pieces "
              f"({_human(st.bytes_have)} of {_human(st.bytes_total)}) already here; "
              f"listening on port {session.port}")
-        for event in held:
+        for event in held or ():
             _event_line(progress, event)
         held = None
         for addr in args.peer:

@@ -257,7 +257,7 @@ class Notifier:
         self._nursery = nursery
         self.counters = session.counters
         self._sync: list[Listener] = []
-        self._async: dict[int, _AsyncListener] = {}
+        self._async: list[_AsyncListener] = []
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._running: set[str] = set()         # gids started and not ended
         self._started: set[str] = set()         # gids ever started
@@ -274,13 +274,13 @@ class Notifier:
         """Call ``cb(event)`` for every event from now on.  A coroutine
         function runs in its own task with a queue of ``queue`` events
         (oldest dropped and counted when full); a plain function is called
-        inline and must not block.  Adding the same callable twice is a
-        ValueError."""
-        if cb in self._sync or id(cb) in self._async:
+        inline and must not block.  Adding the same callable twice (by
+        ``==``: a bound method made again is the same) is a ValueError."""
+        if cb in self._sync or any(al.cb == cb for al in self._async):
             raise ValueError(f"listener {cb!r} is already registered")
         if _is_async(cb):
             al = _AsyncListener(self, cb, queue)
-            self._async[id(cb)] = al
+            self._async.append(al)
             self._nursery.start_soon(al.run)
         else:
             self._sync.append(cb)
@@ -291,9 +291,10 @@ class Notifier:
         if cb in self._sync:
             self._sync.remove(cb)
             return
-        al = self._async.pop(id(cb), None)
+        al = next((al for al in self._async if al.cb == cb), None)
         if al is None:
             raise ValueError(f"listener {cb!r} is not registered")
+        self._async.remove(al)
         al.retired = True
         al.queue.clear()
         al._wake.set()
@@ -348,7 +349,7 @@ class Notifier:
             except Exception:
                 self.counters["events.listener_errors"] += 1
                 log.exception("event listener %r failed on %s %s", cb, kind, event.gid)
-        for al in list(self._async.values()):
+        for al in list(self._async):
             al.push(event)
         for stream in list(self._streams):
             stream.push(event)
@@ -401,7 +402,7 @@ class Notifier:
                         self._running.discard(torrent.gid)
                         self._end(torrent)
                 self._closed = True
-                for al in list(self._async.values()):
+                for al in list(self._async):
                     nursery.start_soon(al.drain)
                 while self._tasks:
                     await self._tasks_done.wait()

@@ -214,6 +214,12 @@ async def test_listeners_that_raise_or_are_slow_break_nothing(tmp_path, caplog):
         assert ls.status().counters["events.dropped"] == 11
         ls.remove_listener(bad)
         ls.remove_listener(slow)
+        rec = Recorder.__new__(Recorder)            # bound methods made again are the same
+        rec.sync, rec.async_, rec.events = [], [], []
+        ls.add_listener(rec.on_async)
+        with pytest.raises(ValueError, match="already registered"):
+            ls.add_listener(rec.on_async)
+        ls.remove_listener(rec.on_async)
         with pytest.raises(ValueError, match="not registered"):
             ls.remove_listener(slow)
         await t.pause()
