@@ -264,7 +264,8 @@ class Notifier:
         self._seeded: set[str] = set()          # gids whose BT_COMPLETE was told
         self._tasks = 0
         self._tasks_done = trio.Event()
-        self._closed = False
+        self._closed = False            # no more events expected: iterators end
+        self._finished = False          # the close is over: no tasks any more
         #: Seconds :meth:`aclose` waits for the last events' handlers.
         self.close_grace = CLOSE_GRACE
 
@@ -312,7 +313,11 @@ class Notifier:
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run ``fn(*args)`` as a task of the session, one the close waits
         for (up to :attr:`close_grace`): for listeners that start work of
-        their own, such as hook commands."""
+        their own, such as hook commands.  After the close it is dropped
+        (logged): nothing runs any more."""
+        if self._finished:
+            log.warning("session closed: %r not started", fn)
+            return
         self._tasks += 1
         self._nursery.start_soon(self._task, fn, args)
 
@@ -406,6 +411,7 @@ class Notifier:
                     nursery.start_soon(al.drain)
                 while self._tasks:
                     await self._tasks_done.wait()
+        self._finished = True
         if scope.cancelled_caught:
             log.warning("session closing: event handlers still busy after %.1f s were "
                         "cancelled", self.close_grace)

@@ -298,3 +298,35 @@ async def test_the_initial_check_is_state_checking_and_a_removal_during_it(tmp_p
         assert not s.torrents and s.torrent_by_gid(checking.gid) is None
         assert [(o, n) for o, n, _ in seen] == [(None, "checking"), ("checking", "removed")]
         assert kinds == []
+
+
+async def test_the_close_waits_for_a_stuck_listener_only_its_grace(tmp_path, caplog):
+    """At the close a running download's last event (``complete`` here) is
+    still handed to the async listeners; one stuck forever is cancelled
+    after ``close_grace`` (logged), and the close goes on."""
+    caplog.set_level(logging.WARNING, logger="bt.events")
+    src, _, data = _content(tmp_path)
+    got: list[EventKind] = []
+    stuck_on: list[EventKind] = []
+
+    async def quick(ev):
+        got.append(ev.kind)
+
+    async def stuck(ev):
+        stuck_on.append(ev.kind)
+        if ev.kind is COMPLETE:
+            await trio.sleep_forever()
+
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as s:
+        s.notifier.close_grace = 0.5
+        s.add_listener(quick)
+        s.add_listener(stuck)
+        await s.add_torrent(data)
+        await _until(lambda: got == [START, BT_COMPLETE])
+        closing = trio.current_time()
+    assert trio.current_time() - closing < 10           # not forever
+    assert got == [START, BT_COMPLETE, COMPLETE] and stuck_on == got
+    assert any("still busy after 0.5 s were cancelled" in r.getMessage()
+               for r in caplog.records)
+    s.notifier.start_soon(trio.sleep, 0)                # too late: dropped, logged
+    assert "not started" in caplog.records[-1].getMessage()
