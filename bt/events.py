@@ -233,12 +233,17 @@ class EventStream(_Bounded):
             raise StopAsyncIteration
         return self.queue.popleft()
 
+    _closed = False
+
     def _ended(self) -> bool:
-        return self._notifier._closed
+        return self._closed or self._notifier._closed
 
     def close(self) -> None:
-        """Stop receiving events (queued ones can still be read)."""
+        """Stop receiving events; the iteration ends once the queued ones
+        are read."""
+        self._closed = True
         self._notifier._streams.discard(self)
+        self._wake.set()
 
     async def __aenter__(self) -> "EventStream":
         return self

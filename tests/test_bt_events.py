@@ -330,3 +330,22 @@ async def test_the_close_waits_for_a_stuck_listener_only_its_grace(tmp_path, cap
                for r in caplog.records)
     s.notifier.start_soon(trio.sleep, 0)                # too late: dropped, logged
     assert "not started" in caplog.records[-1].getMessage()
+
+
+async def test_an_iterator_closed_ends_after_its_queue(tmp_path):
+    src, _, data = _content(tmp_path)
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as s:
+        read: list[EventKind] = []
+        async with s.events() as stream:
+            t = await s.add_torrent(data)               # start, bt-complete queued
+            async with trio.open_nursery() as nursery:
+                async def reader():
+                    async for ev in stream:
+                        read.append(ev.kind)
+                nursery.start_soon(reader)
+                await _until(lambda: read == [START, BT_COMPLETE])
+                stream.close()                          # the waiting reader ends
+            await t.pause()
+        assert read == [START, BT_COMPLETE] and not stream.queue    # pause: not queued
+        with pytest.raises(ValueError, match=">= 1"):
+            s.events(queue=0)
