@@ -233,12 +233,17 @@ class EventStream(_Bounded):
             raise StopAsyncIteration
         return self.queue.popleft()
 
+    _closed = False
+
     def _ended(self) -> bool:
-        return self._notifier._closed
+        return self._closed or self._notifier._closed
 
     def close(self) -> None:
-        """Stop receiving events (queued ones can still be read)."""
+        """Stop receiving events; the iteration ends once the queued ones
+        are read."""
+        self._closed = True
         self._notifier._streams.discard(self)
+        self._wake.set()
 
     async def __aenter__(self) -> "EventStream":
         return self
@@ -257,14 +262,15 @@ class Notifier:
         self._nursery = nursery
         self.counters = session.counters
         self._sync: list[Listener] = []
-        self._async: dict[int, _AsyncListener] = {}
+        self._async: list[_AsyncListener] = []
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._running: set[str] = set()         # gids started and not ended
         self._started: set[str] = set()         # gids ever started
         self._seeded: set[str] = set()          # gids whose BT_COMPLETE was told
         self._tasks = 0
         self._tasks_done = trio.Event()
-        self._closed = False
+        self._closed = False            # no more events expected: iterators end
+        self._finished = False          # the close is over: no tasks any more
         #: Seconds :meth:`aclose` waits for the last events' handlers.
         self.close_grace = CLOSE_GRACE
 
@@ -274,13 +280,13 @@ class Notifier:
         """Call ``cb(event)`` for every event from now on.  A coroutine
         function runs in its own task with a queue of ``queue`` events
         (oldest dropped and counted when full); a plain function is called
-        inline and must not block.  Adding the same callable twice is a
-        ValueError."""
-        if cb in self._sync or id(cb) in self._async:
+        inline and must not block.  Adding the same callable twice (by
+        ``==``: a bound method made again is the same) is a ValueError."""
+        if cb in self._sync or any(al.cb == cb for al in self._async):
             raise ValueError(f"listener {cb!r} is already registered")
         if _is_async(cb):
             al = _AsyncListener(self, cb, queue)
-            self._async[id(cb)] = al
+            self._async.append(al)
             self._nursery.start_soon(al.run)
         else:
             self._sync.append(cb)
@@ -291,9 +297,10 @@ class Notifier:
         if cb in self._sync:
             self._sync.remove(cb)
             return
-        al = self._async.pop(id(cb), None)
+        al = next((al for al in self._async if al.cb == cb), None)
         if al is None:
             raise ValueError(f"listener {cb!r} is not registered")
+        self._async.remove(al)
         al.retired = True
         al.queue.clear()
         al._wake.set()
@@ -311,7 +318,11 @@ class Notifier:
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run ``fn(*args)`` as a task of the session, one the close waits
         for (up to :attr:`close_grace`): for listeners that start work of
-        their own, such as hook commands."""
+        their own, such as hook commands.  After the close it is dropped
+        (logged): nothing runs any more."""
+        if self._finished:
+            log.warning("session closed: %r not started", fn)
+            return
         self._tasks += 1
         self._nursery.start_soon(self._task, fn, args)
 
@@ -348,7 +359,7 @@ class Notifier:
             except Exception:
                 self.counters["events.listener_errors"] += 1
                 log.exception("event listener %r failed on %s %s", cb, kind, event.gid)
-        for al in list(self._async.values()):
+        for al in list(self._async):
             al.push(event)
         for stream in list(self._streams):
             stream.push(event)
@@ -401,10 +412,11 @@ class Notifier:
                         self._running.discard(torrent.gid)
                         self._end(torrent)
                 self._closed = True
-                for al in list(self._async.values()):
+                for al in list(self._async):
                     nursery.start_soon(al.drain)
                 while self._tasks:
                     await self._tasks_done.wait()
+        self._finished = True
         if scope.cancelled_caught:
             log.warning("session closing: event handlers still busy after %.1f s were "
                         "cancelled", self.close_grace)

@@ -8,7 +8,9 @@ and the path of the first file (the ``path`` of the first entry of
 aria2.getFiles: the save directory joined with the torrent's file path,
 so ``DIR/NAME`` for a single-file torrent and ``DIR/NAME/dir/file`` for
 a multi-file one; BEP 47 pad files are not files here; no files: ``0``
-and an empty path).
+and an empty path).  As in aria2 the directory is passed as it was given
+(a relative one stays relative: the command runs in our working
+directory).
 
 Like aria2, the option value is the *command itself*, run directly (the
 PATH is searched when it has no slash), never through a shell and never

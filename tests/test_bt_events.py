@@ -147,7 +147,7 @@ async def test_a_storage_error_is_an_error_event(tmp_path):
         async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1") as s, \
                 bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ls:
             rec = Recorder(ls, nursery)
-            await s.add_torrent(data)
+            seed = await s.add_torrent(data)
             t = await ls.add_torrent(data)
             (tmp_path / "dl" / "content").mkdir(parents=True, exist_ok=True)
             os.symlink(outside, tmp_path / "dl" / "content" / "sub")
@@ -157,6 +157,7 @@ async def test_a_storage_error_is_an_error_event(tmp_path):
             err = rec.events[-1]
             assert err.status.error and "refusing" in err.status.error
             assert err.method == "aria2.onDownloadError"
+            await _until(lambda: not seed.peers)       # (else our redial is a duplicate)
             await t.resume()
             assert rec.kinds(t.gid) == [START, ERROR, START]
             await _until(lambda: t.state == "error")
@@ -213,6 +214,12 @@ async def test_listeners_that_raise_or_are_slow_break_nothing(tmp_path, caplog):
         assert ls.status().counters["events.dropped"] == 11
         ls.remove_listener(bad)
         ls.remove_listener(slow)
+        rec = Recorder.__new__(Recorder)            # bound methods made again are the same
+        rec.sync, rec.async_, rec.events = [], [], []
+        ls.add_listener(rec.on_async)
+        with pytest.raises(ValueError, match="already registered"):
+            ls.add_listener(rec.on_async)
+        ls.remove_listener(rec.on_async)
         with pytest.raises(ValueError, match="not registered"):
             ls.remove_listener(slow)
         await t.pause()
@@ -291,3 +298,54 @@ async def test_the_initial_check_is_state_checking_and_a_removal_during_it(tmp_p
         assert not s.torrents and s.torrent_by_gid(checking.gid) is None
         assert [(o, n) for o, n, _ in seen] == [(None, "checking"), ("checking", "removed")]
         assert kinds == []
+
+
+async def test_the_close_waits_for_a_stuck_listener_only_its_grace(tmp_path, caplog):
+    """At the close a running download's last event (``complete`` here) is
+    still handed to the async listeners; one stuck forever is cancelled
+    after ``close_grace`` (logged), and the close goes on."""
+    caplog.set_level(logging.WARNING, logger="bt.events")
+    src, _, data = _content(tmp_path)
+    got: list[EventKind] = []
+    stuck_on: list[EventKind] = []
+
+    async def quick(ev):
+        got.append(ev.kind)
+
+    async def stuck(ev):
+        stuck_on.append(ev.kind)
+        if ev.kind is COMPLETE:
+            await trio.sleep_forever()
+
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as s:
+        s.notifier.close_grace = 0.5
+        s.add_listener(quick)
+        s.add_listener(stuck)
+        await s.add_torrent(data)
+        await _until(lambda: got == [START, BT_COMPLETE])
+        closing = trio.current_time()
+    assert trio.current_time() - closing < 10           # not forever
+    assert got == [START, BT_COMPLETE, COMPLETE] and stuck_on == got
+    assert any("still busy after 0.5 s were cancelled" in r.getMessage()
+               for r in caplog.records)
+    s.notifier.start_soon(trio.sleep, 0)                # too late: dropped, logged
+    assert "not started" in caplog.records[-1].getMessage()
+
+
+async def test_an_iterator_closed_ends_after_its_queue(tmp_path):
+    src, _, data = _content(tmp_path)
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as s:
+        read: list[EventKind] = []
+        async with s.events() as stream:
+            t = await s.add_torrent(data)               # start, bt-complete queued
+            async with trio.open_nursery() as nursery:
+                async def reader():
+                    async for ev in stream:
+                        read.append(ev.kind)
+                nursery.start_soon(reader)
+                await _until(lambda: read == [START, BT_COMPLETE])
+                stream.close()                          # the waiting reader ends
+            await t.pause()
+        assert read == [START, BT_COMPLETE] and not stream.queue    # pause: not queued
+        with pytest.raises(ValueError, match=">= 1"):
+            s.events(queue=0)

@@ -141,3 +141,57 @@ async def test_failing_missing_and_hanging_hooks_do_not_stop_the_session(tmp_pat
            f"terminated" in text
     assert f"hook on-bt-download-complete {fail!r} for {t.gid} exited with status 3" in text
     assert "hook on-download-complete" in text and "could not start" in text
+
+
+def test_bt_seed_runs_hooks_and_logs_events(tmp_path):
+    """``bt seed`` with hook options: start and bt-complete as it starts
+    seeding, complete when SIGINT ends the seeding (aria2: the download
+    finished), each event a ``[GID] KIND: NAME`` line, a failing hook's
+    status on its own line; the argument errors are usage errors."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    src, _, data = bt_content(tmp_path, (100_000, 5_000), seed=3, piece_length=PIECE)
+    torrent = tmp_path / "c.torrent"
+    torrent.write_bytes(data)
+    commands, calls = _recording_hooks(tmp_path, [EventKind.START, EventKind.COMPLETE])
+    fail = _script(tmp_path / "fail", "exit 7")
+    base = [sys.executable, "-m", "bt", "seed", str(torrent), "-d", str(src.parent),
+            "--bind", "127.0.0.1", "--status-interval", "60"]
+    proc = subprocess.Popen(
+        base + ["--on-download-start", commands[EventKind.START],
+                "--on-download-complete", commands[EventKind.COMPLETE],
+                "--on-bt-download-complete", fail, "--hook-timeout", "5"],
+        stderr=subprocess.PIPE, text=True, cwd="/",
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert "listening on port" in proc.stderr.readline()
+        start = proc.stderr.readline()
+        m = re.fullmatch(r"\[([0-9a-f]{16})\] start: content\n", start)
+        assert m, start
+        gid = m.group(1)
+        assert proc.stderr.readline() == f"[{gid}] bt-complete: content\n"
+        want = f"bt seed: hook on-bt-download-complete {fail!r} for {gid} " \
+               f"exited with status 7\n"
+        started = f"bt seed: hook on-download-start {commands[EventKind.START]!r} for {gid} " \
+                  f"exited with status 0\n"
+        lines: list[str] = []           # progress lines too
+        while not {want, started} <= set(lines) and len(lines) < 10:
+            lines.append(proc.stderr.readline())
+        assert want in lines and started in lines, lines
+        first = str(src / "file0.bin")
+        assert calls(EventKind.START) == [["3", gid, "2", first]]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert f"[{gid}] complete: content\n" in err and err.rstrip().endswith("bt seed: interrupted")
+    assert calls(EventKind.COMPLETE) == [["3", gid, "2", first]]
+    for bad in ("0", "-1", "soon", "inf"):
+        r = subprocess.run(base + ["--hook-timeout", bad], capture_output=True, text=True,
+                           timeout=30, cwd="/")
+        assert r.returncode == 2 and "expected a number of seconds > 0" in r.stderr, r.stderr
