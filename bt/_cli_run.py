@@ -110,12 +110,26 @@ def add_parsers(sub: Any) -> None:
         add_rate_and_transport_options(p)
         p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
                        help="seconds between progress lines when stderr is not a terminal")
-        for _, option, when in _HOOKS:
-            p.add_argument(f"--{option}", default=None, metavar="COMMAND",
-                           help=f"run COMMAND GID NUM_FILES FIRST_FILE_PATH {when} "
-                                "(aria2's hook; run directly, not through a shell)")
-        p.add_argument("--hook-timeout", type=_positive, default=60.0, metavar="S",
-                       help="seconds a hook command may run before it is terminated (default 60)")
+        add_hook_options(p)
+
+
+def add_hook_options(p: argparse.ArgumentParser) -> None:
+    """aria2's --on-download-* hook options and --hook-timeout (download,
+    seed and daemon); :func:`install_hooks` puts them to work."""
+    for _, option, when in _HOOKS:
+        p.add_argument(f"--{option}", default=None, metavar="COMMAND",
+                       help=f"run COMMAND GID NUM_FILES FIRST_FILE_PATH {when} "
+                            "(aria2's hook; run directly, not through a shell)")
+    p.add_argument("--hook-timeout", type=_positive, default=60.0, metavar="S",
+                   help="seconds a hook command may run before it is terminated (default 60)")
+
+
+def install_hooks(args: argparse.Namespace, session: Any) -> None:
+    """The hook commands given on the command line, on ``session``."""
+    from .hooks import Hooks
+    commands = {kind: getattr(args, option.replace("-", "_")) for kind, option, _ in _HOOKS}
+    if any(commands.values()):
+        Hooks(commands, timeout=args.hook_timeout).install(session)
 
 
 def _positive(text: str) -> float:
@@ -257,7 +271,6 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
                     keep_seeding: bool) -> int:
     import trio
 
-    from .hooks import Hooks
     from .session import open_session
     from .torrent import TorrentError
 
@@ -274,9 +287,7 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
             else:
                 _event_line(progress, event)
         session.add_listener(on_event)
-        commands = {kind: getattr(args, option.replace("-", "_")) for kind, option, _ in _HOOKS}
-        if any(commands.values()):
-            Hooks(commands, timeout=args.hook_timeout).install(session)
+        install_hooks(args, session)
         torrent = await session.add_torrent(args.torrent, trackers=args.tracker,
                                             use_trackers=not args.no_trackers)
         st = torrent.status()

@@ -35,9 +35,6 @@ from _utpkit.addr import parse_hostport
 __all__ = ["add_parser", "run", "serve_daemon", "Running", "daemon_args"]
 
 DEFAULT_RPC = ("127.0.0.1", 6800)
-#: aria2's hook options, one per event kind (bt.events.EventKind.option).
-HOOK_OPTIONS = ("on-download-start", "on-download-pause", "on-download-stop",
-                "on-download-complete", "on-download-error", "on-bt-download-complete")
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -49,7 +46,7 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def add_parser(sub: Any) -> None:
-    from .._cli_run import add_rate_and_transport_options
+    from .._cli_run import add_hook_options, add_rate_and_transport_options
     p = sub.add_parser("daemon", help="run a session driven over aria2's JSON-RPC (and a status page)")
     p.add_argument("-d", "--dir", default=".", metavar="DIR",
                    help="the default download directory (a download's dir option overrides it)")
@@ -74,12 +71,7 @@ def add_parser(sub: Any) -> None:
                    help="also write the session file every S seconds (default: 0, never)")
     p.add_argument("--input-file", default=None, metavar="FILE",
                    help="add the downloads of this session file at start, with their gids")
-    for option in HOOK_OPTIONS:        # bt.events.EventKind.option (not imported: no trio here)
-        p.add_argument(f"--{option}", default=None, metavar="COMMAND",
-                       help=f"run COMMAND GID NUM_FILES FIRST_FILE_PATH {option[3:]} "
-                            "(bt.hooks; no shell, as aria2's option)")
-    p.add_argument("--hook-timeout", type=float, default=60.0, metavar="S",
-                   help="terminate a hook command still running after S seconds (default: 60)")
+    add_hook_options(p)
 
 
 def daemon_args(*argv: str) -> argparse.Namespace:
@@ -119,6 +111,7 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
     (trio's) gets a :class:`Running` once the RPC listens."""
     import trio
 
+    from .._cli_run import install_hooks
     from ..session import open_session
     from .aria2 import NOTIFICATIONS, Aria2Api
     from .jsonrpc import Dispatcher, RpcError
@@ -159,12 +152,7 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
             server.broadcast(ev.method, gid)
             _say(_event_line(gid, ev))
         session.add_listener(on_event)
-        from ..events import EventKind
-        from ..hooks import Hooks
-        commands: dict[EventKind | str, str | None] = {
-            k: getattr(args, k.option.replace("-", "_")) for k in EventKind}
-        if any(commands.values()):
-            Hooks(commands, timeout=args.hook_timeout).install(session)
+        install_hooks(args, session)
 
         if args.input_file:
             await _load(api, args.input_file, parse_session, RpcError)
