@@ -92,7 +92,7 @@ from _utpkit.excgroup import unwrapped
 
 from . import _utp
 from ._connect import check_address
-from ._birthday import BirthdayLimits, birthday as _birthday, refuse_two_symmetric
+from ._birthday import BirthdayLimits, FirstSyn, birthday as _birthday, refuse_two_symmetric
 from ._utp import EventKind
 from ._stream import UTPStream, _format_peer
 
@@ -457,14 +457,14 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     # port the rendezvous never saw) are ours; the application's listener,
     # if any, keeps getting everyone else's.
     listener = ep.claim_incoming(lambda addr: _same_ip(addr, peer), backlog=1)
-    accepted_from: list[Any] = []
     # SYNs from other addresses that no listener took (for the error message).
     unclaimed_before = ep.statistics().get("refused_unclaimed", 0)
+    # Exactly one connection: the first SYN (and, under SYN cookies, its
+    # retransmissions and the cookie's return).
+    gate = FirstSyn(ep)
 
     def firewall(addr: Any) -> bool:
-        # Exactly one connection: the first SYN.
-        if not accepted_from:
-            accepted_from.append(addr)
+        if gate(addr):
             phase.heard()
             return True
         return False
