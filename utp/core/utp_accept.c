@@ -45,6 +45,12 @@
  *    half-open socket loses the race as soon as the flood outpaces its round
  *    trip.  Cookies only come into play past the bounds, so an unloaded
  *    listener behaves exactly as before.
+ *    The application's firewall (UTP_ON_FIREWALL) is asked before the
+ *    cookie goes out and again when it comes back; args->flags says which
+ *    (UTPKIT_FIREWALL_COOKIE_SYN, _COOKIE_RETURN; a socket's SYN is
+ *    UTPKIT_FIREWALL_SYN) and args->len carries the SYN's connection id, so
+ *    a firewall that admits one connection (hole punching's) can admit the
+ *    same SYN twice and still refuse the peer's other attempts.
  *
  * 4. One gate for replies to unauthenticated packets (RESETs to unknown
  *    connections, refusals, SYN-ACKs of both kinds, repeated SYN-ACKs, the
