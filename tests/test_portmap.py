@@ -90,10 +90,28 @@ def test_pcp_answers_decode_and_version_fallback():
         codec.decode_pcp_untrusted(_pcp_answer() + b"\x00")
 
 
+def test_gateway_announcements_decode():
+    # What miniupnpd multicast to 224.0.0.1:5350 in the lab (SIGUSR1: its
+    # external address changed; and at its start).
+    ann = codec.decode_announcement_untrusted(bytes.fromhex("0080 0000 00000001 c612000a"))
+    assert ann == codec.Announcement("natpmp", 1, "198.18.0.10")
+    ann = codec.decode_announcement_untrusted(bytes.fromhex("0280 0000 00000000 00000007") + bytes(12))
+    assert ann == codec.Announcement("pcp", 7)
+    for junk, why in [("0081 0000 00000065 1ae1 9c40 0000003c", "no external address"),
+                      ("0080 0003 00000001 c612000a", "no external address"),   # an error result
+                      ("0281 0000" + "00" * 20, "ANNOUNCE"),                   # a MAP answer
+                      ("0200 0000" + "00" * 20, "ANNOUNCE"),                   # a request
+                      ("0280 0000" + "00" * 18, "24 or more")]:
+        with pytest.raises(codec.PortMapProtocolError, match=why):
+            codec.decode_announcement_untrusted(bytes.fromhex(junk))
+    assert (codec.ANNOUNCE_GROUP, codec.ANNOUNCE_PORT) == ("224.0.0.1", 5350)
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=1200))
 def test_decoders_parse_or_raise_their_own_error(data):
-    for decode in (codec.decode_natpmp_untrusted, codec.decode_pcp_untrusted):
+    for decode in (codec.decode_natpmp_untrusted, codec.decode_pcp_untrusted,
+                   codec.decode_announcement_untrusted):
         try:
             decode(data)
         except codec.PortMapProtocolError:
