@@ -76,6 +76,16 @@ ports towards the peer, the other probes random ports of the symmetric
 side's address until one pair meets), unless the caller turned it off or
 the NATs' mapping behaviours say it cannot work (two symmetric NATs: an
 error at once).
+
+One connection, also under SYN cookies.  The responder admits exactly one
+connection from the peer: its firewall (run by the engine before any
+SYN-ACK) says yes to the first SYN and RESETs the initiator's later
+attempts, so both sides settle on the same one.  A listener past its
+half-open bounds (a SYN flood on a server that also punches) answers with
+a stateless cookie and creates the connection only when the cookie comes
+back, asking the firewall again; :class:`utp._birthday.FirstSyn` tells the
+two questions apart (``Endpoint.admission_query``) and admits the same SYN
+-- same address, same connection id -- until its connection exists.
 """
 
 from __future__ import annotations
