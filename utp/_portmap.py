@@ -41,7 +41,14 @@ re-creates the mapping and picks up a new external address.  Count in
 ``mapping.announcements``.  A host where the port cannot be bound keeps
 the mapping and says why in ``mapping.failures``.
 
-What it is not: IPv6 pinholes, PCP PEER, or a UPnP implementation of our
+IPv6: given an IPv6 ``gateway``, PCP asks it for a firewall pinhole to
+our own address and port (RFC 6887 MAP over IPv6; the "external" address
+is then our global one).  Tested against a PCP server of the tests' own on
+::1 only -- the lab has no IPv6 --, and without announcements (those come
+to ff02::1, not listened to).
+
+What it is not: PCP PEER, UPnP IGDv2's WANIPv6FirewallControl pinholes,
+the IPv6 default gateway found by itself, or a UPnP implementation of our
 own.
 """
 
@@ -130,7 +137,8 @@ class _GatewaySocket:
     """A UDP socket connected to gateway:5351 (so only its answers arrive)."""
 
     def __init__(self, gateway: str, port: int) -> None:
-        self.sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        family = trio.socket.AF_INET6 if _is_ipv6(gateway) else trio.socket.AF_INET
+        self.sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
         self.gateway = gateway
         self.port = port
 
@@ -174,6 +182,13 @@ class _GatewaySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _is_ipv6(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).version == 6
+    except ValueError:
+        return False
 
 
 class _UdpMapper:
@@ -271,9 +286,12 @@ class _Pcp(_UdpMapper):
                 return None
             return ans
 
+        # IPv6 (RFC 6887 section 11.1): no address to suggest is all zeros;
+        # the gateway opens a firewall pinhole to our own address.
         req = codec.encode_pcp_map(nonce=nonce, protocol=protocol, internal_port=internal,
-                                   client_ip=self.client_ip, lifetime=lifetime,
-                                   external_port=external if lifetime else 0)
+                                   client_ip=self.client_ip.split("%", 1)[0], lifetime=lifetime,
+                                   external_port=external if lifetime else 0,
+                                   external_ip="::" if _is_ipv6(self.client_ip) else "0.0.0.0")
         ans = await self.gw.exchange(req, codec.pcp_retransmit_delays(),
                                      trio.current_time() + self.timeout, accept)
         if ans.result:
@@ -395,6 +413,8 @@ async def _start(name: str, endpoint: Any, gateway: str | None, tcp_port: int | 
         client = _Upnp(timeout, description)
     else:
         gw = gateway or default_gateway()
+        if name == "natpmp" and _is_ipv6(gw):
+            raise PortMappingError(f"NAT-PMP is IPv4 only; the gateway {gw} is IPv6 (use PCP)")
         client = _Pcp(gw, server_port, timeout) if name == "pcp" else _NatPmp(gw, server_port, timeout)
     try:
         ext_ip = await client.begin()
@@ -515,7 +535,9 @@ async def port_mapping(endpoint: Any, protocols: Sequence[str] = PROTOCOLS, tcp_
 
     ``protocols`` are tried in order ("pcp", "natpmp", "upnp"); the first
     that maps wins.  ``gateway`` overrides the default route's gateway for
-    PCP and NAT-PMP (``server_port`` their port, 5351); ``lifetime`` is the
+    PCP and NAT-PMP (``server_port`` their port, 5351); an IPv6 gateway
+    makes PCP ask for an IPv6 firewall pinhole (module docs; NAT-PMP has
+    no IPv6 and says so); ``lifetime`` is the
     lease asked for, in seconds; ``timeout`` bounds each protocol's attempt
     (and each renewal).  The mapped UDP address becomes the Endpoint's
     ``external_address`` until the block ends.
@@ -562,7 +584,7 @@ async def port_mapping(endpoint: Any, protocols: Sequence[str] = PROTOCOLS, tcp_
     try:
         async with trio.open_nursery() as nursery:
             announced = None
-            if isinstance(client, _UdpMapper):
+            if isinstance(client, _UdpMapper) and not _is_ipv6(client.gateway):
                 wake, announced = trio.open_memory_channel[codec.Announcement](1)
                 await nursery.start(_listen_announcements, client.gateway, wake, mapping)
             nursery.start_soon(_renew_loop, client, mapping, endpoint, tcp_port, lifetime, announced)
