@@ -7,7 +7,9 @@ moment with the same key, meet at an opentracker on the lab's internet
 -m dht serve``, the only bootstrap node; ``ucat --bootstrap``),
 punch, and move ``size`` random bytes each way; a pair succeeds when both
 exit 0 and each side's output has the sha256 of the other side's input.
-With ``offset`` seconds, B starts that long after A (negative: A after B).
+With ``offset`` seconds, B starts that long after A (negative: A after B);
+``offsets`` runs every pair at each of several (the issue's sweep: -3, -1,
+0, +1, +3 s) in one lab, and :func:`offset_totals` counts per offset.
 Theory says every pair connects except symmetric with symmetric, which
 must end with a clear error within the deadline; symmetric with a
 port-restricted NAT (``restricted``, ``answering``, ``double``,
