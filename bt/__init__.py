@@ -56,10 +56,12 @@ bans, remove_torrent, the global rate limits of :mod:`bt.limits`),
 :mod:`bt.announce` (each torrent's trackers: BEP 12 tiers over HTTP(S) and
 the session's UDP tracker client, started / completed / stopped,
 intervals; ``torrent.status().trackers``), :mod:`bt.dht_torrents` (the
-session's DHT node announcing each public torrent); ``bt download`` /
-``bt seed``.
+session's DHT node announcing each public torrent), :mod:`bt.events`
+(aria2's download events and gids: ``session.add_listener``,
+``session.events()``), :mod:`bt.hooks` (aria2's ``--on-download-*`` hook
+commands); ``bt download`` / ``bt seed``.
 
-Not written yet: events and RPC, MSE, ut_pex and ut_holepunch.  It is
+Not written yet: MSE, ut_pex and ut_holepunch.  It is
 not a client UI.
 """
 
@@ -83,7 +85,7 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "Extension", "ExtensionHandler", "ExtensionRegistry",
            "open_session", "Session", "SessionError", "SessionStatus", "Torrent", "TorrentStatus",
            "TorrentState", "TorrentError", "TrackerStatus", "TrackerState",
-           "PeerTransfer"]
+           "PeerTransfer", "EventKind", "DownloadEvent", "Notifier", "EventStream", "Hooks"]
 
 # The trio drivers load on first use, so ``import bt`` (and ``bt info``)
 # stays free of trio and the uTP extension.
@@ -91,7 +93,8 @@ _LAZY = {"open_session": "session", "Session": "session", "SessionError": "sessi
          "SessionStatus": "session",
          "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
          "TorrentError": "torrent", "TrackerStatus": "announce", "TrackerState": "announce",
-         "PeerTransfer": "torrent"}
+         "PeerTransfer": "torrent", "EventKind": "events", "DownloadEvent": "events",
+         "Notifier": "events", "EventStream": "events", "Hooks": "hooks"}
 
 
 def __getattr__(name: str) -> object:

@@ -1,5 +1,6 @@
 """``python -m bt.bench``: BitTorrent download speed and cost on loopback.
-(``--magnet``: time from a magnet link to the first byte, :mod:`bt.bench_magnet`.)
+(``--magnet``: time from a magnet link to the first byte, :mod:`bt.bench_magnet`;
+``python -m bt.bench rpc``: bt daemon's JSON-RPC, see :mod:`bt.bench_rpc`.)
 
 In one run, one single-file torrent of random data (512 MiB; ``--quick``:
 64 MiB) is downloaded, seed to leecher, in six pairings:
@@ -51,15 +52,14 @@ __all__ = ["libtorrent_settings", "RUNS", "Run", "RunResult", "main"]
 
 MiB = 1 << 20
 GB = 1e9
-#: libtorrent's socket buffers in the benchmark (PEERS.md: its uTP needs them)
-LT_BUFFERS = 4 * MiB
 
 
-def libtorrent_settings(ip: str, transport: str, *, buffers: int = LT_BUFFERS) -> dict[str, Any]:
+def libtorrent_settings(ip: str, transport: str, *, buffers: int = 0) -> dict[str, Any]:
     """libtorrent session settings for loopback runs: bound to ``ip``,
     ``transport`` "utp", "tcp" or "both", plain handshakes, nothing that
     leaves the machine (no DHT, LSD, UPnP, NAT-PMP), several connections
-    per IP (every peer is 127.0.0.1), socket buffers of ``buffers``."""
+    per IP (every peer is 127.0.0.1); socket buffers of ``buffers`` bytes
+    (0: libtorrent's default, the OS's), everything else at its default."""
     if transport not in ("utp", "tcp", "both"):
         raise ValueError(f"transport must be 'utp', 'tcp' or 'both', not {transport!r}")
     utp, tcp = transport != "tcp", transport != "utp"
@@ -71,8 +71,7 @@ def libtorrent_settings(ip: str, transport: str, *, buffers: int = LT_BUFFERS) -
         "enable_outgoing_tcp": tcp, "enable_incoming_tcp": tcp,
         "in_enc_policy": 2, "out_enc_policy": 2,
         "allow_multiple_connections_per_ip": True,
-        "recv_socket_buffer_size": buffers, "send_socket_buffer_size": buffers,
-    }
+    } | ({"recv_socket_buffer_size": buffers, "send_socket_buffer_size": buffers} if buffers else {})
 
 
 @dataclass(frozen=True)
@@ -291,13 +290,7 @@ class _Worker:
         self.proc.stdin.flush()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
@@ -345,6 +338,18 @@ def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: fl
                 w.close()
         shutil.rmtree(leech_dir, ignore_errors=True)
     return res
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` is still there after ``grace``
+    seconds; waits for it either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _make_content(work: Path, size: int) -> tuple[Path, Path]:
@@ -432,6 +437,10 @@ def _mib(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rpc"]:             # python -m bt.bench rpc: bt daemon's JSON-RPC
+        from .bench_rpc import main as rpc_main
+        return rpc_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m bt.bench",
         description="BitTorrent downloads on loopback: ours and libtorrent, uTP and TCP, "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from _utpkit.excgroup import unwrapped
 
 from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
 from .dht_torrents import SessionDHT
+from .events import EventStream, Listener, Notifier
 from .extensions import ExtensionRegistry
 from .limits import RateLimits
 from .magnet import Magnet, parse_magnet
@@ -44,12 +46,12 @@ from .peer import PeerConnection
 from .peerwire import HANDSHAKE_TIMEOUT, ConnectionClosed, PeerWire
 from .storage import AsyncTorrentStorage, StorageError
 from .storage_file import FileStorage
-from .torrent import StateListener, Torrent
+from .torrent import StateListener, Torrent, TorrentState
 from .ut_metadata import UtMetadata
 from .wire import Handshake, WireError
 
 __all__ = ["Session", "SessionStatus", "open_session", "SessionError", "PEER_ID_PREFIX",
-           "BAN_STRIKES"]
+           "BAN_STRIKES", "check_gid"]
 
 #: Azureus-style client id (BEP 20): "-UK0100-" then 12 random bytes.
 PEER_ID_PREFIX = b"-UK0100-"
@@ -67,6 +69,19 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 class SessionError(Exception):
     """The session could not do what was asked (bind, add a torrent)."""
+
+
+_GID = re.compile(r"[0-9a-f]{16}")
+
+
+def check_gid(gid: str) -> str:
+    """``gid`` as aria2 writes it (16 lowercase hex digits; upper case is
+    accepted and lowered); ValueError naming it otherwise.  aria2 refuses
+    the all-zero gid, and so do we."""
+    low = gid.lower() if isinstance(gid, str) else gid
+    if not isinstance(low, str) or not _GID.fullmatch(low) or low == "0" * 16:
+        raise ValueError(f"gid must be 16 hex digits (not all zero), as aria2's, not {gid!r}")
+    return low
 
 
 _UNCHANGED: Any = object()
@@ -156,13 +171,18 @@ class Session:
         #: its torrents' announce loops.
         self.dht: Any = None
         self.dht_torrents: SessionDHT | None = None
+        #: Download events (aria2's): see bt.events.  Its listeners are added
+        #: with add_listener, its iterators made by events().
+        self.notifier = Notifier(self, nursery)
+        self.state_listeners.append(self.notifier.state_changed)
+        self._gids: dict[str, Torrent] = {}
 
     # ---- torrents ----------------------------------------------------------------------
 
     async def add_torrent(self, source: str | os.PathLike[str] | bytes | Metainfo | Magnet, *,
                           save_path: str | os.PathLike[str] | None = None,
                           trackers: Sequence[str | Sequence[str]] = (),
-                          use_trackers: bool = True) -> Torrent:
+                          use_trackers: bool = True, gid: str | None = None) -> Torrent:
         """Add a torrent (a .torrent path, its bytes, or a parsed Metainfo),
         check what is already on disk under ``save_path`` (default: the
         session's download_dir), and start it, announcing to its trackers
@@ -173,19 +193,26 @@ class Session:
         gives a torrent in state ``metadata`` (``has_metadata`` False)
         that dials the link's ``x.pe`` peers, announces to its ``tr``
         trackers and looks the infohash up in the DHT, fetches the info
-        dictionary with ut_metadata (BEP 9), then opens its storage and
-        goes on as any download (:meth:`Torrent.wait_metadata`).
+        dictionary with ut_metadata (BEP 9), then opens and checks its
+        storage and goes on as any download (:meth:`Torrent.wait_metadata`).
 
         MetainfoError for a bad torrent, MagnetError for a bad link,
         StorageError for unusable paths, SessionError if it is already in
-        the session."""
+        the session.
+
+        ``gid``: the download's aria2 gid (16 hex digits) -- to restore a
+        download under the gid it had (a daemon's session file); ValueError
+        if malformed or held by another torrent of the session.  Default: a
+        new random one (:attr:`Torrent.gid`)."""
+        gid = self._new_gid() if gid is None else check_gid(gid)
+        self._check_gid_free(gid)
         where = os.fspath(save_path) if save_path is not None else self.download_dir
         extra = [trackers] if isinstance(trackers, str) else trackers    # one URL given bare
         extra_tiers = [[t] if isinstance(t, str) else list(t) for t in extra]
         if isinstance(source, str) and source[:8].lower() == "magnet:?":
             source = parse_magnet(source)
         if isinstance(source, Magnet):
-            return self._add_magnet(source, where, extra_tiers, use_trackers)
+            return self._add_magnet(source, where, extra_tiers, use_trackers, gid)
         if isinstance(source, Metainfo):
             meta = source
         elif isinstance(source, (bytes, bytearray)):
@@ -194,18 +221,49 @@ class Session:
             meta = await trio.to_thread.run_sync(load_metainfo, source)
         if meta.info_hash in self.torrents:
             raise SessionError(f"torrent {meta.info_hash.hex()} is already in the session")
-        storage, have = await self._open_storage(meta, where)
-        torrent = Torrent(self, meta, storage, have, save_path=where)
+        storage = await self._open_storage(meta, where)
+        if meta.info_hash in self.torrents:             # added while we opened it
+            await storage.aclose()
+            raise SessionError(f"torrent {meta.info_hash.hex()} is already in the session")
+        try:
+            self._check_gid_free(gid)
+        except ValueError:
+            await storage.aclose()
+            raise
+        # in the session while it checks (state "checking", incoming
+        # connections refused), so that its gid and status can be asked for
+        torrent = Torrent(self, meta, storage, frozenset(), gid=gid, save_path=where,
+                          checking=True)
+        self.torrents[meta.info_hash] = torrent
+        self._gids[gid] = torrent
+        try:
+            await torrent.initial_check()
+        except BaseException:
+            if self.torrents.get(meta.info_hash) is torrent:
+                del self.torrents[meta.info_hash]
+                self._gids.pop(gid, None)
+            with trio.CancelScope(shield=True), contextlib.suppress(StorageError):
+                await storage.aclose()
+            raise
+        if torrent.state is TorrentState.REMOVED:       # removed while it checked
+            return torrent
         tiers = [*meta.trackers, *extra_tiers]
         if use_trackers and tiers:
             torrent.announcer = Announcer(torrent, self.trackers, tiers)
         return self._start(torrent)
 
+    def _check_gid_free(self, gid: str) -> None:
+        if gid in self._gids:
+            raise ValueError(f"gid {gid} is already used by torrent "
+                             f"{self._gids[gid].name!r} in this session")
+
     def _add_magnet(self, magnet: Magnet, where: str, extra_tiers: list[list[str]],
-                    use_trackers: bool) -> Torrent:
+                    use_trackers: bool, gid: str) -> Torrent:
         if magnet.info_hash in self.torrents:
             raise SessionError(f"torrent {magnet.info_hash.hex()} is already in the session")
-        torrent = Torrent(self, None, None, magnet=magnet, save_path=where)
+        torrent = Torrent(self, None, None, magnet=magnet, gid=gid, save_path=where)
+        self.torrents[magnet.info_hash] = torrent
+        self._gids[gid] = torrent
         tiers = [*([t] for t in magnet.trackers), *extra_tiers]
         if use_trackers and tiers:
             torrent.announcer = Announcer(torrent, self.trackers, tiers)
@@ -215,22 +273,45 @@ class Session:
         return torrent
 
     def _start(self, torrent: Torrent) -> Torrent:
-        self.torrents[torrent.info_hash] = torrent
+        """Run a torrent in the session (its tasks, and its DHT announces)."""
         self._nursery.start_soon(torrent.run)
         if self.dht_torrents is not None:
             self.dht_torrents.add(torrent)
         return torrent
 
-    async def _open_storage(self, meta: Metainfo, where: str | None
-                            ) -> tuple[AsyncTorrentStorage, frozenset[int]]:
+    async def _open_storage(self, meta: Metainfo, where: str | None) -> AsyncTorrentStorage:
         """Open ``meta``'s files under ``where`` (default: the download
-        directory) and check what is there already: (storage, pieces had)."""
+        directory); the check of what is there is the torrent's."""
         backend = FileStorage(where if where is not None else self.download_dir,
                               resume_dir=self.resume_dir)
         raw = await trio.to_thread.run_sync(backend.open_torrent, meta)
-        storage = AsyncTorrentStorage(raw, self.disk_limiter)
-        result = await storage.check()
-        return storage, result.have
+        return AsyncTorrentStorage(raw, self.disk_limiter)
+
+    def _new_gid(self) -> str:
+        while True:
+            gid = secrets.token_hex(8)      # 64 random bits: aria2's gid size
+            if gid not in self._gids and gid != "0" * 16:
+                return gid
+
+    def torrent_by_gid(self, gid: str) -> Torrent | None:
+        """The torrent with this gid (any case), or None."""
+        return self._gids.get(gid.lower()) if isinstance(gid, str) else None
+
+    # ---- events ------------------------------------------------------------------------
+
+    def add_listener(self, cb: Listener, **kw: Any) -> None:
+        """Call ``cb(event)`` (sync or async) on every download event:
+        :meth:`bt.events.Notifier.add_listener`."""
+        self.notifier.add_listener(cb, **kw)
+
+    def remove_listener(self, cb: Listener) -> None:
+        """:meth:`bt.events.Notifier.remove_listener`."""
+        self.notifier.remove_listener(cb)
+
+    def events(self, **kw: Any) -> EventStream:
+        """``async for event in session.events():`` -- every download event
+        from now on (:meth:`bt.events.Notifier.events`)."""
+        return self.notifier.events(**kw)
 
     async def remove_torrent(self, torrent: Torrent, *, delete_data: bool = False) -> None:
         """Remove ``torrent`` from the session: its connections closed (and
@@ -243,6 +324,7 @@ class Session:
         if self.torrents.get(torrent.info_hash) is not torrent:
             raise SessionError(f"torrent {torrent.info_hash.hex()} is not in this session")
         del self.torrents[torrent.info_hash]
+        self._gids.pop(torrent.gid, None)
         await torrent.stop()
         if torrent.storage is None:
             return                              # a magnet link without metadata: no files
@@ -578,6 +660,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                 try:
                     yield session
                 finally:
+                    await session.notifier.aclose()
                     await session.announce_stopped()
                     nursery.cancel_scope.cancel()
         finally:

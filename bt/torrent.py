@@ -3,8 +3,8 @@ choker, peer connections and the once-a-second maintenance that ties them
 together (request timeouts, rates, the 10 s rechoke, keep-alives).
 
 A torrent is created by :meth:`bt.session.Session.add_torrent`, which
-checks the data already on disk (resume file or hashing) before returning,
-and runs in the session's nursery until the session closes or
+checks the data already on disk (resume file or hashing; state
+``checking``, :meth:`Torrent.initial_check`) before returning, and runs in the session's nursery until the session closes or
 :meth:`bt.session.Session.remove_torrent` removes it.
 
 Control: :meth:`Torrent.pause` (every connection closed, no dialing, no
@@ -155,13 +155,18 @@ class Torrent:
 
     def __init__(self, session: "Session", meta: Metainfo | None,
                  storage: AsyncTorrentStorage | None, have: frozenset[int] = frozenset(), *,
-                 magnet: Magnet | None = None, save_path: str | None = None) -> None:
+                 gid: str = "", save_path: str = ".", checking: bool = False,
+                 magnet: Magnet | None = None) -> None:
         self.session = session
+        #: The download's aria2 gid (16 hex digits), stable for its life:
+        #: how events, hooks and RPC name it.
+        self.gid = gid
+        #: The directory the torrent's files are under.
+        self.save_path = save_path
         #: The parsed torrent; None while a magnet link's metadata is fetched
         #: (:attr:`has_metadata`, :meth:`wait_metadata`).
         self.meta: Metainfo = meta          # type: ignore[assignment]
         self.magnet = magnet
-        self.save_path = save_path
         self.geometry: Geometry = None      # type: ignore[assignment]
         self.storage: AsyncTorrentStorage = None    # type: ignore[assignment]
         self.picker: PiecePicker = None     # type: ignore[assignment]
@@ -186,7 +191,7 @@ class Torrent:
         self.error: str | None = None
         # the flags the state is derived from (_settle)
         self._paused = False
-        self._checking = False
+        self._checking = checking       # the initial check follows (initial_check)
         self._removed = False
         self._check_done = 0
         self.state: TorrentState | None = None
@@ -299,13 +304,22 @@ class Torrent:
         self._checking = True
         self.meta = meta
         self._settle()
+
+        def progress(done: int, total: int) -> None:     # in the worker thread
+            self._check_done = done
         try:
-            storage, have = await self.session._open_storage(meta, self.save_path)
+            self.storage = await self.session._open_storage(meta, self.save_path)
+            self.geometry = Geometry(meta.total_length, meta.piece_length)
+            # the picker (and with it the peers' availability) only once
+            # the check is done: until then the torrent stays without one
+            result = await self.storage.check(progress=progress)
         except StorageError as exc:
             self._checking = False
             self.fail(exc)
             return
-        self._set_meta(meta, storage, have)
+        finally:
+            self._wake()
+        self.picker = PiecePicker(self.geometry, random.Random(), have=result.have)
         self._checking = False
         self._settle()
         for peer in list(self.peers):
@@ -491,6 +505,25 @@ class Torrent:
         if self.active:
             self._redial()
         await trio.lowlevel.checkpoint()
+
+    async def initial_check(self) -> None:
+        """For :meth:`bt.session.Session.add_torrent`: learn what is on disk
+        (the resume file, or hashing) in state ``checking``, which the
+        torrent was made in.  StorageError propagates (the session then
+        drops the torrent)."""
+        def progress(done: int, total: int) -> None:     # in the worker thread
+            self._check_done = done
+        try:
+            result = await self.storage.check(progress=progress)
+        except BaseException:
+            self._removed = True        # never started: no download events
+            raise
+        else:
+            self.picker = PiecePicker(self.geometry, random.Random(), have=result.have)
+        finally:
+            self._checking = False
+            self._settle()
+            self._wake()            # a stop() waiting for the check
 
     async def force_recheck(self) -> None:
         """Hash every piece again (off the event loop), trusting no resume
