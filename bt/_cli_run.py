@@ -4,6 +4,7 @@ line on stderr.
     bt download X.torrent -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers]
                 [--port N] [--seed] [--no-utp | --no-tcp]
                 [--max-upload-rate RATE] [--max-download-rate RATE]
+                [--encryption disabled|enabled|preferred|required]
     bt seed X.torrent -d DIR [same options as download, but --seed]
 
 The torrent's trackers (BEP 12 tiers; http, https and udp) are announced
@@ -87,6 +88,12 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
                        help="download limit in bytes/s, K/M/G suffixes allowed (default: none)")
         g = p.add_mutually_exclusive_group()
+        p.add_argument("--encryption", default="preferred",
+                       choices=("disabled", "enabled", "preferred", "required"),
+                       metavar="POLICY",
+                       help="message stream encryption (MSE): disabled, enabled (accept it, "
+                            "dial plain first), preferred (dial MSE first, fall back to "
+                            "plain; the default, as libtorrent's) or required (RC4 only)")
         g.add_argument("--no-utp", action="store_true", help="TCP only")
         g.add_argument("--no-tcp", action="store_true", help="uTP only")
         p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
@@ -179,7 +186,8 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
     async with open_session(download_dir=args.dir, port=args.port, host=args.bind,
                             utp=not args.no_utp, tcp=not args.no_tcp,
                             upload_limit=args.max_upload_rate or None,
-                            download_limit=args.max_download_rate or None) as session:
+                            download_limit=args.max_download_rate or None,
+                            encryption=args.encryption) as session:
         torrent = await session.add_torrent(args.torrent, trackers=args.tracker,
                                             use_trackers=not args.no_trackers)
         st = torrent.status()

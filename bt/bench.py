@@ -176,7 +176,7 @@ async def _watch_utp(torrent: Any, last: dict[int, dict[str, Any]]) -> None:
     while True:
         for p in list(torrent.peers):
             if p.transport == "utp":
-                last[id(p)] = p.stream.statistics()
+                last[id(p)] = p.transport_stream.statistics()
         await trio.sleep(0.25)
 
 

@@ -35,6 +35,8 @@ from _utpkit.addr import unmap_host
 from _utpkit.excgroup import unwrapped
 
 from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
+from .encryption import (DEFAULT_POLICY, CryptoMethod, EncryptionPolicy, MSEError, accept,
+                         initiate, outgoing_attempts)
 from .limits import RateLimits
 from .metainfo import Metainfo, load_metainfo, parse_metainfo_untrusted
 from .peer import PeerConnection
@@ -45,7 +47,7 @@ from .torrent import StateListener, Torrent
 from .wire import Handshake, WireError
 
 __all__ = ["Session", "SessionStatus", "open_session", "SessionError", "PEER_ID_PREFIX",
-           "BAN_STRIKES"]
+           "BAN_STRIKES", "EncryptionPolicy"]
 
 #: Azureus-style client id (BEP 20): "-UK0100-" then 12 random bytes.
 PEER_ID_PREFIX = b"-UK0100-"
@@ -53,6 +55,8 @@ PEER_ID_PREFIX = b"-UK0100-"
 #: peer without uTP answers with a RESET at once; a silent one costs this.
 UTP_CONNECT_TIMEOUT = 5.0
 TCP_CONNECT_TIMEOUT = 10.0
+#: The whole MSE handshake, as the BitTorrent one (a slow NAT path included).
+MSE_TIMEOUT = HANDSHAKE_TIMEOUT
 _HANDSHAKE_READ = 16 * 1024
 #: Hash failures an IP may take part in before it is banned for the
 #: session: two forgives one unlucky failure (a block damaged on a path
@@ -125,7 +129,8 @@ class Session:
 
     def __init__(self, nursery: trio.Nursery, endpoint: Any, port: int, download_dir: str,
                  resume_dir: str | None, utp: bool, tcp: bool, peer_id: bytes,
-                 limits: RateLimits | None = None, tracker_timeout: float = 15.0) -> None:
+                 limits: RateLimits | None = None, tracker_timeout: float = 15.0,
+                 encryption: EncryptionPolicy = DEFAULT_POLICY) -> None:
         self._nursery = nursery
         self.endpoint = endpoint
         self.port = port
@@ -134,6 +139,8 @@ class Session:
         self.utp = utp
         self.tcp = tcp
         self.peer_id = peer_id
+        #: MSE policy for new connections (bt.encryption).
+        self.encryption = EncryptionPolicy(encryption)
         self.torrents: dict[bytes, Torrent] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self.disk_limiter = trio.CapacityLimiter(4)
@@ -242,31 +249,69 @@ class Session:
 
     async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> None:
         """Dial ``addr`` for ``torrent`` (uTP, then TCP) and run the
-        connection until it ends.  Failures are counted, not raised."""
+        connection until it ends.  Failures are counted, not raised.
+
+        Under the ``preferred`` policy the first attempt is MSE and a failed
+        one is retried with a plain handshake on a new connection of the
+        same transport (``enabled``: plain first, then MSE), as libtorrent
+        does; ``required`` and ``disabled`` make one attempt."""
         host, port = addr
         if host in self.banned:
             self.counters["refused.banned"] += 1
             return
-        stream: trio.abc.Stream | None = None
-        transport = ""
-        if self.utp and self.endpoint is not None:
+        stream, transport = await self._dial(host, port, ("utp", "tcp"))
+        attempts = outgoing_attempts(self.encryption)
+        for n, encrypt in enumerate(attempts):
+            if n:
+                self.counters["mse.retry_encrypted" if encrypt else "mse.retry_plain"] += 1
+                stream, _ = await self._dial(host, port, (transport,))
+            if stream is None:
+                return
+            retry = await self._outgoing(stream, torrent, (host, port), transport, encrypt)
+            if not retry:
+                return
+
+    async def _dial(self, host: str, port: int,
+                    transports: tuple[str, ...]) -> tuple[trio.abc.Stream | None, str]:
+        """The first of ``transports`` (that the session has) to connect."""
+        if "utp" in transports and self.utp and self.endpoint is not None:
             try:
-                stream = await self.endpoint.connect((host, port), timeout=UTP_CONNECT_TIMEOUT)
-                transport = "utp"
+                return (await self.endpoint.connect((host, port), timeout=UTP_CONNECT_TIMEOUT),
+                        "utp")
             except (OSError, TimeoutError):
                 self.counters["connect.utp_failed"] += 1
-        if stream is None and self.tcp:
+        if "tcp" in transports and self.tcp:
             try:
                 with trio.fail_after(TCP_CONNECT_TIMEOUT):
-                    stream = await trio.open_tcp_stream(host, port)
-                transport = "tcp"
+                    return await trio.open_tcp_stream(host, port), "tcp"
             except (OSError, trio.TooSlowError):
                 self.counters["connect.tcp_failed"] += 1
-        if stream is None:
-            return
+        return None, ""
+
+    async def _outgoing(self, stream: trio.abc.Stream, torrent: Torrent, addr: tuple[Any, ...],
+                        transport: str, encrypt: bool) -> bool:
+        """One outgoing attempt; True if it failed before the peer's
+        handshake in a way another attempt (the other MSE choice) may fix."""
         core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
         core.send(Handshake.make(torrent.info_hash, self.peer_id))
-        await self._run_connection(stream, core, (host, port), transport, torrent)
+        method, initial = CryptoMethod.NONE, b""
+        if encrypt:
+            try:
+                stream, ev = await initiate(stream, torrent.info_hash, core.data_to_send(),
+                                            self.encryption, timeout=MSE_TIMEOUT)
+            except MSEError as exc:
+                self.counters[f"mse.failed.{exc.reason}"] += 1
+                await _aclose_quietly(stream)
+                return True
+            except _STREAM_ERRORS as exc:
+                self.counters[f"mse.failed.{type(exc).__name__}"] += 1
+                await _aclose_quietly(stream)
+                return True
+            method, initial = ev.method, ev.payload
+            self.counters[f"mse.out.{method}"] += 1
+        got = await self._run_connection(stream, core, addr, transport, torrent, method=method,
+                                         initial=initial)
+        return not got and not encrypt
 
     async def _incoming(self, stream: trio.abc.Stream, transport: str) -> None:
         try:
@@ -278,7 +323,23 @@ class Session:
             self.counters["refused.banned"] += 1      # before reading a byte from it
             await _aclose_quietly(stream)
             return
-        await self._run_connection(stream, PeerWire(now=time.monotonic()), addr, transport, None)
+        core = PeerWire(now=time.monotonic())
+        method, skey, initial = CryptoMethod.NONE, None, b""
+        if self.encryption != EncryptionPolicy.DISABLED:
+            # a plain handshake or MSE: the responder core tells them apart
+            try:
+                stream, ev = await accept(stream, self.torrents.keys(), self.encryption,
+                                          timeout=MSE_TIMEOUT)
+            except (MSEError, *_STREAM_ERRORS) as exc:
+                reason = exc.reason if isinstance(exc, MSEError) else type(exc).__name__
+                self.counters[f"mse.failed.{reason}"] += 1
+                await _aclose_quietly(stream)
+                return
+            method, skey, initial = ev.method, ev.info_hash, ev.payload
+            if method is not CryptoMethod.NONE:
+                self.counters[f"mse.in.{method}"] += 1
+        await self._run_connection(stream, core, addr, transport, None, method=method,
+                                   skey=skey, initial=initial)
 
     def _refuse(self, torrent: Torrent, hs: Handshake, addr: tuple[Any, ...]) -> str | None:
         if hs.peer_id == self.peer_id:
@@ -293,31 +354,46 @@ class Session:
 
     async def _run_connection(self, stream: trio.abc.Stream, core: PeerWire,
                               addr: tuple[Any, ...], transport: str,
-                              torrent: Torrent | None) -> None:
-        """Handshake (both directions), the checks, then the peer's tasks."""
+                              torrent: Torrent | None, *,
+                              method: CryptoMethod = CryptoMethod.NONE,
+                              skey: bytes | None = None, initial: bytes = b"") -> bool:
+        """Handshake (both directions), the checks, then the peer's tasks.
+        ``initial``: the peer's bytes that came with the MSE handshake (or
+        were read to tell a plain handshake from it); ``skey``: the
+        infohash an incoming MSE handshake named (the peer's BitTorrent
+        handshake must name the same).  Returns whether the peer's
+        handshake arrived."""
         started = False
+        got = False
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if initial:
+                    core.receive_data(initial, time.monotonic())
                 hs = await _read_handshake(stream, core)
+                got = True
                 if torrent is None:                       # incoming: pick the torrent
                     torrent = self.torrents.get(hs.infohash)
                     if torrent is None:
                         self.counters["handshake.unknown_infohash"] += 1
-                        return
+                        return got
+                    if skey is not None and skey != hs.infohash:
+                        self.counters["handshake.wrong_infohash"] += 1
+                        return got
                     refused = self._refuse(torrent, hs, addr)
                     if refused:
                         self.counters[f"handshake.{refused}"] += 1
-                        return
+                        return got
                     core.set_geometry(torrent.geometry)
                     core.send(Handshake.make(torrent.info_hash, self.peer_id))
                 elif hs.infohash != torrent.info_hash:
                     self.counters["handshake.wrong_infohash"] += 1
-                    return
+                    return got
             refused = self._refuse(torrent, hs, addr)
             if refused:
                 self.counters[f"handshake.{refused}"] += 1
-                return
-            conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id)
+                return got
+            conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id,
+                                  encryption=method)
             self.counters[f"connections.{transport}"] += 1
             started = True
             await conn.run()
@@ -326,6 +402,7 @@ class Session:
         finally:
             if not started:
                 await _aclose_quietly(stream)
+        return got
 
     async def _accept_loop(self, listener: trio.abc.Listener[Any], transport: str) -> None:
         while True:
@@ -389,7 +466,9 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                        host: str | None = None, resume_dir: str | os.PathLike[str] | None = None,
                        peer_id: bytes | None = None, upload_limit: float | None = None,
                        download_limit: float | None = None,
-                       tracker_timeout: float = 15.0) -> AsyncIterator[Session]:
+                       tracker_timeout: float = 15.0,
+                       encryption: EncryptionPolicy | str = DEFAULT_POLICY
+                       ) -> AsyncIterator[Session]:
     """Run a BitTorrent session for the duration of the block.
 
     ``endpoint``: a running :class:`utp.Endpoint` to share (its port number
@@ -400,7 +479,9 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     to one tracker (then the next tracker of the BEP 12 walk is tried).
     ``DOWNLOAD_DIR/.bt-resume``).  ``upload_limit`` / ``download_limit``:
     global rates in bytes/s for all torrents (None: unlimited), changeable
-    later with :meth:`Session.set_limits`.
+    later with :meth:`Session.set_limits`.  ``encryption``: the MSE policy
+    (:class:`bt.encryption.EncryptionPolicy`: disabled, enabled, preferred
+    -- libtorrent's default behaviour and ours -- or required).
 
     Resource handling: the endpoint (if opened here), the listeners, every
     connection and torrent belong to the block; leaving it closes them and
@@ -415,6 +496,12 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
         raise SessionError("peer_id must be 20 bytes")
     if not tracker_timeout > 0:
         raise SessionError(f"tracker_timeout must be > 0 seconds, not {tracker_timeout!r}")
+    try:
+        policy = EncryptionPolicy(encryption)
+    except ValueError:
+        raise SessionError(f"encryption must be one of "
+                           f"{', '.join(p.value for p in EncryptionPolicy)}, "
+                           f"not {encryption!r}") from None
     limits = RateLimits(_check_rate("upload", upload_limit), _check_rate("download", download_limit))
     async with unwrapped(), contextlib.AsyncExitStack() as stack:
         tcp_listeners: list[trio.SocketListener] = []
@@ -436,7 +523,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
         try:
             async with trio.open_nursery() as nursery:
                 session = Session(nursery, endpoint if utp else None, real_port, download_dir,
-                                  rdir, utp, tcp, pid, limits, tracker_timeout)
+                                  rdir, utp, tcp, pid, limits, tracker_timeout, policy)
                 if utp:
                     listener = endpoint.listener or endpoint.listen()
                     nursery.start_soon(session._accept_loop, listener, "utp")
