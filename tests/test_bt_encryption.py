@@ -128,7 +128,7 @@ except ImportError as exc:   # pragma: no cover - depends on the machine
     _why = f"libtorrent is not importable ({exc}); pip install libtorrent"
 
 # libtorrent's enc_policy / enc_level values and peer_info flags
-PE_FORCED, PE_RC4 = 0, 1
+PE_FORCED, PE_RC4 = 0, 2          # settings_pack::pe_forced, pe_rc4 (pe_plaintext is 1)
 RC4_ENCRYPTED = 1 << 19             # peer_info::rc4_encrypted (plaintext_encrypted: 1 << 20)
 UTP_FLAG = 1 << 17
 
@@ -181,7 +181,7 @@ async def test_download_from_libtorrent_requiring_encryption(tmp_path, transport
             with trio.fail_after(60):
                 while not t.peers:
                     await trio.sleep(0.02)
-                assert t.peers[0].encryption == "rc4"
+                assert next(iter(t.peers)).encryption == "rc4"
                 await t.wait_finished()
             assert ours.counters["mse.out.rc4"] == 1, ours.counters
             assert ours.counters[f"connections.{transport}"] == 1, ours.counters
@@ -258,7 +258,7 @@ async def test_download_from_transmission_requiring_encryption(tmp_path, transpo
             with trio.fail_after(60):
                 while not t.peers:
                     await trio.sleep(0.02)
-                assert t.peers[0].encryption == "rc4"
+                assert next(iter(t.peers)).encryption == "rc4"
                 await t.wait_finished()
             assert ours.counters["mse.out.rc4"] == 1, ours.counters
             assert ours.counters[f"connections.{transport}"] == 1, ours.counters
