@@ -216,6 +216,7 @@ class MSEHandshake:
         self._enc: RC4 | None = None        # keystreams of the handshake itself
         self._dec: RC4 | None = None
         self._enc_vc = b""
+        self._req1 = b""
         self.error: MSEError | None = None
         if initiator:
             self._send_public_key()
@@ -330,16 +331,20 @@ class MSEHandshake:
         self._out += _sha1(b"req1", self._s) + mask + a2b.process(clear)
         self._ia = b""
 
-    def _on_find_req1(self) -> bool:
-        i = self._buf.find(self._req1)
+    def _sync(self, mark: bytes, reason: MSEReason, then: _State) -> bool:
+        """Find ``mark`` after at most MAX_PAD bytes of pad; fail once the
+        window is past without it."""
+        i = self._buf.find(mark)
         if i < 0 or i > MAX_PAD:
-            if len(self._buf) >= MAX_PAD + 20 or i > MAX_PAD:
-                raise MSEError(MSEReason.SYNC_NOT_FOUND, f"no sync hash in {len(self._buf)} "
-                               f"bytes after the DH key")
+            if len(self._buf) >= MAX_PAD + len(mark) or i > MAX_PAD:
+                raise MSEError(reason, f"not within {MAX_PAD} bytes of pad after the DH key")
             return False
-        del self._buf[:i + 20]
-        self.state = _State.READ_PROVIDE
+        del self._buf[:i + len(mark)]
+        self.state = then
         return True
+
+    def _on_find_req1(self) -> bool:
+        return self._sync(self._req1, MSEReason.SYNC_NOT_FOUND, _State.READ_PROVIDE)
 
     def _on_read_provide(self) -> bool:
         if len(self._buf) < 20 + 8 + 4 + 2:
@@ -388,15 +393,7 @@ class MSEHandshake:
         return False
 
     def _on_find_vc(self) -> bool:
-        i = self._buf.find(self._enc_vc)
-        if i < 0 or i > MAX_PAD:
-            if len(self._buf) >= MAX_PAD + 8 or i > MAX_PAD:
-                raise MSEError(MSEReason.VC_NOT_FOUND, f"no verification constant in "
-                               f"{len(self._buf)} bytes after the DH key")
-            return False
-        del self._buf[:i + 8]
-        self.state = _State.READ_SELECT
-        return True
+        return self._sync(self._enc_vc, MSEReason.VC_NOT_FOUND, _State.READ_SELECT)
 
     def _on_read_select(self) -> bool:
         if len(self._buf) < 6:

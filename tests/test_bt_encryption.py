@@ -13,7 +13,7 @@ import trio
 
 import bt
 from bt.bench import libtorrent_settings
-from testsupport import bt_content, sha256_files, unavailable
+from testsupport import bt_content, lt_add_torrent, sha256_files, unavailable
 from utp.bench.peers import TransmissionPeer
 
 PIECE = 32 * 1024
@@ -146,10 +146,21 @@ def _lt_required(transport: str):
 
 
 def _lt_add(ses, data: bytes, save_path):
-    atp = lt.add_torrent_params()
-    atp.ti = lt.torrent_info(lt.bdecode(data))
-    atp.save_path = str(save_path)
-    return ses.add_torrent(atp)
+    return lt_add_torrent(lt, ses, data, save_path)
+
+
+async def _download_over_rc4(ours, data: bytes, port: int, transport: str) -> None:
+    """Our session (default policy) downloads from the peer at ``port``,
+    which requires encryption: one connection, RC4."""
+    t = await ours.add_torrent(data)
+    t.add_peer(("127.0.0.1", port))
+    with trio.fail_after(60):
+        while not t.peers:
+            await trio.sleep(0.02)
+        assert next(iter(t.peers)).encryption == "rc4"
+        await t.wait_finished()
+    assert ours.counters["mse.out.rc4"] == 1, ours.counters
+    assert ours.counters[f"connections.{transport}"] == 1, ours.counters
 
 
 async def _lt_flags(handle, seen: list[int]) -> None:
@@ -176,15 +187,7 @@ async def test_download_from_libtorrent_requiring_encryption(tmp_path, transport
                                    utp=transport == "utp", tcp=transport == "tcp") as ours, \
                 trio.open_nursery() as nursery:
             nursery.start_soon(_lt_flags, handle, flags)
-            t = await ours.add_torrent(data)
-            t.add_peer(("127.0.0.1", ses.listen_port()))
-            with trio.fail_after(60):
-                while not t.peers:
-                    await trio.sleep(0.02)
-                assert next(iter(t.peers)).encryption == "rc4"
-                await t.wait_finished()
-            assert ours.counters["mse.out.rc4"] == 1, ours.counters
-            assert ours.counters[f"connections.{transport}"] == 1, ours.counters
+            await _download_over_rc4(ours, data, ses.listen_port(), transport)
             nursery.cancel_scope.cancel()
     finally:
         ses.remove_torrent(handle)
@@ -253,15 +256,7 @@ async def test_download_from_transmission_requiring_encryption(tmp_path, transpo
                     seen.extend((await tr.status())["peers"])
                     await trio.sleep(0.2)
             nursery.start_soon(watch)
-            t = await ours.add_torrent(data)
-            t.add_peer(("127.0.0.1", tr.port))
-            with trio.fail_after(60):
-                while not t.peers:
-                    await trio.sleep(0.02)
-                assert next(iter(t.peers)).encryption == "rc4"
-                await t.wait_finished()
-            assert ours.counters["mse.out.rc4"] == 1, ours.counters
-            assert ours.counters[f"connections.{transport}"] == 1, ours.counters
+            await _download_over_rc4(ours, data, tr.port, transport)
             nursery.cancel_scope.cancel()
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
     assert seen and all(p["encrypted"] for p in seen), seen
