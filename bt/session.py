@@ -247,29 +247,34 @@ class Session:
         if self.endpoint is not None:
             self.endpoint.vote_external_address((ip, self.port), reporter=reporter, source="bt")
 
-    async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> None:
+    async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> str:
         """Dial ``addr`` for ``torrent`` (uTP, then TCP) and run the
-        connection until it ends.  Failures are counted, not raised.
+        connection until it ends.  Failures are counted, not raised; the
+        outcome is returned: why the connection ended (its close reason),
+        or why there was none ("banned", "unreachable", "self",
+        "duplicate", "handshake failed", "encryption failed", ...).
 
         Under the ``preferred`` policy the first attempt is MSE and a failed
         one is retried with a plain handshake on a new connection of the
-        same transport (``enabled``: plain first, then MSE), as libtorrent
-        does; ``required`` and ``disabled`` make one attempt."""
+        same transport (``enabled``: plain first, then MSE if the peer hung
+        up before its handshake), as libtorrent does; ``required`` and
+        ``disabled`` make one attempt."""
         host, port = addr
         if host in self.banned:
             self.counters["refused.banned"] += 1
-            return
+            return "banned"
         stream, transport = await self._dial(host, port, ("utp", "tcp"))
-        attempts = outgoing_attempts(self.encryption)
-        for n, encrypt in enumerate(attempts):
+        outcome = "unreachable"
+        for n, encrypt in enumerate(outgoing_attempts(self.encryption)):
             if n:
+                if outcome not in ("handshake failed", "encryption failed"):
+                    break
                 self.counters["mse.retry_encrypted" if encrypt else "mse.retry_plain"] += 1
                 stream, _ = await self._dial(host, port, (transport,))
             if stream is None:
-                return
-            retry = await self._outgoing(stream, torrent, (host, port), transport, encrypt)
-            if not retry:
-                return
+                return "unreachable"
+            outcome = await self._outgoing(stream, torrent, (host, port), transport, encrypt)
+        return outcome
 
     async def _dial(self, host: str, port: int,
                     transports: tuple[str, ...]) -> tuple[trio.abc.Stream | None, str]:
@@ -289,9 +294,9 @@ class Session:
         return None, ""
 
     async def _outgoing(self, stream: trio.abc.Stream, torrent: Torrent, addr: tuple[Any, ...],
-                        transport: str, encrypt: bool) -> bool:
-        """One outgoing attempt; True if it failed before the peer's
-        handshake in a way another attempt (the other MSE choice) may fix."""
+                        transport: str, encrypt: bool) -> str:
+        """One outgoing attempt, with an MSE handshake first if ``encrypt``;
+        the outcome (see :meth:`connect_peer`)."""
         core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
         core.send(Handshake.make(torrent.info_hash, self.peer_id))
         method, initial = CryptoMethod.NONE, b""
@@ -299,19 +304,15 @@ class Session:
             try:
                 stream, ev = await initiate(stream, torrent.info_hash, core.data_to_send(),
                                             self.encryption, timeout=MSE_TIMEOUT)
-            except MSEError as exc:
-                self.counters[f"mse.failed.{exc.reason}"] += 1
+            except (MSEError, *_STREAM_ERRORS) as exc:
+                reason = exc.reason if isinstance(exc, MSEError) else type(exc).__name__
+                self.counters[f"mse.failed.{reason}"] += 1
                 await _aclose_quietly(stream)
-                return True
-            except _STREAM_ERRORS as exc:
-                self.counters[f"mse.failed.{type(exc).__name__}"] += 1
-                await _aclose_quietly(stream)
-                return True
+                return "encryption failed"
             method, initial = ev.method, ev.payload
             self.counters[f"mse.out.{method}"] += 1
-        got = await self._run_connection(stream, core, addr, transport, torrent, method=method,
-                                         initial=initial)
-        return not got and not encrypt
+        return await self._run_connection(stream, core, addr, transport, torrent, method=method,
+                                          initial=initial)
 
     async def _incoming(self, stream: trio.abc.Stream, transport: str) -> None:
         try:
@@ -356,53 +357,52 @@ class Session:
                               addr: tuple[Any, ...], transport: str,
                               torrent: Torrent | None, *,
                               method: CryptoMethod = CryptoMethod.NONE,
-                              skey: bytes | None = None, initial: bytes = b"") -> bool:
-        """Handshake (both directions), the checks, then the peer's tasks.
-        ``initial``: the peer's bytes that came with the MSE handshake (or
-        were read to tell a plain handshake from it); ``skey``: the
-        infohash an incoming MSE handshake named (the peer's BitTorrent
-        handshake must name the same).  Returns whether the peer's
-        handshake arrived."""
+                              skey: bytes | None = None, initial: bytes = b"") -> str:
+        """Handshake (both directions), the checks, then the peer's tasks;
+        returns the outcome (see :meth:`connect_peer`).  ``initial``: the
+        peer's bytes that came with the MSE handshake (or were read to tell
+        a plain handshake from it); ``skey``: the infohash an incoming MSE
+        handshake named (the peer's BitTorrent handshake must name the
+        same)."""
         started = False
-        got = False
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 if initial:
                     core.receive_data(initial, time.monotonic())
                 hs = await _read_handshake(stream, core)
-                got = True
                 if torrent is None:                       # incoming: pick the torrent
                     torrent = self.torrents.get(hs.infohash)
                     if torrent is None:
                         self.counters["handshake.unknown_infohash"] += 1
-                        return got
+                        return "unknown infohash"
                     if skey is not None and skey != hs.infohash:
                         self.counters["handshake.wrong_infohash"] += 1
-                        return got
+                        return "wrong infohash"
                     refused = self._refuse(torrent, hs, addr)
                     if refused:
                         self.counters[f"handshake.{refused}"] += 1
-                        return got
+                        return refused
                     core.set_geometry(torrent.geometry)
                     core.send(Handshake.make(torrent.info_hash, self.peer_id))
                 elif hs.infohash != torrent.info_hash:
                     self.counters["handshake.wrong_infohash"] += 1
-                    return got
+                    return "wrong infohash"
             refused = self._refuse(torrent, hs, addr)
             if refused:
                 self.counters[f"handshake.{refused}"] += 1
-                return got
+                return refused
             conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id,
                                   encryption=method)
             self.counters[f"connections.{transport}"] += 1
             started = True
             await conn.run()
+            return conn.close_reason
         except (trio.TooSlowError, WireError, ConnectionError, *_STREAM_ERRORS) as exc:
             self.counters[f"handshake.failed.{type(exc).__name__}"] += 1
+            return "handshake failed"
         finally:
             if not started:
                 await _aclose_quietly(stream)
-        return got
 
     async def _accept_loop(self, listener: trio.abc.Listener[Any], transport: str) -> None:
         while True:
