@@ -267,7 +267,9 @@ class Session:
         outcome = "unreachable"
         for n, encrypt in enumerate(outgoing_attempts(self.encryption)):
             if n:
-                if outcome not in ("handshake failed", "encryption failed"):
+                # again only if the other way may work: the MSE handshake
+                # failed, or the peer hung up on our plain handshake
+                if outcome != ("handshake failed" if encrypt else "encryption failed"):
                     break
                 self.counters["mse.retry_encrypted" if encrypt else "mse.retry_plain"] += 1
                 stream, _ = await self._dial(host, port, (transport,))
