@@ -40,7 +40,7 @@ from .mse import (CRYPTO_PLAINTEXT, CRYPTO_RC4, RC4, CryptoMethod, Established, 
                   MSEHandshake, MSEReason)
 
 __all__ = ["EncryptionPolicy", "DEFAULT_POLICY", "RC4Stream", "initiate", "accept",
-           "outgoing_attempts"]
+           "outgoing_attempts", "MSEError", "MSEReason", "CryptoMethod"]
 
 #: Bytes per read during the handshake: the largest step is 96 + 512 + 20 +
 #: 34 + 512 + 2 + IA; reading more only moves payload into the leftovers.
@@ -168,5 +168,3 @@ def _wrap(stream: trio.abc.Stream, core: MSEHandshake, ev: Established) -> trio.
         return RC4Stream(stream, core.encryptor, core.decryptor)
     return stream
 
-
-__all__ += ["MSEError", "MSEReason", "CryptoMethod"]

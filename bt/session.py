@@ -8,7 +8,10 @@ listener on the same port number, the peer id and every torrent.
 
 Incoming connections (uTP and TCP) are matched to torrents by the infohash
 of their handshake; outgoing ones try uTP first and fall back to TCP (as
-libtorrent does), each transport switchable off.  Connections to ourselves
+libtorrent does), each transport switchable off.  Per the session's
+encryption policy (:mod:`bt.encryption`) a connection begins with a
+message stream encryption handshake, which the accepting side tells from
+a plain one by its first bytes.  Connections to ourselves
 (our own peer id comes back), second connections to a peer already
 connected, connections for a torrent that is paused or checking, and any
 connection from or to an IP banned for bad data (two strikes: pieces that
