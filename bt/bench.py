@@ -26,8 +26,9 @@ each of our workers' main thread to DIR (the ratios are then not
 meaningful).
 
 ``--mse`` runs issue 9's benchmark instead: our peer to our peer over uTP,
-plain and with MSE required on both sides (RC4 throughout), each twice and
-alternated, then both means and their ratio (target: RC4 costs <= 10%).
+plain and with MSE required on both sides (RC4 throughout), alternated
+(``--repeat N`` of each, default 2), then both means and their ratio
+(target: RC4 costs <= 10%).
 
 :func:`libtorrent_settings` is also what the swarm test starts its
 libtorrent seed with.
@@ -97,8 +98,8 @@ RUNS = (Run("lt", "ours", "utp"), Run("lt", "ours", "tcp"),
         Run("lt", "lt", "utp"), Run("lt", "lt", "tcp"),
         Run("ours", "ours", "utp"), Run("ours", "ours", "tcp"))
 #: ``--mse``: our peer to our peer over uTP, plain and RC4 (MSE required on
-#: both sides), alternated twice so that the machine's drift hits both.
-MSE_RUNS = (Run("ours", "ours", "utp"), Run("ours", "ours", "utp", "required")) * 2
+#: both sides), alternated (``--repeat`` times) so the machine's drift hits both.
+MSE_RUNS = (Run("ours", "ours", "utp"), Run("ours", "ours", "utp", "required"))
 
 
 @dataclass
@@ -486,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only these pairings, by name: " + ", ".join(r.name for r in RUNS))
     ap.add_argument("--mse", action="store_true",
                     help="instead: our peer to our peer over uTP, plain and with MSE/RC4 "
-                         "(each twice, alternated), and the ratio (issue 9's benchmark)")
+                         "(alternated, --repeat times each), and the ratio (issue 9's "
+                         "benchmark)")
+    ap.add_argument("--repeat", type=int, default=2, metavar="N",
+                    help="with --mse: runs of each kind (default 2)")
     ap.add_argument("--profile", metavar="DIR", type=Path,
                     help="write a cProfile dump of each of our workers to DIR")
     ap.add_argument("--timeout", type=float, help="seconds per run (default: from the size)")
@@ -501,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         _worker(json.loads(args.worker))
         return 0
     size = (args.size_mib or (64 if args.quick else 512)) * MiB
-    runs: tuple[Run, ...] = MSE_RUNS if args.mse else RUNS
+    if not 1 <= args.repeat <= 20:
+        ap.error("--repeat: 1..20")
+    runs: tuple[Run, ...] = MSE_RUNS * args.repeat if args.mse else RUNS
     if args.only and args.mse:
         ap.error("--only and --mse do not go together")
     if args.only:

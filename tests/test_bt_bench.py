@@ -23,7 +23,7 @@ def _bench(tmp_path, *args: str, timeout: float) -> subprocess.CompletedProcess[
 def test_help_names_the_options(tmp_path):
     got = _bench(tmp_path, "--help", timeout=60)
     assert got.returncode == 0, got.stderr
-    for option in ("--quick", "--only", "--profile", "--mse"):
+    for option in ("--quick", "--only", "--profile", "--mse", "--repeat"):
         assert option in got.stdout
     assert "--size-mib" not in got.stdout and "--worker" not in got.stdout   # hidden
 
