@@ -55,15 +55,14 @@ __all__ = ["libtorrent_settings", "RUNS", "Run", "RunResult", "main"]
 
 MiB = 1 << 20
 GB = 1e9
-#: libtorrent's socket buffers in the benchmark (PEERS.md: its uTP needs them)
-LT_BUFFERS = 4 * MiB
 
 
-def libtorrent_settings(ip: str, transport: str, *, buffers: int = LT_BUFFERS) -> dict[str, Any]:
+def libtorrent_settings(ip: str, transport: str, *, buffers: int = 0) -> dict[str, Any]:
     """libtorrent session settings for loopback runs: bound to ``ip``,
     ``transport`` "utp", "tcp" or "both", plain handshakes, nothing that
     leaves the machine (no DHT, LSD, UPnP, NAT-PMP), several connections
-    per IP (every peer is 127.0.0.1), socket buffers of ``buffers``."""
+    per IP (every peer is 127.0.0.1); socket buffers of ``buffers`` bytes
+    (0: libtorrent's default, the OS's), everything else at its default."""
     if transport not in ("utp", "tcp", "both"):
         raise ValueError(f"transport must be 'utp', 'tcp' or 'both', not {transport!r}")
     utp, tcp = transport != "tcp", transport != "utp"
@@ -75,8 +74,7 @@ def libtorrent_settings(ip: str, transport: str, *, buffers: int = LT_BUFFERS) -
         "enable_outgoing_tcp": tcp, "enable_incoming_tcp": tcp,
         "in_enc_policy": 2, "out_enc_policy": 2,
         "allow_multiple_connections_per_ip": True,
-        "recv_socket_buffer_size": buffers, "send_socket_buffer_size": buffers,
-    }
+    } | ({"recv_socket_buffer_size": buffers, "send_socket_buffer_size": buffers} if buffers else {})
 
 
 @dataclass(frozen=True)

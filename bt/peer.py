@@ -36,9 +36,9 @@ import trio
 
 from _utpkit.excgroup import leaves
 
-from .peerlogic import Block, PeerClosed, PeerLogic, RateMeter
 from .mse import CryptoMethod
-from .peerwire import PeerWire
+from .peerlogic import Block, PeerClosed, PeerLogic, RateMeter
+from .peerwire import ConnState, PeerWire
 from .storage import StorageError
 from .wire import ExtensionHandshake, Piece, Reject, WireError
 
@@ -223,6 +223,8 @@ class PeerConnection(PeerLogic):
             await self._serve_kick.wait()
             self._serve_kick = trio.Event()
             while not core.am_choking:
+                if core.state is ConnState.CLOSED:
+                    raise PeerClosed("peer closed")     # (the reader says so too)
                 batch = core.incoming_requests(_SERVE_BATCH)
                 if not batch:
                     break
@@ -246,6 +248,10 @@ class PeerConnection(PeerLogic):
                         # the reader found a violation while we waited (disk,
                         # tokens): it ends the connection; nothing more to send
                         raise PeerClosed(f"violation: {core.error.reason}")
+                    if core.state is ConnState.CLOSED:
+                        # the peer closed while we read the blocks: the reader
+                        # ends the connection; sending now would be our error
+                        raise PeerClosed("peer closed")
                     if core.am_choking or not core.is_requested(req.key):
                         continue        # choked or cancelled meanwhile
                     core.send(Piece(req.index, req.begin, data))
