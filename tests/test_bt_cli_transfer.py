@@ -47,6 +47,13 @@ def content(tmp_path):
     return src, torrent
 
 
+def _check_download(r, dl, src) -> None:
+    """``bt download`` said it completed and its files equal the seed's."""
+    assert "complete, every piece verified" in r.stderr
+    for rel in ("a.bin", "in/b.bin"):
+        assert (dl / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+
+
 def _listening_port(proc) -> tuple[int, str]:
     line = proc.stderr.readline()
     m = re.search(r"listening on port (\d+)", line)
@@ -130,9 +137,7 @@ def test_seed_and_download_meet_through_a_tracker(tmp_path, content):
                        "--tracker", f"http://{ip}:{port}/announce", "--status-interval", "0.2")
             assert r.returncode == 0, r.stderr
             assert f"tracker http://{ip}:{port}/announce: working, 2 peers" in r.stderr
-            assert "complete, every piece verified" in r.stderr
-            for rel in ("a.bin", "in/b.bin"):
-                assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+            _check_download(r, tmp_path / "dl", src)
         finally:
             seed.kill()
             seed.wait()
@@ -193,9 +198,7 @@ def test_encryption_option(tmp_path, content):
         r = bt_run("download", torrent, "-d", tmp_path / "dl", "--bind", "127.0.0.1",
                    "--peer", f"127.0.0.1:{port}", "--encryption", "required")
         assert r.returncode == 0, r.stderr
-        assert "complete, every piece verified" in r.stderr
-        for rel in ("a.bin", "in/b.bin"):
-            assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+        _check_download(r, tmp_path / "dl", src)
     finally:
         seed.kill()
         seed.wait()
