@@ -42,6 +42,10 @@ The sans-I/O parts (no trio at import, no sockets):
 - :mod:`bt.extensions`: the BEP 10 extension registry (a name, our id,
   handshake fields, a handler per connection); :mod:`bt.ut_metadata`:
   fetching and serving the info dictionary (BEP 9) as such an extension;
+- :mod:`bt.mse`: :class:`MSEHandshake`, the message stream encryption
+  handshake core for both roles (DH, RC4 from ``cryptography``, pads and
+  sync windows bounded, plain handshakes told apart), failing with a
+  counted :class:`MSEReason`;
 - the ``bt create``, ``bt info`` and ``bt magnet`` commands (``python -m bt``).
 
 The trio drivers (loaded on first use, so ``import bt`` stays light):
@@ -70,6 +74,7 @@ from .magnet import Magnet, MagnetError, magnet_from_metainfo, parse_magnet
 from .create import CreateError, create_torrent, create_torrent_async, piece_size_for, write_torrent
 from .metainfo import (FileEntry, Metainfo, MetainfoError, load_metainfo, parse_info_untrusted,
                        parse_metainfo_untrusted)
+from .mse import CryptoMethod, MSEError, MSEHandshake, MSEReason
 from .peerwire import ConnState, ConnectionClosed, PeerWire, RequestsDropped
 from .storage import AsyncTorrentStorage, MemoryStorage, Piece, StorageError
 from .storage_file import FileStorage
@@ -83,13 +88,15 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "ConnectionClosed", "RequestsDropped",
            "Magnet", "MagnetError", "parse_magnet", "magnet_from_metainfo",
            "Extension", "ExtensionHandler", "ExtensionRegistry",
+           "MSEHandshake", "MSEError", "MSEReason", "CryptoMethod", "EncryptionPolicy",
            "open_session", "Session", "SessionError", "SessionStatus", "Torrent", "TorrentStatus",
            "TorrentState", "TorrentError", "TrackerStatus", "TrackerState",
            "PeerTransfer", "EventKind", "DownloadEvent", "Notifier", "EventStream", "Hooks"]
 
 # The trio drivers load on first use, so ``import bt`` (and ``bt info``)
 # stays free of trio and the uTP extension.
-_LAZY = {"open_session": "session", "Session": "session", "SessionError": "session",
+_LAZY = {"EncryptionPolicy": "encryption",
+         "open_session": "session", "Session": "session", "SessionError": "session",
          "SessionStatus": "session",
          "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
          "TorrentError": "torrent", "TrackerStatus": "announce", "TrackerState": "announce",

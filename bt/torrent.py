@@ -146,6 +146,10 @@ class TorrentStatus:
     #: Fraction of the info dictionary fetched while ``metadata`` (a
     #: magnet link), else None.
     metadata_progress: float | None = None
+    #: Connections that began with an MSE handshake, and those of them
+    #: whose payload is RC4 (bt.encryption).
+    peers_encrypted: int = 0
+    peers_rc4: int = 0
 
 
 class Torrent:
@@ -441,7 +445,10 @@ class Torrent:
             eta=eta, error=self.error, checking_progress=checking, counters=dict(self.counters),
             trackers=self.announcer.status() if self.announcer is not None else (),
             transfers=self._transfers(),
-            metadata_progress=fetcher.progress if fetcher is not None else None)
+            metadata_progress=fetcher.progress if fetcher is not None else None,
+
+            peers_encrypted=sum(1 for p in self.peers if p.encrypted),
+            peers_rc4=sum(1 for p in self.peers if p.encryption == "rc4"))
 
     def _transfers(self) -> tuple[PeerTransfer, ...]:
         totals = dict(self._ended)

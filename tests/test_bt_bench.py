@@ -23,7 +23,7 @@ def _bench(tmp_path, *args: str, timeout: float) -> subprocess.CompletedProcess[
 def test_help_names_the_options(tmp_path):
     got = _bench(tmp_path, "--help", timeout=60)
     assert got.returncode == 0, got.stderr
-    for option in ("--quick", "--only", "--profile"):
+    for option in ("--quick", "--only", "--profile", "--mse", "--repeat"):
         assert option in got.stdout
     assert "--size-mib" not in got.stdout and "--worker" not in got.stdout   # hidden
 
@@ -65,3 +65,20 @@ def test_magnet_run_prints_the_three_times(tmp_path):
     row = next(ln for ln in got.stdout.splitlines() if ln.startswith("ours<-ours "))
     t = [float(x) for x in row.split()[1:]]
     assert len(t) == 3 and 0 < t[0] <= t[1] <= t[2], row
+
+
+def test_tiny_mse_run_prints_plain_rc4_and_the_ratio(tmp_path):
+    """``--mse``: four runs of our peers over uTP, two of them with RC4 (the
+    leecher's row says what MSE selected), the means and the ratio."""
+    got = _bench(tmp_path, "--mse", "--size-mib", "4", "--dir", str(tmp_path), timeout=300)
+    assert got.returncode == 0, (got.stdout, got.stderr)
+    lines = got.stdout.splitlines()
+    plain = [ln.split() for ln in lines if ln.startswith("ours<-ours/utp ")]
+    rc4 = [ln.split() for ln in lines if ln.startswith("ours<-ours/utp+rc4 ")]
+    assert len(plain) == len(rc4) == 2, got.stdout
+    assert {row[1] for row in plain} == {"-"} and {row[1] for row in rc4} == {"rc4"}
+    assert all(float(row[3]) > 0 for row in plain + rc4)
+    assert any(re.fullmatch(r"mean over uTP: plain \d+\.\d MB/s, rc4 \d+\.\d MB/s", ln)
+               for ln in lines), got.stdout
+    assert any(ln.startswith("rc4 vs plain over uTP: ") and "target >= 90%" in ln
+               for ln in lines), got.stdout

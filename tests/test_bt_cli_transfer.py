@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,9 +47,11 @@ def content(tmp_path):
     return src, torrent
 
 
-def _assert_downloaded(tmp_path, src) -> None:
+def _check_download(r, dl, src) -> None:
+    """``bt download`` said it completed and its files equal the seed's."""
+    assert "complete, every piece verified" in r.stderr
     for rel in ("a.bin", "in/b.bin"):
-        assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+        assert (dl / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
 
 
 def _listening_port(proc) -> tuple[int, str]:
@@ -82,7 +85,7 @@ def test_seed_then_download_between_processes(tmp_path, content, transport):
         assert lines[done + 1:] == [f"[{gid}] complete: stuff"]
         utp = 1 if transport == "--no-tcp" else 0
         assert final.startswith("seeding 100.0%") and f"peers 1 ({utp} uTP)" in final, final
-        _assert_downloaded(tmp_path, src)
+        _check_download(r, tmp_path / "dl", src)
         seed.send_signal(signal.SIGINT)
         out, err = seed.communicate(timeout=TIMEOUT)
         assert seed.returncode == 0, err           # complete data, interrupted: success
@@ -133,8 +136,7 @@ def test_seed_and_download_meet_through_a_tracker(tmp_path, content):
                        "--tracker", f"http://{ip}:{port}/announce", "--status-interval", "0.2")
             assert r.returncode == 0, r.stderr
             assert f"tracker http://{ip}:{port}/announce: working, 2 peers" in r.stderr
-            assert "complete, every piece verified" in r.stderr
-            _assert_downloaded(tmp_path, src)
+            _check_download(r, tmp_path / "dl", src)
         finally:
             seed.kill()
             seed.wait()
@@ -189,8 +191,7 @@ def test_download_a_magnet_link_found_through_the_dht(tmp_path, content):
         lines = r.stderr.splitlines()
         assert lines[0].startswith("stuff: magnet link, fetching the metadata"), lines[0]
         assert any(ln.startswith("metadata ") for ln in lines), r.stderr
-        assert "complete, every piece verified" in r.stderr
-        _assert_downloaded(tmp_path, src)
+        _check_download(r, tmp_path / "dl", src)
     finally:
         seed.kill()
         seed.wait()
@@ -203,3 +204,32 @@ def test_bad_magnet_links_are_one_line_errors(tmp_path):
     r = bt_run("download", "magnet:?xt=urn:btih:" + "a" * 40, "-d", tmp_path,
                "--dht-bootstrap", "nohost:1")
     assert r.returncode == 2 and "literal IP" in r.stderr
+
+
+def test_encryption_option(tmp_path, content):
+    """``--encryption required`` on both processes: the download completes
+    (over MSE with RC4: tests/test_bt_encryption.py checks the method); a
+    ``--encryption disabled`` leecher gets nothing from that seed; an
+    unknown policy is a usage error."""
+    src, torrent = content
+    r = bt_run("download", torrent, "-d", tmp_path, "--encryption", "sometimes")
+    assert r.returncode == 2 and "--encryption" in r.stderr, r.stderr
+    seed = bt_popen("seed", torrent, "-d", src.parent, "--bind", "127.0.0.1",
+                    "--encryption", "required", "--status-interval", "0.5")
+    try:
+        port, _ = _listening_port(seed)
+        plain = bt_popen("download", torrent, "-d", tmp_path / "plain", "--bind", "127.0.0.1",
+                         "--peer", f"127.0.0.1:{port}", "--encryption", "disabled",
+                         "--status-interval", "0.5")
+        time.sleep(3)
+        plain.send_signal(signal.SIGINT)
+        _, err = plain.communicate(timeout=TIMEOUT)
+        assert plain.returncode != 0 and "downloading   0.0%" in err and "peers 0" in err, err
+        assert "peers 1" not in err, err
+        r = bt_run("download", torrent, "-d", tmp_path / "dl", "--bind", "127.0.0.1",
+                   "--peer", f"127.0.0.1:{port}", "--encryption", "required")
+        assert r.returncode == 0, r.stderr
+        _check_download(r, tmp_path / "dl", src)
+    finally:
+        seed.kill()
+        seed.wait()

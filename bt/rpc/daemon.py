@@ -133,7 +133,8 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
                             upload_limit=args.max_upload_rate or None,
                             download_limit=args.max_download_rate or None,
                             dht=not args.no_dht and not args.no_utp,
-                            dht_bootstrap=args.dht_bootstrap) as session:
+                            dht_bootstrap=args.dht_bootstrap,
+                            encryption=args.encryption) as session:
         async def save() -> None:
             text, files = render_session(api, args.save_session)
             await trio.to_thread.run_sync(write_session, args.save_session, text, files)
