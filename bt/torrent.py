@@ -33,6 +33,7 @@ from _utpkit.addr import unmap_host
 from _utpkit.contract import StrEnum
 
 from .choker import ChokeDecision, Choker
+from .limits import RateLimits
 from .magnet import Magnet, magnet_from_metainfo
 from .metainfo import Metainfo, MetainfoError, parse_info_untrusted
 from .peer import PeerConnection, RateMeter
@@ -162,6 +163,8 @@ class Torrent:
                  gid: str = "", save_path: str = ".", checking: bool = False,
                  magnet: Magnet | None = None) -> None:
         self.session = session
+        #: This torrent's own limits, under the session's (bt.limits).
+        self.limits = RateLimits(parent=session.limits)
         #: The download's aria2 gid (16 hex digits), stable for its life:
         #: how events, hooks and RPC name it.
         self.gid = gid
@@ -391,6 +394,16 @@ class Torrent:
             self.add_peer((host, port))
             taken += 1
         return taken
+
+    def set_limits(self, *, upload: float | None | object = ..., download: float | None | object = ...) -> None:
+        """This torrent's own upload and/or download limit (bytes/s; None or
+        0: unlimited; one not named keeps its value), under the session's
+        global ones, effective at once.  SessionError for a bad value."""
+        from .session import _check_rate
+        if upload is not ...:
+            self.limits.set(upload=_check_rate("upload", upload))          # type: ignore[arg-type]
+        if download is not ...:
+            self.limits.set(download=_check_rate("download", download))    # type: ignore[arg-type]
 
     def _remember(self, addr: tuple[Any, ...]) -> None:
         if addr not in self.known_peers and len(self.known_peers) < MAX_KNOWN_PEERS:
