@@ -91,6 +91,9 @@ class PeerConnection(PeerLogic):
         self._disk_kick = trio.Event()
         self._disk_room = trio.Event()
         self.close_reason = ""
+        registry = getattr(torrent.session, "extensions", None)
+        if registry is not None:
+            self.extensions = registry.connection(self)
 
     def __repr__(self) -> str:
         return f"<peer {self.addr[0]}:{self.addr[1]} {self.transport}>"
@@ -120,6 +123,8 @@ class PeerConnection(PeerLogic):
             # a violation is what to count, even when another task ended too
             self._ended(next((e for e in ends if isinstance(e, WireError)), ends[0]))
         finally:
+            if self.extensions is not None:
+                self.extensions.close()
             # The picker counts queued blocks as received: they must be
             # stored (and their pieces verified) whatever ended the connection.
             with trio.CancelScope(shield=True):     # (_write_queued shields each write)
@@ -160,8 +165,12 @@ class PeerConnection(PeerLogic):
         core = self.core
         self.send_availability()
         if core.extensions:
-            core.send(ExtensionHandshake(m={}, v=CLIENT_VERSION, reqq=core.reqq,
-                                         p=self.torrent.listen_port or None))
+            port = self.torrent.listen_port or None
+            if self.extensions is not None:
+                core.send(self.extensions.handshake(v=CLIENT_VERSION, reqq=core.reqq, p=port,
+                                                    peer_addr=self.addr))
+            else:
+                core.send(ExtensionHandshake(m={}, v=CLIENT_VERSION, reqq=core.reqq, p=port))
         self.kick()
 
     # ---- tasks -------------------------------------------------------------------------

@@ -25,10 +25,11 @@ from typing import Any, Protocol
 from _utpkit.errors import LocalProtocolError
 
 from .choker import Choker
+from .extensions import PeerExtensions
 from .peerwire import ConnectionClosed, PeerWire, RequestsDropped
 from .picker import PiecePicker, request_queue_depth
-from .wire import (Bitfield, Cancel, ExtensionHandshake, Have, HaveAll, HaveNone, Interested,
-                   NotInterested, Piece, Reject, Request, Unchoke, WireError)
+from .wire import (Bitfield, Cancel, Extended, ExtensionHandshake, Have, HaveAll, HaveNone,
+                   Interested, NotInterested, Piece, Reject, Request, Unchoke, WireError)
 
 __all__ = ["PeerLogic", "SwarmSide", "PeerClosed", "RateMeter", "Block", "expire_requests",
            "ASSUMED_RTT"]
@@ -96,6 +97,9 @@ class PeerLogic:
         self.down_rate = 0.0
         self.up_rate = 0.0
         self.in_picker = False
+        #: The BEP 10 extension handlers of this connection (set by the
+        #: driver from the session's registry; None: extensions unused).
+        self.extensions: PeerExtensions | None = None
 
     # ---- what a driver supplies --------------------------------------------------------
 
@@ -163,9 +167,16 @@ class PeerLogic:
         except (PeerClosed, WireError) as exc:
             ending = exc
         if ending is None:
+            self.flush_extensions()
             self.fill_requests()
             self.kick()
         return blocks, ending
+
+    def flush_extensions(self) -> None:
+        """Queue the messages the extension handlers produced."""
+        if self.extensions is not None:
+            for msg in self.extensions.outgoing():
+                self.send(msg)
 
     def _ensure_in_picker(self, bitfield: Bitfield | None = None, have_all: bool = False) -> None:
         if self.in_picker:
@@ -202,8 +213,13 @@ class PeerLogic:
         elif isinstance(ev, ConnectionClosed):
             raise PeerClosed("peer closed")
         elif isinstance(ev, ExtensionHandshake):
+            if self.extensions is not None:
+                self.extensions.on_handshake(ev, self.now())
             self.on_extension_handshake(ev)
-        # Choke, Cancel, Suggest, AllowedFast, Extended, KeepAlive: the
+        elif isinstance(ev, Extended):
+            if self.extensions is not None:
+                self.extensions.on_extended(ev, self.now())
+        # Choke, Cancel, Suggest, AllowedFast, KeepAlive: the
         # core keeps the state; nothing to add here.
 
     def _on_block(self, ev: Piece) -> bool:
@@ -264,6 +280,9 @@ class PeerLogic:
         self.up_rate = self.up.rate(now)
         try:
             self.core.handle_timer(now)
+            if self.extensions is not None:
+                self.extensions.handle_timer(now)
+                self.flush_extensions()
         except WireError as exc:
             self._count_violation(exc)
             self.close(f"timeout: {exc.reason}")

@@ -35,6 +35,7 @@ from _utpkit.addr import unmap_host
 from _utpkit.excgroup import unwrapped
 
 from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
+from .extensions import ExtensionRegistry
 from .limits import RateLimits
 from .metainfo import Metainfo, load_metainfo, parse_metainfo_untrusted
 from .peer import PeerConnection
@@ -145,6 +146,9 @@ class Session:
         self.strikes: collections.Counter[str] = collections.Counter()
         #: Called on every torrent state change (see bt.torrent.StateListener).
         self.state_listeners: list[StateListener] = []
+        #: The BEP 10 extensions offered on every new connection
+        #: (:mod:`bt.extensions`); register more before adding torrents.
+        self.extensions = ExtensionRegistry()
 
     # ---- torrents ----------------------------------------------------------------------
 
