@@ -149,6 +149,9 @@ class Session:
         #: The BEP 10 extensions offered on every new connection
         #: (:mod:`bt.extensions`); register more before adding torrents.
         self.extensions = ExtensionRegistry()
+        # PEX (BEP 11) and the holepunch extension (BEP 55): bt.peerexchange
+        from .peerexchange import install as _install_peer_exchange
+        _install_peer_exchange(self)
 
     # ---- torrents ----------------------------------------------------------------------
 
@@ -244,13 +247,14 @@ class Session:
         if self.endpoint is not None:
             self.endpoint.vote_external_address((ip, self.port), reporter=reporter, source="bt")
 
-    async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> None:
+    async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> bool:
         """Dial ``addr`` for ``torrent`` (uTP, then TCP) and run the
-        connection until it ends.  Failures are counted, not raised."""
+        connection until it ends.  Failures are counted, not raised; False
+        when no transport reached the peer (the holepunch initiator's cue)."""
         host, port = addr
         if host in self.banned:
             self.counters["refused.banned"] += 1
-            return
+            return True
         stream: trio.abc.Stream | None = None
         transport = ""
         if self.utp and self.endpoint is not None:
@@ -267,10 +271,11 @@ class Session:
             except (OSError, trio.TooSlowError):
                 self.counters["connect.tcp_failed"] += 1
         if stream is None:
-            return
+            return False
         core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
         core.send(Handshake.make(torrent.info_hash, self.peer_id))
         await self._run_connection(stream, core, (host, port), transport, torrent)
+        return True
 
     async def _incoming(self, stream: trio.abc.Stream, transport: str) -> None:
         try:
@@ -297,9 +302,12 @@ class Session:
 
     async def _run_connection(self, stream: trio.abc.Stream, core: PeerWire,
                               addr: tuple[Any, ...], transport: str,
-                              torrent: Torrent | None) -> None:
-        """Handshake (both directions), the checks, then the peer's tasks."""
+                              torrent: Torrent | None, *, punched: bool = False) -> None:
+        """Handshake (both directions), the checks, then the peer's tasks.
+        ``torrent`` given: we dialed (or punched, ``punched``) and sent our
+        handshake first."""
         started = False
+        outgoing = torrent is not None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 hs = await _read_handshake(stream, core)
@@ -322,7 +330,11 @@ class Session:
                 self.counters[f"handshake.{refused}"] += 1
                 return
             conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id)
+            conn.outgoing = outgoing
+            conn.punched = punched
             self.counters[f"connections.{transport}"] += 1
+            if punched:
+                self.counters["connections.punched"] += 1
             started = True
             await conn.run()
         except (trio.TooSlowError, WireError, ConnectionError, *_STREAM_ERRORS) as exc:
