@@ -124,7 +124,7 @@ class PexExtension(Extension):
     name = PEX
 
     def handler(self, peer: Any) -> ExtensionHandler | None:
-        if peer.torrent.meta.private:
+        if peer.torrent.meta.private or not peer.torrent.session.pex:
             return None                 # BEP 27: peers only from the private tracker
         return PexHandler(peer)
 

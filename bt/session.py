@@ -149,6 +149,9 @@ class Session:
         #: The BEP 10 extensions offered on every new connection
         #: (:mod:`bt.extensions`); register more before adding torrents.
         self.extensions = ExtensionRegistry()
+        #: Peer exchange (BEP 11) on public torrents' new connections
+        #: (open_session's ``pex``); False: ut_pex is not offered.
+        self.pex = True
         # PEX (BEP 11) and the holepunch extension (BEP 55): bt.peerexchange
         from .peerexchange import install as _install_peer_exchange
         _install_peer_exchange(self)
@@ -405,7 +408,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                        host: str | None = None, resume_dir: str | os.PathLike[str] | None = None,
                        peer_id: bytes | None = None, upload_limit: float | None = None,
                        download_limit: float | None = None,
-                       tracker_timeout: float = 15.0) -> AsyncIterator[Session]:
+                       tracker_timeout: float = 15.0, pex: bool = True) -> AsyncIterator[Session]:
     """Run a BitTorrent session for the duration of the block.
 
     ``endpoint``: a running :class:`utp.Endpoint` to share (its port number
@@ -416,7 +419,9 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     to one tracker (then the next tracker of the BEP 12 walk is tried).
     ``DOWNLOAD_DIR/.bt-resume``).  ``upload_limit`` / ``download_limit``:
     global rates in bytes/s for all torrents (None: unlimited), changeable
-    later with :meth:`Session.set_limits`.
+    later with :meth:`Session.set_limits`.  ``pex``: exchange peers with
+    peers (BEP 11, public torrents only); off, ut_pex is not offered (the
+    holepunch extension still is).
 
     Resource handling: the endpoint (if opened here), the listeners, every
     connection and torrent belong to the block; leaving it closes them and
@@ -453,6 +458,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
             async with trio.open_nursery() as nursery:
                 session = Session(nursery, endpoint if utp else None, real_port, download_dir,
                                   rdir, utp, tcp, pid, limits, tracker_timeout)
+                session.pex = pex
                 if utp:
                     listener = endpoint.listener or endpoint.listen()
                     nursery.start_soon(session._accept_loop, listener, "utp")
