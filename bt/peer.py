@@ -37,7 +37,7 @@ import trio
 from _utpkit.excgroup import leaves
 
 from .peerlogic import Block, PeerClosed, PeerLogic, RateMeter
-from .peerwire import PeerWire
+from .peerwire import ConnState, PeerWire
 from .storage import StorageError
 from .wire import ExtensionHandshake, Piece, Reject, WireError
 
@@ -228,6 +228,8 @@ class PeerConnection(PeerLogic):
                 if not batch:
                     break
                 have = [r for r in batch if t.picker.has_piece(r.index)]
+                if core.state in (ConnState.CLOSED, ConnState.ERROR):
+                    raise PeerClosed("peer closed")
                 if core.fast:
                     for r in batch:
                         if not t.picker.has_piece(r.index):
@@ -247,6 +249,10 @@ class PeerConnection(PeerLogic):
                         # the reader found a violation while we waited (disk,
                         # tokens): it ends the connection; nothing more to send
                         raise PeerClosed(f"violation: {core.error.reason}")
+                    if core.state in (ConnState.CLOSED, ConnState.ERROR):
+                        # the peer closed while the blocks were read (a read in
+                        # a thread finishes before the cancellation lands)
+                        raise PeerClosed("peer closed")
                     if core.am_choking or not core.is_requested(req.key):
                         continue        # choked or cancelled meanwhile
                     core.send(Piece(req.index, req.begin, data))
