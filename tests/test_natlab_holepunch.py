@@ -26,6 +26,7 @@ import textwrap
 import time
 
 import pytest
+import trio
 from testsupport import load_natlab, unavailable
 
 natlab = load_natlab()
@@ -131,61 +132,140 @@ def _finish(proc: subprocess.Popen, what: str) -> dict:
     return json.loads(line)
 
 
-@pytest.mark.slow
-def test_bep55_our_relay_two_port_restricted_nats(tmp_path):
+class _Swarm:
+    """The lab of these tests: a relay on the lab's internet, a seed and a
+    leecher behind port-restricted NATs, the torrent in a lab directory."""
+
+    def __init__(self, lab) -> None:
+        from bt.create import create_torrent
+        self.lab = lab
+        self.env = _env()
+        self.relay = lab.add_host("relay", "none")
+        self.seed = lab.add_host("seed", "restricted")
+        self.leech = lab.add_host("leech", "restricted")
+        self.dir = d = lab.tempdir()
+        os.makedirs(f"{d}/seed")
+        self.payload = os.urandom(SIZE)
+        with open(f"{d}/seed/blob.bin", "wb") as f:
+            f.write(self.payload)
+        self.torrent_path = f"{d}/t.torrent"
+        self.torrent = create_torrent(f"{d}/seed/blob.bin", piece_length=PIECE)
+        with open(self.torrent_path, "wb") as f:
+            f.write(self.torrent)
+
+    def start(self, host, role: str, to: str) -> subprocess.Popen:
+        """One of our peers (PEER) on ``host``; ``to``: the relay's address."""
+        return host.popen([sys.executable, "-c", PEER, role, self.torrent_path,
+                           f"{self.dir}/{role}", host.ip, to, *VERBOSE],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, text=True)
+
+    def leech_through(self, relay_addr: str, seed_proc: subprocess.Popen | None) -> dict:
+        """Our leecher joins once the seed is connected to the relay; its
+        result, with the data checked."""
+        if seed_proc is not None:
+            assert _readline(seed_proc, "seed", 30) == "connected"
+        proc = self.start(self.leech, "leech", relay_addr)
+        assert _readline(proc, "leecher", 30) == "connected"
+        got = json.loads(_readline(proc, "leecher's result", 120))
+        with open(f"{self.dir}/leech/blob.bin", "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(self.payload).digest()
+        return got
+
+    def check_punched(self, got: dict, seed_out: dict, relay_id: str | None, *,
+                      relay_blocks: int = 2, both_sides: bool = True) -> None:
+        """The one connection between seed and leecher is a punched uTP
+        connection, from the leecher to the seed's public address, and
+        brought (nearly) every byte.  The seed made exactly two
+        connections (the relay, and the punched one), so what it uploaded
+        to the leecher went over the punched one.  ``both_sides``: the
+        leecher punched too (it got its connect message in time); else
+        the seed's punch met the leecher's listener."""
+        conns = [p for p in got["peers"] if p["peer_id"] == seed_out["peer_id"]]
+        assert conns, got["peers"]
+        assert all(p["transport"] == "utp" for p in conns), conns
+        assert {p["addr"][0] for p in conns} == {self.seed.public_ip}, conns
+        assert seed_out["session"].get("connections.utp") == 2, seed_out
+        assert seed_out["session"].get("connections.punched") == 1, seed_out
+        if both_sides:
+            assert all(p["punched"] for p in conns), conns
+            assert got["session"].get("connections.punched", 0) >= 1, got
+        from_relay = got["transfers"].get(relay_id, [0, 0])[0] if relay_id else 0
+        # what the relay's upload limit let through (ours: the burst and one
+        # block on credit, then 1 byte/s)
+        assert from_relay <= relay_blocks * BLOCK, got["transfers"]
+        from_seed = got["transfers"][seed_out["peer_id"]][0]
+        assert from_seed >= SIZE - from_relay, got["transfers"]
+        assert seed_out["transfers"][got["peer_id"]][1] >= from_seed, seed_out["transfers"]
+        assert got["external"][0] == self.leech.public_ip
+
+
+def _need_lab() -> None:
     why = natlab.can_build()
     if why is not None:
         unavailable(why, "CI must run the NAT lab, as root")
-    from bt.create import create_torrent
-    env = _env()
+
+
+def _need_lt() -> None:
+    try:
+        import libtorrent  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"libtorrent is not importable ({exc})",
+                    "libtorrent is in the test extra; .ci/run installs it")
+
+
+@pytest.mark.slow
+def test_bep55_our_relay_two_port_restricted_nats():
+    _need_lab()
     with natlab.Lab() as lab:
-        relay = lab.add_host("relay", "none")
-        seed = lab.add_host("seed", "restricted")
-        leech = lab.add_host("leech", "restricted")
-        d = lab.tempdir()
-        os.makedirs(f"{d}/seed")
-        payload = os.urandom(SIZE)
-        with open(f"{d}/seed/blob.bin", "wb") as f:
-            f.write(payload)
-        with open(f"{d}/t.torrent", "wb") as f:
-            f.write(create_torrent(f"{d}/seed/blob.bin", piece_length=PIECE))
-        relay_addr = f"{relay.ip}:{PORT}"
-
-        def start(host, role: str, ddir: str, to: str):
-            return host.popen([sys.executable, "-c", PEER, role, f"{d}/t.torrent", ddir,
-                               host.ip, to, *VERBOSE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              env=env, text=True)
-
-        procs = {"relay": start(relay, "relay", f"{d}/relay", "-")}
+        sw = _Swarm(lab)
+        relay_proc = sw.start(sw.relay, "relay", "-")
         time.sleep(1.0)      # the relay listens
-        procs["seed"] = start(seed, "seed", f"{d}/seed", relay_addr)
-        assert _readline(procs["seed"], "seed", 30) == "connected"
-        procs["leech"] = start(leech, "leech", f"{d}/leech", relay_addr)
-        assert _readline(procs["leech"], "leecher", 30) == "connected"
-        got = json.loads(_readline(procs["leech"], "leecher's result", 120))
-        seed_out = _finish(procs["seed"], "seed")
-        relay_out = _finish(procs["relay"], "relay")
-        with open(f"{d}/leech/blob.bin", "rb") as f:
-            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(payload).digest()
-
-    seed_id = seed_out["peer_id"]
+        relay_addr = f"{sw.relay.ip}:{PORT}"
+        seed_proc = sw.start(sw.seed, "seed", relay_addr)
+        got = sw.leech_through(relay_addr, seed_proc)
+        seed_out = _finish(seed_proc, "seed")
+        relay_out = _finish(relay_proc, "relay")
     print(f"leecher finished {got['seconds']:.1f} s after joining; leecher {got['torrent']} "
           f"{got['session']}; relay {relay_out['torrent']}")
     # the relay introduced them
     assert relay_out["torrent"].get("holepunch.relayed", 0) >= 1, relay_out
-    assert got["torrent"].get("holepunch.rendezvous_sent", 0) + \
-        seed_out["torrent"].get("holepunch.rendezvous_sent", 0) >= 1, (got, seed_out)
-    assert got["session"].get("holepunch.punched", 0) >= 1, got
-    # the leecher's connection to the seed is the punched uTP connection, to
-    # the seed's public address, and it brought every byte
-    conns = [p for p in got["peers"] if p["peer_id"] == seed_id]
-    assert conns, got["peers"]
-    assert all(p["punched"] and p["transport"] == "utp" for p in conns), conns
-    assert {p["addr"][0] for p in conns} == {seed.public_ip}, conns
-    from_relay = got["transfers"].get(relay_out["peer_id"], [0, 0])[0]
-    # at most the limit's burst and one block on credit (1 byte/s after that)
-    assert from_relay <= 2 * BLOCK, got["transfers"]
-    assert got["transfers"][seed_id][0] >= SIZE - from_relay, got["transfers"]
-    assert got["session"].get("connections.punched", 0) >= 1
+    assert got["torrent"].get("holepunch.rendezvous_sent", 0) >= 1, got
+    assert seed_out["torrent"].get("holepunch.connect_received", 0) >= 1, seed_out
+    sw.check_punched(got, seed_out, relay_out["peer_id"])
     # the tie-break used each side's public address as the relay reported it
-    assert got["external"][0] == leech.public_ip and seed_out["external"][0] == seed.public_ip
+    assert seed_out["external"][0] == sw.seed.public_ip
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+async def test_bep55_libtorrent_relay():
+    # libtorrent (in the relay's namespace) parses our rendezvous and sends
+    # its connect messages to both of our peers
+    _need_lab()
+    _need_lt()
+    from utp.bench.peers import LibtorrentPeer
+    with natlab.Lab() as lab:
+        sw = _Swarm(lab)
+        async with LibtorrentPeer(sw.relay.ip, netns=sw.relay.ns) as relay:
+            os.makedirs(f"{sw.dir}/relay")
+            await relay.add(sw.torrent, f"{sw.dir}/relay", seed=False)
+            # It stays a leecher connected to the seed, and serves little:
+            # its limits count protocol bytes too, so at 1 byte/s even its
+            # handshake would take a minute; 3 kB/s is a block per 5 s.
+            await relay.set_limits(download=50_000, upload=3_000)
+            await trio.sleep(2)     # libtorrent refuses connections while it checks the files
+            relay_addr = f"{sw.relay.ip}:{relay.port}"
+            seed_proc = sw.start(sw.seed, "seed", relay_addr)
+            got = await trio.to_thread.run_sync(sw.leech_through, relay_addr, seed_proc)
+            seed_out = _finish(seed_proc, "seed")
+            status = await relay.status()
+    print(f"leecher finished {got['seconds']:.1f} s after joining; leecher {got['torrent']} "
+          f"{got['session']}; libtorrent relay errors {status['errors'][-5:]}")
+    assert got["torrent"].get("holepunch.rendezvous_sent", 0) >= 1, got
+    assert seed_out["torrent"].get("holepunch.connect_received", 0) >= 1, seed_out
+    assert not any(k.startswith("holepunch.error_received") for k in got["torrent"]), got
+    relay_ids = [pid for pid in got["transfers"] if bytes.fromhex(pid).startswith(b"-LT")]
+    # libtorrent's upload limit may hold its connect to the leecher back
+    # until the seed's punch has already reached the leecher's listener
+    sw.check_punched(got, seed_out, relay_ids[0] if relay_ids else None, relay_blocks=4,
+                     both_sides=False)

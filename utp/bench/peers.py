@@ -189,6 +189,10 @@ class LibtorrentPeer:
         await self.call("add", torrent=base64.b64encode(metainfo).decode(), save_path=save_path,
                         seed=seed)
 
+    async def set_limits(self, *, download: int = 0, upload: int = 0) -> None:
+        """The torrent's download and upload limits in bytes/s (0: none)."""
+        await self.call("limits", download=download, upload=upload)
+
     async def connect_peer(self, ip: str, port: int) -> None:
         await self.call("connect", ip=ip, port=port)
 
@@ -236,6 +240,12 @@ def _libtorrent_worker(ip: str, buffers: int) -> None:
                 if req["seed"]:
                     params.flags |= lt.torrent_flags.seed_mode
                 handle = ses.add_torrent(params)
+                reply = {}
+            elif op == "limits":
+                # per-torrent rates in bytes/s (0: unlimited)
+                assert handle is not None
+                handle.set_download_limit(int(req["download"]))
+                handle.set_upload_limit(int(req["upload"]))
                 reply = {}
             elif op == "connect":
                 assert handle is not None
