@@ -55,6 +55,10 @@ __all__ = ["PexExtension", "HolepunchExtension", "install", "announce_addr", "PU
 #: keeps the mappings open).
 PUNCH_TIMEOUT = 20.0
 
+#: Punches a torrent runs at once: a peer that sends many ``connect``
+#: messages (to addresses of its choosing) gets no more probes sent.
+MAX_PUNCHES = 8
+
 Addr = tuple[str, int]
 
 
@@ -214,24 +218,25 @@ class HolepunchHandler(ExtensionHandler):
 
     def _relay(self, target: Addr) -> None:
         t = self.peer.torrent
-        me = announce_addr(self.peer)
-        try:
-            target = _norm(target)
-        except ValueError:
-            pass
-        other = _connected(t, target) if me is not None else None
+        seen = _norm(self.peer.addr)
+        # where the target should punch to: for an incoming TCP peer that
+        # told no listen port, the address we see (the best we know)
+        me = announce_addr(self.peer) or seen
+        target = _norm(target)
+        other = _connected(t, target)
         if other is self.peer:
             other = None
         handler = other.extensions.get(HOLEPUNCH) if other is not None and \
             other.extensions is not None else None
         supports = isinstance(handler, HolepunchHandler) and handler.peer_supports
-        code = relay_error(target, me or ("0.0.0.0", 0), connected=other is not None,
-                           supports=supports)
+        # "self": the address it listens at, or the one we see it at
+        requester = target if target == seen else me
+        code = relay_error(target, requester, connected=other is not None, supports=supports)
         if code:
             t.counters[f"holepunch.relay_error.{ERROR_NAMES[code]}"] += 1
             self.send(MsgType.ERROR, target, code)
             return
-        assert other is not None and me is not None and isinstance(handler, HolepunchHandler)
+        assert other is not None and isinstance(handler, HolepunchHandler)
         target_addr = announce_addr(other) or _norm(other.addr)
         self.send(MsgType.CONNECT, target_addr)
         handler.send(MsgType.CONNECT, me)
@@ -265,7 +270,8 @@ def start_punch(torrent: "Torrent", addr: Addr) -> None:
     """Punch to ``addr`` and connect, unless connected or already punching."""
     session = torrent.session
     if session.endpoint is None or not torrent.active or _connected(torrent, addr) \
-            or addr in torrent.punching or _is_us(session, addr):
+            or addr in torrent.punching or len(torrent.punching) >= MAX_PUNCHES \
+            or _is_us(session, addr):
         torrent.counters["holepunch.connect_ignored"] += 1
         return
     torrent.punching.add(addr)

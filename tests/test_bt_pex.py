@@ -160,3 +160,122 @@ def test_relay_errors():
     assert relay_error(("::ffff:1.1.1.1", 100), me, connected=True, supports=True) == ERR_NO_SELF
     assert relay_error(("0.0.0.0", 5), me, connected=False, supports=False) == ERR_NO_SUCH_PEER
     assert relay_error(("2.2.2.2", 0), me, connected=False, supports=False) == ERR_NO_SUCH_PEER
+
+
+# ---- on a real connection: violations end it and are counted; the relay answers ----------
+
+class _Raw:
+    """A scripted peer over TCP to one of our sessions (PeerWire core)."""
+
+    def __init__(self, stream, meta) -> None:
+        from bt.peerwire import PeerWire
+        from bt.wire import Geometry
+        self.stream = stream
+        self.meta = meta
+        self.core = PeerWire(now=0.0, geometry=Geometry(meta.total_length, meta.piece_length))
+        self.extended: list = []
+        self.closed = False
+
+    async def start(self) -> None:
+        import trio
+        from bt.wire import ExtensionHandshake, Handshake
+        self.core.send(Handshake.make(self.meta.info_hash, b"-XX0001-" + bytes(12)))
+        await self.flush()
+        with trio.fail_after(10):
+            while self.core.peer_ext_handshake is None:
+                await self.pump()
+        self.core.send(ExtensionHandshake(m={"ut_pex": 1, "ut_holepunch": 4}))
+        await self.flush()
+
+    async def flush(self) -> None:
+        out = self.core.data_to_send()
+        if out:
+            await self.stream.send_all(out)
+
+    async def pump(self) -> None:
+        import trio
+        from bt.wire import Extended
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        if not data:
+            self.closed = True
+            return
+        self.core.receive_data(data, trio.current_time())
+        while (ev := self.core.next_event()) is not None:
+            if isinstance(ev, Extended):
+                self.extended.append(ev)
+
+    async def send_ext(self, name: str, payload: bytes) -> None:
+        from bt.wire import Extended
+        self.core.send(Extended(0, payload, name))
+        await self.flush()
+
+    async def wait_closed(self) -> None:
+        import trio
+        with trio.fail_after(10):
+            while not self.closed:
+                await self.pump()
+
+
+@pytest.mark.parametrize("name,payload,counter", [
+    ("ut_pex", encode({b"added": b"\x01" * 7}), "pex.violation.bad_length"),
+    ("ut_pex", b"d5:added", "pex.violation.bad_bencode"),
+    ("ut_holepunch", bytes([0, 7, 1, 2, 3, 4, 0, 80]), "holepunch.violation.bad_addr_type"),
+    ("ut_holepunch", bytes([9, 0, 1, 2, 3, 4, 0, 80]), "holepunch.violation.bad_type"),
+])
+async def test_malformed_message_ends_the_connection_and_is_counted(tmp_path, name, payload,
+                                                                    counter):
+    import trio
+
+    import bt
+    from testsupport import bt_content
+    src, _, data = bt_content(tmp_path, (100_000,), name="h", seed=5)
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as ours:
+        t = await ours.add_torrent(data)
+        raw = _Raw(await trio.open_tcp_stream("127.0.0.1", ours.port), t.meta)
+        await raw.start()
+        await raw.send_ext(name, payload)
+        await raw.wait_closed()
+        counters = t.status().counters
+        assert counters[counter] == 1, counters
+        assert counters["violation.bad_extended"] == 1, counters
+
+
+async def test_pex_flood_and_relay_errors(tmp_path):
+    import trio
+
+    import bt
+    from testsupport import bt_content
+    src, _, data = bt_content(tmp_path, (100_000,), name="h", seed=5)
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as ours:
+        t = await ours.add_torrent(data)
+        raw = _Raw(await trio.open_tcp_stream("127.0.0.1", ours.port), t.meta)
+        await raw.start()
+        # relay: a target nobody is connected to, ourselves, a bad endpoint
+        me = raw.stream.socket.getsockname()
+        for target in (("10.9.9.9", 6881), ("127.0.0.1", me[1]), ("0.0.0.0", 1)):
+            await raw.send_ext("ut_holepunch", encode_holepunch(
+                HolepunchMessage(MsgType.RENDEZVOUS, target)))
+        with trio.fail_after(10):
+            while len([e for e in raw.extended if e.name == "ut_holepunch"]) < 3:
+                await raw.pump()
+        answers = [parse_holepunch_untrusted(e.payload) for e in raw.extended
+                   if e.name == "ut_holepunch"]
+        assert [(a.msg_type, a.error) for a in answers] == [
+            (MsgType.ERROR, ERR_NOT_CONNECTED), (MsgType.ERROR, ERR_NO_SELF),
+            (MsgType.ERROR, ERR_NO_SUCH_PEER)]
+        assert answers[0].addr == ("10.9.9.9", 6881)
+        # PEX: MAX_BURST messages are fine, one more within the minute ends it
+        for _ in range(MAX_BURST):
+            await raw.send_ext("ut_pex", encode_pex([], []))
+        assert not raw.closed
+        await raw.send_ext("ut_pex", encode_pex([], []))
+        await raw.wait_closed()
+        counters = t.status().counters
+        assert counters["pex.violation.too_frequent"] == 1, counters
+        assert counters["pex.received"] == MAX_BURST
+        assert counters["holepunch.relay_error.NotConnected"] == 1
+        assert counters["holepunch.relay_error.NoSelf"] == 1
+        assert counters["holepunch.relay_error.NoSuchPeer"] == 1

@@ -269,3 +269,53 @@ async def test_bep55_libtorrent_relay():
     # until the seed's punch has already reached the leecher's listener
     sw.check_punched(got, seed_out, relay_ids[0] if relay_ids else None, relay_blocks=4,
                      both_sides=False)
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+async def test_bep55_libtorrent_seed_behind_a_nat():
+    # libtorrent seeds behind a port-restricted NAT, our leecher sits behind
+    # another, our relay introduces them.  libtorrent (PEX off, connected to
+    # the relay alone) learns the leecher only from the relay's connect and
+    # dials it at once; our leecher punches at the same time.  Whichever
+    # SYN gets through first makes the connection (libtorrent's often
+    # does: the leecher's failed direct dial left its NAT open towards the
+    # seed), and the download runs over it: through both NATs, uTP, to the
+    # seed's public address.
+    _need_lab()
+    _need_lt()
+    from utp.bench.peers import LibtorrentPeer
+    with natlab.Lab() as lab:
+        sw = _Swarm(lab)
+        relay_proc = sw.start(sw.relay, "relay", "-")
+        relay_addr = f"{sw.relay.ip}:{PORT}"
+        async with LibtorrentPeer(sw.seed.ip, netns=sw.seed.ns) as seed:
+            # no PEX for the seed (as for ours in the first test): it would
+            # learn the leecher from the relay and dial it while the leecher
+            # dials it, and the two would meet without the relay
+            await seed.add(sw.torrent, f"{sw.dir}/seed", seed=True, pex=False)
+            await trio.sleep(1)
+            await seed.connect_peer(sw.relay.ip, PORT)
+            with trio.fail_after(30):
+                while not (await seed.status())["peers"]:
+                    await trio.sleep(0.2)
+            got = await trio.to_thread.run_sync(sw.leech_through, relay_addr, None)
+            status = await seed.status()
+        relay_out = _finish(relay_proc, "relay")
+    print(f"leecher finished {got['seconds']:.1f} s after joining; leecher {got['torrent']} "
+          f"{got['session']}; relay {relay_out['torrent']}; libtorrent errors "
+          f"{status['errors'][-5:]}")
+    assert relay_out["torrent"].get("holepunch.relayed", 0) >= 1, relay_out
+    assert got["torrent"].get("holepunch.rendezvous_sent", 0) >= 1, got
+    assert got["torrent"].get("holepunch.connect_received", 0) >= 1, got
+    assert got["session"].get("connect.utp_failed", 0) >= 1, got     # not reachable directly
+    lt_ids = [pid for pid in got["transfers"] if bytes.fromhex(pid).startswith(b"-LT")]
+    assert len(lt_ids) == 1, got["transfers"]
+    conns = [p for p in got["peers"] if p["peer_id"] == lt_ids[0]]
+    assert conns and all(p["transport"] == "utp" for p in conns), got["peers"]
+    print("leecher's connection to libtorrent:",
+          "our punch" if conns[0]["punched"] else "libtorrent's dial after connect")
+    assert {p["addr"][0] for p in conns} == {sw.seed.public_ip}, conns
+    from_relay = got["transfers"].get(relay_out["peer_id"], [0, 0])[0]
+    assert from_relay <= 2 * BLOCK, got["transfers"]
+    assert got["transfers"][lt_ids[0]][0] >= SIZE - from_relay, got["transfers"]
