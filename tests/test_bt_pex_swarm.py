@@ -6,7 +6,8 @@ only one other learns the rest through ut_pex and connects to them:
 - ``libtorrent``: C knows only the libtorrent seed, whose ut_pex message
   (an independent encoder) names A and B.
 
-Also: a private torrent offers no ut_pex at all, so nothing is learned."""
+Also: a private torrent offers no ut_pex at all, so nothing is learned;
+and PEX over IPv6 (added6) between our sessions on ::1."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ except ImportError as exc:   # pragma: no cover - depends on the machine
     lt = None
     _why = f"libtorrent is not importable ({exc}); pip install libtorrent"
 
-pytestmark = [pytest.mark.interop, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 SIZES = (1_500_000, 700_001)
 LIMIT = 150_000         # bytes/s
@@ -41,6 +42,7 @@ async def _until(cond, what: str, timeout: float = 30, state=lambda: "") -> None
     assert cond(), f"timed out waiting for {what}: {state()}"
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("first_contact", ["ours", "libtorrent"])
 async def test_peer_learns_the_swarm_through_pex(tmp_path, first_contact):
     _need_lt()
@@ -125,3 +127,41 @@ async def test_private_torrent_offers_no_pex(tmp_path):
                 assert "ut_holepunch" in p.core.peer_extensions
         assert tc.status().counters.get("pex.learned", 0) == 0
         assert ta.status().counters.get("pex.sent", 0) == 0
+
+
+def _have_ipv6_loopback() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+async def test_pex_over_ipv6(tmp_path):
+    # added6 / added6.f: C, knowing only A at ::1, learns B from A's PEX
+    if not _have_ipv6_loopback():
+        unavailable("no IPv6 loopback (::1) here", "CI machines have ::1")
+    src, names, data = bt_content(tmp_path, SIZES, name="pex6", seed=12, piece_length=32768)
+    async with bt.open_session(download_dir=src.parent, host="::1") as a, \
+            bt.open_session(download_dir=tmp_path / "b", host="::1",
+                            download_limit=LIMIT) as b, \
+            bt.open_session(download_dir=tmp_path / "c", host="::1",
+                            download_limit=2 * LIMIT) as c:
+        ta = await a.add_torrent(data)
+        tb = await b.add_torrent(data)
+        tb.add_peer(("::1", a.port))
+        await _until(lambda: len(ta.peers) >= 1, "B connected to A")
+        tc = await c.add_torrent(data)
+        tc.add_peer(("::1", a.port))
+        await _until(lambda: b.peer_id in {t.peer_id for t in tc.status().transfers},
+                     "C meeting B", state=lambda: (tc.status().counters, ta.status().counters))
+        c.set_limits(download=None)
+        with trio.fail_after(60):
+            await tc.wait_finished()
+        assert ta.status().counters["pex.sent"] >= 1
+        assert tc.status().counters["pex.received"] >= 1
+        assert any(":" in a_[0] for a_ in tc.pex_learned) or \
+            any(":" in a_[0] for a_ in tb.pex_learned), (tc.pex_learned, tb.pex_learned)
+    assert sha256_files(tmp_path / "c" / "pex6", names) == sha256_files(src, names)
