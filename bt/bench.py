@@ -13,8 +13,10 @@ so its CPU time (user + system, all threads, from ``getrusage``) and its
 peak RSS (``VmHWM`` of /proc/self/status, which an ``exec`` resets) are
 its own.  CPU is counted from the moment the seed is ready (its data
 checked) and the leecher dials, to the last verified piece; it is printed
-per GB of payload.  libtorrent uses 4 MiB socket buffers (with the
-kernel's 208 KiB its uTP drops packets: ../shared/PEERS.md).
+per GB of payload.  libtorrent runs with its default settings, as users
+run it: its socket buffers are then the OS's (208 KiB), with which its uTP
+receiver drops bursts (../shared/PEERS.md).  ``--lt-buffers 4`` gives it
+4 MiB buffers instead, libtorrent's best case, to compare against too.
 
 Then the two ratios of issue 8's targets: our uTP download from libtorrent
 against libtorrent's own uTP-to-uTP figure (target >= 2x), and our
@@ -48,15 +50,14 @@ __all__ = ["libtorrent_settings", "RUNS", "Run", "RunResult", "main"]
 
 MiB = 1 << 20
 GB = 1e9
-#: libtorrent's socket buffers in the benchmark (PEERS.md: its uTP needs them)
-LT_BUFFERS = 4 * MiB
 
 
-def libtorrent_settings(ip: str, transport: str, *, buffers: int = LT_BUFFERS) -> dict[str, Any]:
+def libtorrent_settings(ip: str, transport: str, *, buffers: int = 0) -> dict[str, Any]:
     """libtorrent session settings for loopback runs: bound to ``ip``,
     ``transport`` "utp", "tcp" or "both", plain handshakes, nothing that
     leaves the machine (no DHT, LSD, UPnP, NAT-PMP), several connections
-    per IP (every peer is 127.0.0.1), socket buffers of ``buffers``."""
+    per IP (every peer is 127.0.0.1); socket buffers of ``buffers`` bytes
+    (0: libtorrent's default, the OS's), everything else at its default."""
     if transport not in ("utp", "tcp", "both"):
         raise ValueError(f"transport must be 'utp', 'tcp' or 'both', not {transport!r}")
     utp, tcp = transport != "tcp", transport != "utp"
@@ -68,8 +69,7 @@ def libtorrent_settings(ip: str, transport: str, *, buffers: int = LT_BUFFERS) -
         "enable_outgoing_tcp": tcp, "enable_incoming_tcp": tcp,
         "in_enc_policy": 2, "out_enc_policy": 2,
         "allow_multiple_connections_per_ip": True,
-        "recv_socket_buffer_size": buffers, "send_socket_buffer_size": buffers,
-    }
+    } | ({"recv_socket_buffer_size": buffers, "send_socket_buffer_size": buffers} if buffers else {})
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,8 @@ def _emit(obj: dict[str, Any]) -> None:
 def _lt_worker(job: dict[str, Any]) -> None:
     import libtorrent as lt
 
-    ses = lt.session(libtorrent_settings("127.0.0.1", job["transport"]))  # type: ignore[call-overload]
+    ses = lt.session(libtorrent_settings("127.0.0.1", job["transport"],  # type: ignore[call-overload]
+                                         buffers=job["lt_buffers"]))
     params = lt.add_torrent_params()
     params.ti = lt.torrent_info(job["torrent"])
     params.save_path = job["dir"]
@@ -299,13 +300,14 @@ class _Worker:
                 f.close()
 
 
-def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: float,
+def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: float, lt_buffers: int,
              profile: Path | None) -> RunResult:
     res = RunResult(run)
     leech_dir = work / "leech"
     shutil.rmtree(leech_dir, ignore_errors=True)
     leech_dir.mkdir()
-    common = {"transport": run.transport, "torrent": str(torrent), "timeout": timeout}
+    common = {"transport": run.transport, "torrent": str(torrent), "timeout": timeout,
+              "lt_buffers": lt_buffers}
     seed_job = {**common, "impl": run.seed, "role": "seed", "dir": str(content_dir),
                 "resume": str(work / "seed-resume")}
     leech_job = {**common, "impl": run.leech, "role": "leech", "dir": str(leech_dir),
@@ -415,6 +417,17 @@ def report(results: Sequence[RunResult], size: int) -> str:
     return "\n".join(lines)
 
 
+def _mib(text: str) -> int:
+    """``--lt-buffers``: a whole number of MiB, 0 for libtorrent's default."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MiB, not {text!r}") from None
+    if not 0 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"{n} MiB: expected 0..256")
+    return n * MiB
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bt.bench",
@@ -426,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", type=Path,
                     help="write a cProfile dump of each of our workers to DIR")
     ap.add_argument("--timeout", type=float, help="seconds per run (default: from the size)")
+    ap.add_argument("--lt-buffers", type=_mib, default=0, metavar="MIB",
+                    help="libtorrent's socket buffers in MiB (default 0: libtorrent's own "
+                         "default, the OS's, as users run it)")
     ap.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     ap.add_argument("--size-mib", type=int, help=argparse.SUPPRESS)     # the smoke test's tiny run
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -454,12 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         args.profile = args.profile.resolve()
     work = Path(tempfile.mkdtemp(prefix="bt-bench-", dir=args.dir))
     try:
+        bufs = f"{args.lt_buffers // MiB} MiB" if args.lt_buffers else "the OS default"
         print(f"bt.bench: {size // MiB} MiB single-file torrent on loopback, "
-              f"{len(runs)} runs", flush=True)
+              f"{len(runs)} runs; libtorrent's socket buffers: {bufs}", flush=True)
         content_dir, torrent = _make_content(work, size)
         results = []
         for run in runs:
-            res = _run_one(run, work, torrent, content_dir, timeout, args.profile)
+            res = _run_one(run, work, torrent, content_dir, timeout, args.lt_buffers, args.profile)
             print(f"  {run.name}: "
                   + (f"{res.mb_s(size):.1f} MB/s" if res.seconds else f"FAILED ({res.error})"),
                   flush=True)

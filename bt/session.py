@@ -250,14 +250,16 @@ class Session:
         if self.endpoint is not None:
             self.endpoint.vote_external_address((ip, self.port), reporter=reporter, source="bt")
 
-    async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> bool:
+    async def connect_peer(self, torrent: Torrent, addr: tuple[str, int]) -> str:
         """Dial ``addr`` for ``torrent`` (uTP, then TCP) and run the
-        connection until it ends.  Failures are counted, not raised; False
-        when no transport reached the peer (the holepunch initiator's cue)."""
+        connection until it ends.  Failures are counted, not raised; the
+        outcome is returned: why the connection ended (its close reason),
+        or why there was none ("banned", "unreachable", "self",
+        "duplicate", "handshake failed", ...)."""
         host, port = addr
         if host in self.banned:
             self.counters["refused.banned"] += 1
-            return True
+            return "banned"
         stream: trio.abc.Stream | None = None
         transport = ""
         if self.utp and self.endpoint is not None:
@@ -274,11 +276,10 @@ class Session:
             except (OSError, trio.TooSlowError):
                 self.counters["connect.tcp_failed"] += 1
         if stream is None:
-            return False
+            return "unreachable"
         core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
         core.send(Handshake.make(torrent.info_hash, self.peer_id))
-        await self._run_connection(stream, core, (host, port), transport, torrent)
-        return True
+        return await self._run_connection(stream, core, (host, port), transport, torrent)
 
     async def _incoming(self, stream: trio.abc.Stream, transport: str) -> None:
         try:
@@ -305,10 +306,10 @@ class Session:
 
     async def _run_connection(self, stream: trio.abc.Stream, core: PeerWire,
                               addr: tuple[Any, ...], transport: str,
-                              torrent: Torrent | None, *, punched: bool = False) -> None:
-        """Handshake (both directions), the checks, then the peer's tasks.
-        ``torrent`` given: we dialed (or punched, ``punched``) and sent our
-        handshake first."""
+                              torrent: Torrent | None, *, punched: bool = False) -> str:
+        """Handshake (both directions), the checks, then the peer's tasks;
+        returns the outcome (see :meth:`connect_peer`).  ``torrent`` given:
+        we dialed (or punched, ``punched``) and sent our handshake first."""
         started = False
         outgoing = torrent is not None
         try:
@@ -318,20 +319,20 @@ class Session:
                     torrent = self.torrents.get(hs.infohash)
                     if torrent is None:
                         self.counters["handshake.unknown_infohash"] += 1
-                        return
+                        return "unknown infohash"
                     refused = self._refuse(torrent, hs, addr)
                     if refused:
                         self.counters[f"handshake.{refused}"] += 1
-                        return
+                        return refused
                     core.set_geometry(torrent.geometry)
                     core.send(Handshake.make(torrent.info_hash, self.peer_id))
                 elif hs.infohash != torrent.info_hash:
                     self.counters["handshake.wrong_infohash"] += 1
-                    return
+                    return "wrong infohash"
             refused = self._refuse(torrent, hs, addr)
             if refused:
                 self.counters[f"handshake.{refused}"] += 1
-                return
+                return refused
             conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id)
             conn.outgoing = outgoing
             conn.punched = punched
@@ -340,8 +341,10 @@ class Session:
                 self.counters["connections.punched"] += 1
             started = True
             await conn.run()
+            return conn.close_reason
         except (trio.TooSlowError, WireError, ConnectionError, *_STREAM_ERRORS) as exc:
             self.counters[f"handshake.failed.{type(exc).__name__}"] += 1
+            return "handshake failed"
         finally:
             if not started:
                 await _aclose_quietly(stream)

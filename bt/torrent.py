@@ -58,6 +58,21 @@ MAX_KNOWN_PEERS = 1000
 #: closes its stream within 2 s; a block write or hash in a thread first
 #: finishes, so nothing half-written is left).
 DISCONNECT_TIMEOUT = 10.0
+#: A known peer we are not connected to is dialed again after this long,
+#: the pause doubling after each attempt that did not last
+#: (RECONNECT_STABLE seconds) up to RECONNECT_MAX: a connection lost to a
+#: lossy path or turned down once (Transmission refuses a second connection
+#: from an address while the first is half-open) is tried again, and a
+#: peer that is gone costs one attempt every two minutes.  libtorrent waits
+#: 60 s (min_reconnect_time) and gives up after 3 failures; a small swarm
+#: cannot afford either.
+RECONNECT_FIRST = 5.0
+RECONNECT_MAX = 120.0
+RECONNECT_STABLE = 60.0
+#: Dial results after which an address is never dialed again (our own
+#: address; a banned IP) or not while we seed (it is a seed too).
+_NEVER_AGAIN = frozenset({"self", "banned"})
+_BOTH_SEEDS = "both seeds"
 
 
 class TorrentState(StrEnum):
@@ -156,6 +171,10 @@ class Torrent:
         self._writing: dict[int, int] = {}
         self._verifying: set[int] = set()
         self._dialing: set[tuple[Any, ...]] = set()
+        #: address -> (when to dial it again, the pause used)
+        self._redial_at: dict[tuple[Any, ...], tuple[float, float]] = {}
+        self._not_again: set[tuple[Any, ...]] = set()
+        self._seed_addrs: set[tuple[Any, ...]] = set()
         self._ended: dict[bytes, tuple[int, int]] = {}     # peer id -> (down, up) of closed conns
         #: Hash failures by piece index (the pieces fetched again).
         self.hash_failures: dict[int, int] = {}
@@ -406,14 +425,45 @@ class Torrent:
             nursery.start_soon(self._dial, addr)
 
     async def _dial(self, addr: tuple[Any, ...]) -> None:
+        started = time.monotonic()
         try:
-            if not await self.session.connect_peer(self, addr):
+            outcome = await self.session.connect_peer(self, addr)
+            if outcome == "unreachable":
+                # BEP 55: a peer that listed it may introduce us
                 from .peerexchange import try_rendezvous
                 try_rendezvous(self, addr)
         finally:
             self._dialing.discard(addr)
+        self._dial_ended(addr, outcome, started, time.monotonic())
+
+    def _dial_ended(self, addr: tuple[Any, ...], outcome: str, started: float, now: float) -> None:
+        """Schedule the next attempt at ``addr`` after a dial (and the
+        connection it made, if any) ended with ``outcome``."""
+        if outcome in _NEVER_AGAIN:
+            self._not_again.add(addr)
+            return
+        if outcome == _BOTH_SEEDS:
+            self._seed_addrs.add(addr)
+        _, pause = self._redial_at.get(addr, (0.0, 0.0))
+        pause = RECONNECT_FIRST if now - started >= RECONNECT_STABLE or not pause \
+            else min(2 * pause, RECONNECT_MAX)
+        self._redial_at[addr] = (now + pause, pause)
+
+    def _redial_due(self, now: float) -> None:
+        """Dial the known peers we are not connected to whose pause is over
+        (peers that are seeds too are left alone while we seed)."""
+        if len(self.peers) >= MAX_PEERS:
+            return
+        connected = {p.addr for p in self.peers}
+        seeding = self.state is TorrentState.SEEDING
+        for addr, (when, _) in list(self._redial_at.items()):
+            if now < when or addr in self._dialing or addr in connected \
+                    or addr in self._not_again or (seeding and addr in self._seed_addrs):
+                continue
+            self._peer_send.send_nowait(addr)
 
     def _tick(self, now: float) -> None:
+        self._redial_due(now)
         self._down_rate = self.down.rate(now)
         self._up_rate = self.up.rate(now)
         expire_requests(self, now, PIECE_TIMEOUT)

@@ -174,7 +174,7 @@ if [ "${QUICK:-0}" = "1" ]; then
 	fi
 	quick=(-m "not slow")
 fi
-"$VENV/bin/pytest" -p no:cacheprovider --import-mode=importlib "${quick[@]}" ${PYTEST_ARGS:-}
+"$VENV/bin/pytest" -p no:cacheprovider --import-mode=importlib --durations=30 "${quick[@]}" ${PYTEST_ARGS:-}
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -219,3 +219,28 @@ async def test_remove_during_a_recheck_and_with_a_waiter(tmp_path):
             await ls.remove_torrent(leech)
         assert len(waiter_saw) == 1 and "removed" in str(waiter_saw[0])
     assert not src.exists() and src.parent.is_dir()
+
+
+async def test_a_known_peer_is_dialed_again_until_it_answers(tmp_path):
+    """The seed's address is added while nothing listens there: the first
+    attempt fails, and the torrent dials it again (RECONNECT_FIRST, then
+    twice that) until the seed, started later on that port, answers; no
+    second ``add_peer``.  A torrent whose only peer dropped once (a lossy
+    path, a peer that turned a connection down) must not stay idle."""
+    from bt.torrent import RECONNECT_FIRST
+    from utp.bench.peers import free_port
+
+    src, names, data = _content(tmp_path)
+    port = free_port()
+    async with bt.open_session(download_dir=tmp_path / "dl", host="127.0.0.1") as ls:
+        t = await ls.add_torrent(data)
+        t.add_peer(("127.0.0.1", port))
+        await _until(lambda: ls.counters["connect.tcp_failed"] >= 1)
+        assert t.status().peers == 0
+        async with bt.open_session(download_dir=tmp_path / "src", host="127.0.0.1",
+                                   port=port) as s:
+            await s.add_torrent(data)
+            with trio.fail_after(3 * RECONNECT_FIRST + 20):
+                await t.wait_finished()
+        assert ls.counters["connect.tcp_failed"] >= 1
+    assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
