@@ -8,15 +8,19 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bt
 from _utpkit.bencode import encode
 from bt.holepunch import (ERR_NO_SELF, ERR_NO_SUCH_PEER, ERR_NO_SUPPORT, ERR_NOT_CONNECTED,
                           HolepunchError, HolepunchMessage, MsgType, encode_holepunch,
                           parse_holepunch_untrusted, relay_error)
 from bt.pex import (MAX_ADDED, MAX_BURST, MAX_DROPPED, MAX_TAKEN, PEX_INTERVAL, PexError,
                     PexPeer, PexReceiver, PexSender, encode_pex, parse_pex_untrusted)
+from bt.wire import Extended, ExtensionHandshake, Handshake
+from testsupport import ScriptedPeer, bt_content
 
 v4 = st.builds(lambda b, p: (str(ipaddress.IPv4Address(b)), p),
                st.integers(0, 2**32 - 1), st.integers(1, 65535))
@@ -164,21 +168,19 @@ def test_relay_errors():
 
 # ---- on a real connection: violations end it and are counted; the relay answers ----------
 
-class _Raw:
-    """A scripted peer over TCP to one of our sessions (PeerWire core)."""
+class _Raw(ScriptedPeer):
+    """A scripted peer over TCP to one of our sessions, speaking the two
+    extensions."""
 
     def __init__(self, stream, meta) -> None:
-        from bt.peerwire import PeerWire
-        from bt.wire import Geometry
-        self.stream = stream
-        self.meta = meta
-        self.core = PeerWire(now=0.0, geometry=Geometry(meta.total_length, meta.piece_length))
-        self.extended: list = []
-        self.closed = False
+        super().__init__(stream, meta)
+        self.extended: list[Extended] = []
+
+    def on_event(self, ev) -> None:
+        if isinstance(ev, Extended):
+            self.extended.append(ev)
 
     async def start(self) -> None:
-        import trio
-        from bt.wire import ExtensionHandshake, Handshake
         self.core.send(Handshake.make(self.meta.info_hash, b"-XX0001-" + bytes(12)))
         await self.flush()
         with trio.fail_after(10):
@@ -187,33 +189,11 @@ class _Raw:
         self.core.send(ExtensionHandshake(m={"ut_pex": 1, "ut_holepunch": 4}))
         await self.flush()
 
-    async def flush(self) -> None:
-        out = self.core.data_to_send()
-        if out:
-            await self.stream.send_all(out)
-
-    async def pump(self) -> None:
-        import trio
-        from bt.wire import Extended
-        try:
-            data = await self.stream.receive_some(65536)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            data = b""
-        if not data:
-            self.closed = True
-            return
-        self.core.receive_data(data, trio.current_time())
-        while (ev := self.core.next_event()) is not None:
-            if isinstance(ev, Extended):
-                self.extended.append(ev)
-
     async def send_ext(self, name: str, payload: bytes) -> None:
-        from bt.wire import Extended
         self.core.send(Extended(0, payload, name))
         await self.flush()
 
     async def wait_closed(self) -> None:
-        import trio
         with trio.fail_after(10):
             while not self.closed:
                 await self.pump()
@@ -227,10 +207,6 @@ class _Raw:
 ])
 async def test_malformed_message_ends_the_connection_and_is_counted(tmp_path, name, payload,
                                                                     counter):
-    import trio
-
-    import bt
-    from testsupport import bt_content
     src, _, data = bt_content(tmp_path, (100_000,), name="h", seed=5)
     async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as ours:
         t = await ours.add_torrent(data)
@@ -244,10 +220,6 @@ async def test_malformed_message_ends_the_connection_and_is_counted(tmp_path, na
 
 
 async def test_pex_flood_and_relay_errors(tmp_path):
-    import trio
-
-    import bt
-    from testsupport import bt_content
     src, _, data = bt_content(tmp_path, (100_000,), name="h", seed=5)
     async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as ours:
         t = await ours.add_torrent(data)

@@ -16,7 +16,7 @@ import trio
 
 import bt
 from bt.bench import libtorrent_settings
-from testsupport import bt_content, sha256_files, unavailable
+from testsupport import bt_content, sha256_files, unavailable, have_ipv6_loopback
 
 try:
     import libtorrent as lt
@@ -129,19 +129,9 @@ async def test_private_torrent_offers_no_pex(tmp_path):
         assert ta.status().counters.get("pex.sent", 0) == 0
 
 
-def _have_ipv6_loopback() -> bool:
-    import socket
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 async def test_pex_over_ipv6(tmp_path):
     # added6 / added6.f: C, knowing only A at ::1, learns B from A's PEX
-    if not _have_ipv6_loopback():
+    if not have_ipv6_loopback():
         unavailable("no IPv6 loopback (::1) here", "CI machines have ::1")
     src, names, data = bt_content(tmp_path, SIZES, name="pex6", seed=12, piece_length=32768)
     async with bt.open_session(download_dir=src.parent, host="::1") as a, \

@@ -199,10 +199,14 @@ class _Swarm:
         assert got["external"][0] == self.leech.public_ip
 
 
-def _need_lab() -> None:
+@pytest.fixture
+def sw():
+    """A fresh lab with relay, seed and leecher hosts (skips without root)."""
     why = natlab.can_build()
     if why is not None:
         unavailable(why, "CI must run the NAT lab, as root")
+    with natlab.Lab() as lab:
+        yield _Swarm(lab)
 
 
 def _need_lt() -> None:
@@ -214,17 +218,14 @@ def _need_lt() -> None:
 
 
 @pytest.mark.slow
-def test_bep55_our_relay_two_port_restricted_nats():
-    _need_lab()
-    with natlab.Lab() as lab:
-        sw = _Swarm(lab)
-        relay_proc = sw.start(sw.relay, "relay", "-")
-        time.sleep(1.0)      # the relay listens
-        relay_addr = f"{sw.relay.ip}:{PORT}"
-        seed_proc = sw.start(sw.seed, "seed", relay_addr)
-        got = sw.leech_through(relay_addr, seed_proc)
-        seed_out = _finish(seed_proc, "seed")
-        relay_out = _finish(relay_proc, "relay")
+def test_bep55_our_relay_two_port_restricted_nats(sw):
+    relay_proc = sw.start(sw.relay, "relay", "-")
+    time.sleep(1.0)      # the relay listens
+    relay_addr = f"{sw.relay.ip}:{PORT}"
+    seed_proc = sw.start(sw.seed, "seed", relay_addr)
+    got = sw.leech_through(relay_addr, seed_proc)
+    seed_out = _finish(seed_proc, "seed")
+    relay_out = _finish(relay_proc, "relay")
     print(f"leecher finished {got['seconds']:.1f} s after joining; leecher {got['torrent']} "
           f"{got['session']}; relay {relay_out['torrent']}")
     # the relay introduced them
@@ -238,27 +239,24 @@ def test_bep55_our_relay_two_port_restricted_nats():
 
 @pytest.mark.slow
 @pytest.mark.interop
-async def test_bep55_libtorrent_relay():
+async def test_bep55_libtorrent_relay(sw):
     # libtorrent (in the relay's namespace) parses our rendezvous and sends
     # its connect messages to both of our peers
-    _need_lab()
     _need_lt()
     from utp.bench.peers import LibtorrentPeer
-    with natlab.Lab() as lab:
-        sw = _Swarm(lab)
-        async with LibtorrentPeer(sw.relay.ip, netns=sw.relay.ns) as relay:
-            os.makedirs(f"{sw.dir}/relay")
-            await relay.add(sw.torrent, f"{sw.dir}/relay", seed=False)
-            # It stays a leecher connected to the seed, and serves little:
-            # its limits count protocol bytes too, so at 1 byte/s even its
-            # handshake would take a minute; 3 kB/s is a block per 5 s.
-            await relay.set_limits(download=50_000, upload=3_000)
-            await trio.sleep(2)     # libtorrent refuses connections while it checks the files
-            relay_addr = f"{sw.relay.ip}:{relay.port}"
-            seed_proc = sw.start(sw.seed, "seed", relay_addr)
-            got = await trio.to_thread.run_sync(sw.leech_through, relay_addr, seed_proc)
-            seed_out = _finish(seed_proc, "seed")
-            status = await relay.status()
+    async with LibtorrentPeer(sw.relay.ip, netns=sw.relay.ns) as relay:
+        os.makedirs(f"{sw.dir}/relay")
+        await relay.add(sw.torrent, f"{sw.dir}/relay", seed=False)
+        # It stays a leecher connected to the seed, and serves little:
+        # its limits count protocol bytes too, so at 1 byte/s even its
+        # handshake would take a minute; 3 kB/s is a block per 5 s.
+        await relay.set_limits(download=50_000, upload=3_000)
+        await trio.sleep(2)     # libtorrent refuses connections while it checks the files
+        relay_addr = f"{sw.relay.ip}:{relay.port}"
+        seed_proc = sw.start(sw.seed, "seed", relay_addr)
+        got = await trio.to_thread.run_sync(sw.leech_through, relay_addr, seed_proc)
+        seed_out = _finish(seed_proc, "seed")
+        status = await relay.status()
     print(f"leecher finished {got['seconds']:.1f} s after joining; leecher {got['torrent']} "
           f"{got['session']}; libtorrent relay errors {status['errors'][-5:]}")
     assert got["torrent"].get("holepunch.rendezvous_sent", 0) >= 1, got
@@ -273,7 +271,7 @@ async def test_bep55_libtorrent_relay():
 
 @pytest.mark.slow
 @pytest.mark.interop
-async def test_bep55_libtorrent_seed_behind_a_nat():
+async def test_bep55_libtorrent_seed_behind_a_nat(sw):
     # libtorrent seeds behind a port-restricted NAT, our leecher sits behind
     # another, our relay introduces them.  libtorrent (PEX off, connected to
     # the relay alone) learns the leecher only from the relay's connect and
@@ -282,26 +280,23 @@ async def test_bep55_libtorrent_seed_behind_a_nat():
     # does: the leecher's failed direct dial left its NAT open towards the
     # seed), and the download runs over it: through both NATs, uTP, to the
     # seed's public address.
-    _need_lab()
     _need_lt()
     from utp.bench.peers import LibtorrentPeer
-    with natlab.Lab() as lab:
-        sw = _Swarm(lab)
-        relay_proc = sw.start(sw.relay, "relay", "-")
-        relay_addr = f"{sw.relay.ip}:{PORT}"
-        async with LibtorrentPeer(sw.seed.ip, netns=sw.seed.ns) as seed:
-            # no PEX for the seed (as for ours in the first test): it would
-            # learn the leecher from the relay and dial it while the leecher
-            # dials it, and the two would meet without the relay
-            await seed.add(sw.torrent, f"{sw.dir}/seed", seed=True, pex=False)
-            await trio.sleep(1)
-            await seed.connect_peer(sw.relay.ip, PORT)
-            with trio.fail_after(30):
-                while not (await seed.status())["peers"]:
-                    await trio.sleep(0.2)
-            got = await trio.to_thread.run_sync(sw.leech_through, relay_addr, None)
-            status = await seed.status()
-        relay_out = _finish(relay_proc, "relay")
+    relay_proc = sw.start(sw.relay, "relay", "-")
+    relay_addr = f"{sw.relay.ip}:{PORT}"
+    async with LibtorrentPeer(sw.seed.ip, netns=sw.seed.ns) as seed:
+        # no PEX for the seed (as for ours in the first test): it would
+        # learn the leecher from the relay and dial it while the leecher
+        # dials it, and the two would meet without the relay
+        await seed.add(sw.torrent, f"{sw.dir}/seed", seed=True, pex=False)
+        await trio.sleep(1)
+        await seed.connect_peer(sw.relay.ip, PORT)
+        with trio.fail_after(30):
+            while not (await seed.status())["peers"]:
+                await trio.sleep(0.2)
+        got = await trio.to_thread.run_sync(sw.leech_through, relay_addr, None)
+        status = await seed.status()
+    relay_out = _finish(relay_proc, "relay")
     print(f"leecher finished {got['seconds']:.1f} s after joining; leecher {got['torrent']} "
           f"{got['session']}; relay {relay_out['torrent']}; libtorrent errors "
           f"{status['errors'][-5:]}")
