@@ -207,6 +207,11 @@ class HolepunchHandler(ExtensionHandler):
         except HolepunchError as exc:
             t.counters[f"holepunch.violation.{exc.reason}"] += 1
             raise
+        if not self.peer_supports:
+            # it did not name ut_holepunch in its handshake, so we could not
+            # answer (libtorrent ignores these too)
+            t.counters["holepunch.ignored_unannounced"] += 1
+            return
         if msg.msg_type is MsgType.RENDEZVOUS:
             self._relay(msg.addr)
         elif msg.msg_type is MsgType.CONNECT:

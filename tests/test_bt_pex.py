@@ -180,18 +180,25 @@ class _Raw(ScriptedPeer):
         if isinstance(ev, Extended):
             self.extended.append(ev)
 
-    async def start(self) -> None:
+    async def start(self, m: dict[str, int] | None = None) -> None:
         self.core.send(Handshake.make(self.meta.info_hash, b"-XX0001-" + bytes(12)))
         await self.flush()
         with trio.fail_after(10):
             while self.core.peer_ext_handshake is None:
                 await self.pump()
-        self.core.send(ExtensionHandshake(m={"ut_pex": 1, "ut_holepunch": 4}))
+        self.core.send(ExtensionHandshake(m={"ut_pex": 1, "ut_holepunch": 4} if m is None else m))
         await self.flush()
 
-    async def send_ext(self, name: str, payload: bytes) -> None:
-        self.core.send(Extended(0, payload, name))
+    async def send_ext(self, name: str, payload: bytes, ext_id: int | None = None) -> None:
+        """An extension message by name (the core finds our session's id),
+        or raw under ``ext_id``."""
+        if ext_id is None:
+            self.core.send(Extended(0, payload, name))
+            await self.flush()
+            return
         await self.flush()
+        body = bytes([20, ext_id]) + payload
+        await self.stream.send_all(len(body).to_bytes(4, "big") + body)
 
     async def wait_closed(self) -> None:
         with trio.fail_after(10):
@@ -251,3 +258,19 @@ async def test_pex_flood_and_relay_errors(tmp_path):
         assert counters["holepunch.relay_error.NotConnected"] == 1
         assert counters["holepunch.relay_error.NoSelf"] == 1
         assert counters["holepunch.relay_error.NoSuchPeer"] == 1
+
+
+async def test_holepunch_from_a_peer_that_did_not_announce_it_is_ignored(tmp_path):
+    # we could not answer it (no id to send under): ignored, as libtorrent does
+    src, _, data = bt_content(tmp_path, (100_000,), name="h", seed=5)
+    async with bt.open_session(download_dir=src.parent, host="127.0.0.1") as ours:
+        t = await ours.add_torrent(data)
+        raw = _Raw(await trio.open_tcp_stream("127.0.0.1", ours.port), t.meta)
+        await raw.start(m={"ut_pex": 1})
+        await raw.send_ext("ut_holepunch", encode_holepunch(
+            HolepunchMessage(MsgType.RENDEZVOUS, ("10.9.9.9", 6881))),
+            ext_id=ours.extensions.local_id("ut_holepunch"))
+        with trio.fail_after(10):
+            while not t.status().counters.get("holepunch.ignored_unannounced"):
+                await raw.pump()
+        assert not raw.closed and t.peers
