@@ -272,5 +272,7 @@ async def test_holepunch_from_a_peer_that_did_not_announce_it_is_ignored(tmp_pat
             ext_id=ours.extensions.local_id("ut_holepunch"))
         with trio.fail_after(10):
             while not t.status().counters.get("holepunch.ignored_unannounced"):
-                await raw.pump()
+                await trio.sleep(0.02)
+        with trio.move_on_after(0.5):
+            await raw.wait_closed()         # (it must not close)
         assert not raw.closed and t.peers
