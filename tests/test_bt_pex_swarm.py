@@ -98,6 +98,15 @@ async def test_peer_learns_the_swarm_through_pex(tmp_path, first_contact):
             assert counters.get("violation.bad_extended", 0) == 0, counters
             if first_contact == "ours":
                 assert ta.status().counters["pex.sent"] >= 1
+                # libtorrent parsed A's message too: B (connected to it
+                # directly) is also marked as a peer PEX told it of
+                pex_src = int(lt.peer_info.pex)
+
+                def lt_heard_of_b() -> bool:
+                    return any(tuple(p.ip) == ("127.0.0.1", b.port) and p.source & pex_src
+                               for p in handle.get_peer_info())
+                await _until(lt_heard_of_b, "libtorrent listing B with source pex",
+                             state=lambda: [(p.ip, p.source) for p in handle.get_peer_info()])
             assert c.counters["connections.utp"] >= 3, c.counters
     finally:
         ses.remove_torrent(handle)
