@@ -50,9 +50,12 @@ outgoing uTP first then TCP, self and duplicate connections closed, IP
 bans, remove_torrent, the global rate limits of :mod:`bt.limits`),
 :mod:`bt.announce` (each torrent's trackers: BEP 12 tiers over HTTP(S) and
 the session's UDP tracker client, started / completed / stopped,
-intervals; ``torrent.status().trackers``); ``bt download`` / ``bt seed``.
+intervals; ``torrent.status().trackers``), :mod:`bt.events` (aria2's
+download events and gids: ``session.add_listener``, ``session.events()``),
+:mod:`bt.hooks` (aria2's ``--on-download-*`` hook commands);
+``bt download`` / ``bt seed``.
 
-Not written yet: the benchmark, events and RPC, MSE and the
+Not written yet: RPC, MSE and the
 extensions (ut_metadata, ut_pex, ut_holepunch), DHT and magnets.  It is
 not a client UI.
 """
@@ -73,7 +76,7 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "ConnectionClosed", "RequestsDropped",
            "open_session", "Session", "SessionError", "SessionStatus", "Torrent", "TorrentStatus",
            "TorrentState", "TorrentError", "TrackerStatus", "TrackerState",
-           "PeerTransfer"]
+           "PeerTransfer", "EventKind", "DownloadEvent", "Notifier", "EventStream", "Hooks"]
 
 # The trio drivers load on first use, so ``import bt`` (and ``bt info``)
 # stays free of trio and the uTP extension.
@@ -81,7 +84,8 @@ _LAZY = {"open_session": "session", "Session": "session", "SessionError": "sessi
          "SessionStatus": "session",
          "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
          "TorrentError": "torrent", "TrackerStatus": "announce", "TrackerState": "announce",
-         "PeerTransfer": "torrent"}
+         "PeerTransfer": "torrent", "EventKind": "events", "DownloadEvent": "events",
+         "Notifier": "events", "EventStream": "events", "Hooks": "hooks"}
 
 
 def __getattr__(name: str) -> object:

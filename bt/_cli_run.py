@@ -4,7 +4,19 @@ line on stderr.
     bt download X.torrent -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers]
                 [--port N] [--seed] [--no-utp | --no-tcp]
                 [--max-upload-rate RATE] [--max-download-rate RATE]
+                [--on-download-start CMD] [--on-download-pause CMD] [--on-download-stop CMD]
+                [--on-download-complete CMD] [--on-download-error CMD]
+                [--on-bt-download-complete CMD] [--hook-timeout S]
     bt seed X.torrent -d DIR [same options as download, but --seed]
+
+Each download event (:mod:`bt.events`: start, pause, bt-complete,
+complete, stop, error) is a line ``[GID] KIND: NAME``, and runs the hook
+command given for it (:mod:`bt.hooks`: aria2's options and arguments --
+gid, number of files, first file's path -- run directly, not through a
+shell; terminated after ``--hook-timeout`` seconds).  ``download``
+without ``--seed`` ends the download once its data is complete, so its
+``complete`` event (and hook) comes as it exits, as aria2c's with
+``--seed-time=0``.
 
 The torrent's trackers (BEP 12 tiers; http, https and udp) are announced
 to unless ``--no-trackers``; ``--tracker`` adds one more tier each.  A
@@ -26,6 +38,7 @@ interruption after the data is complete is a success.  Failures: one line
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -91,6 +104,37 @@ def add_parsers(sub: Any) -> None:
         g.add_argument("--no-tcp", action="store_true", help="uTP only")
         p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
                        help="seconds between progress lines when stderr is not a terminal")
+        for _, option, when in _HOOKS:
+            p.add_argument(f"--{option}", default=None, metavar="COMMAND",
+                           help=f"run COMMAND GID NUM_FILES FIRST_FILE_PATH {when} "
+                                "(aria2's hook; run directly, not through a shell)")
+        p.add_argument("--hook-timeout", type=_positive, default=60.0, metavar="S",
+                       help="seconds a hook command may run before it is terminated (default 60)")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, not {text!r}")
+    return value
+
+
+#: aria2's hook options: (event kind as bt.events.EventKind spells it,
+#: option, help).  Spelled out here so that ``bt info`` and ``bt create``
+#: do not import trio (bt.events does).
+_HOOKS = (
+    ("start", "on-download-start", "when a download starts (added, resumed)"),
+    ("pause", "on-download-pause", "when a download is paused"),
+    ("stop", "on-download-stop",
+     "when a download stops (and for complete/error when their own hook is not set)"),
+    ("complete", "on-download-complete", "when a download ends with all its data"),
+    ("error", "on-download-error", "when a download stops with an error"),
+    ("bt-complete", "on-bt-download-complete",
+     "when all the data is verified (seeding goes on)"),
+)
 
 
 def _human(n: float) -> str:
@@ -143,6 +187,37 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
+def _say_over(progress: _Progress, message: str) -> None:
+    """A line of its own, over the progress line on a terminal."""
+    if progress.tty:
+        sys.stderr.write("\r\x1b[K")
+    _say(message)
+
+
+def _event_line(progress: _Progress, event: Any) -> None:
+    """``[GID] KIND: NAME`` (and the error) for each download event."""
+    line = f"[{event.gid}] {event.kind}: {event.name}"
+    if event.status.error:
+        line += f": {event.status.error}"
+    _say_over(progress, line)
+
+
+class _LogLines(logging.Handler):
+    """The bt loggers (hook results, listener failures) as lines on stderr."""
+
+    def __init__(self, prog: str, progress: _Progress | None = None) -> None:
+        super().__init__(logging.INFO)
+        self.prog = prog
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"{self.prog}: {record.getMessage()}"
+        if self.progress is not None:
+            _say_over(self.progress, line)
+        else:
+            _say(line)
+
+
 async def _main(args: argparse.Namespace, done: dict[str, bool]) -> int:
     """Run the transfer; SIGINT and SIGTERM end it cleanly (connections
     closed, resume file written)."""
@@ -152,6 +227,9 @@ async def _main(args: argparse.Namespace, done: dict[str, bool]) -> int:
 
     keep_seeding = args.command == "seed" or args.seed
     progress = _Progress(args.status_interval)
+    for handler in logging.getLogger("bt").handlers:
+        if isinstance(handler, _LogLines):
+            handler.progress = progress
     status = 1
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with unwrapped(), trio.open_nursery() as nursery:
@@ -173,6 +251,7 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
                     keep_seeding: bool) -> int:
     import trio
 
+    from .hooks import Hooks
     from .session import open_session
     from .torrent import TorrentError
 
@@ -180,12 +259,27 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
                             utp=not args.no_utp, tcp=not args.no_tcp,
                             upload_limit=args.max_upload_rate or None,
                             download_limit=args.max_download_rate or None) as session:
+        # the first line says where we listen: events of the add wait for it
+        held: list[Any] | None = []
+
+        def on_event(event: Any) -> None:
+            if held is not None:
+                held.append(event)
+            else:
+                _event_line(progress, event)
+        session.add_listener(on_event)
+        commands = {kind: getattr(args, option.replace("-", "_")) for kind, option, _ in _HOOKS}
+        if any(commands.values()):
+            Hooks(commands, timeout=args.hook_timeout).install(session)
         torrent = await session.add_torrent(args.torrent, trackers=args.tracker,
                                             use_trackers=not args.no_trackers)
         st = torrent.status()
         _say(f"{torrent.meta.name}: {st.pieces_have}/{st.pieces_total} pieces "
              f"({_human(st.bytes_have)} of {_human(st.bytes_total)}) already here; "
              f"listening on port {session.port}")
+        for event in held or ():
+            _event_line(progress, event)
+        held = None
         for addr in args.peer:
             torrent.add_peer(addr)
         tick = 1.0 if progress.tty else min(1.0, args.status_interval)
@@ -247,6 +341,12 @@ def run(args: argparse.Namespace) -> int:
         _say(f"{prog}: {args.torrent}: no such file")
         return 1
     done = {"complete": False, "interrupted": False}
+    logger = logging.getLogger("bt")
+    handler = _LogLines(prog)
+    logger.addHandler(handler)
+    level = logger.level
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
     try:
         return trio.run(_main, args, done)
     except KeyboardInterrupt:
@@ -258,4 +358,7 @@ def run(args: argparse.Namespace) -> int:
         _say(f"{prog}: {exc}")
     except OSError as exc:
         _say(f"{prog}: {exc.filename or ''}: {exc.strerror or exc}")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     return 1

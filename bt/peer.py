@@ -224,12 +224,12 @@ class PeerConnection(PeerLogic):
             await self._serve_kick.wait()
             self._serve_kick = trio.Event()
             while not core.am_choking:
+                if core.state is ConnState.CLOSED:
+                    raise PeerClosed("peer closed")     # (the reader says so too)
                 batch = core.incoming_requests(_SERVE_BATCH)
                 if not batch:
                     break
                 have = [r for r in batch if t.picker.has_piece(r.index)]
-                if core.state in (ConnState.CLOSED, ConnState.ERROR):
-                    raise PeerClosed("peer closed")
                 if core.fast:
                     for r in batch:
                         if not t.picker.has_piece(r.index):
@@ -249,9 +249,9 @@ class PeerConnection(PeerLogic):
                         # the reader found a violation while we waited (disk,
                         # tokens): it ends the connection; nothing more to send
                         raise PeerClosed(f"violation: {core.error.reason}")
-                    if core.state in (ConnState.CLOSED, ConnState.ERROR):
-                        # the peer closed while the blocks were read (a read in
-                        # a thread finishes before the cancellation lands)
+                    if core.state is ConnState.CLOSED:
+                        # the peer closed while we read the blocks: the reader
+                        # ends the connection; sending now would be our error
                         raise PeerClosed("peer closed")
                     if core.am_choking or not core.is_requested(req.key):
                         continue        # choked or cancelled meanwhile

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -36,17 +37,18 @@ from _utpkit.excgroup import unwrapped
 
 from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
 from .extensions import ExtensionRegistry
+from .events import EventStream, Listener, Notifier
 from .limits import RateLimits
 from .metainfo import Metainfo, load_metainfo, parse_metainfo_untrusted
 from .peer import PeerConnection
 from .peerwire import HANDSHAKE_TIMEOUT, ConnectionClosed, PeerWire
 from .storage import AsyncTorrentStorage, StorageError
 from .storage_file import FileStorage
-from .torrent import StateListener, Torrent
+from .torrent import StateListener, Torrent, TorrentState
 from .wire import Handshake, WireError
 
 __all__ = ["Session", "SessionStatus", "open_session", "SessionError", "PEER_ID_PREFIX",
-           "BAN_STRIKES"]
+           "BAN_STRIKES", "check_gid"]
 
 #: Azureus-style client id (BEP 20): "-UK0100-" then 12 random bytes.
 PEER_ID_PREFIX = b"-UK0100-"
@@ -64,6 +66,19 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 class SessionError(Exception):
     """The session could not do what was asked (bind, add a torrent)."""
+
+
+_GID = re.compile(r"[0-9a-f]{16}")
+
+
+def check_gid(gid: str) -> str:
+    """``gid`` as aria2 writes it (16 lowercase hex digits; upper case is
+    accepted and lowered); ValueError naming it otherwise.  aria2 refuses
+    the all-zero gid, and so do we."""
+    low = gid.lower() if isinstance(gid, str) else gid
+    if not isinstance(low, str) or not _GID.fullmatch(low) or low == "0" * 16:
+        raise ValueError(f"gid must be 16 hex digits (not all zero), as aria2's, not {gid!r}")
+    return low
 
 
 _UNCHANGED: Any = object()
@@ -155,20 +170,34 @@ class Session:
         # PEX (BEP 11) and the holepunch extension (BEP 55): bt.peerexchange
         from .peerexchange import install as _install_peer_exchange
         _install_peer_exchange(self)
+        #: Download events (aria2's): see bt.events.  Its listeners are added
+        #: with add_listener, its iterators made by events().
+        self.notifier = Notifier(self, nursery)
+        self.state_listeners.append(self.notifier.state_changed)
+        self._gids: dict[str, Torrent] = {}
 
     # ---- torrents ----------------------------------------------------------------------
 
     async def add_torrent(self, source: str | os.PathLike[str] | bytes | Metainfo, *,
                           save_path: str | os.PathLike[str] | None = None,
                           trackers: Sequence[str | Sequence[str]] = (),
-                          use_trackers: bool = True) -> Torrent:
+                          use_trackers: bool = True, gid: str | None = None) -> Torrent:
         """Add a torrent (a .torrent path, its bytes, or a parsed Metainfo),
         check what is already on disk under ``save_path`` (default: the
         session's download_dir), and start it, announcing to its trackers
         (BEP 12 tiers; ``trackers`` adds tiers after the torrent's own, a
         plain URL being a tier of its own; ``use_trackers=False``: none).
         MetainfoError for a bad torrent, StorageError for unusable paths,
-        SessionError if it is already in the session."""
+        SessionError if it is already in the session.
+
+        ``gid``: the download's aria2 gid (16 hex digits) -- to restore a
+        download under the gid it had (a daemon's session file); ValueError
+        if malformed or held by another torrent of the session.  Default: a
+        new random one (:attr:`Torrent.gid`)."""
+        gid = self._new_gid() if gid is None else check_gid(gid)
+        if gid in self._gids:
+            raise ValueError(f"gid {gid} is already used by torrent "
+                             f"{self._gids[gid].meta.name!r} in this session")
         if isinstance(source, Metainfo):
             meta = source
         elif isinstance(source, (bytes, bytearray)):
@@ -181,15 +210,62 @@ class Session:
         backend = FileStorage(where, resume_dir=self.resume_dir)
         raw = await trio.to_thread.run_sync(backend.open_torrent, meta)
         storage = AsyncTorrentStorage(raw, self.disk_limiter)
-        result = await storage.check()
-        torrent = Torrent(self, meta, storage, result.have)
+        if meta.info_hash in self.torrents:             # added while we opened it
+            await storage.aclose()
+            raise SessionError(f"torrent {meta.info_hash.hex()} is already in the session")
+        if gid in self._gids:
+            await storage.aclose()
+            raise ValueError(f"gid {gid} is already used by torrent "
+                             f"{self._gids[gid].meta.name!r} in this session")
+        # in the session while it checks (state "checking", incoming
+        # connections refused), so that its gid and status can be asked for
+        torrent = Torrent(self, meta, storage, frozenset(), gid=gid, save_path=where,
+                          checking=True)
+        self.torrents[meta.info_hash] = torrent
+        self._gids[gid] = torrent
+        try:
+            await torrent.initial_check()
+        except BaseException:
+            if self.torrents.get(meta.info_hash) is torrent:
+                del self.torrents[meta.info_hash]
+                self._gids.pop(gid, None)
+            with trio.CancelScope(shield=True), contextlib.suppress(StorageError):
+                await storage.aclose()
+            raise
+        if torrent.state is TorrentState.REMOVED:       # removed while it checked
+            return torrent
         extra = [trackers] if isinstance(trackers, str) else trackers    # one URL given bare
         tiers = [*meta.trackers, *([t] if isinstance(t, str) else list(t) for t in extra)]
         if use_trackers and tiers:
             torrent.announcer = Announcer(torrent, self.trackers, tiers)
-        self.torrents[meta.info_hash] = torrent
         self._nursery.start_soon(torrent.run)
         return torrent
+
+    def _new_gid(self) -> str:
+        while True:
+            gid = secrets.token_hex(8)      # 64 random bits: aria2's gid size
+            if gid not in self._gids and gid != "0" * 16:
+                return gid
+
+    def torrent_by_gid(self, gid: str) -> Torrent | None:
+        """The torrent with this gid (any case), or None."""
+        return self._gids.get(gid.lower()) if isinstance(gid, str) else None
+
+    # ---- events ------------------------------------------------------------------------
+
+    def add_listener(self, cb: Listener, **kw: Any) -> None:
+        """Call ``cb(event)`` (sync or async) on every download event:
+        :meth:`bt.events.Notifier.add_listener`."""
+        self.notifier.add_listener(cb, **kw)
+
+    def remove_listener(self, cb: Listener) -> None:
+        """:meth:`bt.events.Notifier.remove_listener`."""
+        self.notifier.remove_listener(cb)
+
+    def events(self, **kw: Any) -> EventStream:
+        """``async for event in session.events():`` -- every download event
+        from now on (:meth:`bt.events.Notifier.events`)."""
+        return self.notifier.events(**kw)
 
     async def remove_torrent(self, torrent: Torrent, *, delete_data: bool = False) -> None:
         """Remove ``torrent`` from the session: its connections closed (and
@@ -202,6 +278,7 @@ class Session:
         if self.torrents.get(torrent.info_hash) is not torrent:
             raise SessionError(f"torrent {torrent.info_hash.hex()} is not in this session")
         del self.torrents[torrent.info_hash]
+        self._gids.pop(torrent.gid, None)
         await torrent.stop()
         with contextlib.suppress(StorageError):
             await torrent.storage.aclose()      # a resume write failing does not matter now
@@ -470,6 +547,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                 try:
                     yield session
                 finally:
+                    await session.notifier.aclose()
                     await session.announce_stopped()
                     nursery.cancel_scope.cancel()
         finally:

@@ -3,8 +3,8 @@ choker, peer connections and the once-a-second maintenance that ties them
 together (request timeouts, rates, the 10 s rechoke, keep-alives).
 
 A torrent is created by :meth:`bt.session.Session.add_torrent`, which
-checks the data already on disk (resume file or hashing) before returning,
-and runs in the session's nursery until the session closes or
+checks the data already on disk (resume file or hashing; state
+``checking``, :meth:`Torrent.initial_check`) before returning, and runs in the session's nursery until the session closes or
 :meth:`bt.session.Session.remove_torrent` removes it.
 
 Control: :meth:`Torrent.pause` (every connection closed, no dialing, no
@@ -146,8 +146,14 @@ class Torrent:
     :meth:`resume`, :meth:`force_recheck`, :attr:`counters`, :attr:`peers`."""
 
     def __init__(self, session: "Session", meta: Metainfo, storage: AsyncTorrentStorage,
-                 have: frozenset[int]) -> None:
+                 have: frozenset[int], *, gid: str = "", save_path: str = ".",
+                 checking: bool = False) -> None:
         self.session = session
+        #: The download's aria2 gid (16 hex digits), stable for its life:
+        #: how events, hooks and RPC name it.
+        self.gid = gid
+        #: The directory the torrent's files are under.
+        self.save_path = save_path
         self.meta = meta
         self.info_hash = meta.info_hash
         self.geometry = Geometry(meta.total_length, meta.piece_length)
@@ -163,7 +169,7 @@ class Torrent:
         self.error: str | None = None
         # the flags the state is derived from (_settle)
         self._paused = False
-        self._checking = False
+        self._checking = checking       # the initial check follows (initial_check)
         self._removed = False
         self._check_done = 0
         self.state: TorrentState | None = None
@@ -329,6 +335,25 @@ class Torrent:
         if self.active:
             self._redial()
         await trio.lowlevel.checkpoint()
+
+    async def initial_check(self) -> None:
+        """For :meth:`bt.session.Session.add_torrent`: learn what is on disk
+        (the resume file, or hashing) in state ``checking``, which the
+        torrent was made in.  StorageError propagates (the session then
+        drops the torrent)."""
+        def progress(done: int, total: int) -> None:     # in the worker thread
+            self._check_done = done
+        try:
+            result = await self.storage.check(progress=progress)
+        except BaseException:
+            self._removed = True        # never started: no download events
+            raise
+        else:
+            self.picker = PiecePicker(self.geometry, random.Random(), have=result.have)
+        finally:
+            self._checking = False
+            self._settle()
+            self._wake()            # a stop() waiting for the check
 
     async def force_recheck(self) -> None:
         """Hash every piece again (off the event loop), trusting no resume

@@ -657,6 +657,35 @@ def test_firewall_exception_refuses_and_is_raised_after_the_datagram(pair):
     p.pump()
 
 
+def test_firewall_query_tells_a_cookie_syn_from_its_return(pair):
+    # Past the half-open bounds (0 here) the SYN gets a stateless cookie:
+    # the firewall is asked provisionally, then again for good when the
+    # cookie comes back -- about the same SYN (its connection id).
+    p = pair
+    p.b.listening = True
+    p.b.set_option(utp.UTPKIT_HALF_OPEN_MAX, 0)
+    asked = []
+
+    def firewall(addr):
+        asked.append((addr, p.b.firewall_query))
+        return True
+    p.b.firewall = firewall
+    assert p.b.firewall_query is None
+    s, _accepted = connect(p)
+    (a1, (stage1, id1)), (a2, (stage2, id2)) = asked
+    assert (stage1, stage2) == ("cookie_syn", "cookie_return")
+    assert a1 == a2 == p.a_addr and id1 == id2
+    assert p.b.stats()["syn_cookies"] == 1 and p.b.stats()["cookie_accepted"] == 1
+    # Without pressure: one question, and its yes creates the connection.
+    p.b.set_option(utp.UTPKIT_HALF_OPEN_MAX, 64)
+    asked.clear()
+    p.a.connect(p.b_addr)
+    p.pump()
+    assert [q[0] for _, q in asked] == ["syn"]
+    assert len([k for k, _, _ in p.events[p.b] if k == "accept"]) == 2
+    assert p.b.firewall_query is None
+
+
 def test_firewall_must_not_call_the_engine(pair):
     p = pair
     p.b.listening = True

@@ -67,7 +67,14 @@ def test_seed_then_download_between_processes(tmp_path, content, transport):
         assert r.returncode == 0, r.stderr
         assert "complete, every piece verified" in r.stderr
         assert "\r" not in r.stderr and "downloading" in r.stderr    # plain lines, not a bar
-        final = r.stderr.splitlines()[-2]          # the line forced out at completion
+        lines = r.stderr.splitlines()
+        done = lines.index("stuff: complete, every piece verified")
+        final = lines[done - 1]                    # the line forced out at completion
+        # the download's events, one line each: started after the first line,
+        # its data complete (before the line above), ended as it exits
+        gid = re.fullmatch(r"\[([0-9a-f]{16})\] start: stuff", lines[1]).group(1)
+        assert f"[{gid}] bt-complete: stuff" in lines[2:done - 1]
+        assert lines[done + 1:] == [f"[{gid}] complete: stuff"]
         utp = 1 if transport == "--no-tcp" else 0
         assert final.startswith("seeding 100.0%") and f"peers 1 ({utp} uTP)" in final, final
         for rel in ("a.bin", "in/b.bin"):

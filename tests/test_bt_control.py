@@ -66,7 +66,8 @@ async def test_pause_drops_peers_refuses_them_and_resume_finishes(tmp_path, dial
         seen = _recorder(ls)
         seed = await s.add_torrent(data)
         t = await ls.add_torrent(data)
-        assert seen == [(None, "downloading")]
+        added = [(None, "checking"), ("checking", "downloading")]
+        assert seen == added
         if dialer == "leecher":
             t.add_peer(("127.0.0.1", s.port))
         else:
@@ -88,13 +89,13 @@ async def test_pause_drops_peers_refuses_them_and_resume_finishes(tmp_path, dial
         assert list(t.known_peers) == [("127.0.0.1", s.port)]
         assert t.status().pieces_have == have and not t.peers and not seed.peers
         await t.pause()                                     # again: nothing changes
-        assert seen == [(None, "downloading"), ("downloading", "paused")]
+        assert seen == added + [("downloading", "paused")]
         await t.resume()
         assert t.state == "downloading"
         with trio.fail_after(60):
             await t.wait_finished()
-        assert seen == [(None, "downloading"), ("downloading", "paused"),
-                        ("paused", "downloading"), ("downloading", "seeding")]
+        assert seen == added + [("downloading", "paused"), ("paused", "downloading"),
+                                ("downloading", "seeding")]
         assert t.status().counters["pieces.passed"] == t.meta.num_pieces
     assert sha256_files(tmp_path / "dl" / "content", names) == sha256_files(src, names)
 

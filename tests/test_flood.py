@@ -26,6 +26,7 @@ import trio
 
 import utp
 from utp.bench import flood as fl
+from testsupport import exchange
 
 MiB = 1 << 20
 # The listener's memory may grow by at most this much during a 100,000-SYN
@@ -134,6 +135,45 @@ async def test_syn_flood_legit_client_connects_and_moves_data():
     assert rss_peak - rss0 <= RSS_BOUND_KIB
     assert result["reply_bytes"] <= result["sent_bytes"]
     assert engine["unauth_bytes_out"] <= engine["unauth_bytes_in"]
+
+
+@pytest.mark.slow
+async def test_punch_answered_through_a_cookie_during_a_syn_flood():
+    """A server that also punches, under a SYN flood: its half-open sockets
+    are full of the flood's, so the punch's SYN is answered with a cookie
+    and its connection is created when the cookie comes back (the punch's
+    firewall admits that one SYN twice).  The punch connects and moves
+    data both ways; the application's listener keeps taking the others."""
+    from utp._punch import is_initiator
+    received: dict = {}
+    async with utp.open_endpoint("127.0.0.1", 0) as e1, utp.open_endpoint("127.0.0.1", 0) as e2:
+        # The responder (higher endpoint) is the flooded server.
+        client, server = (e1, e2) if is_initiator(e1.local_address, e2.local_address) else (e2, e1)
+        listener = server.listen(backlog=1024)
+        port = server.local_address[1]
+        out: dict = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve_everything, listener, received)
+            proc = fl.start_flooder("127.0.0.1", port, "syn", 30_000, 5_000, 100)
+            await trio.sleep(1.5)
+            assert proc.poll() is None, "the flood ended before the punch"
+            assert server.statistics()["engine"]["syn_cookies"] > 0, "no cookies yet"
+
+            async def punch(ep, peer, name):
+                out[name] = await ep.punch(peer, local_public=ep.local_address, timeout=10)
+            with trio.fail_after(15):
+                async with trio.open_nursery() as pn:
+                    pn.start_soon(punch, client, server.local_address, "client")
+                    pn.start_soon(punch, server, client.local_address, "server")
+            engine = server.statistics()["engine"]
+            await exchange(out["client"], out["server"], 200_000)
+            await exchange(out["server"], out["client"], 200_000)
+            result = await trio.to_thread.run_sync(fl.flooder_result, proc)
+            nursery.cancel_scope.cancel()
+    print(f"flood {result}; cookies {engine['syn_cookies']} accepted through one "
+          f"{engine['cookie_accepted']}; half_open {engine['half_open']}")
+    assert engine["cookie_accepted"] >= 1   # the punch's connection came back through one
+    assert out["server"].peer_address == client.local_address
 
 
 async def _flood_listener(kind: str, count: int, rate: int, sources: int) -> tuple[dict, dict]:

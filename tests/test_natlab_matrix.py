@@ -22,7 +22,8 @@ import pytest
 from testsupport import ROOT, load_natlab, require_no_inplace_extension, unavailable
 
 natlab = load_natlab()
-from natlab.matrix import by_birthday, format_matrix, punchable, run_matrix  # noqa: E402
+from natlab.matrix import (by_birthday, format_matrix, later_connect_time,  # noqa: E402
+                           offset_totals, punchable, run_matrix)
 
 DEADLINE = 10.0
 SIZE = 4 << 20
@@ -106,6 +107,44 @@ def test_matrix_through_the_dht(capsys):
             assert r.error.count("hole punching to") == 2, r.error
             assert "timed out" in r.error
             assert r.elapsed < DEADLINE + 5
+
+
+# A bounded part of the issue's sweep (every pair at -3, -1, 0, +1, +3 s
+# through both rendezvous kinds; `python -m ci.natlab matrix --kinds all
+# --offsets=-3,-1,0,1,3 --via tracker|dht` runs all of it, README "The NAT
+# lab"): one pair of each kind the other lab tests do not already run at an
+# offset, the two extreme offsets, and symmetric <-> symmetric once.
+_OFFSET_PAIRS = [("double", "restricted"), ("double", "double"), ("hairpin", "hairpin"),
+                 ("full", "symmetric"), ("none", "answering")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via", ["tracker", "dht"])
+def test_matrix_at_start_offsets(via, capsys):
+    pairs = [*_OFFSET_PAIRS, ("symmetric", "symmetric")]
+    kinds = [k for k in natlab.ALL_NAT_KINDS if any(k in p for p in pairs)]
+    results = run_matrix(kinds, size=1 << 20, deadline=DEADLINE, via=via, pairs=pairs,
+                         offsets=(-3.0, 3.0), parallel=4)
+    with capsys.disabled():
+        print("\n" + format_matrix(results, size=1 << 20, loss=0, deadline=DEADLINE, via=via,
+                                   offset=None))
+    assert sorted((r.a, r.b, r.offset) for r in results) == sorted(
+        (a, b, o) for a, b in pairs for o in (-3.0, 3.0))
+    failed = [f"{r.a} -> {r.b} at {r.offset:+g} s: {r.error}" for r in results
+              if punchable(r.a, r.b) and not r.ok]
+    assert not failed, "\n".join(failed)
+    for r in results:
+        if not punchable(r.a, r.b):
+            assert not r.connected and r.error.count("hole punching to") == 2, r.error
+            assert r.elapsed < DEADLINE + abs(r.offset) + 5
+        else:
+            # What the later starter waits, at most the deadline.
+            t = later_connect_time(r)
+            assert t is not None and t < DEADLINE, (r.a, r.b, r.offset, t)
+    totals = {t["offset"]: t for t in offset_totals(results)}
+    assert set(totals) == {-3.0, 3.0}
+    assert all(t["punchable_connected"] == t["punchable"] == len(_OFFSET_PAIRS)
+               for t in totals.values())
 
 
 def test_cli_from_the_checkout_root_uses_the_installed_utpkit():

@@ -134,6 +134,60 @@ def test_mapping_with_miniupnpd_renews_reaches_and_removes(protocol):
                 proc.kill()
 
 
+# Map with a long lease, report the first renewal, hold the mapping until
+# stdin closes.
+WATCHED = textwrap.dedent("""
+    import json, sys, trio, utp
+    proto, port = sys.argv[1], int(sys.argv[2])
+    async def main():
+        async with utp.open_endpoint("0.0.0.0", port) as ep:
+            async with utp.port_mapping(ep, (proto,), lifetime=600, timeout=2) as m:
+                print(json.dumps({"udp": m.external_address}), flush=True)
+                with trio.move_on_after(40):
+                    while m.renewals < 1:
+                        await trio.sleep(0.1)
+                print(json.dumps({"renewals": m.renewals, "announcements": m.announcements,
+                                  "failures": m.failures}), flush=True)
+                await trio.to_thread.run_sync(sys.stdin.read)   # until the test closes it
+    trio.run(main)
+""")
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "natpmp"])
+def test_a_restarted_gateway_announces_itself_and_the_mapping_comes_back(protocol):
+    """The router reboots (miniupnpd stopped, its forwards gone, started
+    again): it multicasts its announcement to 224.0.0.1:5350, and the
+    mapping is re-created within seconds -- its lease (600 s) would
+    otherwise have it renewed only after 300 s."""
+    from natlab.upnp import restart_miniupnpd
+    env = _python_env()
+    with natlab.Lab() as lab:
+        host = lab.add_host("a", "upnp")
+        proc = host.popen([sys.executable, "-c", WATCHED, protocol, str(PORT)], env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+        try:
+            assert _line(proc, "mapping")["udp"] == [host.public_ip, PORT]
+            assert len(miniupnpd_mappings(host)) == 1
+            restart_miniupnpd(lab, "a")
+            assert miniupnpd_mappings(host) == []
+            t0 = time.monotonic()
+            done = _line(proc, "the renewal")
+            took = time.monotonic() - t0
+            print(f"\n  {protocol}: mapping back {took:.2f} s after the restart: {done}")
+            assert done["renewals"] == 1 and done["announcements"] >= 1, done
+            assert took < 5 + 10    # up to 5 s of RFC 6887 jitter, then the exchange
+            rules = miniupnpd_mappings(host)
+            assert [(r["protocol"], r["external_port"], r["internal_port"]) for r in rules] == \
+                [("udp", PORT, PORT)], lab.miniupnpd["a"].log_text()[-3000:]
+            proc.stdin.close()
+            assert proc.wait(10) == 0, proc.stderr.read()
+            assert miniupnpd_mappings(host) == []
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 @pytest.mark.parametrize("kind", ["upnp", "restricted"])
 def test_ucat_map(kind, tmp_path):
     """``ucat -l --map`` behind a miniupnpd router prints the mapped address

@@ -53,7 +53,8 @@ def test_natpmp_answers_decode():
 def _pcp_answer(*, result=0, lifetime=60, epoch=7, nonce=NONCE, proto=17, internal=6881,
                 external=40000, ip="198.18.0.5", op=0x81, version=2) -> bytes:
     header = struct.pack(">BBBBII12x", version, op, 0, result, lifetime, epoch)
-    mapped = bytes(10) + b"\xff\xff" + ipaddress.IPv4Address(ip).packed
+    addr = ipaddress.ip_address(ip)
+    mapped = addr.packed if addr.version == 6 else bytes(10) + b"\xff\xff" + addr.packed
     return header + nonce + struct.pack(">B3xHH", proto, internal, external) + mapped
 
 
@@ -90,10 +91,28 @@ def test_pcp_answers_decode_and_version_fallback():
         codec.decode_pcp_untrusted(_pcp_answer() + b"\x00")
 
 
+def test_gateway_announcements_decode():
+    # What miniupnpd multicast to 224.0.0.1:5350 in the lab (SIGUSR1: its
+    # external address changed; and at its start).
+    ann = codec.decode_announcement_untrusted(bytes.fromhex("0080 0000 00000001 c612000a"))
+    assert ann == codec.Announcement("natpmp", 1, "198.18.0.10")
+    ann = codec.decode_announcement_untrusted(bytes.fromhex("0280 0000 00000000 00000007") + bytes(12))
+    assert ann == codec.Announcement("pcp", 7)
+    for junk, why in [("0081 0000 00000065 1ae1 9c40 0000003c", "no external address"),
+                      ("0080 0003 00000001 c612000a", "no external address"),   # an error result
+                      ("0281 0000" + "00" * 20, "ANNOUNCE"),                   # a MAP answer
+                      ("0200 0000" + "00" * 20, "ANNOUNCE"),                   # a request
+                      ("0280 0000" + "00" * 18, "24 or more")]:
+        with pytest.raises(codec.PortMapProtocolError, match=why):
+            codec.decode_announcement_untrusted(bytes.fromhex(junk))
+    assert (codec.ANNOUNCE_GROUP, codec.ANNOUNCE_PORT) == ("224.0.0.1", 5350)
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=1200))
 def test_decoders_parse_or_raise_their_own_error(data):
-    for decode in (codec.decode_natpmp_untrusted, codec.decode_pcp_untrusted):
+    for decode in (codec.decode_natpmp_untrusted, codec.decode_pcp_untrusted,
+                   codec.decode_announcement_untrusted):
         try:
             decode(data)
         except codec.PortMapProtocolError:
@@ -152,9 +171,11 @@ class _Server:
     """A NAT-PMP or PCP server on 127.0.0.1, written from the RFCs'
     layouts with struct (not with the codec under test)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, host: str = "127.0.0.1") -> None:
         self.kind = kind
-        self.sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        self.host = host
+        family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+        self.sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
         self.requests: list[bytes] = []
         self.maps: list[tuple[str, int, int, bytes]] = []   # proto, internal, lifetime, nonce
         self.epoch = 1000
@@ -162,9 +183,11 @@ class _Server:
         self.restart_at: int | None = None     # before this request, the epoch restarts at 0
         self.silent_from: int | None = None    # from this request on, no answers
         self.external = bytes([198, 18, 9, 9])
+        self.client_ips: list[ipaddress.IPv6Address] = []      # PCP: what each MAP said
+        self.suggested_ips: list[ipaddress.IPv6Address] = []
 
     async def bind(self) -> int:
-        await self.sock.bind(("127.0.0.1", 0))
+        await self.sock.bind((self.host, 0))
         return self.sock.getsockname()[1]
 
     async def serve(self) -> None:
@@ -190,8 +213,12 @@ class _Server:
             out = []
             if self.send_wrong_nonce_first:
                 out.append(_pcp_answer(nonce=bytes(12), internal=internal, external=1, proto=proto))
+            self.client_ips.append(ipaddress.IPv6Address(data[8:24]))
+            self.suggested_ips.append(ipaddress.IPv6Address(data[44:60]))
+            # A firewall answers with the client's own address (an IPv6 pinhole).
+            ext = str(self.client_ips[-1]) if ":" in self.host else "198.18.7.7"
             out.append(_pcp_answer(lifetime=lifetime, epoch=self.epoch, nonce=nonce, proto=proto,
-                                   internal=internal, external=internal + 1000, ip="198.18.7.7"))
+                                   internal=internal, external=internal + 1000, ip=ext))
             return out
         if data[1] == 0:
             return [struct.pack(">BBHI4s", 0, 128, 0, self.epoch, self.external)]
@@ -243,6 +270,28 @@ async def test_pcp_gateway_checks_nonces_and_deletes_with_the_same_nonce():
         nursery.cancel_scope.cancel()
     nonces = {m[3] for m in server.maps}
     assert len(nonces) == 1 and server.maps[-1][2] == 0 and server.maps[0][2] == 2
+
+
+async def test_pcp_over_ipv6_asks_for_a_pinhole_and_natpmp_says_it_cannot():
+    server = _Server("pcp", "::1")
+    port = await server.bind()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve)
+        async with utp.open_endpoint("::1", 0) as ep:
+            local = ep.local_address[1]
+            async with utp.port_mapping(ep, ("natpmp", "pcp"), gateway="::1", server_port=port,
+                                        lifetime=2) as mapping:
+                assert mapping.protocol == "pcp"
+                assert mapping.external_address == ("::1", local + 1000)
+                assert ep.external_address[:2] == ("::1", local + 1000)
+                assert any("NAT-PMP is IPv4 only" in f for f in mapping.failures), mapping.failures
+                await trio.sleep(1.5)
+                assert mapping.renewals >= 1
+        nursery.cancel_scope.cancel()
+    # Our own IPv6 source address, no suggested external address (all zeros).
+    assert set(server.client_ips) == {ipaddress.IPv6Address("::1")}
+    assert set(server.suggested_ips) == {ipaddress.IPv6Address("::")}
+    assert server.maps[-1][2] == 0          # deleted on exit
 
 
 async def test_a_restarted_gateway_is_noticed_by_its_epoch():

@@ -339,3 +339,31 @@ async def test_punch_on_a_listening_endpoint_leaves_other_peers_to_the_app(autoj
         assert (await app.accept()).peer_address == (PUB_A, PORT)
         for s in (sa, sb, s2, out["c"]):
             await s.aclose()
+
+
+@pytest.mark.parametrize("delay", [DELAY, 0.3])
+async def test_punch_through_syn_cookies(autojump_clock, delay):
+    # Both engines past their half-open bounds (UTPKIT_HALF_OPEN_MAX 0, as
+    # under a SYN flood): every SYN is answered with a stateless cookie and
+    # the connection exists only once the cookie comes back, so the punch's
+    # firewall is asked twice about its connection.  It admits that one SYN
+    # (and its cookie) and refuses the initiator's later attempts; with a
+    # 0.6 s round trip several SYNs are in flight before the first cookie.
+    cookies = {utp.UTPKIT_HALF_OPEN_MAX: 0}
+    async with NatNet(seed=14, trace=True, delay=delay) as net:
+        net.add_nat(PRIV_A, PUB_A, "restricted")
+        net.add_nat(PRIV_B, PUB_B, "restricted")
+        async with net.endpoint(PRIV_A, PORT, options=cookies) as a, \
+                net.endpoint(PRIV_B, PORT, options=cookies) as b:
+            sa, sb = await _both(a, (PUB_A, PORT), b, (PUB_B, PORT), timeout=10)
+            assert isinstance(sa, utp.UTPStream), sa
+            assert isinstance(sb, utp.UTPStream), sb
+            eng = b.statistics()["engine"]   # B answers: its endpoint sorts higher
+            assert eng["syn_cookies"] >= 1 and eng["cookie_accepted"] == 1
+            assert eng["half_open_peak"] == 0
+            assert a.statistics()["connections"] == 1 and b.statistics()["connections"] == 1
+            await _exchange(sa, sb)
+            await _exchange(sb, sa)
+            if delay > DELAY:
+                assert len(_syns(net, PUB_A)) >= 3
+                assert eng["syn_refused"] >= 1   # the later attempts, before any cookie

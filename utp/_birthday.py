@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
+from _utpkit.addr import addr_key as _addr_key
 from _utpkit.addr import normalize_ip
 from _utpkit.errors import NetworkError
 from _utpkit.excgroup import unwrapped
@@ -226,6 +227,38 @@ class _Report:
         return " and ".join(parts) or "sent nothing"
 
 
+class FirstSyn:
+    """A listener firewall admitting exactly one connection: the first SYN
+    it is asked about.  Past the engine's half-open bounds that SYN is
+    answered with a stateless cookie and the connection is created only
+    when the cookie comes back, so the firewall is asked twice (and again
+    for each retransmission of the SYN): it admits the same SYN -- same
+    address, same connection id (Endpoint.admission_query) -- until the
+    connection exists, and refuses every other SYN (the peer's later
+    connection attempts get a RESET, as without cookies)."""
+
+    def __init__(self, ep: Endpoint) -> None:
+        self._ep = ep
+        self._syn: tuple[Any, int] | None = None
+        self._created = False
+
+    @property
+    def admitted(self) -> bool:
+        """Whether a SYN was admitted (with a cookie, perhaps not created yet)."""
+        return self._syn is not None
+
+    def __call__(self, addr: Any) -> bool:
+        stage, conn_id = self._ep.admission_query or ("syn", 0)
+        syn = (_addr_key(addr), conn_id)
+        if self._syn is None:
+            self._syn = syn
+        elif self._created or syn != self._syn:
+            return False
+        if stage != "cookie_syn":
+            self._created = True
+        return True
+
+
 async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | None, *,
                    end: float, spray: bool, scan: bool, initiator: bool,
                    limits: BirthdayLimits, open_ttl: int | None,
@@ -248,19 +281,18 @@ async def birthday(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     sprayer_met = trio.Event()
     scan_done = trio.Event()
     listener = None
+    gate = FirstSyn(ep)
     if scan:
         # The peer's IP only (Endpoint.claim_incoming): an application
         # listener on this Endpoint keeps the other connections.
         listener = ep.claim_incoming(lambda addr: _same_ip(addr, peer), backlog=1)
-        accepted: list[Any] = []
 
         def firewall(addr: Any) -> bool:
             # One connection: the first SYN from the peer's IP -- unless we
             # met as the sprayer too and win the tie-break (module docs).
-            if accepted or (sprayer_met.is_set() and initiator):
+            if sprayer_met.is_set() and initiator:
                 return False
-            accepted.append(addr)
-            return True
+            return gate(addr)
 
         listener.firewall = firewall
     socks: list[Any] = []

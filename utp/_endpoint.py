@@ -425,6 +425,20 @@ class Endpoint:
         self.update_admission()
         return claim
 
+    @property
+    def admission_query(self) -> tuple[str, int] | None:
+        """While a listener's firewall or a claim's ``match`` runs:
+        ``(stage, syn_conn_id)``, what admitting the SYN would do ("syn":
+        create the connection; "cookie_syn": past the engine's half-open
+        bounds, answer with a stateless SYN cookie and create nothing;
+        "cookie_return": the cookie came back, create it now) and which SYN
+        it is.  None at any other time.  Under SYN-cookie load a connection
+        is asked about twice, so a firewall admitting only one connection
+        (utp.punch's) needs this (see utp._utp.Context.firewall_query)."""
+        if self._ctx.closed:
+            return None
+        return self._ctx.firewall_query
+
     async def punch(self, peer: tuple[Any, ...], *, local_public: tuple[Any, ...] | None = None,
                     deadline: float | None = None, timeout: float | None = None,
                     **options: Any) -> UTPStream:

@@ -27,7 +27,28 @@ renews the lease at half its lifetime (and re-creates it at once when the
 gateway's epoch shows it restarted); leaving the ``async with`` deletes
 the mapping (lifetime 0, or DeletePortMapping), shielded and bounded.
 
-What it is not: IPv6 pinholes, PCP PEER, or a UPnP implementation of our
+Gateway announcements: a PCP or NAT-PMP gateway that restarts (and forgot
+every mapping) or gets a new external address says so to the LAN, a
+NAT-PMP external address answer and a PCP ANNOUNCE multicast to
+224.0.0.1:5350 (RFC 6886 section 3.2.1, RFC 6887 section 14.1.3).  Without
+listening, a mapping would be dead until its next renewal, up to half a
+lease (an hour by default).  So while a PCP or NAT-PMP mapping lives we
+listen there (SO_REUSEADDR: every mapping on the host hears it), and an
+announcement from the gateway's address renews at once -- after a random
+wait of up to ``ANNOUNCE_SPREAD`` seconds, as RFC 6887 asks, so a LAN full
+of clients does not answer a reboot all in the same instant; the renewal
+re-creates the mapping and picks up a new external address.  Count in
+``mapping.announcements``.  A host where the port cannot be bound keeps
+the mapping and says why in ``mapping.failures``.
+
+IPv6: given an IPv6 ``gateway``, PCP asks it for a firewall pinhole to
+our own address and port (RFC 6887 MAP over IPv6; the "external" address
+is then our global one).  Tested against a PCP server of the tests' own on
+::1 only -- the lab has no IPv6 --, and without announcements (those come
+to ff02::1, not listened to).
+
+What it is not: PCP PEER, UPnP IGDv2's WANIPv6FirewallControl pinholes,
+the IPv6 default gateway found by itself, or a UPnP implementation of our
 own.
 """
 
@@ -37,6 +58,7 @@ import contextlib
 import ipaddress
 import math
 import os
+import random
 import struct
 from urllib.parse import urlsplit
 from dataclasses import dataclass, field
@@ -51,6 +73,8 @@ __all__ = ["PortMapping", "PortMappingError", "port_mapping", "default_gateway"]
 
 PROTOCOLS = ("pcp", "natpmp", "upnp")
 _DELETE_TIMEOUT = 3.0
+# RFC 6887 section 14.1.3: renew within a random 0..5 s of an ANNOUNCE.
+ANNOUNCE_SPREAD = 5.0
 
 
 class PortMappingError(OSError):
@@ -76,6 +100,7 @@ class PortMapping:
     lifetime: int = 0
     renewals: int = 0
     failures: list[str] = field(default_factory=list)
+    announcements: int = 0   # gateway announcements (restart, new address) that made us renew
 
 
 def default_gateway(route_file: str = "/proc/net/route") -> str:
@@ -112,7 +137,8 @@ class _GatewaySocket:
     """A UDP socket connected to gateway:5351 (so only its answers arrive)."""
 
     def __init__(self, gateway: str, port: int) -> None:
-        self.sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        family = trio.socket.AF_INET6 if _is_ipv6(gateway) else trio.socket.AF_INET
+        self.sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
         self.gateway = gateway
         self.port = port
 
@@ -156,6 +182,13 @@ class _GatewaySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _is_ipv6(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).version == 6
+    except ValueError:
+        return False
 
 
 class _UdpMapper:
@@ -253,9 +286,12 @@ class _Pcp(_UdpMapper):
                 return None
             return ans
 
+        # IPv6 (RFC 6887 section 11.1): no address to suggest is all zeros;
+        # the gateway opens a firewall pinhole to our own address.
         req = codec.encode_pcp_map(nonce=nonce, protocol=protocol, internal_port=internal,
-                                   client_ip=self.client_ip, lifetime=lifetime,
-                                   external_port=external if lifetime else 0)
+                                   client_ip=self.client_ip.split("%", 1)[0], lifetime=lifetime,
+                                   external_port=external if lifetime else 0,
+                                   external_ip="::" if _is_ipv6(self.client_ip) else "0.0.0.0")
         ans = await self.gw.exchange(req, codec.pcp_retransmit_delays(),
                                      trio.current_time() + self.timeout, accept)
         if ans.result:
@@ -377,6 +413,8 @@ async def _start(name: str, endpoint: Any, gateway: str | None, tcp_port: int | 
         client = _Upnp(timeout, description)
     else:
         gw = gateway or default_gateway()
+        if name == "natpmp" and _is_ipv6(gw):
+            raise PortMappingError(f"NAT-PMP is IPv4 only; the gateway {gw} is IPv6 (use PCP)")
         client = _Pcp(gw, server_port, timeout) if name == "pcp" else _NatPmp(gw, server_port, timeout)
     try:
         ext_ip = await client.begin()
@@ -398,12 +436,50 @@ def _renew_delay(lifetime: int) -> float:
     return max(1.0, lifetime / 2) if lifetime else math.inf
 
 
+async def _listen_announcements(gateway: str, wake: trio.MemorySendChannel[codec.Announcement],
+                                mapping: PortMapping,
+                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Pass on what the gateway multicasts to 224.0.0.1:5350 (module docs)."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        try:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            await sock.bind((codec.ANNOUNCE_GROUP, codec.ANNOUNCE_PORT))
+        except OSError as exc:
+            mapping.failures.append(f"cannot listen for the gateway's announcements on "
+                                    f"{codec.ANNOUNCE_GROUP}:{codec.ANNOUNCE_PORT}: {exc}")
+            task_status.started()
+            return
+        # 224.0.0.1 is all hosts: every multicast interface is in it already.
+        task_status.started()
+        while True:
+            data, addr = await sock.recvfrom(1500)
+            if addr[0] != gateway:
+                continue   # only our gateway's word counts
+            try:
+                ann = codec.decode_announcement_untrusted(data)
+            except PortMapProtocolError:
+                continue
+            try:
+                wake.send_nowait(ann)
+            except trio.WouldBlock:
+                pass       # a renewal is already due
+
+
 async def _renew_loop(client: Any, mapping: PortMapping, endpoint: Any, tcp_port: int | None,
-                      lifetime: int) -> None:
+                      lifetime: int,
+                      announced: trio.MemoryReceiveChannel[codec.Announcement] | None = None) -> None:
     expires = trio.current_time() + mapping.lifetime if mapping.lifetime else math.inf
     wait = _renew_delay(mapping.lifetime)
     while True:
-        await trio.sleep(wait)
+        heard = False
+        with trio.move_on_after(wait):
+            if announced is None:
+                await trio.sleep_forever()
+            await announced.receive()
+            heard = True
+            mapping.announcements += 1
+            await trio.sleep(random.uniform(0, ANNOUNCE_SPREAD))
         try:
             port, granted, restarted = await client.map("udp", mapping.internal_port,
                                                         mapping.external_address[1], lifetime)
@@ -413,11 +489,10 @@ async def _renew_loop(client: Any, mapping: PortMapping, endpoint: Any, tcp_port
                 mapping.tcp_external_address = (mapping.tcp_external_address[0], tport)
             ext_ip = client.external_ip_seen or mapping.external_address[0]
             if restarted:
-                # The gateway lost its state (the map above re-created it)
-                # and may have a new external address.
+                # The gateway lost its state (the map above re-created it).
                 mapping.failures.append("gateway restarted (its epoch went back); mapping re-created")
-                if isinstance(client, _NatPmp):
-                    ext_ip = await client.external_ip()
+            if (restarted or heard) and isinstance(client, _NatPmp):
+                ext_ip = await client.external_ip()   # it may have a new external address
         except (OSError, PortMapProtocolError) as exc:
             mapping.failures.append(f"renewal failed: {exc}")
             if trio.current_time() >= expires:
@@ -460,7 +535,9 @@ async def port_mapping(endpoint: Any, protocols: Sequence[str] = PROTOCOLS, tcp_
 
     ``protocols`` are tried in order ("pcp", "natpmp", "upnp"); the first
     that maps wins.  ``gateway`` overrides the default route's gateway for
-    PCP and NAT-PMP (``server_port`` their port, 5351); ``lifetime`` is the
+    PCP and NAT-PMP (``server_port`` their port, 5351); an IPv6 gateway
+    makes PCP ask for an IPv6 firewall pinhole (module docs; NAT-PMP has
+    no IPv6 and says so); ``lifetime`` is the
     lease asked for, in seconds; ``timeout`` bounds each protocol's attempt
     (and each renewal).  The mapped UDP address becomes the Endpoint's
     ``external_address`` until the block ends.
@@ -506,7 +583,11 @@ async def port_mapping(endpoint: Any, protocols: Sequence[str] = PROTOCOLS, tcp_
     raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_renew_loop, client, mapping, endpoint, tcp_port, lifetime)
+            announced = None
+            if isinstance(client, _UdpMapper) and not _is_ipv6(client.gateway):
+                wake, announced = trio.open_memory_channel[codec.Announcement](1)
+                await nursery.start(_listen_announcements, client.gateway, wake, mapping)
+            nursery.start_soon(_renew_loop, client, mapping, endpoint, tcp_port, lifetime, announced)
             try:
                 yield mapping
             except BaseException as exc:

@@ -14,8 +14,13 @@ message each, the retransmission schedules both RFCs give, and the epoch
 check that tells a rebooted gateway (which forgot our mappings) from a
 live one.
 
-What it is not: a server, PCP's PEER/ANNOUNCE opcodes or options
-(THIRD_PARTY, PREFER_FAILURE, FILTER), or IPv6 mappings.
+Announcements: a gateway that restarts or whose external address changes
+multicasts a NAT-PMP external address answer (RFC 6886 section 3.2.1)
+and a PCP ANNOUNCE answer (RFC 6887 section 14.1.3) to 224.0.0.1:5350;
+:func:`decode_announcement_untrusted` reads either.
+
+What it is not: a server, PCP's PEER opcode or options (THIRD_PARTY,
+PREFER_FAILURE, FILTER), or IPv6 mappings.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ __all__ = [
     "NatPmpExternalAddress", "NatPmpMapping", "PcpMapping", "encode_natpmp_external_address",
     "encode_natpmp_map", "decode_natpmp_untrusted", "encode_pcp_map", "decode_pcp_untrusted",
     "natpmp_retransmit_delays", "pcp_retransmit_delays", "epoch_went_back",
-    "NATPMP_RESULTS", "PCP_RESULTS", "VersionNotSupported",
+    "NATPMP_RESULTS", "PCP_RESULTS", "VersionNotSupported", "ANNOUNCE_GROUP", "ANNOUNCE_PORT",
+    "Announcement", "decode_announcement_untrusted",
 ]
 
 SERVER_PORT = 5351
+# Where gateways multicast restart and address-change announcements.
+ANNOUNCE_GROUP = "224.0.0.1"
+ANNOUNCE_PORT = 5350
 NATPMP_VERSION = 0
 PCP_VERSION = 2
 IPPROTO_TCP = 6
@@ -119,6 +128,36 @@ class PcpMapping:
     internal_port: int
     external_port: int
     external_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """A gateway's unsolicited announcement: ``protocol`` "natpmp" (an
+    external address answer, with ``address``) or "pcp" (ANNOUNCE,
+    ``address`` empty); ``epoch`` the gateway's seconds since it (re)started."""
+
+    protocol: str
+    epoch: int
+    address: str = ""
+
+
+def decode_announcement_untrusted(data: bytes) -> Announcement:
+    """Decode what arrives on 224.0.0.1:5350: a successful NAT-PMP external
+    address answer or PCP ANNOUNCE answer; anything else raises
+    :class:`PortMapProtocolError`."""
+    if len(data) >= 2 and data[0] == NATPMP_VERSION:
+        ans = decode_natpmp_untrusted(data)
+        if not isinstance(ans, NatPmpExternalAddress) or ans.result:
+            raise PortMapProtocolError("a NAT-PMP datagram that is no external address announcement")
+        return Announcement("natpmp", ans.epoch, ans.address)
+    if len(data) < 24 or len(data) % 4 or len(data) > 1100:
+        raise PortMapProtocolError(f"{len(data)} bytes are no PCP ANNOUNCE (24 or more, a multiple of 4)")
+    version, op, result = data[0], data[1], data[3]
+    if version != PCP_VERSION or op != 0x80 or result != 0:
+        raise PortMapProtocolError(f"no successful PCP ANNOUNCE answer (version {version}, "
+                                   f"opcode {op:#x}, result {result})")
+    epoch, = struct.unpack_from(">I", data, 8)
+    return Announcement("pcp", epoch)
 
 
 def result_message(protocol: str, code: int) -> str:

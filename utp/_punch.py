@@ -76,6 +76,16 @@ ports towards the peer, the other probes random ports of the symmetric
 side's address until one pair meets), unless the caller turned it off or
 the NATs' mapping behaviours say it cannot work (two symmetric NATs: an
 error at once).
+
+One connection, also under SYN cookies.  The responder admits exactly one
+connection from the peer: its firewall (run by the engine before any
+SYN-ACK) says yes to the first SYN and RESETs the initiator's later
+attempts, so both sides settle on the same one.  A listener past its
+half-open bounds (a SYN flood on a server that also punches) answers with
+a stateless cookie and creates the connection only when the cookie comes
+back, asking the firewall again; :class:`utp._birthday.FirstSyn` tells the
+two questions apart (``Endpoint.admission_query``) and admits the same SYN
+-- same address, same connection id -- until its connection exists.
 """
 
 from __future__ import annotations
@@ -92,7 +102,7 @@ from _utpkit.excgroup import unwrapped
 
 from . import _utp
 from ._connect import check_address
-from ._birthday import BirthdayLimits, birthday as _birthday, refuse_two_symmetric
+from ._birthday import BirthdayLimits, FirstSyn, birthday as _birthday, refuse_two_symmetric
 from ._utp import EventKind
 from ._stream import UTPStream, _format_peer
 
@@ -457,14 +467,14 @@ async def _respond(ep: Endpoint, peer: tuple[Any, ...], queue: DatagramQueue | N
     # port the rendezvous never saw) are ours; the application's listener,
     # if any, keeps getting everyone else's.
     listener = ep.claim_incoming(lambda addr: _same_ip(addr, peer), backlog=1)
-    accepted_from: list[Any] = []
     # SYNs from other addresses that no listener took (for the error message).
     unclaimed_before = ep.statistics().get("refused_unclaimed", 0)
+    # Exactly one connection: the first SYN (and, under SYN cookies, its
+    # retransmissions and the cookie's return).
+    gate = FirstSyn(ep)
 
     def firewall(addr: Any) -> bool:
-        # Exactly one connection: the first SYN.
-        if not accepted_from:
-            accepted_from.append(addr)
+        if gate(addr):
             phase.heard()
             return True
         return False

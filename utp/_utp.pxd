@@ -186,6 +186,11 @@ cdef extern from "utp.h" nogil:
         UTPKIT_OPTION_END
 
     enum:
+        UTPKIT_FIREWALL_SYN
+        UTPKIT_FIREWALL_COOKIE_SYN
+        UTPKIT_FIREWALL_COOKIE_RETURN
+
+    enum:
         UTPKIT_SOCK_IDLE
         UTPKIT_SOCK_SYN_SENT
         UTPKIT_SOCK_CONNECTED

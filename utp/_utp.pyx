@@ -273,6 +273,8 @@ cdef struct CtxState:
     PyObject *firewall         # borrowed (Context._firewall holds it): the admission callable, or NULL
     PyObject *fw_error         # owned: the first exception the firewall raised, not yet re-raised
     bint in_firewall           # the firewall is running: engine calls are refused
+    uint32_t fw_stage          # while it runs: UTPKIT_FIREWALL_* (what a yes decides)
+    uint32_t fw_conn_id        # while it runs: the SYN's connection id
     uint64_t fw_calls          # firewall calls
     uint64_t fw_refused        # SYNs it refused (exceptions included)
     uint64_t fw_errors         # exceptions it raised
@@ -405,6 +407,10 @@ cdef uint64 _cb_sendto(utp_callback_arguments *a) noexcept nogil:
     return 0
 
 
+_FIREWALL_STAGES = {UTPKIT_FIREWALL_SYN: "syn", UTPKIT_FIREWALL_COOKIE_SYN: "cookie_syn",
+                    UTPKIT_FIREWALL_COOKIE_RETURN: "cookie_return"}
+
+
 cdef uint64 _cb_firewall(utp_callback_arguments *a) noexcept nogil:
     # The engine asks before it answers a SYN (or a cookie's ACK) at all:
     # a refusal here means no SYN-ACK, no socket and no "accept" event.
@@ -413,6 +419,8 @@ cdef uint64 _cb_firewall(utp_callback_arguments *a) noexcept nogil:
         return 1
     if cs.firewall == NULL:
         return 0    # the common case: no Python, no GIL
+    cs.fw_stage = a.flags
+    cs.fw_conn_id = <uint32_t>a.len
     return _call_firewall(cs, a.address, a.address_len)
 
 
@@ -934,6 +942,25 @@ cdef class Context:
             raise TypeError(f"firewall must be callable or None, not {type(value).__name__}")
         self._firewall = value
         cs.firewall = NULL if value is None else <PyObject *>value
+
+    @property
+    def firewall_query(self):
+        """While the firewall runs: ``(stage, syn_conn_id)``, what its answer
+        decides and which SYN it is about; None at any other time.
+
+        ``stage`` is "syn" (yes creates the connection now), "cookie_syn"
+        (the engine is past its half-open bounds and answers with a
+        stateless SYN cookie: yes sends the cookie, nothing is created) or
+        "cookie_return" (a cookie came back: yes creates the connection).
+        So under SYN-cookie load one connection is asked about twice; a
+        firewall admitting only so many connections counts the "syn" and
+        "cookie_return" calls, and tells a SYN's retransmission and its
+        cookie's return from another SYN of the same peer by
+        ``syn_conn_id``."""
+        cdef CtxState *cs = self._cs   # not _live(): it refuses calls from the firewall
+        if cs == NULL or not cs.in_firewall:
+            return None
+        return (_FIREWALL_STAGES.get(cs.fw_stage, "syn"), cs.fw_conn_id)
 
     @property
     def max_sockets(self) -> int:

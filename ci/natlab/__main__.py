@@ -1,5 +1,5 @@
 """python -m ci.natlab matrix [--via tracker|dht] [--loss N] [--size BYTES] [--deadline S]
-    [--kinds K,K|all] [--offset SECONDS] [--repeat N] [--json]
+    [--kinds K,K|all] [--offset SECONDS | --offsets=S,S,..] [--repeat N] [--json]
 python -m ci.natlab cleanup
 
 ``matrix`` builds a NAT lab (as root), runs ucat --rendezvous for every pair
@@ -8,7 +8,9 @@ dht), prints the success matrix and exits 0 when every pair did
 what theory says.  ``--repeat N`` runs every pair N times (median and worst
 per pair); ``--json`` prints the results as JSON instead (per pair:
 connected or not, time to connect, datagrams sent until connected, birthday
-probes until a pair met; and every run).  ``cleanup`` deletes namespaces
+probes until a pair met; and every run).  ``--offsets=-3,-1,0,1,3`` runs
+every pair at each start offset (with ``=``: the list starts with a minus)
+and adds the totals per offset.  ``cleanup`` deletes namespaces
 left by killed runs.
 """
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {','.join(NAT_KINDS)})")
     m.add_argument("--offset", type=float, default=0.0,
                    help="start B this many seconds after A (negative: A after B)")
+    m.add_argument("--offsets", default="",
+                   help="comma-separated offsets: every pair at each (write --offsets=-3,-1,0,1,3)")
     m.add_argument("--via", choices=("tracker", "dht"), default="tracker",
                    help="meet at an opentracker (default) or through a DHT node on the lab's internet")
     m.add_argument("--parallel", type=int, default=3, help="pairs run at once")
@@ -105,16 +109,23 @@ def main(argv: list[str] | None = None) -> int:
             pairs.append((a, b))
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    offsets = None
+    if args.offsets.strip():
+        try:
+            offsets = [float(x) for x in args.offsets.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--offsets {args.offsets!r}: comma-separated seconds, e.g. --offsets=-3,0,3")
     results = run_matrix(kinds, loss=args.loss, size=args.size, deadline=args.deadline,
                          parallel=args.parallel, via=args.via, progress=progress,
-                         offset=args.offset, repeat=args.repeat, pairs=pairs)
+                         offset=args.offset, repeat=args.repeat, pairs=pairs, offsets=offsets)
     if args.json:
         print(json.dumps(results_json(results, via=args.via, loss=args.loss, size=args.size,
-                                      deadline=args.deadline, offset=args.offset,
+                                      deadline=args.deadline,
+                                      offset=args.offset if offsets is None else offsets,
                                       repeat=args.repeat), indent=1))
     else:
         print(format_matrix(results, size=args.size, loss=args.loss, deadline=args.deadline,
-                            via=args.via, offset=args.offset))
+                            via=args.via, offset=args.offset if offsets is None else None))
     return 0 if all(r.as_expected for r in results) else 1
 
 

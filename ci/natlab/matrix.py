@@ -7,7 +7,9 @@ moment with the same key, meet at an opentracker on the lab's internet
 -m dht serve``, the only bootstrap node; ``ucat --bootstrap``),
 punch, and move ``size`` random bytes each way; a pair succeeds when both
 exit 0 and each side's output has the sha256 of the other side's input.
-With ``offset`` seconds, B starts that long after A (negative: A after B).
+With ``offset`` seconds, B starts that long after A (negative: A after B);
+``offsets`` runs every pair at each of several (the issue's sweep: -3, -1,
+0, +1, +3 s) in one lab, and :func:`offset_totals` counts per offset.
 Theory says every pair connects except symmetric with symmetric, which
 must end with a clear error within the deadline; symmetric with a
 port-restricted NAT (``restricted``, ``answering``, ``double``,
@@ -43,7 +45,7 @@ from . import NAT_KINDS, Lab
 _PORT_RESTRICTED = {"restricted", "answering", "double", "hairpin"}
 
 __all__ = ["PairResult", "run_matrix", "run_offsets", "format_matrix", "punchable",
-           "later_connect_time", "by_birthday", "summarize", "results_json"]
+           "later_connect_time", "by_birthday", "summarize", "offset_totals", "results_json"]
 
 _CONNECTED = re.compile(r"\+(\d+\.\d+)s connected to \S+ after (\d+\.\d+) s")
 _PUNCHED = re.compile(r"punched as the \w+ after [\d.]+ s: (\d+) datagrams sent")
@@ -213,20 +215,24 @@ def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4
                deadline: float = 10.0, parallel: int = 3,
                pairs: Sequence[tuple[str, str]] | None = None,
                via: str = "tracker", offset: float = 0.0, repeat: int = 1,
+               offsets: Sequence[float] | None = None,
                progress: Callable[[str], None] | None = None) -> list[PairResult]:
     """Build a lab, run every pair (``parallel`` at a time), tear it down.
     ``via``: meet at an opentracker ("tracker") or through a DHT node ("dht");
     ``offset``: B starts that many seconds after A (negative: before);
+    ``offsets``: instead of ``offset``, every pair at each of these (the
+    issue's sweep is -3, -1, 0, +1, +3 s), all in one lab;
     ``repeat``: runs of each pair (each with a key of its own).
     ``progress``, if given, is called with a line of text at each step and
     as each pair ends (the matrix itself comes only at the end)."""
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, not {repeat!r}")
     say = progress or (lambda text: None)
-    todo = list(pairs) if pairs is not None else [(x, y) for x in kinds for y in kinds]
+    chosen = list(pairs) if pairs is not None else [(x, y) for x in kinds for y in kinds]
     # The pairs expected to fail wait out the deadline: start them first.
-    todo.sort(key=lambda p: punchable(*p))
-    todo = [p for p in todo for _ in range(repeat)]
+    chosen.sort(key=lambda p: punchable(*p))
+    sweep = [offset] if offsets is None else list(offsets)
+    todo = [(x, y, o) for x, y in chosen for o in sweep for _ in range(repeat)]
     run = secrets.token_hex(4)
     keys = [f"natlab-{run}-run{i}" for i in range(len(todo))]
     with Lab() as lab:
@@ -239,8 +245,8 @@ def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4
             f"waits out the {deadline:g} s deadline)")
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = [pool.submit(_run_pair, lab, meet, x, y, size=size, deadline=deadline,
-                                   workdir=workdir, env=env, offset=offset, key=key)
-                       for (x, y), key in zip(todo, keys)]
+                                   workdir=workdir, env=env, offset=o, key=key)
+                       for (x, y, o), key in zip(todo, keys)]
             results = []
             for f in concurrent.futures.as_completed(futures):
                 r = f.result()
@@ -248,10 +254,11 @@ def run_matrix(kinds: Sequence[str] = NAT_KINDS, *, loss: int = 0, size: int = 4
                 verdict = ("connected" if r.connected else "did not connect") + \
                     ("" if r.as_expected else " (NOT as theory says)")
                 how = f" by birthday probing (probe #{r.probes})" if r.probes else ""
-                say(f"{len(results):2}/{len(todo)} {r.a} -> {r.b}: {verdict}{how} "
+                at = f" at {r.offset:+g} s" if offsets is not None else ""
+                say(f"{len(results):2}/{len(todo)} {r.a} -> {r.b}{at}: {verdict}{how} "
                     f"in {r.elapsed:.1f} s" + (f": {r.error}" if r.error and not r.ok else ""))
     order = {k: i for i, k in enumerate(kinds)}
-    results.sort(key=lambda r: (order[r.a], order[r.b]))
+    results.sort(key=lambda r: (order[r.a], order[r.b], r.offset))
     return results
 
 
@@ -278,6 +285,11 @@ def summarize(results: Sequence[PairResult]) -> list[dict[str, Any]]:
             "expected": punchable(a, b), "birthday": by_birthday(a, b),
             "as_expected": all(r.as_expected for r in runs),
             "connect_time": _stats([r.connect_time for r in ok]),
+            # From the later ucat's start: what a user starting second waits.
+            "connect_time_later": _stats([later_connect_time(r) for r in ok]),
+            "by_offset": {f"{o:+g}": [sum(r.connected for r in runs if r.offset == o),
+                                      sum(r.offset == o for r in runs)]
+                          for o in sorted({r.offset for r in runs})},
             "packets_a": _stats([r.packets_a for r in ok]),
             "packets_b": _stats([r.packets_b for r in ok]),
             "probes": _stats([r.probes for r in ok]),
@@ -286,11 +298,26 @@ def summarize(results: Sequence[PairResult]) -> list[dict[str, Any]]:
     return out
 
 
+def offset_totals(results: Sequence[PairResult]) -> list[dict[str, Any]]:
+    """Per start offset (ascending): runs, how many connected, how many of
+    the punchable ones connected, and how many ended as theory says."""
+    out = []
+    for o in sorted({r.offset for r in results}):
+        runs = [r for r in results if r.offset == o]
+        can = [r for r in runs if punchable(r.a, r.b)]
+        out.append({"offset": o, "runs": len(runs), "connected": sum(r.connected for r in runs),
+                    "punchable": len(can), "punchable_connected": sum(r.connected for r in can),
+                    "as_expected": sum(r.as_expected for r in runs)})
+    return out
+
+
 def results_json(results: Sequence[PairResult], **settings: Any) -> dict[str, Any]:
-    """``matrix --json``: the settings, the per-pair summary and every run."""
+    """``matrix --json``: the settings, the per-pair summary, the totals per
+    start offset and every run."""
     return {
         "settings": settings,
         "pairs": summarize(results),
+        "offsets": offset_totals(results),
         "runs": [{"a": r.a, "b": r.b, "connected": r.connected, "ok": r.ok,
                   "connect_time": r.connect_time, "connect_time_b": r.connect_time_b,
                   "elapsed": round(r.elapsed, 3), "offset": r.offset,
@@ -329,7 +356,7 @@ _LABEL = {"none": "none", "full": "full cone", "restricted": "port-restr.", "sym
 
 
 def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadline: float,
-                  via: str = "tracker", offset: float = 0.0) -> str:
+                  via: str = "tracker", offset: float | None = 0.0) -> str:
     kinds = list(dict.fromkeys([r.a for r in results] + [r.b for r in results]))
     cell = {(r.a, r.b): r for r in results}
     groups = {(g["a"], g["b"]): g for g in summarize(results)}
@@ -339,7 +366,8 @@ def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadli
     lines = [f"NAT matrix: ucat --rendezvous via {how}, {size / 2**20:g} MiB each way, "
              f"sha256-checked; loss {loss}% of the datagrams at each router, each way; "
              f"deadline {deadline:g} s"
-             + (f"; B starts {offset:+g} s after A" if offset else ""),
+             + (f"; B starts {offset:+g} s after A" if offset else "")
+             + ("; B starts at the offsets below" if offset is None else ""),
              "rows: A (the lower public address), columns: B; cell: time from start to "
              "connected on A ('b': by birthday probing), or 'no' with the time until both gave up"
              + ("; with repeats: runs connected / runs, median time" if repeated else ""),
@@ -375,10 +403,19 @@ def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadli
             def fmt(st: dict[str, Any] | None, unit: str = "", digits: int = 0) -> str:
                 return "-" if st is None else \
                     f"{st['median']:.{digits}f}{unit} / {st['worst']:.{digits}f}{unit}"
-            lines.append(f"  {g['a']:>10} -> {g['b']:<10} {g['connected']}/{g['runs']} connected; "
-                         f"{fmt(g['connect_time'], 's', 2)}; packets {fmt(g['packets_a'])}, "
-                         f"{fmt(g['packets_b'])}"
+            per = (" (" + ", ".join(f"{o}: {c}/{n}" for o, (c, n) in g["by_offset"].items()) + ")"
+                   if len(g["by_offset"]) > 1 else "")
+            lines.append(f"  {g['a']:>10} -> {g['b']:<10} {g['connected']}/{g['runs']} connected{per}; "
+                         f"{fmt(g['connect_time'], 's', 2)}"
+                         + (f" (from the later start {fmt(g['connect_time_later'], 's', 2)})" if per else "")
+                         + f"; packets {fmt(g['packets_a'])}, {fmt(g['packets_b'])}"
                          + (f"; probes {fmt(g['probes'])}" if g["probes"] else ""))
+    totals = offset_totals(results)
+    if len(totals) > 1:
+        for t in totals:
+            lines.append(f"  B starts {t['offset']:+g} s after A: {t['punchable_connected']} of "
+                         f"{t['punchable']} punchable runs connected, {t['as_expected']} of "
+                         f"{t['runs']} runs as theory says")
     bad = [r for r in results if not r.as_expected]
     lines.append(f"{sum(r.connected for r in results)} of {len(results)} pairs connected; "
                  f"{'all as theory says' if not bad else f'{len(bad)} NOT as theory says (!)'}")
@@ -386,5 +423,6 @@ def format_matrix(results: Sequence[PairResult], *, size: int, loss: int, deadli
         lines.append("'data': every byte arrived both ways, but a ucat exited non-zero afterwards")
     for r in results:
         if not r.ok:
-            lines.append(f"  {r.a} -> {r.b}: {r.error}")
+            at = f" at {r.offset:+g} s" if len(totals) > 1 else ""
+            lines.append(f"  {r.a} -> {r.b}{at}: {r.error}")
     return "\n".join(lines)

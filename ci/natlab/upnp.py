@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import Host, Lab
 
-__all__ = ["MiniUpnpd", "start_miniupnpd", "miniupnpd_mappings", "STUN_PORT", "can_run"]
+__all__ = ["MiniUpnpd", "start_miniupnpd", "restart_miniupnpd", "miniupnpd_mappings", "STUN_PORT",
+           "can_run"]
 
 STUN_PORT = 3478
 TABLE = "miniupnpd"
@@ -95,6 +96,7 @@ class MiniUpnpd:
     config: str
     log: str
     lan_ip: str
+    lan_net: str = ""
 
     def log_text(self) -> str:
         with open(self.log, errors="replace") as f:
@@ -173,7 +175,7 @@ def start_miniupnpd(lab: Lab, host: Host, lan_net: str, lan_ip: str) -> MiniUpnp
                                  "-f", config, "-P", os.path.join(workdir, "miniupnpd.pid")],
                                 stdout=out, stderr=subprocess.STDOUT, cwd="/")
     lab._procs.append(proc)
-    daemon = MiniUpnpd(proc, config, log, lan_ip)
+    daemon = MiniUpnpd(proc, config, log, lan_ip, lan_net)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         text = daemon.log_text()
@@ -185,6 +187,24 @@ def start_miniupnpd(lab: Lab, host: Host, lan_net: str, lan_ip: str) -> MiniUpnp
             break
         time.sleep(0.1)
     raise LabError(f"miniupnpd in {host.router_ns} did not start:\n{daemon.log_text()[-2000:]}")
+
+
+def restart_miniupnpd(lab: Lab, name: str) -> MiniUpnpd:
+    """Restart host ``name``'s miniupnpd the way a rebooting router does:
+    kill it, forget every forward (its nft chains flushed, a fresh lease
+    file), start it again.  At its start it announces itself to the LAN
+    (224.0.0.1:5350), which is what clients must notice."""
+    from . import _run
+
+    old = lab.miniupnpd[name]
+    host = lab.hosts[name]
+    assert host.router_ns is not None
+    old.proc.kill()      # as abrupt as a power cut: no goodbye to the LAN
+    old.proc.wait()
+    for chain in ("forward_miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"):
+        _run(["ip", "netns", "exec", host.router_ns, "nft", "flush", "chain", "inet", TABLE, chain])
+    lab.miniupnpd[name] = start_miniupnpd(lab, host, old.lan_net, old.lan_ip)
+    return lab.miniupnpd[name]
 
 
 def miniupnpd_mappings(host: Host) -> list[dict[str, Any]]:

@@ -422,7 +422,10 @@ static uint64 cb_on_error(utp_callback_arguments *a)
 
 static uint64 cb_on_firewall(utp_callback_arguments *a)
 {
-	return (uint64)node_of(a)->firewall;
+	struct sim_node *n = node_of(a);
+	n->fw_stages |= 1u << a->flags;
+	n->fw_conn_id = (unsigned)a->len;
+	return (uint64)n->firewall;
 }
 
 static struct sim_conn *conn_alloc(struct sim_node *n)

@@ -66,6 +66,8 @@ struct sim_node {
 	socklen_t addrlen;
 	int listening;          /* ON_ACCEPT installed */
 	int firewall;           /* value ON_FIREWALL returns */
+	unsigned fw_stages;     /* 1 << args->flags of every ON_FIREWALL call */
+	unsigned fw_conn_id;    /* args->len (the SYN's connection id) of the last one */
 	struct sim_conn accept_tmpl; /* flags/tx/rx_cap for accepted conns */
 	int naccepted;
 	/* What this node sent. */

@@ -370,6 +370,7 @@ static void test_firewall_before_cookies(void)
 	struct sim_node *a, *b;
 	struct sim_conn *ca;
 	unsigned char *tx = sim_pattern(5000, 9);
+	unsigned syn_id;
 
 	sim_init(111, START_US);
 	a = sim_add_node(1000, 0);
@@ -381,6 +382,7 @@ static void test_firewall_before_cookies(void)
 	CHECK(sim_connect_node(ca, b) == 0);
 	CHECK(sim_run(conn_done, ca, 10 * SEC));
 	CHECK_EQ(ca->error, UTP_ECONNREFUSED);
+	CHECK_EQ(b->fw_stages, 1u << UTPKIT_FIREWALL_COOKIE_SYN);  /* told its yes means a cookie */
 	CHECK_EQ(counters(b)->syn_cookies, 0);
 	CHECK_EQ(b->sent_state, 0);
 	CHECK_EQ(counters(b)->sockets_created, 0);
@@ -393,9 +395,14 @@ static void test_firewall_before_cookies(void)
 	CHECK(sim_run(connected_or_failed, ca, 10 * SEC));
 	CHECK(ca->connected);
 	CHECK_EQ(counters(b)->syn_cookies, 1);
+	syn_id = b->fw_conn_id;
 	b->firewall = 1;
+	b->fw_stages = 0;
 	CHECK(sim_run(conn_done, ca, 60 * SEC));
 	CHECK_EQ(ca->error, UTP_ECONNRESET);
+	/* Asked again, now for good, about the same SYN (its connection id). */
+	CHECK_EQ(b->fw_stages, 1u << UTPKIT_FIREWALL_COOKIE_RETURN);
+	CHECK_EQ(b->fw_conn_id, syn_id);
 	CHECK_EQ(counters(b)->cookie_accepted, 0);
 	CHECK_EQ(counters(b)->sockets_created, 0);
 	CHECK_EQ(b->naccepted, 0);

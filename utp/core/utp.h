@@ -130,6 +130,19 @@ typedef struct {
 
 typedef uint64 utp_callback_t(utp_callback_arguments *);
 
+/* UTP_ON_FIREWALL (utpkit): what the answer decides, in args->flags, and the
+ * SYN's connection id in args->len.  Past its half-open bounds the engine
+ * answers a SYN with a stateless cookie, so one connection can be asked
+ * about twice: provisionally for the SYN (no socket yet) and for good when
+ * the cookie comes back.  A firewall that admits a limited number of
+ * connections counts only the calls that create one (not COOKIE_SYN) and
+ * can tell the SYNs apart by (address, connection id). */
+enum {
+	UTPKIT_FIREWALL_SYN = 0,           /* a SYN: yes creates the socket now */
+	UTPKIT_FIREWALL_COOKIE_SYN = 1,    /* a SYN: yes sends a cookie, no socket */
+	UTPKIT_FIREWALL_COOKIE_RETURN = 2  /* a returned cookie: yes creates the socket */
+};
+
 /* Packet counts bucketed by datagram size: <=23, <=373, <=723, <=1400, >1400. */
 typedef struct {
 	uint32 _nraw_recv[5];

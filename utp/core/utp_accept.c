@@ -45,6 +45,12 @@
  *    half-open socket loses the race as soon as the flood outpaces its round
  *    trip.  Cookies only come into play past the bounds, so an unloaded
  *    listener behaves exactly as before.
+ *    The application's firewall (UTP_ON_FIREWALL) is asked before the
+ *    cookie goes out and again when it comes back; args->flags says which
+ *    (UTPKIT_FIREWALL_COOKIE_SYN, _COOKIE_RETURN; a socket's SYN is
+ *    UTPKIT_FIREWALL_SYN) and args->len carries the SYN's connection id, so
+ *    a firewall that admits one connection (hole punching's) can admit the
+ *    same SYN twice and still refuse the peer's other attempts.
  *
  * 4. One gate for replies to unauthenticated packets (RESETs to unknown
  *    connections, refusals, SYN-ACKs of both kinds, repeated SYN-ACKs, the
@@ -321,8 +327,11 @@ static int syn_well_formed(const utp_packet *pk, size_t len)
 	return pk->payload_len == 0 && len <= UTP_HEADER_SIZE + UTP_SYN_EXT_MAX;
 }
 
-/* Would the application take a connection from here now? */
-static int may_accept(utp_context *ctx, const struct sockaddr *from, socklen_t fromlen)
+/* Would the application take a connection from here now?  stage is one of
+ * UTPKIT_FIREWALL_* (utp.h), syn_conn_id the SYN's connection id: both go
+ * to the firewall, which may be asked twice about a cookie's connection. */
+static int may_accept(utp_context *ctx, const struct sockaddr *from, socklen_t fromlen, int stage,
+                      uint16 syn_conn_id)
 {
 	utp_callback_arguments a;
 	if (ctx->callbacks[UTP_ON_ACCEPT] == NULL || ctx->counters.sockets_live >= ctx->max_sockets)
@@ -333,6 +342,8 @@ static int may_accept(utp_context *ctx, const struct sockaddr *from, socklen_t f
 	a.callback_type = UTP_ON_FIREWALL;
 	a.address = from;
 	a.address_len = fromlen;
+	a.flags = (uint32)stage;
+	a.len = syn_conn_id;
 	return utp_cb_args(ctx, &a) == 0;
 }
 
@@ -404,19 +415,24 @@ void utp_accept_syn(utp_context *ctx, const utp_packet *pk, size_t len, const st
 {
 	utp_src_slot *sl;
 	utp_socket *s;
+	int cookie;
 
 	if (!syn_well_formed(pk, len)) {
 		ctx->counters.syn_invalid++;
 		return;
 	}
-	if (!may_accept(ctx, from, fromlen)) {
+	/* Cookie or socket is decided first, so the firewall knows which its
+	 * yes would mean (it is asked before anything is answered either way). */
+	ensure_key(ctx);
+	sl = src_slot(ctx, from);
+	cookie = ctx->counters.half_open >= ctx->half_open_max || sl == NULL ||
+	         sl->half_open >= ctx->half_open_per_addr;
+	if (!may_accept(ctx, from, fromlen, cookie ? UTPKIT_FIREWALL_COOKIE_SYN : UTPKIT_FIREWALL_SYN,
+	                pk->conn_id)) {
 		refuse(ctx, pk, from, fromlen);
 		return;
 	}
-	ensure_key(ctx);
-	sl = src_slot(ctx, from);
-	if (ctx->counters.half_open >= ctx->half_open_max || sl == NULL ||
-	    sl->half_open >= ctx->half_open_per_addr) {
+	if (cookie) {
 		if (utp_unauth_permit(ctx, from, fromlen, UTP_HEADER_SIZE, UTP_UNAUTH_SYNACK))
 			send_cookie(ctx, pk, from, fromlen);
 		return;
@@ -458,7 +474,7 @@ int utp_accept_cookie(utp_context *ctx, const utp_packet *pk, const struct socka
 	}
 	if (!found)
 		return 0;
-	if (!may_accept(ctx, from, fromlen)) {
+	if (!may_accept(ctx, from, fromlen, UTPKIT_FIREWALL_COOKIE_RETURN, syn_conn_id)) {
 		ctx->counters.syn_refused++;
 		utp_send_reset_to(ctx, from, fromlen, syn_conn_id, pk->seq_nr, 1);
 		return 1;
