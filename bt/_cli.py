@@ -4,9 +4,11 @@
     bt info X.torrent [--json]
     bt download X.torrent -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers] [--port N] [--seed] [--no-utp | --no-tcp]
     bt seed X.torrent -d DIR [--peer HOST:PORT]... [--port N] [--no-utp | --no-tcp]
+    bt daemon [-d DIR] [--rpc-listen HOST:PORT] [--rpc-secret TOKEN] [--save-session FILE] ...
 
 ``download`` and ``seed`` live in :mod:`bt._cli_run` (they start trio and
-the uTP engine; ``create`` and ``info`` do not).
+the uTP engine; ``create`` and ``info`` do not); ``daemon`` in
+:mod:`bt.rpc.daemon`.
 
 Exit status: 0 success; 1 the torrent could not be made or read (one line
 on stderr saying why); 2 usage error.
@@ -66,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("torrent")
     i.add_argument("--json", action="store_true", help="print JSON")
     add_run_parsers(sub)
+    from .rpc.daemon import add_parser as add_daemon_parser
+    add_daemon_parser(sub)
     return p
 
 
@@ -112,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("download", "seed"):
         return run_transfer(args)
+    if args.command == "daemon":
+        from .rpc.daemon import run as run_daemon
+        return run_daemon(args)
     try:
         if args.command == "create":
             def progress(done: int, total: int) -> None:

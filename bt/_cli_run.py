@@ -75,6 +75,18 @@ def parse_rate(text: str) -> int:
     return int(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
 
 
+def add_rate_and_transport_options(p: argparse.ArgumentParser) -> None:
+    """--max-upload-rate, --max-download-rate, --no-utp | --no-tcp: shared
+    by download, seed and daemon."""
+    p.add_argument("--max-upload-rate", type=parse_rate, default=0, metavar="RATE",
+                   help="upload limit in bytes/s, K/M/G suffixes allowed (default: none)")
+    p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
+                   help="download limit in bytes/s, K/M/G suffixes allowed (default: none)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-utp", action="store_true", help="TCP only")
+    g.add_argument("--no-tcp", action="store_true", help="uTP only")
+
+
 def add_parsers(sub: Any) -> None:
     for name, what in (("download", "download a torrent (and optionally keep seeding)"),
                        ("seed", "check the data of a torrent and serve it")):
@@ -95,21 +107,29 @@ def add_parsers(sub: Any) -> None:
         if name == "download":
             p.add_argument("--seed", action="store_true",
                            help="keep seeding after the download until interrupted")
-        p.add_argument("--max-upload-rate", type=parse_rate, default=0, metavar="RATE",
-                       help="upload limit in bytes/s, K/M/G suffixes allowed (default: none)")
-        p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
-                       help="download limit in bytes/s, K/M/G suffixes allowed (default: none)")
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--no-utp", action="store_true", help="TCP only")
-        g.add_argument("--no-tcp", action="store_true", help="uTP only")
+        add_rate_and_transport_options(p)
         p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
                        help="seconds between progress lines when stderr is not a terminal")
-        for _, option, when in _HOOKS:
-            p.add_argument(f"--{option}", default=None, metavar="COMMAND",
-                           help=f"run COMMAND GID NUM_FILES FIRST_FILE_PATH {when} "
-                                "(aria2's hook; run directly, not through a shell)")
-        p.add_argument("--hook-timeout", type=_positive, default=60.0, metavar="S",
-                       help="seconds a hook command may run before it is terminated (default 60)")
+        add_hook_options(p)
+
+
+def add_hook_options(p: argparse.ArgumentParser) -> None:
+    """aria2's --on-download-* hook options and --hook-timeout (download,
+    seed and daemon); :func:`install_hooks` puts them to work."""
+    for _, option, when in _HOOKS:
+        p.add_argument(f"--{option}", default=None, metavar="COMMAND",
+                       help=f"run COMMAND GID NUM_FILES FIRST_FILE_PATH {when} "
+                            "(aria2's hook; run directly, not through a shell)")
+    p.add_argument("--hook-timeout", type=_positive, default=60.0, metavar="S",
+                   help="seconds a hook command may run before it is terminated (default 60)")
+
+
+def install_hooks(args: argparse.Namespace, session: Any) -> None:
+    """The hook commands given on the command line, on ``session``."""
+    from .hooks import Hooks
+    commands = {kind: getattr(args, option.replace("-", "_")) for kind, option, _ in _HOOKS}
+    if any(commands.values()):
+        Hooks(commands, timeout=args.hook_timeout).install(session)
 
 
 def _positive(text: str) -> float:
@@ -251,7 +271,6 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
                     keep_seeding: bool) -> int:
     import trio
 
-    from .hooks import Hooks
     from .session import open_session
     from .torrent import TorrentError
 
@@ -268,9 +287,7 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
             else:
                 _event_line(progress, event)
         session.add_listener(on_event)
-        commands = {kind: getattr(args, option.replace("-", "_")) for kind, option, _ in _HOOKS}
-        if any(commands.values()):
-            Hooks(commands, timeout=args.hook_timeout).install(session)
+        install_hooks(args, session)
         torrent = await session.add_torrent(args.torrent, trackers=args.tracker,
                                             use_trackers=not args.no_trackers)
         st = torrent.status()

@@ -1,4 +1,5 @@
 """``python -m bt.bench``: BitTorrent download speed and cost on loopback.
+(``python -m bt.bench rpc``: bt daemon's JSON-RPC, see :mod:`bt.bench_rpc`.)
 
 In one run, one single-file torrent of random data (512 MiB; ``--quick``:
 64 MiB) is downloaded, seed to leecher, in six pairings:
@@ -288,13 +289,7 @@ class _Worker:
         self.proc.stdin.flush()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
@@ -342,6 +337,18 @@ def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: fl
                 w.close()
         shutil.rmtree(leech_dir, ignore_errors=True)
     return res
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` is still there after ``grace``
+    seconds; waits for it either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _make_content(work: Path, size: int) -> tuple[Path, Path]:
@@ -429,6 +436,10 @@ def _mib(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rpc"]:             # python -m bt.bench rpc: bt daemon's JSON-RPC
+        from .bench_rpc import main as rpc_main
+        return rpc_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m bt.bench",
         description="BitTorrent downloads on loopback: ours and libtorrent, uTP and TCP, "

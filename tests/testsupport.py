@@ -270,3 +270,71 @@ class ScriptedPeer:
         self.core.receive_data(data, trio.current_time())
         while (ev := self.core.next_event()) is not None:
             self.on_event(ev)
+
+
+class BtDaemon:
+    """`bt daemon ARGS` as a subprocess with its RPC on an ephemeral
+    loopback port: ``rpc_port`` and ``peer_port`` are parsed from its
+    first line, every stderr line is kept in ``lines`` (a thread drains
+    the pipe).  A context manager: leaving it stops the daemon (SIGTERM,
+    then SIGKILL after 10 s)."""
+
+    def __init__(self, *args: str, timeout: float = 30.0) -> None:
+        import re
+        import subprocess
+        import threading
+        import time
+        cmd = [str(console_script("bt")), "daemon", "--rpc-listen", "127.0.0.1:0", *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, cwd="/")
+        self.lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        first = re.compile(r"peers on port (\d+); JSON-RPC on http://127\.0\.0\.1:(\d+)/jsonrpc")
+        assert self.proc.stderr is not None
+        while True:
+            line = self.proc.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"bt daemon did not start: {self.lines + [line]}")
+            self.lines.append(line.rstrip("\n"))
+            m = first.search(line)
+            if m:
+                self.peer_port, self.rpc_port = int(m.group(1)), int(m.group(2))
+                break
+        self.url = f"http://127.0.0.1:{self.rpc_port}/jsonrpc"
+
+        def drain() -> None:
+            for line in self.proc.stderr:            # type: ignore[union-attr]
+                self.lines.append(line.rstrip("\n"))
+        threading.Thread(target=drain, daemon=True).start()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def __enter__(self) -> "BtDaemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from bt.bench import stop_process
+        stop_process(self.proc)
+
+
+def wait_until(what: str, cond, timeout: float = 30.0, *, log: list[str] | None = None,
+               ignore: tuple[type[BaseException], ...] = ()):
+    """Poll ``cond()`` every 0.1 s (blocking: for synchronous tests driving
+    a subprocess) until it returns something true, and return that.  An
+    exception in ``ignore`` counts as "not yet".  AssertionError naming
+    ``what`` (and the last lines of ``log``) after ``timeout`` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+        except ignore:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = "\n".join((log or [])[-15:])
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{tail}")
+        time.sleep(0.1)

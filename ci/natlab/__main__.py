@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                         "forwards, each way, one by one (the lab's offloads are off, so UDP "
                         "GSO batches are cut into datagrams before the router)")
     m.add_argument("--size", type=int, default=4 << 20, help="bytes each way (default 4 MiB)")
-    m.add_argument("--deadline", type=float, default=10.0, help="ucat -w: seconds to connect")
+    m.add_argument("--deadline", type=float, default=10.0,
+                   help="ucat -w: seconds to connect once both peers run (the one started first "
+                        "waits the offset longer)")
     m.add_argument("--kinds", default=",".join(NAT_KINDS),
                    help=f"comma-separated NAT kinds of {','.join(ALL_NAT_KINDS)}, or 'all' "
                         f"(default {','.join(NAT_KINDS)})")

@@ -139,22 +139,27 @@ def _run_pair(lab: Lab, meet: tuple[str, tuple[str, int]], a_kind: str, b_kind: 
     via, (ip, port) = meet
     where = (["--tracker", f"udp://{ip}:{port}"] if via == "tracker"
              else ["--bootstrap", f"{ip}:{port}"])
-    argv = [sys.executable, "-m", "ucat", "-d", "--rendezvous", key, *where, "-w", f"{deadline:g}"]
+    argv = [sys.executable, "-m", "ucat", "-d", "--rendezvous", key, *where]
     procs = {}
     start = time.monotonic()
     order = (("a", a, 0.0), ("b", b, offset)) if offset >= 0 else (("b", b, 0.0), ("a", a, -offset))
-    for side, host, delay in order:
+    for n, (side, host, delay) in enumerate(order):
         if delay:
             time.sleep(delay)
+        # Each side has ``deadline`` seconds once both run: the one that
+        # starts first waits the offset longer, as a user who starts first
+        # waits for the other (the offset tests who starts first, not a
+        # shorter deadline).
+        wait = deadline + (abs(offset) if n == 0 else 0.0)
         with open(files[side]["in"], "rb") as fin, open(files[side]["out"], "wb") as fout, \
                 open(files[side]["err"], "wb") as ferr:
             more = list((extra or {}).get(side, ()))
-            procs[side] = host.popen(argv + more, stdin=fin, stdout=fout, stderr=ferr, env=env,
-                                     cwd=workdir)
+            procs[side] = host.popen(argv + ["-w", f"{wait:g}"] + more, stdin=fin, stdout=fout,
+                                     stderr=ferr, env=env, cwd=workdir)
     codes = {}
     for side, proc in procs.items():
         try:
-            codes[side] = proc.wait(deadline + 60)
+            codes[side] = proc.wait(deadline + abs(offset) + 60)
         except subprocess.TimeoutExpired:
             proc.kill()
             codes[side] = proc.wait()
