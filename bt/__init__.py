@@ -37,6 +37,10 @@ The sans-I/O parts (no trio at import, no sockets):
   percent-encoding) and the answer parser (BEP 23 compact and dictionary
   peers, BEP 7 ``peers6``, ``failure reason``, ``warning message``,
   intervals, tracker id), plus its httpx client;
+- :mod:`bt.mse`: :class:`MSEHandshake`, the message stream encryption
+  handshake core for both roles (DH, RC4 from ``cryptography``, pads and
+  sync windows bounded, plain handshakes told apart), failing with a
+  counted :class:`MSEReason`;
 - the ``bt create`` and ``bt info`` commands (``python -m bt``).
 
 The trio drivers (loaded on first use, so ``import bt`` stays light):
@@ -63,6 +67,7 @@ not a client UI.
 from .create import CreateError, create_torrent, create_torrent_async, piece_size_for, write_torrent
 from .metainfo import (FileEntry, Metainfo, MetainfoError, load_metainfo, parse_info_untrusted,
                        parse_metainfo_untrusted)
+from .mse import CryptoMethod, MSEError, MSEHandshake, MSEReason
 from .peerwire import ConnState, ConnectionClosed, PeerWire, RequestsDropped
 from .storage import AsyncTorrentStorage, MemoryStorage, Piece, StorageError
 from .storage_file import FileStorage
@@ -74,13 +79,15 @@ __all__ = ["CreateError", "create_torrent", "create_torrent_async", "piece_size_
            "AsyncTorrentStorage", "MemoryStorage", "Piece", "StorageError", "FileStorage",
            "Event", "Geometry", "Violation", "WireError", "PeerWire", "ConnState",
            "ConnectionClosed", "RequestsDropped",
+           "MSEHandshake", "MSEError", "MSEReason", "CryptoMethod", "EncryptionPolicy",
            "open_session", "Session", "SessionError", "SessionStatus", "Torrent", "TorrentStatus",
            "TorrentState", "TorrentError", "TrackerStatus", "TrackerState",
            "PeerTransfer", "EventKind", "DownloadEvent", "Notifier", "EventStream", "Hooks"]
 
 # The trio drivers load on first use, so ``import bt`` (and ``bt info``)
 # stays free of trio and the uTP extension.
-_LAZY = {"open_session": "session", "Session": "session", "SessionError": "session",
+_LAZY = {"EncryptionPolicy": "encryption",
+         "open_session": "session", "Session": "session", "SessionError": "session",
          "SessionStatus": "session",
          "Torrent": "torrent", "TorrentStatus": "torrent", "TorrentState": "torrent",
          "TorrentError": "torrent", "TrackerStatus": "announce", "TrackerState": "announce",

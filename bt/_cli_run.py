@@ -4,6 +4,7 @@ line on stderr.
     bt download X.torrent -d DIR [--peer HOST:PORT]... [--tracker URL]... [--no-trackers]
                 [--port N] [--seed] [--no-utp | --no-tcp]
                 [--max-upload-rate RATE] [--max-download-rate RATE]
+                [--encryption disabled|enabled|preferred|required]
                 [--on-download-start CMD] [--on-download-pause CMD] [--on-download-stop CMD]
                 [--on-download-complete CMD] [--on-download-error CMD]
                 [--on-bt-download-complete CMD] [--hook-timeout S]
@@ -76,12 +77,17 @@ def parse_rate(text: str) -> int:
 
 
 def add_rate_and_transport_options(p: argparse.ArgumentParser) -> None:
-    """--max-upload-rate, --max-download-rate, --no-utp | --no-tcp: shared
-    by download, seed and daemon."""
+    """--max-upload-rate, --max-download-rate, --no-utp | --no-tcp,
+    --encryption: shared by download, seed and daemon."""
     p.add_argument("--max-upload-rate", type=parse_rate, default=0, metavar="RATE",
                    help="upload limit in bytes/s, K/M/G suffixes allowed (default: none)")
     p.add_argument("--max-download-rate", type=parse_rate, default=0, metavar="RATE",
                    help="download limit in bytes/s, K/M/G suffixes allowed (default: none)")
+    p.add_argument("--encryption", default="preferred",
+                   choices=("disabled", "enabled", "preferred", "required"), metavar="POLICY",
+                   help="message stream encryption (MSE): disabled, enabled (accept it, dial "
+                        "plain first), preferred (dial MSE first, fall back to plain; the "
+                        "default, as libtorrent's) or required (RC4 only)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-utp", action="store_true", help="TCP only")
     g.add_argument("--no-tcp", action="store_true", help="uTP only")
@@ -277,7 +283,8 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
     async with open_session(download_dir=args.dir, port=args.port, host=args.bind,
                             utp=not args.no_utp, tcp=not args.no_tcp,
                             upload_limit=args.max_upload_rate or None,
-                            download_limit=args.max_download_rate or None) as session:
+                            download_limit=args.max_download_rate or None,
+                            encryption=args.encryption) as session:
         # the first line says where we listen: events of the add wait for it
         held: list[Any] | None = []
 

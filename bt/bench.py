@@ -26,6 +26,11 @@ printed; nothing is asserted.  ``--profile DIR`` writes a cProfile dump of
 each of our workers' main thread to DIR (the ratios are then not
 meaningful).
 
+``--mse`` runs issue 9's benchmark instead: our peer to our peer over uTP,
+plain and with MSE required on both sides (RC4 throughout), alternated
+(``--repeat N`` of each, default 2), then both means and their ratio
+(target: RC4 costs <= 10%).
+
 :func:`libtorrent_settings` is also what the swarm test starts its
 libtorrent seed with.
 """
@@ -79,15 +84,21 @@ class Run:
     seed: str
     leech: str
     transport: str
+    #: our sessions' MSE policy on both sides ("required": RC4 throughout)
+    encryption: str = "disabled"
 
     @property
     def name(self) -> str:
-        return f"{self.leech}<-{self.seed}/{self.transport}"
+        rc4 = "+rc4" if self.encryption == "required" else ""
+        return f"{self.leech}<-{self.seed}/{self.transport}{rc4}"
 
 
 RUNS = (Run("lt", "ours", "utp"), Run("lt", "ours", "tcp"),
         Run("lt", "lt", "utp"), Run("lt", "lt", "tcp"),
         Run("ours", "ours", "utp"), Run("ours", "ours", "tcp"))
+#: ``--mse``: our peer to our peer over uTP, plain and RC4 (MSE required on
+#: both sides), alternated (``--repeat`` times) so the machine's drift hits both.
+MSE_RUNS = (Run("ours", "ours", "utp"), Run("ours", "ours", "utp", "required"))
 
 
 @dataclass
@@ -99,6 +110,7 @@ class RunResult:
     leech_hwm_kib: int = 0
     seed_hwm_kib: int = 0
     via: str = ""                         # the transport the leecher really used
+    enc: str = ""                         # what MSE selected on our leecher ("": none)
     error: str = ""
     #: our processes' counters, by side ("seed"/"leech"): the main thread's
     #: CPU seconds, and on uTP the streams' retransmissions etc.
@@ -178,7 +190,7 @@ async def _watch_utp(torrent: Any, last: dict[int, dict[str, Any]]) -> None:
     while True:
         for p in list(torrent.peers):
             if p.transport == "utp":
-                last[id(p)] = p.stream.statistics()
+                last[id(p)] = p.transport_stream.statistics()
         await trio.sleep(0.25)
 
 
@@ -199,7 +211,9 @@ async def _our_worker(job: dict[str, Any]) -> None:
     utp, tcp = job["transport"] == "utp", job["transport"] == "tcp"
     last: dict[int, dict[str, Any]] = {}
     async with open_session(download_dir=job["dir"], host="127.0.0.1", utp=utp, tcp=tcp,
-                            resume_dir=job["resume"]) as session, trio.open_nursery() as nursery:
+                            resume_dir=job["resume"],
+                            encryption=job.get("encryption", "disabled")) as session, \
+            trio.open_nursery() as nursery:
         torrent = await session.add_torrent(job["torrent"])
         nursery.start_soon(_watch_utp, torrent, last)
         if job["role"] == "seed":
@@ -218,7 +232,9 @@ async def _our_worker(job: dict[str, Any]) -> None:
         seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
         via = "+".join(k.split(".")[1] for k, v in sorted(session.counters.items())
                        if k.startswith("connections.") and v)
-        _emit({"seconds": seconds, "cpu": cpu, "hwm_kib": _hwm_kib(), "via": via,
+        enc = "+".join(k.split(".")[2] for k, v in sorted(session.counters.items())
+                       if k.startswith("mse.out.") and v)
+        _emit({"seconds": seconds, "cpu": cpu, "hwm_kib": _hwm_kib(), "via": via, "enc": enc,
                "utp": {**_utp_summary(session, last),
                        "main_thread_cpu": time.thread_time() - main0}})
         nursery.cancel_scope.cancel()
@@ -302,7 +318,7 @@ def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: fl
     shutil.rmtree(leech_dir, ignore_errors=True)
     leech_dir.mkdir()
     common = {"transport": run.transport, "torrent": str(torrent), "timeout": timeout,
-              "lt_buffers": lt_buffers}
+              "encryption": run.encryption, "lt_buffers": lt_buffers}
     seed_job = {**common, "impl": run.seed, "role": "seed", "dir": str(content_dir),
                 "resume": str(work / "seed-resume")}
     leech_job = {**common, "impl": run.leech, "role": "leech", "dir": str(leech_dir),
@@ -318,7 +334,7 @@ def _run_one(run: Run, work: Path, torrent: Path, content_dir: Path, timeout: fl
         leech = _Worker({**leech_job, "peer": port})
         got = leech.read(timeout + 30)
         res.seconds, res.leech_cpu = got["seconds"], got["cpu"]
-        res.leech_hwm_kib, res.via = got["hwm_kib"], got["via"]
+        res.leech_hwm_kib, res.via, res.enc = got["hwm_kib"], got["via"], got.get("enc", "")
         if got.get("utp"):
             res.ours["leech"] = got["utp"]
         leech.proc.wait(30)
@@ -424,6 +440,37 @@ def report(results: Sequence[RunResult], size: int) -> str:
     return "\n".join(lines)
 
 
+def report_mse(results: Sequence[RunResult], size: int) -> str:
+    """``--mse``: plain vs RC4 MB/s (each run, then the means) and the
+    ratio against issue 9's target (RC4 costs at most 10%)."""
+    gb = size / GB
+    lines = [f"{'run':22} {'enc':5} {'s':>7} {'MB/s':>7} {'leech CPU s/GB':>15} "
+             f"{'seed CPU s/GB':>14}"]
+    speeds: dict[str, list[float]] = {"plain": [], "rc4": []}
+    for r in results:
+        done = r.seconds is not None
+        lines.append(f"{r.run.name:22} {r.enc or '-':5} {_fmt(r.seconds, '7.2f')} "
+                     f"{_fmt(r.mb_s(size), '7.1f')} "
+                     f"{_fmt(r.leech_cpu / gb if done else None, '15.2f')} "
+                     f"{_fmt(r.seed_cpu / gb if done else None, '14.2f')}"
+                     + (f"  FAILED: {r.error}" if r.error else ""))
+        mb = r.mb_s(size)
+        if mb is not None:
+            speeds["rc4" if r.run.encryption == "required" else "plain"].append(mb)
+    lines.append("")
+    if not (speeds["plain"] and speeds["rc4"]):
+        lines.append("rc4 vs plain over uTP: - (a run is missing or failed)")
+        return "\n".join(lines)
+    plain = sum(speeds["plain"]) / len(speeds["plain"])
+    rc4 = sum(speeds["rc4"]) / len(speeds["rc4"])
+    value = rc4 / plain
+    verdict = "meets" if value >= 0.9 else "misses"
+    lines.append(f"mean over uTP: plain {plain:.1f} MB/s, rc4 {rc4:.1f} MB/s")
+    lines.append(f"rc4 vs plain over uTP: {value * 100:.0f}% ({verdict} the target >= 90%: "
+                 f"RC4 costs at most 10%)")
+    return "\n".join(lines)
+
+
 def _mib(text: str) -> int:
     """``--lt-buffers``: a whole number of MiB, 0 for libtorrent's default."""
     try:
@@ -447,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="64 MiB instead of 512 MiB")
     ap.add_argument("--only", metavar="RUN[,RUN...]",
                     help="run only these pairings, by name: " + ", ".join(r.name for r in RUNS))
+    ap.add_argument("--mse", action="store_true",
+                    help="instead: our peer to our peer over uTP, plain and with MSE/RC4 "
+                         "(alternated, --repeat times each), and the ratio (issue 9's "
+                         "benchmark)")
+    ap.add_argument("--repeat", type=int, default=2, metavar="N",
+                    help="with --mse: runs of each kind (default 2)")
     ap.add_argument("--profile", metavar="DIR", type=Path,
                     help="write a cProfile dump of each of our workers to DIR")
     ap.add_argument("--timeout", type=float, help="seconds per run (default: from the size)")
@@ -461,7 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         _worker(json.loads(args.worker))
         return 0
     size = (args.size_mib or (64 if args.quick else 512)) * MiB
-    runs: tuple[Run, ...] = RUNS
+    if not 1 <= args.repeat <= 20:
+        ap.error("--repeat: 1..20")
+    runs: tuple[Run, ...] = MSE_RUNS * args.repeat if args.mse else RUNS
+    if args.only and args.mse:
+        ap.error("--only and --mse do not go together")
     if args.only:
         names = {n.strip() for n in args.only.split(",")}
         unknown = names - {r.name for r in RUNS}
@@ -495,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
-    print(report(results, size))
+    print(report_mse(results, size) if args.mse else report(results, size))
     return 0 if all(r.seconds is not None for r in results) else 1
 
 

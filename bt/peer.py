@@ -36,6 +36,7 @@ import trio
 
 from _utpkit.excgroup import leaves
 
+from .mse import CryptoMethod
 from .peerlogic import Block, PeerClosed, PeerLogic, RateMeter
 from .peerwire import ConnState, PeerWire
 from .storage import StorageError
@@ -73,12 +74,18 @@ class PeerConnection(PeerLogic):
     (they end the connection and are counted in the torrent's counters)."""
 
     def __init__(self, torrent: "Torrent", stream: trio.abc.Stream, core: PeerWire,
-                 addr: tuple[Any, ...], transport: str, peer_id: bytes) -> None:
+                 addr: tuple[Any, ...], transport: str, peer_id: bytes, *,
+                 encryption: CryptoMethod = CryptoMethod.NONE) -> None:
         super().__init__(torrent, core)
         self.torrent: Torrent = torrent
         self.stream = stream
+        #: The uTP or TCP stream itself (``stream`` may be RC4 over it).
+        self.transport_stream: trio.abc.Stream = getattr(stream, "transport_stream", stream)
         self.addr = addr
         self.transport = transport         # "utp" or "tcp"
+        #: What MSE selected: "rc4", "plaintext" (MSE handshake, payload in
+        #: the clear) or "none" (a plain BitTorrent handshake).
+        self.encryption = CryptoMethod(encryption)
         self.peer_id = peer_id
         self._kick = trio.Event()
         self._serve_kick = trio.Event()
@@ -102,6 +109,12 @@ class PeerConnection(PeerLogic):
 
     def __repr__(self) -> str:
         return f"<peer {self.addr[0]}:{self.addr[1]} {self.transport}>"
+
+    @property
+    def encrypted(self) -> bool:
+        """The connection began with an MSE handshake (libtorrent's
+        rc4_encrypted or plaintext_encrypted; PEX's ``e`` flag)."""
+        return self.encryption is not CryptoMethod.NONE
 
     # ---- lifecycle ---------------------------------------------------------------------
 

@@ -31,7 +31,6 @@ Counters (torrent): ``pex.sent``, ``pex.received``, ``pex.learned``,
 from __future__ import annotations
 
 import ipaddress
-import time
 from typing import TYPE_CHECKING, Any
 
 from .extensions import Extension, ExtensionHandler
@@ -301,23 +300,29 @@ def _local_public(session: "Session", peer: Addr) -> tuple[Any, ...]:
 
 async def punch_and_connect(session: "Session", torrent: "Torrent", addr: Addr) -> None:
     """Both ends of a ``connect``: punch on the shared socket, then the
-    BitTorrent handshake (each side sends its own first) and the peer's
-    tasks, marked as punched."""
-    from utp import NATTraversalError
+    peer's tasks on that connection, marked as punched.  The side whose SYN
+    made the connection (utp.punch's tie-break) is the outgoing side of the
+    BitTorrent (and MSE) handshake, the other answers as for an incoming
+    connection, so the encryption policy holds as on any connection: the
+    one attempt is plain unless the policy requires MSE (an attempt that
+    fails cannot be retried on a punched connection)."""
+    from utp import NATTraversalError, is_initiator
 
-    from .peerwire import PeerWire
-    from .wire import Handshake
+    from .encryption import EncryptionPolicy
+    local = _local_public(session, addr)
     try:
         try:
-            stream = await session.endpoint.punch(addr, local_public=_local_public(session, addr),
+            stream = await session.endpoint.punch(addr, local_public=local,
                                                   timeout=PUNCH_TIMEOUT, birthday=None)
         except (TimeoutError, OSError, ValueError, RuntimeError, NATTraversalError):
             session.counters["holepunch.punch_failed"] += 1
             return
         session.counters["holepunch.punched"] += 1
-        core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
-        core.send(Handshake.make(torrent.info_hash, session.peer_id))
-        await session._run_connection(stream, core, addr, "utp", torrent, punched=True)
+        if is_initiator(local, addr):
+            encrypt = session.encryption == EncryptionPolicy.REQUIRED
+            await session._outgoing(stream, torrent, addr, "utp", encrypt, punched=True)
+        else:
+            await session._incoming(stream, "utp", punched=True)
     finally:
         torrent.punching.discard(addr)
 

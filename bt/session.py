@@ -8,7 +8,10 @@ listener on the same port number, the peer id and every torrent.
 
 Incoming connections (uTP and TCP) are matched to torrents by the infohash
 of their handshake; outgoing ones try uTP first and fall back to TCP (as
-libtorrent does), each transport switchable off.  Connections to ourselves
+libtorrent does), each transport switchable off.  Per the session's
+encryption policy (:mod:`bt.encryption`) a connection begins with a
+message stream encryption handshake, which the accepting side tells from
+a plain one by its first bytes.  Connections to ourselves
 (our own peer id comes back), second connections to a peer already
 connected, connections for a torrent that is paused or checking, and any
 connection from or to an IP banned for bad data (two strikes: pieces that
@@ -36,6 +39,8 @@ from _utpkit.addr import unmap_host
 from _utpkit.excgroup import unwrapped
 
 from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
+from .encryption import (DEFAULT_POLICY, CryptoMethod, EncryptionPolicy, MSEError, accept,
+                         initiate, outgoing_attempts)
 from .extensions import ExtensionRegistry
 from .events import EventStream, Listener, Notifier
 from .limits import RateLimits
@@ -48,7 +53,7 @@ from .torrent import StateListener, Torrent, TorrentState
 from .wire import Handshake, WireError
 
 __all__ = ["Session", "SessionStatus", "open_session", "SessionError", "PEER_ID_PREFIX",
-           "BAN_STRIKES", "check_gid"]
+           "BAN_STRIKES", "EncryptionPolicy", "check_gid"]
 
 #: Azureus-style client id (BEP 20): "-UK0100-" then 12 random bytes.
 PEER_ID_PREFIX = b"-UK0100-"
@@ -56,6 +61,8 @@ PEER_ID_PREFIX = b"-UK0100-"
 #: peer without uTP answers with a RESET at once; a silent one costs this.
 UTP_CONNECT_TIMEOUT = 5.0
 TCP_CONNECT_TIMEOUT = 10.0
+#: The whole MSE handshake, as the BitTorrent one (a slow NAT path included).
+MSE_TIMEOUT = HANDSHAKE_TIMEOUT
 _HANDSHAKE_READ = 16 * 1024
 #: Hash failures an IP may take part in before it is banned for the
 #: session: two forgives one unlucky failure (a block damaged on a path
@@ -141,7 +148,8 @@ class Session:
 
     def __init__(self, nursery: trio.Nursery, endpoint: Any, port: int, download_dir: str,
                  resume_dir: str | None, utp: bool, tcp: bool, peer_id: bytes,
-                 limits: RateLimits | None = None, tracker_timeout: float = 15.0) -> None:
+                 limits: RateLimits | None = None, tracker_timeout: float = 15.0,
+                 encryption: EncryptionPolicy = DEFAULT_POLICY) -> None:
         self._nursery = nursery
         self.endpoint = endpoint
         self.port = port
@@ -150,6 +158,8 @@ class Session:
         self.utp = utp
         self.tcp = tcp
         self.peer_id = peer_id
+        #: MSE policy for new connections (bt.encryption).
+        self.encryption = EncryptionPolicy(encryption)
         self.torrents: dict[bytes, Torrent] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self.disk_limiter = trio.CapacityLimiter(4)
@@ -332,33 +342,73 @@ class Session:
         connection until it ends.  Failures are counted, not raised; the
         outcome is returned: why the connection ended (its close reason),
         or why there was none ("banned", "unreachable", "self",
-        "duplicate", "handshake failed", ...)."""
+        "duplicate", "handshake failed", "encryption failed", ...).
+
+        Under the ``preferred`` policy the first attempt is MSE and a failed
+        one is retried with a plain handshake on a new connection of the
+        same transport (``enabled``: plain first, then MSE if the peer hung
+        up before its handshake), as libtorrent does; ``required`` and
+        ``disabled`` make one attempt."""
         host, port = addr
         if host in self.banned:
             self.counters["refused.banned"] += 1
             return "banned"
-        stream: trio.abc.Stream | None = None
-        transport = ""
-        if self.utp and self.endpoint is not None:
+        stream, transport = await self._dial(host, port, ("utp", "tcp"))
+        outcome = "unreachable"
+        for n, encrypt in enumerate(outgoing_attempts(self.encryption)):
+            if n:
+                # again only if the other way may work: the MSE handshake
+                # failed, or the peer hung up on our plain handshake
+                if outcome != ("handshake failed" if encrypt else "encryption failed"):
+                    break
+                self.counters["mse.retry_encrypted" if encrypt else "mse.retry_plain"] += 1
+                stream, _ = await self._dial(host, port, (transport,))
+            if stream is None:
+                return "unreachable"
+            outcome = await self._outgoing(stream, torrent, (host, port), transport, encrypt)
+        return outcome
+
+    async def _dial(self, host: str, port: int,
+                    transports: tuple[str, ...]) -> tuple[trio.abc.Stream | None, str]:
+        """The first of ``transports`` (that the session has) to connect."""
+        if "utp" in transports and self.utp and self.endpoint is not None:
             try:
-                stream = await self.endpoint.connect((host, port), timeout=UTP_CONNECT_TIMEOUT)
-                transport = "utp"
+                return (await self.endpoint.connect((host, port), timeout=UTP_CONNECT_TIMEOUT),
+                        "utp")
             except (OSError, TimeoutError):
                 self.counters["connect.utp_failed"] += 1
-        if stream is None and self.tcp:
+        if "tcp" in transports and self.tcp:
             try:
                 with trio.fail_after(TCP_CONNECT_TIMEOUT):
-                    stream = await trio.open_tcp_stream(host, port)
-                transport = "tcp"
+                    return await trio.open_tcp_stream(host, port), "tcp"
             except (OSError, trio.TooSlowError):
                 self.counters["connect.tcp_failed"] += 1
-        if stream is None:
-            return "unreachable"
+        return None, ""
+
+    async def _outgoing(self, stream: trio.abc.Stream, torrent: Torrent, addr: tuple[Any, ...],
+                        transport: str, encrypt: bool, *, punched: bool = False) -> str:
+        """One outgoing attempt, with an MSE handshake first if ``encrypt``;
+        the outcome (see :meth:`connect_peer`).  ``punched``: the stream is
+        a hole-punched uTP connection whose SYN was ours (BEP 55)."""
         core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
         core.send(Handshake.make(torrent.info_hash, self.peer_id))
-        return await self._run_connection(stream, core, (host, port), transport, torrent)
+        method, initial = CryptoMethod.NONE, b""
+        if encrypt:
+            try:
+                stream, ev = await initiate(stream, torrent.info_hash, core.data_to_send(),
+                                            self.encryption, timeout=MSE_TIMEOUT)
+            except (MSEError, *_STREAM_ERRORS) as exc:
+                reason = exc.reason if isinstance(exc, MSEError) else type(exc).__name__
+                self.counters[f"mse.failed.{reason}"] += 1
+                await _aclose_quietly(stream)
+                return "encryption failed"
+            method, initial = ev.method, ev.payload
+            self.counters[f"mse.out.{method}"] += 1
+        return await self._run_connection(stream, core, addr, transport, torrent, method=method,
+                                          initial=initial, punched=punched)
 
-    async def _incoming(self, stream: trio.abc.Stream, transport: str) -> None:
+    async def _incoming(self, stream: trio.abc.Stream, transport: str, *,
+                        punched: bool = False) -> None:
         try:
             addr = _stream_peer(stream)
         except OSError:
@@ -368,7 +418,23 @@ class Session:
             self.counters["refused.banned"] += 1      # before reading a byte from it
             await _aclose_quietly(stream)
             return
-        await self._run_connection(stream, PeerWire(now=time.monotonic()), addr, transport, None)
+        core = PeerWire(now=time.monotonic())
+        method, skey, initial = CryptoMethod.NONE, None, b""
+        if self.encryption != EncryptionPolicy.DISABLED:
+            # a plain handshake or MSE: the responder core tells them apart
+            try:
+                stream, ev = await accept(stream, self.torrents.keys(), self.encryption,
+                                          timeout=MSE_TIMEOUT)
+            except (MSEError, *_STREAM_ERRORS) as exc:
+                reason = exc.reason if isinstance(exc, MSEError) else type(exc).__name__
+                self.counters[f"mse.failed.{reason}"] += 1
+                await _aclose_quietly(stream)
+                return
+            method, skey, initial = ev.method, ev.info_hash, ev.payload
+            if method is not CryptoMethod.NONE:
+                self.counters[f"mse.in.{method}"] += 1
+        await self._run_connection(stream, core, addr, transport, None, method=method,
+                                   skey=skey, initial=initial, punched=punched)
 
     def _refuse(self, torrent: Torrent, hs: Handshake, addr: tuple[Any, ...]) -> str | None:
         if hs.peer_id == self.peer_id:
@@ -383,20 +449,32 @@ class Session:
 
     async def _run_connection(self, stream: trio.abc.Stream, core: PeerWire,
                               addr: tuple[Any, ...], transport: str,
-                              torrent: Torrent | None, *, punched: bool = False) -> str:
+                              torrent: Torrent | None, *,
+                              method: CryptoMethod = CryptoMethod.NONE,
+                              skey: bytes | None = None, initial: bytes = b"",
+                              punched: bool = False) -> str:
         """Handshake (both directions), the checks, then the peer's tasks;
-        returns the outcome (see :meth:`connect_peer`).  ``torrent`` given:
-        we dialed (or punched, ``punched``) and sent our handshake first."""
+        returns the outcome (see :meth:`connect_peer`).  ``initial``: the
+        peer's bytes that came with the MSE handshake (or were read to tell
+        a plain handshake from it); ``skey``: the infohash an incoming MSE
+        handshake named (the peer's BitTorrent handshake must name the
+        same).  ``torrent`` given: we dialed (or punched, ``punched``: a
+        BEP 55 hole-punched uTP connection) and sent our handshake first."""
         started = False
         outgoing = torrent is not None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if initial:
+                    core.receive_data(initial, time.monotonic())
                 hs = await _read_handshake(stream, core)
                 if torrent is None:                       # incoming: pick the torrent
                     torrent = self.torrents.get(hs.infohash)
                     if torrent is None:
                         self.counters["handshake.unknown_infohash"] += 1
                         return "unknown infohash"
+                    if skey is not None and skey != hs.infohash:
+                        self.counters["handshake.wrong_infohash"] += 1
+                        return "wrong infohash"
                     refused = self._refuse(torrent, hs, addr)
                     if refused:
                         self.counters[f"handshake.{refused}"] += 1
@@ -410,7 +488,8 @@ class Session:
             if refused:
                 self.counters[f"handshake.{refused}"] += 1
                 return refused
-            conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id)
+            conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id,
+                                  encryption=method)
             conn.outgoing = outgoing
             conn.punched = punched
             self.counters[f"connections.{transport}"] += 1
@@ -488,7 +567,9 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                        host: str | None = None, resume_dir: str | os.PathLike[str] | None = None,
                        peer_id: bytes | None = None, upload_limit: float | None = None,
                        download_limit: float | None = None,
-                       tracker_timeout: float = 15.0, pex: bool = True) -> AsyncIterator[Session]:
+                       tracker_timeout: float = 15.0,
+                       encryption: EncryptionPolicy | str = DEFAULT_POLICY,
+                       pex: bool = True) -> AsyncIterator[Session]:
     """Run a BitTorrent session for the duration of the block.
 
     ``endpoint``: a running :class:`utp.Endpoint` to share (its port number
@@ -499,9 +580,11 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     to one tracker (then the next tracker of the BEP 12 walk is tried).
     ``DOWNLOAD_DIR/.bt-resume``).  ``upload_limit`` / ``download_limit``:
     global rates in bytes/s for all torrents (None: unlimited), changeable
-    later with :meth:`Session.set_limits`.  ``pex``: exchange peers with
-    peers (BEP 11, public torrents only); off, ut_pex is not offered (the
-    holepunch extension still is).
+    later with :meth:`Session.set_limits`.  ``encryption``: the MSE policy
+    (:class:`bt.encryption.EncryptionPolicy`: disabled, enabled, preferred
+    -- libtorrent's default behaviour and ours -- or required).  ``pex``:
+    exchange peers with peers (BEP 11, public torrents only); off, ut_pex
+    is not offered (the holepunch extension still is).
 
     Resource handling: the endpoint (if opened here), the listeners, every
     connection and torrent belong to the block; leaving it closes them and
@@ -516,6 +599,12 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
         raise SessionError("peer_id must be 20 bytes")
     if not tracker_timeout > 0:
         raise SessionError(f"tracker_timeout must be > 0 seconds, not {tracker_timeout!r}")
+    try:
+        policy = EncryptionPolicy(encryption)
+    except ValueError:
+        raise SessionError(f"encryption must be one of "
+                           f"{', '.join(p.value for p in EncryptionPolicy)}, "
+                           f"not {encryption!r}") from None
     limits = RateLimits(_check_rate("upload", upload_limit), _check_rate("download", download_limit))
     async with unwrapped(), contextlib.AsyncExitStack() as stack:
         tcp_listeners: list[trio.SocketListener] = []
@@ -537,7 +626,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
         try:
             async with trio.open_nursery() as nursery:
                 session = Session(nursery, endpoint if utp else None, real_port, download_dir,
-                                  rdir, utp, tcp, pid, limits, tracker_timeout)
+                                  rdir, utp, tcp, pid, limits, tracker_timeout, policy)
                 session.pex = pex
                 if utp:
                     listener = endpoint.listener or endpoint.listen()

@@ -138,6 +138,10 @@ class TorrentStatus:
     #: Payload bytes exchanged with each peer, by peer id, ended
     #: connections included.
     transfers: tuple[PeerTransfer, ...] = ()
+    #: Connections that began with an MSE handshake, and those of them
+    #: whose payload is RC4 (bt.encryption).
+    peers_encrypted: int = 0
+    peers_rc4: int = 0
 
 
 class Torrent:
@@ -275,7 +279,9 @@ class Torrent:
             peers=len(self.peers), peers_utp=sum(1 for p in self.peers if p.transport == "utp"),
             eta=eta, error=self.error, checking_progress=checking, counters=dict(self.counters),
             trackers=self.announcer.status() if self.announcer is not None else (),
-            transfers=self._transfers())
+            transfers=self._transfers(),
+            peers_encrypted=sum(1 for p in self.peers if p.encrypted),
+            peers_rc4=sum(1 for p in self.peers if p.encryption == "rc4"))
 
     def _transfers(self) -> tuple[PeerTransfer, ...]:
         totals = dict(self._ended)

@@ -23,7 +23,7 @@ def _bench(tmp_path, *args: str, timeout: float) -> subprocess.CompletedProcess[
 def test_help_names_the_options(tmp_path):
     got = _bench(tmp_path, "--help", timeout=60)
     assert got.returncode == 0, got.stderr
-    for option in ("--quick", "--only", "--profile"):
+    for option in ("--quick", "--only", "--profile", "--mse", "--repeat"):
         assert option in got.stdout
     assert "--size-mib" not in got.stdout and "--worker" not in got.stdout   # hidden
 
@@ -54,3 +54,20 @@ def test_tiny_run_prints_every_row_and_both_ratios(tmp_path):
                    for ln in lines), got.stdout
     # the work directory is removed afterwards
     assert not any(p.name.startswith("bt-bench-") for p in tmp_path.iterdir())
+
+
+def test_tiny_mse_run_prints_plain_rc4_and_the_ratio(tmp_path):
+    """``--mse``: four runs of our peers over uTP, two of them with RC4 (the
+    leecher's row says what MSE selected), the means and the ratio."""
+    got = _bench(tmp_path, "--mse", "--size-mib", "4", "--dir", str(tmp_path), timeout=300)
+    assert got.returncode == 0, (got.stdout, got.stderr)
+    lines = got.stdout.splitlines()
+    plain = [ln.split() for ln in lines if ln.startswith("ours<-ours/utp ")]
+    rc4 = [ln.split() for ln in lines if ln.startswith("ours<-ours/utp+rc4 ")]
+    assert len(plain) == len(rc4) == 2, got.stdout
+    assert {row[1] for row in plain} == {"-"} and {row[1] for row in rc4} == {"rc4"}
+    assert all(float(row[3]) > 0 for row in plain + rc4)
+    assert any(re.fullmatch(r"mean over uTP: plain \d+\.\d MB/s, rc4 \d+\.\d MB/s", ln)
+               for ln in lines), got.stdout
+    assert any(ln.startswith("rc4 vs plain over uTP: ") and "target >= 90%" in ln
+               for ln in lines), got.stdout

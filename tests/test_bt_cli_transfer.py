@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,6 +45,13 @@ def content(tmp_path):
     torrent = tmp_path / "stuff.torrent"
     write_torrent(create_torrent(src, piece_length=32768), torrent)
     return src, torrent
+
+
+def _check_download(r, dl, src) -> None:
+    """``bt download`` said it completed and its files equal the seed's."""
+    assert "complete, every piece verified" in r.stderr
+    for rel in ("a.bin", "in/b.bin"):
+        assert (dl / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
 
 
 def _listening_port(proc) -> tuple[int, str]:
@@ -129,9 +137,7 @@ def test_seed_and_download_meet_through_a_tracker(tmp_path, content):
                        "--tracker", f"http://{ip}:{port}/announce", "--status-interval", "0.2")
             assert r.returncode == 0, r.stderr
             assert f"tracker http://{ip}:{port}/announce: working, 2 peers" in r.stderr
-            assert "complete, every piece verified" in r.stderr
-            for rel in ("a.bin", "in/b.bin"):
-                assert (tmp_path / "dl" / "stuff" / rel).read_bytes() == (src / rel).read_bytes()
+            _check_download(r, tmp_path / "dl", src)
         finally:
             seed.kill()
             seed.wait()
@@ -166,3 +172,33 @@ def test_seed_upload_limit_slows_the_download(tmp_path, content):
     finally:
         seed.send_signal(signal.SIGINT)
         seed.communicate(timeout=TIMEOUT)
+
+
+@pytest.mark.slow
+def test_encryption_option(tmp_path, content):
+    """``--encryption required`` on both processes: the download completes
+    (over MSE with RC4: tests/test_bt_encryption.py checks the method); a
+    ``--encryption disabled`` leecher gets nothing from that seed; an
+    unknown policy is a usage error."""
+    src, torrent = content
+    r = bt_run("download", torrent, "-d", tmp_path, "--encryption", "sometimes")
+    assert r.returncode == 2 and "--encryption" in r.stderr, r.stderr
+    seed = bt_popen("seed", torrent, "-d", src.parent, "--bind", "127.0.0.1",
+                    "--encryption", "required", "--status-interval", "0.5")
+    try:
+        port, _ = _listening_port(seed)
+        plain = bt_popen("download", torrent, "-d", tmp_path / "plain", "--bind", "127.0.0.1",
+                         "--peer", f"127.0.0.1:{port}", "--encryption", "disabled",
+                         "--status-interval", "0.5")
+        time.sleep(3)
+        plain.send_signal(signal.SIGINT)
+        _, err = plain.communicate(timeout=TIMEOUT)
+        assert plain.returncode != 0 and "downloading   0.0%" in err and "peers 0" in err, err
+        assert "peers 1" not in err, err
+        r = bt_run("download", torrent, "-d", tmp_path / "dl", "--bind", "127.0.0.1",
+                   "--peer", f"127.0.0.1:{port}", "--encryption", "required")
+        assert r.returncode == 0, r.stderr
+        _check_download(r, tmp_path / "dl", src)
+    finally:
+        seed.kill()
+        seed.wait()

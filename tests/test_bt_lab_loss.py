@@ -21,6 +21,7 @@ without, and fails under CI=true.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 
 import pytest
@@ -60,13 +61,16 @@ def _peer(kind: str, workdir, placement):
     return TransmissionPeer(workdir, placement.peer_ip, netns=placement.peer_ns)
 
 
-async def _until_peer_complete(peer, placement, saw_utp: list[bool]) -> None:
+async def _watch_peer(peer, placement, saw_utp: list[bool], *, until_complete: bool) -> None:
+    """Poll the client: note whether it lists our connection as uTP; with
+    ``until_complete``, return once it has every piece (else run until
+    cancelled: a seed has them all from the start)."""
     while True:
         st = await peer.status()
         if any(p["ip"] in (placement.our_public_ip, placement.our_ip) and p["utp"]
                for p in st["peers"]):
             saw_utp.append(True)
-        if st["progress"] >= 1.0:
+        if until_complete and st["progress"] >= 1.0:
             return
         await trio.sleep(0.25)
 
@@ -99,7 +103,8 @@ async def test_session_with_a_real_client_through_2_percent_loss(tmp_path, kind,
                 if direction == "download":
                     t.add_peer((placement.peer_ip, peer.port))
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_until_peer_complete, peer, placement, saw_utp)
+                        nursery.start_soon(functools.partial(
+                            _watch_peer, peer, placement, saw_utp, until_complete=False))
                         await t.wait_finished()
                         # one more look at its peer list while we are connected
                         st = await peer.status()
@@ -111,7 +116,7 @@ async def test_session_with_a_real_client_through_2_percent_loss(tmp_path, kind,
                         await peer.connect_peer(placement.our_public_ip, ours.port)
                     else:                  # Transmission cannot be told to dial a peer
                         t.add_peer((placement.peer_ip, peer.port))
-                    await _until_peer_complete(peer, placement, saw_utp)
+                    await _watch_peer(peer, placement, saw_utp, until_complete=True)
             counters = dict(ours.counters)
         lost = await trio.to_thread.run_sync(lab.loss_counters, lab.hosts["us"])
     print(f"{kind} {direction}: session {counters}; router {lost}")

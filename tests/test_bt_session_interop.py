@@ -12,7 +12,7 @@ import trio
 
 import bt
 from bt.bench import libtorrent_settings
-from testsupport import bt_content, sha256_files, unavailable
+from testsupport import bt_content, lt_add_torrent, sha256_files, unavailable
 from utp.bench.peers import TransmissionPeer
 
 try:
@@ -39,10 +39,7 @@ def _lt_session(transport: str):
 
 
 def _add(ses, data: bytes, save_path):
-    atp = lt.add_torrent_params()
-    atp.ti = lt.torrent_info(lt.bdecode(data))
-    atp.save_path = str(save_path)
-    return ses.add_torrent(atp)
+    return lt_add_torrent(lt, ses, data, save_path)
 
 
 async def _watch_flags(handle, seen: list[int]) -> None:

@@ -191,6 +191,15 @@ def bt_content(root: Path, sizes, *, name: str = "content", seed: int = 1,
     return src, names, create_torrent(src, piece_length=piece_length, pad_files=pad_files)
 
 
+def lt_add_torrent(lt: ModuleType, ses, data: bytes, save_path):
+    """Add the torrent ``data`` (bencoded bytes) to libtorrent session
+    ``ses``, its files under ``save_path``; the handle."""
+    atp = lt.add_torrent_params()
+    atp.ti = lt.torrent_info(lt.bdecode(data))
+    atp.save_path = str(save_path)
+    return ses.add_torrent(atp)
+
+
 def sha256_files(base: Path, names) -> dict[str, str]:
     """sha256 of each named file under ``base``."""
     return {str(n): hashlib.sha256((base / n).read_bytes()).hexdigest() for n in names}

@@ -130,7 +130,8 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
     async with open_session(download_dir=os.path.abspath(args.dir), port=args.port,
                             host=args.bind, utp=not args.no_utp, tcp=not args.no_tcp,
                             upload_limit=args.max_upload_rate or None,
-                            download_limit=args.max_download_rate or None) as session:
+                            download_limit=args.max_download_rate or None,
+                            encryption=args.encryption) as session:
         async def save() -> None:
             text, files = render_session(api, args.save_session)
             await trio.to_thread.run_sync(write_session, args.save_session, text, files)

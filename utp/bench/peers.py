@@ -281,6 +281,8 @@ class TransmissionPeer:
     (DHT, LPD, PEX, port mapping) off, plain handshakes, no speed limits.
     ``utp`` False turns its uTP (libutp) off: TCP only.  (Transmission 3.00
     cannot turn TCP off; for uTP only, switch TCP off on the other side.)
+    ``encryption`` is its setting of that name: 0 tolerated (plain
+    handshakes preferred), 1 preferred, 2 required (MSE with RC4 only).
 
     Use as ``async with TransmissionPeer(workdir) as tr:``; :meth:`add` a
     torrent (its data directory given), :meth:`status` for progress and
@@ -296,8 +298,9 @@ class TransmissionPeer:
         return None
 
     def __init__(self, workdir: str, ip: str = "127.0.0.1", *, netns: str | None = None,
-                 utp: bool = True) -> None:
+                 utp: bool = True, encryption: int = 0) -> None:
         self.workdir, self.ip, self.netns, self.utp = os.fspath(workdir), ip, netns, utp
+        self.encryption = encryption
         self.port = free_port(ip, netns)
         self.rpc_port = free_port("127.0.0.1", netns)
         self._session = ""
@@ -315,7 +318,7 @@ class TransmissionPeer:
             "peer-port": self.port, "peer-port-random-on-start": False,
             "port-forwarding-enabled": False, "utp-enabled": self.utp,
             "dht-enabled": False, "lpd-enabled": False, "pex-enabled": False,
-            "encryption": 0,
+            "encryption": self.encryption,
             "rpc-enabled": True, "rpc-bind-address": "127.0.0.1", "rpc-port": self.rpc_port,
             "rpc-authentication-required": False, "rpc-whitelist-enabled": False,
             "rpc-host-whitelist-enabled": False,
@@ -406,12 +409,12 @@ class TransmissionPeer:
     async def status(self) -> dict[str, Any]:
         """progress (0..1, verified pieces), state (Transmission's status:
         4 downloading, 6 seeding), and peers:
-        [{"ip", "port", "utp"}]."""
+        [{"ip", "port", "utp", "encrypted"}]."""
         args = await self.rpc("torrent-get", ids=[self.torrent_id],
                               fields=["percentDone", "status", "peers", "error", "errorString"])
         t = args["torrents"][0]
-        peers = [{"ip": p["address"], "port": p["port"], "utp": bool(p.get("isUTP"))}
-                 for p in t["peers"]]
+        peers = [{"ip": p["address"], "port": p["port"], "utp": bool(p.get("isUTP")),
+                  "encrypted": bool(p.get("isEncrypted"))} for p in t["peers"]]
         return {"progress": t["percentDone"], "state": t["status"], "peers": peers,
                 "errors": [t["errorString"]] if t.get("error") else []}
 
