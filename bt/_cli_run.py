@@ -186,26 +186,31 @@ def status_line(st: Any) -> str:
 
 
 class _Progress:
+    """A rich progress bar on a terminal (:class:`bt.progress.Bars`),
+    plain status lines every ``interval`` seconds otherwise."""
+
     def __init__(self, interval: float) -> None:
         self.tty = sys.stderr.isatty()
         self.interval = interval
         self.last = -math.inf
+        self.name = ""
+        self.bars: Any = None
+        if self.tty:
+            from .progress import Bars
+            self.bars = Bars()
 
     def show(self, st: Any, now: float, *, force: bool = False) -> None:
         line = status_line(st)
-        if self.tty:
-            width = 30
-            done = int(st.progress * width)
-            sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {line}\x1b[K")
-            sys.stderr.flush()
+        if self.bars is not None:
+            self.bars.update("torrent", self.name, st.bytes_have, st.bytes_total, line)
         elif force or now - self.last >= self.interval:
             self.last = now
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
 
     def end(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
+        if self.bars is not None:
+            self.bars.stop()
 
 
 def _say(message: str) -> None:
@@ -214,10 +219,11 @@ def _say(message: str) -> None:
 
 
 def _say_over(progress: _Progress, message: str) -> None:
-    """A line of its own, over the progress line on a terminal."""
-    if progress.tty:
-        sys.stderr.write("\r\x1b[K")
-    _say(message)
+    """A line of its own, above the progress bar on a terminal."""
+    if progress.bars is not None:
+        progress.bars.say(message)
+    else:
+        _say(message)
 
 
 def _event_line(progress: _Progress, event: Any) -> None:
@@ -257,17 +263,19 @@ async def _main(args: argparse.Namespace, done: dict[str, bool]) -> int:
         if isinstance(handler, _LogLines):
             handler.progress = progress
     status = 1
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with unwrapped(), trio.open_nursery() as nursery:
-            async def stop_on_signal() -> None:
-                async for _ in signals:
-                    done["interrupted"] = True
-                    nursery.cancel_scope.cancel()
-            nursery.start_soon(stop_on_signal)
-            status = await _transfer(args, done, progress, keep_seeding)
-            nursery.cancel_scope.cancel()
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with unwrapped(), trio.open_nursery() as nursery:
+                async def stop_on_signal() -> None:
+                    async for _ in signals:
+                        done["interrupted"] = True
+                        nursery.cancel_scope.cancel()
+                nursery.start_soon(stop_on_signal)
+                status = await _transfer(args, done, progress, keep_seeding)
+                nursery.cancel_scope.cancel()
+    finally:
+        progress.end()          # the bars stop before any last line
     if done["interrupted"]:
-        progress.end()
         _say(f"bt {args.command}: interrupted")
         return 0 if keep_seeding and done["complete"] else 130
     return status
@@ -298,6 +306,7 @@ async def _transfer(args: argparse.Namespace, done: dict[str, bool], progress: _
         torrent = await session.add_torrent(args.torrent, trackers=args.tracker,
                                             use_trackers=not args.no_trackers)
         st = torrent.status()
+        progress.name = torrent.meta.name
         _say(f"{torrent.meta.name}: {st.pieces_have}/{st.pieces_total} pieces "
              f"({_human(st.bytes_have)} of {_human(st.bytes_total)}) already here; "
              f"listening on port {session.port}")
@@ -337,8 +346,6 @@ def _tracker_changes(st: Any, said: dict[str, tuple[Any, ...]], progress: _Progr
         if t.state == "announcing" or said.get(t.url) == key:
             continue
         said[t.url] = key
-        if progress.tty:
-            sys.stderr.write("\r\x1b[K")
         if t.state == "working":
             line = f"tracker {t.url}: working, {t.last_peers} peers"
         elif t.state == "not contacted":
@@ -347,7 +354,7 @@ def _tracker_changes(st: Any, said: dict[str, tuple[Any, ...]], progress: _Progr
             line = f"tracker {t.url}: {t.state}: {t.error}"
         if t.warning:
             line += f" (warning: {t.warning})"
-        _say(line)
+        _say_over(progress, line)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,9 @@
-"""The session's global rate limits: two token buckets (bt.ratelimit), one
-for upload and one for download, shared by every connection of every
-torrent of a session and changeable while it runs.
+"""Rate limits: two token buckets (bt.ratelimit), one for upload and one
+for download.  The session has one pair, shared by every connection of
+every torrent; each torrent has its own pair whose ``parent`` is the
+session's, so a connection is held to both (aria2's per-download
+``max-download-limit`` under its ``max-overall-download-limit``).  Both
+change while they run.
 
 What is counted: upload, the payload of every block we send (the
 messages around it are a few bytes each); download, every byte read from
@@ -34,13 +37,25 @@ def _burst(rate: float | None) -> float | None:
 
 class RateLimits:
     """``upload`` / ``download`` in bytes per second; None or 0 means no
-    limit.  Made by :func:`bt.session.open_session`; change them with
-    :meth:`bt.session.Session.set_limits`."""
+    limit.  ``parent``: limits that also apply (a torrent's parent is its
+    session's).  Made by :func:`bt.session.open_session` (change them with
+    :meth:`bt.session.Session.set_limits`) and by each torrent
+    (:meth:`bt.torrent.Torrent.set_limits`)."""
 
-    def __init__(self, upload: float | None = None, download: float | None = None) -> None:
+    def __init__(self, upload: float | None = None, download: float | None = None, *,
+                 parent: RateLimits | None = None) -> None:
         now = trio.current_time()
         self.up = TokenBucket(upload, now, burst=_burst(upload))
         self.down = TokenBucket(download, now, burst=_burst(download))
+        self.parent = parent
+
+    def _chain(self) -> list[RateLimits]:
+        out: list[RateLimits] = []
+        limits: RateLimits | None = self
+        while limits is not None:
+            out.append(limits)
+            limits = limits.parent
+        return out
 
     def set(self, **limits: float | None) -> None:
         """New limits, ``upload=`` and/or ``download=`` (None: unlimited),
@@ -62,16 +77,24 @@ class RateLimits:
 
     @property
     def upload_limited(self) -> bool:
-        return not self.up.unlimited
+        return any(not lim.up.unlimited for lim in self._chain())
 
     def upload_ready(self, n: int) -> bool:
-        """Take ``n`` tokens now if the bucket allows (then send at once)."""
-        return self.up.try_consume(n, trio.current_time())
+        """Take ``n`` tokens now if every bucket of the chain allows (then
+        send at once); take none otherwise."""
+        now = trio.current_time()
+        buckets = [lim.up for lim in self._chain()]
+        if any(b.time_until(now) > 0 for b in buckets):
+            return False
+        for b in buckets:
+            b.consume(n, now)
+        return True
 
     async def take_upload(self, n: int) -> None:
         """Wait until ``n`` bytes may be sent, and take them."""
-        while not self.up.try_consume(n, trio.current_time()):
-            await trio.sleep(min(0.1, self.up.time_until(trio.current_time())))
+        while not self.upload_ready(n):
+            now = trio.current_time()
+            await trio.sleep(min(0.1, max(lim.up.time_until(now) for lim in self._chain())))
 
     # ---- download: around each read ------------------------------------------------------
 
@@ -79,19 +102,25 @@ class RateLimits:
         """How much to read at once: ``default``, or under a limit half the
         bucket's burst (at least one block), so the bytes read ahead of the
         tokens stay small."""
-        if self.down.unlimited:
-            return default
-        return max(16384, min(default, int(self.down.burst / 2)))
+        size = default
+        for lim in self._chain():
+            if not lim.down.unlimited:
+                size = min(size, max(16384, int(lim.down.burst / 2)))
+        return size
 
     async def wait_download(self) -> None:
-        """Wait until the download bucket is out of debt."""
+        """Wait until every download bucket of the chain is out of debt."""
         while True:
-            delay = self.down.time_until(trio.current_time())
+            now = trio.current_time()
+            delay = max(lim.down.time_until(now) for lim in self._chain())
             if delay <= 0:
                 return
             await trio.sleep(min(0.1, delay))
 
     def downloaded(self, n: int) -> None:
-        """``n`` bytes were read: pay for them (the debt delays the next read)."""
+        """``n`` bytes were read: pay for them in every bucket of the chain
+        (the debt delays the next read)."""
         if n:
-            self.down.consume(n, trio.current_time())
+            now = trio.current_time()
+            for lim in self._chain():
+                lim.down.consume(n, now)

@@ -215,7 +215,7 @@ class PeerConnection(PeerLogic):
             await self._flush()
 
     async def _reader(self) -> None:
-        core, limits = self.core, self.torrent.session.limits
+        core, limits = self.core, self.torrent.limits
         while True:
             # Under a download limit, read no more than the bucket's burst at
             # a time and wait for tokens before the next read: the bytes left
@@ -232,7 +232,7 @@ class PeerConnection(PeerLogic):
         """Answer the peer's requests, oldest first, while it is unchoked,
         each block within the session's upload limit."""
         core, t = self.core, self.torrent
-        limits = t.session.limits
+        limits = t.limits
         while True:
             await self._serve_kick.wait()
             self._serve_kick = trio.Event()

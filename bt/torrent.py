@@ -32,6 +32,7 @@ import trio
 from _utpkit.contract import StrEnum
 
 from .choker import ChokeDecision, Choker
+from .limits import RateLimits
 from .metainfo import Metainfo
 from .peer import PeerConnection, RateMeter
 from .peerlogic import Block, expire_requests
@@ -153,6 +154,8 @@ class Torrent:
                  have: frozenset[int], *, gid: str = "", save_path: str = ".",
                  checking: bool = False) -> None:
         self.session = session
+        #: This torrent's own limits, under the session's (bt.limits).
+        self.limits = RateLimits(parent=session.limits)
         #: The download's aria2 gid (16 hex digits), stable for its life:
         #: how events, hooks and RPC name it.
         self.gid = gid
@@ -237,6 +240,16 @@ class Torrent:
         a = (addr[0], int(addr[1]))
         self._remember(a)
         self._peer_send.send_nowait(a)
+
+    def set_limits(self, *, upload: float | None | object = ..., download: float | None | object = ...) -> None:
+        """This torrent's own upload and/or download limit (bytes/s; None or
+        0: unlimited; one not named keeps its value), under the session's
+        global ones, effective at once.  SessionError for a bad value."""
+        from .session import _check_rate
+        if upload is not ...:
+            self.limits.set(upload=_check_rate("upload", upload))          # type: ignore[arg-type]
+        if download is not ...:
+            self.limits.set(download=_check_rate("download", download))    # type: ignore[arg-type]
 
     def _remember(self, addr: tuple[Any, ...]) -> None:
         if addr not in self.known_peers and len(self.known_peers) < MAX_KNOWN_PEERS:

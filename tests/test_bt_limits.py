@@ -99,3 +99,41 @@ async def test_limits_change_at_runtime(tmp_path):
             ls.set_limits(upload=-1)
         with pytest.raises(SessionError, match="download limit must be"):
             ls.set_limits(download="1M")        # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("transport", ["utp", "tcp"])
+async def test_a_torrents_own_download_limit_under_the_sessions(tmp_path, transport):
+    """Two 2 MiB torrents in one leecher: one with its own 1 MiB/s download
+    limit (aria2's per-download max-download-limit), the other unlimited
+    and finished long before; the limited one holds within 15%, and the
+    session's global limit still applies to both (a chain of buckets)."""
+    _, _, a = _content(tmp_path / "a", "a", 2 * MIB, 5)
+    _, _, b = _content(tmp_path / "b", "b", 2 * MIB, 6)
+    kw = {"utp": transport == "utp", "tcp": transport == "tcp", "host": "127.0.0.1"}
+    async with bt.open_session(download_dir=tmp_path / "a" / "src", **kw) as sa, \
+            bt.open_session(download_dir=tmp_path / "b" / "src", **kw) as sb, \
+            bt.open_session(download_dir=tmp_path / "dl", **kw) as ls:
+        await sa.add_torrent(a)
+        await sb.add_torrent(b)
+        ta = await ls.add_torrent(a)
+        tb = await ls.add_torrent(b)
+        ta.set_limits(download=LIMIT)
+        assert ta.limits.download == LIMIT and tb.limits.download is None
+        with pytest.raises(SessionError, match="download limit"):
+            ta.set_limits(download=-1)
+        ta.add_peer(("127.0.0.1", sa.port))
+        tb.add_peer(("127.0.0.1", sb.port))
+        start = trio.current_time()
+        with trio.fail_after(60):
+            await tb.wait_finished()
+            unlimited = trio.current_time() - start
+            await ta.wait_finished()
+        elapsed = trio.current_time() - start
+        rate = 2 * MIB / elapsed
+        print(f"{transport}: {rate / LIMIT:.3f} of the torrent's limit in {elapsed:.2f} s; "
+              f"the unlimited one in {unlimited:.2f} s")
+        assert 0.85 * LIMIT <= rate <= 1.15 * LIMIT, (rate, elapsed)
+        assert unlimited < elapsed / 2
+        # the session's limit is the parent: a global limit now caps both
+        ls.set_limits(download=LIMIT // 2)
+        assert ta.limits.parent is ls.limits and ls.limits.download == LIMIT // 2

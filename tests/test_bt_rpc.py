@@ -81,13 +81,13 @@ class Client:
         return answer["result"]
 
 
-async def start_daemon(nursery, tmp_path, *extra: str) -> tuple[str, object]:
-    """The daemon on an ephemeral loopback port; returns its base URL and
-    the args (for the session file paths)."""
+async def start_daemon(nursery, tmp_path, *extra: str) -> tuple[str, object, object]:
+    """The daemon on an ephemeral loopback port; returns its base URL, the
+    args (for the session file paths) and what it reported (bt.rpc.daemon.Running)."""
     args = daemon_args("-d", str(tmp_path / "dl"), "--bind", "127.0.0.1",
                        "--rpc-listen", "127.0.0.1:0", *extra)
     running = await nursery.start(lambda task_status: serve_daemon(args, task_status=task_status))
-    return running.url, args
+    return running.url, args, running
 
 
 def _torrent(tmp_path, name="content", sizes=(100_000, 50_000, 7)):
@@ -115,7 +115,7 @@ async def test_every_method(tmp_path, transport, secret):
     data_a = _torrent(tmp_path, "alpha")
     data_b = _torrent(tmp_path, "beta", (30_000,))
     async with trio.open_nursery() as nursery, contextlib.AsyncExitStack() as stack:
-        base, _ = await start_daemon(nursery, tmp_path, *extra)
+        base, _, running = await start_daemon(nursery, tmp_path, *extra)
         c = await _client(base, transport, secret, stack)
         assert sorted(await c.call("system.listMethods", token=False)) == sorted(
             m for m in (await c.call("system.listMethods")))
@@ -183,6 +183,10 @@ async def test_every_method(tmp_path, transport, secret):
         assert opt["dir"] == str(tmp_path / "a")
         assert await c.call("aria2.changeOption", gid_a, {"max-download-limit": "100K"}) == "OK"
         assert (await c.call("aria2.getOption", gid_a))["max-download-limit"] == "100K"
+        # applied: the torrent's own limit, under the session's global one
+        torrent = running.api.session.torrent_by_gid(gid_a)
+        assert torrent.limits.download == 100 * 1024 and torrent.limits.upload is None
+        assert torrent.limits.parent is running.api.session.limits
         with pytest.raises(Failed, match="max-download-limit"):
             await c.call("aria2.changeOption", gid_a, {"max-download-limit": "fast"})
         glob = await c.call("aria2.getGlobalOption")
@@ -242,7 +246,7 @@ async def test_every_method(tmp_path, transport, secret):
 async def test_errors_as_aria2(tmp_path):
     """The error answers and HTTP statuses of aria2c 1.36."""
     async with trio.open_nursery() as nursery:
-        base, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET,
+        base, _, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET,
                                      "--rpc-max-request-size", "100000")
         url = base + "/jsonrpc"
         async with httpx.AsyncClient(timeout=10) as h:
@@ -329,7 +333,7 @@ async def test_errors_as_aria2(tmp_path):
 async def test_get_with_base64_params(tmp_path):
     """aria2's GET form: params as base64 JSON, JSONP with jsoncallback."""
     async with trio.open_nursery() as nursery:
-        base, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET)
+        base, _, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET)
         url = base + "/jsonrpc"
         p = base64.b64encode(json.dumps([f"token:{SECRET}"]).encode()).decode()
         async with httpx.AsyncClient(timeout=10) as h:
@@ -358,7 +362,7 @@ async def test_websocket_notifications_and_limits(tmp_path):
     the download go on; a message over the size limit closes its socket."""
     data = _torrent(tmp_path, "gamma", (40_000,))
     async with trio.open_nursery() as nursery:
-        base, _ = await start_daemon(nursery, tmp_path, "--max-ws-clients", "3",
+        base, _, _ = await start_daemon(nursery, tmp_path, "--max-ws-clients", "3",
                                      "--rpc-max-request-size", "50000")
         ws_url = base.replace("http", "ws") + "/jsonrpc"
         async with open_websocket_url(ws_url) as a, open_websocket_url(ws_url) as b:
@@ -467,7 +471,7 @@ async def test_answers_match_aria2c(tmp_path):
                             stderr=subprocess.DEVNULL)
     try:
         async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as h:
-            ours, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET)
+            ours, _, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET)
             theirs = f"http://127.0.0.1:{port}"
             with trio.fail_after(20):
                 while True:
@@ -555,7 +559,7 @@ async def test_restart_with_the_session_file(tmp_path):
             return r.json()["result"]
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                base, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET,
+                base, _, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET,
                                              "--save-session", str(session_file))
                 g1 = await call(base, "aria2.addTorrent", _b64(seed_data), [],
                                 {"dir": str(tmp_path / "seeded" / "src")})
@@ -569,7 +573,7 @@ async def test_restart_with_the_session_file(tmp_path):
             saved = sorted((tmp_path / "bt.session.torrents").iterdir())
             assert len(saved) == 2
             async with trio.open_nursery() as nursery:
-                base, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET,
+                base, _, _ = await start_daemon(nursery, tmp_path, "--rpc-secret", SECRET,
                                              "--input-file", str(session_file),
                                              "--save-session", str(session_file))
                 active = await call(base, "aria2.tellActive", ["gid", "status", "dir",
@@ -593,7 +597,7 @@ async def test_daemon_runs_hooks(tmp_path):
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     data = _torrent(tmp_path, "hooked", (10_000,))
     async with trio.open_nursery() as nursery:
-        base, _ = await start_daemon(nursery, tmp_path, "--on-download-start", str(script),
+        base, _, _ = await start_daemon(nursery, tmp_path, "--on-download-start", str(script),
                                      "--on-download-pause", str(script))
         c = Client(base, "http", None)
         gid = await c.call("aria2.addTorrent", _b64(data))
@@ -676,6 +680,10 @@ async def test_magnet_two_steps_bookkeeping(tmp_path):
             self.peers, self.error, self.up = set(), None, Meter()
             self._down_rate = self._up_rate = 0.0
             self.finished = False
+            self.own_limits: dict = {}
+
+        def set_limits(self, **limits):
+            self.own_limits.update(limits)
 
         def learn(self):
             self.has_metadata, self.state, self.meta = True, "downloading", meta

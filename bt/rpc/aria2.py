@@ -16,9 +16,11 @@ aria2p) follow.
 
 What has no meaning for a BitTorrent-only client (http/ftp URIs,
 Metalink, ``changeUri``, ``getServers``) answers with an error saying so.
-Per-download speed limits are stored and reported but not applied: the
-session has global limits only (``max-overall-download-limit`` /
-``max-overall-upload-limit``, which are).
+Speed limits as aria2's: ``max-overall-download-limit`` /
+``max-overall-upload-limit`` are the session's global limits, and a
+download's ``max-download-limit`` / ``max-upload-limit`` (given at add, by
+``changeOption``, or as the global option that new downloads inherit)
+are that torrent's own limits under them (:mod:`bt.limits`).
 """
 
 from __future__ import annotations
@@ -225,6 +227,8 @@ class Aria2Api:
         from ..session import SessionError
         from ..storage import StorageError
         directory = options.get("dir") or self.options["dir"]
+        own = {k: parse_rate_option(k, options.get(k) or self.options.get(k) or "0")
+               for k in ("max-download-limit", "max-upload-limit")}
         if gid is not None:
             gid = check_gid(gid)
             if gid in self.downloads:
@@ -250,6 +254,8 @@ class Aria2Api:
         if magnet and getattr(torrent, "has_metadata", True):
             magnet = False           # metadata known at once (a saved torrent): one step
         g = (step_gid or new_gid(self._taken())) if magnet else str(torrent.gid)
+        torrent.set_limits(download=own["max-download-limit"] or None,
+                           upload=own["max-upload-limit"] or None)
         d = Download(g, torrent, directory, source, dict(options), metadata_step=magnet)
         self._insert(d, position)
         if magnet:      # the notifier starts the torrent only once it has its metadata
@@ -457,11 +463,14 @@ class Aria2Api:
     async def _change_option(self, p: Params) -> str:
         d = self.live(p.get(0, str), "change")
         opts = p.options(1)
-        for k in ("max-download-limit", "max-upload-limit"):
-            if k in opts:
-                parse_rate_option(k, opts[k])
+        own = {k: parse_rate_option(k, opts[k])
+               for k in ("max-download-limit", "max-upload-limit") if k in opts}
         if "dir" in opts and d.dir != opts["dir"]:
             raise RpcError("Option dir cannot be changed for a download that has started")
+        if "max-download-limit" in own:
+            d.torrent.set_limits(download=own["max-download-limit"] or None)
+        if "max-upload-limit" in own:
+            d.torrent.set_limits(upload=own["max-upload-limit"] or None)
         d.options.update(opts)
         return "OK"
 

@@ -81,9 +81,36 @@ def daemon_args(*argv: str) -> argparse.Namespace:
     return _parser().parse_args(["daemon", *argv])
 
 
+#: The progress bars while a daemon runs on a terminal (bt.progress.Bars):
+#: lines are then printed above them.
+_bars: Any = None
+
+
 def _say(line: str) -> None:
+    if _bars is not None:
+        _bars.say(line)
+        return
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+async def _show_bars(api: Any, bars: Any) -> None:
+    """On a terminal: a bar per download of the session, redrawn every
+    second (gone when the download is removed)."""
+    import trio
+
+    from .._cli_run import status_line
+    while True:
+        live = {}
+        for t in list(api.session.torrents.values()):
+            gid = api.event_gid(t) or t.gid
+            meta = getattr(t, "meta", None)
+            live[gid] = (meta.name if meta is not None else gid, t.status())
+        for gid in bars.keys() - set(live):
+            bars.remove(gid)
+        for gid, (name, st) in live.items():
+            bars.update(gid, name, st.bytes_have, st.bytes_total, status_line(st))
+        await trio.sleep(1.0)
 
 
 def _event_line(gid: str, ev: Any) -> str:
@@ -108,7 +135,22 @@ class Running:
 
 async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> int:
     """Run the daemon until a signal or a shutdown call.  ``task_status``
-    (trio's) gets a :class:`Running` once the RPC listens."""
+    (trio's) gets a :class:`Running` once the RPC listens.  On a
+    terminal, a rich progress bar per download (:mod:`bt.progress`)."""
+    global _bars
+    os.makedirs(args.dir, exist_ok=True)
+    if sys.stderr.isatty():
+        from ..progress import Bars
+        _bars = Bars()
+    try:
+        return await _serve(args, task_status)
+    finally:
+        if _bars is not None:
+            _bars.stop()
+            _bars = None
+
+
+async def _serve(args: argparse.Namespace, task_status: Any) -> int:
     import trio
 
     from .._cli_run import install_hooks
@@ -119,7 +161,6 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
     from .server import RpcServer
     from .sessionfile import parse_session, render_session, write_session
 
-    os.makedirs(args.dir, exist_ok=True)
     stop = trio.Event()
     force = {"now": False}
 
@@ -166,6 +207,8 @@ async def serve_daemon(args: argparse.Namespace, *, task_status: Any = None) -> 
                 task_status.started(Running(bound, server, api))
             if args.save_session and args.save_session_interval > 0:
                 nursery.start_soon(_autosave, save, args.save_session_interval)
+            if _bars is not None:
+                nursery.start_soon(_show_bars, api, _bars)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async def on_signal() -> None:
                     async for _ in signals:
