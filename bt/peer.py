@@ -98,8 +98,11 @@ class PeerConnection(PeerLogic):
         self._disk_kick = trio.Event()
         self._disk_room = trio.Event()
         self.close_reason = ""
-        #: Whether we dialed (True) or the peer did.
+        #: We dialed this peer (or punched to it): it accepts connections
+        #: (PEX flag 0x10); set by the session.
         self.outgoing = False
+        #: The connection is a hole-punched uTP connection (BEP 55).
+        self.punched = False
         registry = getattr(torrent.session, "extensions", None)
         if registry is not None:
             self.extensions = registry.connection(self)

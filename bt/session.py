@@ -42,8 +42,8 @@ from .announce import STOPPED_TIMEOUT, Announcer, TrackerClients
 from .dht_torrents import SessionDHT
 from .encryption import (DEFAULT_POLICY, CryptoMethod, EncryptionPolicy, MSEError, accept,
                          initiate, outgoing_attempts)
-from .events import EventStream, Listener, Notifier
 from .extensions import ExtensionRegistry
+from .events import EventStream, Listener, Notifier
 from .limits import RateLimits
 from .magnet import Magnet, parse_magnet
 from .metainfo import Metainfo, load_metainfo, parse_metainfo_untrusted
@@ -181,6 +181,12 @@ class Session:
         #: its torrents' announce loops.
         self.dht: Any = None
         self.dht_torrents: SessionDHT | None = None
+        #: Peer exchange (BEP 11) on public torrents' new connections
+        #: (open_session's ``pex``); False: ut_pex is not offered.
+        self.pex = True
+        # PEX (BEP 11) and the holepunch extension (BEP 55): bt.peerexchange
+        from .peerexchange import install as _install_peer_exchange
+        _install_peer_exchange(self)
         #: Download events (aria2's): see bt.events.  Its listeners are added
         #: with add_listener, its iterators made by events().
         self.notifier = Notifier(self, nursery)
@@ -438,9 +444,10 @@ class Session:
         return None, ""
 
     async def _outgoing(self, stream: trio.abc.Stream, torrent: Torrent, addr: tuple[Any, ...],
-                        transport: str, encrypt: bool) -> str:
+                        transport: str, encrypt: bool, *, punched: bool = False) -> str:
         """One outgoing attempt, with an MSE handshake first if ``encrypt``;
-        the outcome (see :meth:`connect_peer`)."""
+        the outcome (see :meth:`connect_peer`).  ``punched``: the stream is
+        a hole-punched uTP connection whose SYN was ours (BEP 55)."""
         core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
         core.send(Handshake.make(torrent.info_hash, self.peer_id))
         method, initial = CryptoMethod.NONE, b""
@@ -456,9 +463,10 @@ class Session:
             method, initial = ev.method, ev.payload
             self.counters[f"mse.out.{method}"] += 1
         return await self._run_connection(stream, core, addr, transport, torrent, method=method,
-                                          initial=initial)
+                                          initial=initial, punched=punched)
 
-    async def _incoming(self, stream: trio.abc.Stream, transport: str) -> None:
+    async def _incoming(self, stream: trio.abc.Stream, transport: str, *,
+                        punched: bool = False) -> None:
         try:
             addr = _stream_peer(stream)
         except OSError:
@@ -484,7 +492,7 @@ class Session:
             if method is not CryptoMethod.NONE:
                 self.counters[f"mse.in.{method}"] += 1
         await self._run_connection(stream, core, addr, transport, None, method=method,
-                                   skey=skey, initial=initial)
+                                   skey=skey, initial=initial, punched=punched)
 
     def _refuse(self, torrent: Torrent, hs: Handshake, addr: tuple[Any, ...],
                 outgoing: bool) -> str | None:
@@ -512,13 +520,15 @@ class Session:
                               addr: tuple[Any, ...], transport: str,
                               torrent: Torrent | None, *,
                               method: CryptoMethod = CryptoMethod.NONE,
-                              skey: bytes | None = None, initial: bytes = b"") -> str:
+                              skey: bytes | None = None, initial: bytes = b"",
+                              punched: bool = False) -> str:
         """Handshake (both directions), the checks, then the peer's tasks;
         returns the outcome (see :meth:`connect_peer`).  ``initial``: the
         peer's bytes that came with the MSE handshake (or were read to tell
         a plain handshake from it); ``skey``: the infohash an incoming MSE
         handshake named (the peer's BitTorrent handshake must name the
-        same)."""
+        same).  ``torrent`` given: we dialed (or punched, ``punched``: a
+        BEP 55 hole-punched uTP connection) and sent our handshake first."""
         started = False
         outgoing = torrent is not None
         try:
@@ -550,7 +560,10 @@ class Session:
             conn = PeerConnection(torrent, stream, core, addr, transport, hs.peer_id,
                                   encryption=method)
             conn.outgoing = outgoing
+            conn.punched = punched
             self.counters[f"connections.{transport}"] += 1
+            if punched:
+                self.counters["connections.punched"] += 1
             started = True
             await conn.run()
             return conn.close_reason
@@ -660,8 +673,8 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                        tracker_timeout: float = 15.0, dht: bool | None = None,
                        dht_bootstrap: Sequence[tuple[str, int]] = (),
                        dht_state_file: str | os.PathLike[str] | None = None,
-                       encryption: EncryptionPolicy | str = DEFAULT_POLICY
-                       ) -> AsyncIterator[Session]:
+                       encryption: EncryptionPolicy | str = DEFAULT_POLICY,
+                       pex: bool = True) -> AsyncIterator[Session]:
     """Run a BitTorrent session for the duration of the block.
 
     ``endpoint``: a running :class:`utp.Endpoint` to share (its port number
@@ -674,7 +687,9 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
     global rates in bytes/s for all torrents (None: unlimited), changeable
     later with :meth:`Session.set_limits`.  ``encryption``: the MSE policy
     (:class:`bt.encryption.EncryptionPolicy`: disabled, enabled, preferred
-    -- libtorrent's default behaviour and ours -- or required).
+    -- libtorrent's default behaviour and ours -- or required).  ``pex``:
+    exchange peers with peers (BEP 11, public torrents only); off, ut_pex
+    is not offered (the holepunch extension still is).
 
     ``dht``: run a Mainline DHT node (BEP 5) on the session's Endpoint
     (the one UDP port), used by every public torrent (:mod:`bt.dht_torrents`);
@@ -737,6 +752,7 @@ async def open_session(endpoint: Any = None, *, download_dir: str | os.PathLike[
                     session.dht = node
                     session.dht_torrents = SessionDHT(session, node, nursery)
                     nursery.start_soon(session.dht_torrents.follow_external_address)
+                session.pex = pex
                 if utp:
                     listener = endpoint.listener or endpoint.listen()
                     nursery.start_soon(session._accept_loop, listener, "utp")

@@ -216,6 +216,12 @@ class Torrent:
         #: Addresses to dial again after a pause or recheck: peers added by
         #: address, and incoming peers that told us their listen port.
         self.known_peers: dict[tuple[Any, ...], None] = {}
+        #: Peers learned through PEX (address -> BEP 11 flags), bounded by
+        #: bt.peerexchange; the ones whose dialing failed may be introduced
+        #: by a relay (BEP 55): asked once each, punching at most once at a time.
+        self.pex_learned: dict[tuple[str, int], int] = {}
+        self.rendezvous_asked: set[tuple[str, int]] = set()
+        self.punching: set[tuple[str, int]] = set()
         self._peer_send, self._peer_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         #: The torrent's trackers (set by the session; None: no announces).
         self.announcer: Announcer | None = None
@@ -646,6 +652,10 @@ class Torrent:
         started = time.monotonic()
         try:
             outcome = await self.session.connect_peer(self, addr)
+            if outcome == "unreachable":
+                # BEP 55: a peer that listed it may introduce us
+                from .peerexchange import try_rendezvous
+                try_rendezvous(self, addr)
         finally:
             self._dialing.discard(addr)
         self._dial_ended(addr, outcome, started, time.monotonic())

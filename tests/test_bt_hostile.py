@@ -21,10 +21,9 @@ import pytest
 import trio
 
 import bt
-from bt.peerwire import PeerWire
-from bt.wire import (Bitfield, Geometry, Handshake, Have, Interested, Piece, Request, Unchoke,
+from bt.wire import (Bitfield, Handshake, Have, Interested, Piece, Request, Unchoke,
                      encode_message)
-from testsupport import bt_content, sha256_files
+from testsupport import ScriptedPeer, bt_content, sha256_files
 
 PIECE = 16 * 1024           # one block per piece: each request names a whole piece
 SIZES = (400_000, 123_457)
@@ -35,19 +34,21 @@ def _raw(msg) -> bytes:
     return b"".join(bytes(c) for c in encode_message(msg))
 
 
-class Hostile:
+class Hostile(ScriptedPeer):
     """One connection of the scripted peer: the handshake and message
     parsing go through a PeerWire core (so our session's messages are
     checked too); the misbehaviour is written as raw bytes."""
 
     def __init__(self, stream, meta) -> None:
-        self.stream = stream
-        self.meta = meta
-        self.geometry = Geometry(meta.total_length, meta.piece_length)
-        self.core = PeerWire(now=trio.current_time(), geometry=self.geometry)
+        super().__init__(stream, meta)
         self.requests: list[Request] = []
         self.unchoked = False
-        self.closed = False
+
+    def on_event(self, ev) -> None:
+        if isinstance(ev, Request):
+            self.requests.append(ev)
+        elif isinstance(ev, Unchoke):
+            self.unchoked = True
 
     async def handshake(self) -> None:
         # no Fast Extension: a plain BEP 3 peer (a full bitfield, no have-all)
@@ -57,30 +58,9 @@ class Hostile:
             while self.core.peer_handshake is None:
                 await self.pump()
 
-    async def flush(self) -> None:
-        out = self.core.data_to_send()
-        if out:
-            await self.stream.send_all(out)
-
     async def send_raw(self, data: bytes) -> None:
         await self.flush()
         await self.stream.send_all(data)
-
-    async def pump(self) -> None:
-        """Read once and collect what our session sent."""
-        try:
-            data = await self.stream.receive_some(65536)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            data = b""
-        if not data:
-            self.closed = True
-            return
-        self.core.receive_data(data, trio.current_time())
-        while (ev := self.core.next_event()) is not None:
-            if isinstance(ev, Request):
-                self.requests.append(ev)
-            elif isinstance(ev, Unchoke):
-                self.unchoked = True
 
     async def offer_everything(self) -> None:
         n = self.geometry.num_pieces

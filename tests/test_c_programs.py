@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from testsupport import unavailable
+from testsupport import unavailable, have_ipv6_loopback
 
 REPO = Path(__file__).resolve().parent.parent
 C_DIR = REPO / "tests" / "c"
@@ -57,20 +57,9 @@ def uncat():
     return UNCAT
 
 
-def _have_ipv6_loopback():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(params=["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
 def host(request):
-    if request.param == "::1" and not _have_ipv6_loopback():
+    if request.param == "::1" and not have_ipv6_loopback():
         unavailable("no IPv6 loopback (::1) on this machine", "CI needs ::1 on lo")
     return request.param
 

@@ -12,19 +12,10 @@ import trio
 import trio.testing
 
 import utp
-from testsupport import clogged
+from testsupport import clogged, have_ipv6_loopback
 
 
-def _have_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not _have_ipv6_loopback(), reason="no ipv6 loopback (::1) here")
+needs_ipv6 = pytest.mark.skipif(not have_ipv6_loopback(), reason="no ipv6 loopback (::1) here")
 
 
 async def _pair(nursery, host="127.0.0.1"):

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import pytest
-from testsupport import console_script, unavailable
+from testsupport import console_script, unavailable, have_ipv6_loopback
 
 BIG = 64 * 1024 * 1024
 SMALL = 4 * 1024 * 1024
@@ -77,17 +77,6 @@ ENV = _child_env()
 
 def ucat(*args) -> list[str]:
     return [sys.executable, "-m", "ucat", *map(str, args)]
-
-
-def _have_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 def _free_udp_port(host: str = "127.0.0.1") -> int:
@@ -185,7 +174,7 @@ def procs(tmp_path):
 
 @pytest.fixture(params=["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
 def host(request):
-    if request.param == "::1" and not _have_ipv6_loopback():
+    if request.param == "::1" and not have_ipv6_loopback():
         unavailable("no IPv6 loopback (::1) on this machine", "CI needs ::1 on lo")
     return request.param
 

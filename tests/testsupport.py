@@ -229,6 +229,58 @@ def clogged(maker, *, quiet: float = 1.0):
     return make
 
 
+def have_ipv6_loopback() -> bool:
+    """Whether this machine can bind UDP on ::1 (tests over IPv6 need it)."""
+    import socket
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+class ScriptedPeer:
+    """One connection of a peer that a test scripts, over a real stream to
+    one of our sessions: a PeerWire core parses what our session sends
+    (so its messages are checked too) and hands each event to
+    :meth:`on_event`; the test writes what it sends, valid or not."""
+
+    def __init__(self, stream, meta) -> None:
+        from bt.peerwire import PeerWire
+        from bt.wire import Geometry
+        import trio
+        self.stream = stream
+        self.meta = meta
+        self.geometry = Geometry(meta.total_length, meta.piece_length)
+        self.core = PeerWire(now=trio.current_time(), geometry=self.geometry)
+        self.closed = False
+
+    def on_event(self, ev) -> None:
+        """An event from our session (override to collect what matters)."""
+
+    async def flush(self) -> None:
+        out = self.core.data_to_send()
+        if out:
+            await self.stream.send_all(out)
+
+    async def pump(self) -> None:
+        """Read once and hand over what our session sent."""
+        import trio
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        if not data:
+            self.closed = True
+            return
+        self.core.receive_data(data, trio.current_time())
+        while (ev := self.core.next_event()) is not None:
+            self.on_event(ev)
+
+
 class BtDaemon:
     """`bt daemon ARGS` as a subprocess with its RPC on an ephemeral
     loopback port: ``rpc_port`` and ``peer_port`` are parsed from its

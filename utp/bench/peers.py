@@ -185,9 +185,15 @@ class LibtorrentPeer:
             raise PeerError(f"libtorrent {op}: {reply['error']}")
         return reply
 
-    async def add(self, metainfo: bytes, save_path: str, *, seed: bool) -> None:
+    async def add(self, metainfo: bytes, save_path: str, *, seed: bool, pex: bool = True) -> None:
+        """Add the torrent (``seed``: in seed mode; ``pex`` False: its
+        ut_pex off, so it learns no peers from others)."""
         await self.call("add", torrent=base64.b64encode(metainfo).decode(), save_path=save_path,
-                        seed=seed)
+                        seed=seed, pex=pex)
+
+    async def set_limits(self, *, download: int = 0, upload: int = 0) -> None:
+        """The torrent's download and upload limits in bytes/s (0: none)."""
+        await self.call("limits", download=download, upload=upload)
 
     async def connect_peer(self, ip: str, port: int) -> None:
         await self.call("connect", ip=ip, port=port)
@@ -235,7 +241,15 @@ def _libtorrent_worker(ip: str, buffers: int) -> None:
                 params.flags &= ~lt.torrent_flags.paused
                 if req["seed"]:
                     params.flags |= lt.torrent_flags.seed_mode
+                if not req.get("pex", True):
+                    params.flags |= lt.torrent_flags.disable_pex
                 handle = ses.add_torrent(params)
+                reply = {}
+            elif op == "limits":
+                # per-torrent rates in bytes/s (0: unlimited)
+                assert handle is not None
+                handle.set_download_limit(int(req["download"]))
+                handle.set_upload_limit(int(req["upload"]))
                 reply = {}
             elif op == "connect":
                 assert handle is not None
