@@ -66,6 +66,16 @@ def parse_rate_option(name: str, value: str) -> int:
     return int(v) * mult
 
 
+def _apply_rates(set_limits: Callable[..., None], rates: dict[str, int], download: str,
+                 upload: str) -> None:
+    """Call ``set_limits`` (a session's or a torrent's) with the rates named
+    ``download`` / ``upload`` among ``rates`` (0: unlimited)."""
+    kw = {name: rates[key] or None for name, key in (("download", download), ("upload", upload))
+          if key in rates}
+    if kw:
+        set_limits(**kw)
+
+
 def new_gid(taken: Any) -> str:
     """16 hex digits not in ``taken`` and not zero (aria2's gids are
     64-bit numbers, 0 being invalid)."""
@@ -254,8 +264,7 @@ class Aria2Api:
         if magnet and getattr(torrent, "has_metadata", True):
             magnet = False           # metadata known at once (a saved torrent): one step
         g = (step_gid or new_gid(self._taken())) if magnet else str(torrent.gid)
-        torrent.set_limits(download=own["max-download-limit"] or None,
-                           upload=own["max-upload-limit"] or None)
+        _apply_rates(torrent.set_limits, own, "max-download-limit", "max-upload-limit")
         d = Download(g, torrent, directory, source, dict(options), metadata_step=magnet)
         self._insert(d, position)
         if magnet:      # the notifier starts the torrent only once it has its metadata
@@ -467,10 +476,7 @@ class Aria2Api:
                for k in ("max-download-limit", "max-upload-limit") if k in opts}
         if "dir" in opts and d.dir != opts["dir"]:
             raise RpcError("Option dir cannot be changed for a download that has started")
-        if "max-download-limit" in own:
-            d.torrent.set_limits(download=own["max-download-limit"] or None)
-        if "max-upload-limit" in own:
-            d.torrent.set_limits(upload=own["max-upload-limit"] or None)
+        _apply_rates(d.torrent.set_limits, own, "max-download-limit", "max-upload-limit")
         d.options.update(opts)
         return "OK"
 
@@ -480,10 +486,8 @@ class Aria2Api:
     async def _change_global_option(self, p: Params) -> str:
         opts = p.options(0)
         rates = {k: parse_rate_option(k, v) for k, v in opts.items() if k in _RATE_OPTIONS}
-        if "max-overall-download-limit" in rates:
-            self.session.set_limits(download=rates["max-overall-download-limit"] or None)
-        if "max-overall-upload-limit" in rates:
-            self.session.set_limits(upload=rates["max-overall-upload-limit"] or None)
+        _apply_rates(self.session.set_limits, rates, "max-overall-download-limit",
+                     "max-overall-upload-limit")
         self.options.update(opts)
         return "OK"
 
