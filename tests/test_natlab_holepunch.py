@@ -17,7 +17,6 @@ CI=true.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ import time
 
 import pytest
 import trio
-from testsupport import load_natlab, unavailable
+from testsupport import lab_env, load_natlab, readline_within, unavailable
 
 natlab = load_natlab()
 
@@ -93,35 +92,8 @@ PEER = textwrap.dedent("""
 """) % {"port": PORT}
 
 
-def _env() -> dict[str, str]:
-    """Import bt and utp in the lab from where this process does (the
-    source tree's bt by hand, the installed wheel in CI)."""
-    env = dict(os.environ)
-    roots: list[str] = []
-    for name in ("bt", "utp", "_utpkit"):
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
-            root = os.path.dirname(os.path.dirname(spec.origin))
-            if root not in roots:
-                roots.append(root)
-    env["PYTHONPATH"] = os.pathsep.join(roots + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
-                                                 else []))
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return env
-
-
-def _readline(proc: subprocess.Popen, what: str, timeout: float) -> str:
-    import select
-    end = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < end:
-        r, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
-        if r:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            return line.strip()
-    raise AssertionError(f"{what}: no output within {timeout} s (exit code {proc.poll()})")
+_env = lab_env
+_readline = readline_within
 
 
 def _finish(proc: subprocess.Popen, what: str) -> dict:

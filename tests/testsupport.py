@@ -347,3 +347,38 @@ def wait_until(what: str, cond, timeout: float = 30.0, *, log: list[str] | None 
             tail = "\n".join((log or [])[-15:])
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{tail}")
         time.sleep(0.1)
+
+
+def lab_env() -> dict[str, str]:
+    """The environment for our Python processes in lab namespaces: they
+    import bt, utp and _utpkit from where this process does (the source
+    tree by hand, the installed wheel in CI)."""
+    env = dict(os.environ)
+    roots: list[str] = []
+    for name in ("bt", "utp", "_utpkit", "dht"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            root = os.path.dirname(os.path.dirname(spec.origin))
+            if root not in roots:
+                roots.append(root)
+    env["PYTHONPATH"] = os.pathsep.join(roots + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
+                                                 else []))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def readline_within(proc, what: str, timeout: float) -> str:
+    """The next line of ``proc``'s (text) stdout, stripped; AssertionError
+    naming ``what`` if none comes within ``timeout`` seconds."""
+    import select
+    import time
+    end = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < end:
+        r, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
+        if r:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            return line.strip()
+    raise AssertionError(f"{what}: no output within {timeout} s (exit code {proc.poll()})")
