@@ -133,13 +133,20 @@ class PeerConnection(PeerLogic):
                 await self._drain_events()      # the handshake may have brought more
                 await self._reader()
         except BaseException as exc:
-            # a fault of the peer or the stream ends this connection only
-            for leaf in leaves(exc):
-                if not isinstance(leaf, _ENDINGS):
-                    raise
-            ends = list(leaves(exc))
-            # a violation is what to count, even when another task ended too
-            self._ended(next((e for e in ends if isinstance(e, WireError)), ends[0]))
+            # A fault of the peer or the stream ends this connection only: it
+            # is recorded, and never raised on -- also not next to something
+            # that must go on (the session closing cancels us while the peer
+            # hangs up: the Cancelled goes on, the PeerClosed stays here).
+            ends = [leaf for leaf in leaves(exc) if isinstance(leaf, _ENDINGS)]
+            if ends:
+                # a violation is what to count, even when another task ended too
+                self._ended(next((e for e in ends if isinstance(e, WireError)), ends[0]))
+            if isinstance(exc, BaseExceptionGroup):
+                _, rest = exc.split(_ENDINGS)
+                if rest is not None:
+                    raise rest from exc
+            elif not ends:
+                raise
         finally:
             if self.extensions is not None:
                 self.extensions.close()

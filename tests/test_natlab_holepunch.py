@@ -26,7 +26,7 @@ import time
 
 import pytest
 import trio
-from testsupport import lab_env, load_natlab, readline_within, unavailable
+from testsupport import load_natlab, readline_within, unavailable
 
 natlab = load_natlab()
 
@@ -92,7 +92,8 @@ PEER = textwrap.dedent("""
 """) % {"port": PORT}
 
 
-_env = lab_env
+from natlab.matrix import _python_env as _env  # noqa: E402
+
 _readline = readline_within
 
 

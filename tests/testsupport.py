@@ -349,24 +349,6 @@ def wait_until(what: str, cond, timeout: float = 30.0, *, log: list[str] | None 
         time.sleep(0.1)
 
 
-def lab_env() -> dict[str, str]:
-    """The environment for our Python processes in lab namespaces: they
-    import bt, utp and _utpkit from where this process does (the source
-    tree by hand, the installed wheel in CI)."""
-    env = dict(os.environ)
-    roots: list[str] = []
-    for name in ("bt", "utp", "_utpkit", "dht"):
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
-            root = os.path.dirname(os.path.dirname(spec.origin))
-            if root not in roots:
-                roots.append(root)
-    env["PYTHONPATH"] = os.pathsep.join(roots + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
-                                                 else []))
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return env
-
-
 def readline_within(proc, what: str, timeout: float) -> str:
     """The next line of ``proc``'s (text) stdout, stripped; AssertionError
     naming ``what`` if none comes within ``timeout`` seconds."""

@@ -94,12 +94,12 @@ class PairResult:
 
 
 def _python_env() -> dict[str, str]:
-    """Environment for ucat in the lab: import utp, tracker and ucat from
-    where this process imports them (the source tree by hand, the installed
-    wheel in CI)."""
+    """Environment for our processes in the lab (ucat, bt sessions, a DHT
+    node): import utpkit's packages from where this process imports them
+    (the source tree by hand, the installed wheel in CI)."""
     env = dict(os.environ)
     roots = []
-    for name in ("utp", "tracker", "ucat", "dht"):
+    for name in ("utp", "tracker", "ucat", "dht", "bt", "_utpkit"):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin:
             root = os.path.dirname(os.path.dirname(spec.origin))
