@@ -148,6 +148,8 @@ class PexHandler(ExtensionHandler):
 
     def handle_timer(self, now: float) -> None:
         t = self.peer.torrent
+        if t.private:
+            return      # a magnet whose metadata said private after this handler began
         current: dict[Addr, int] = {}
         for p in t.peers:
             if p is self.peer:
@@ -168,6 +170,9 @@ class PexHandler(ExtensionHandler):
             t.counters[f"pex.violation.{exc.reason}"] += 1
             raise
         t.counters["pex.received"] += 1
+        if t.private:
+            t.counters["pex.ignored_private"] += 1      # BEP 27, as above
+            return
         for p in msg.added:
             addr = p.addr
             if addr in t.pex_learned or _is_us(t.session, addr) or _connected(t, addr):
@@ -279,7 +284,7 @@ def start_punch(torrent: "Torrent", addr: Addr) -> None:
         torrent.counters["holepunch.connect_ignored"] += 1
         return
     torrent.punching.add(addr)
-    session._nursery.start_soon(punch_and_connect, session, torrent, addr)
+    session.spawn(punch_and_connect, session, torrent, addr)
 
 
 def _local_public(session: "Session", peer: Addr) -> tuple[Any, ...]:
@@ -320,9 +325,9 @@ async def punch_and_connect(session: "Session", torrent: "Torrent", addr: Addr) 
         session.counters["holepunch.punched"] += 1
         if is_initiator(local, addr):
             encrypt = session.encryption == EncryptionPolicy.REQUIRED
-            await session._outgoing(stream, torrent, addr, "utp", encrypt, punched=True)
+            await session.run_outgoing(stream, torrent, addr, "utp", encrypt, punched=True)
         else:
-            await session._incoming(stream, "utp", punched=True)
+            await session.run_incoming(stream, "utp", punched=True)
     finally:
         torrent.punching.discard(addr)
 

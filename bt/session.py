@@ -31,7 +31,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 
@@ -423,7 +423,7 @@ class Session:
                 stream, _ = await self._dial(host, port, (transport,))
             if stream is None:
                 return "unreachable"
-            outcome = await self._outgoing(stream, torrent, (host, port), transport, encrypt)
+            outcome = await self.run_outgoing(stream, torrent, (host, port), transport, encrypt)
         return outcome
 
     async def _dial(self, host: str, port: int,
@@ -443,11 +443,14 @@ class Session:
                 self.counters["connect.tcp_failed"] += 1
         return None, ""
 
-    async def _outgoing(self, stream: trio.abc.Stream, torrent: Torrent, addr: tuple[Any, ...],
-                        transport: str, encrypt: bool, *, punched: bool = False) -> str:
-        """One outgoing attempt, with an MSE handshake first if ``encrypt``;
-        the outcome (see :meth:`connect_peer`).  ``punched``: the stream is
-        a hole-punched uTP connection whose SYN was ours (BEP 55)."""
+    async def run_outgoing(self, stream: trio.abc.Stream, torrent: Torrent,
+                           addr: tuple[Any, ...], transport: str, encrypt: bool, *,
+                           punched: bool = False) -> str:
+        """One outgoing attempt on a connected ``stream``, with an MSE
+        handshake first if ``encrypt``; the outcome (see
+        :meth:`connect_peer`).  ``punched``: the stream is a hole-punched uTP
+        connection whose SYN was ours (BEP 55; the seam bt.peerexchange
+        uses)."""
         core = PeerWire(now=time.monotonic(), geometry=torrent.geometry)
         core.send(Handshake.make(torrent.info_hash, self.peer_id))
         method, initial = CryptoMethod.NONE, b""
@@ -465,8 +468,16 @@ class Session:
         return await self._run_connection(stream, core, addr, transport, torrent, method=method,
                                           initial=initial, punched=punched)
 
-    async def _incoming(self, stream: trio.abc.Stream, transport: str, *,
-                        punched: bool = False) -> None:
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``fn(*args)`` as a task of the session (ends with it); for
+        extensions that start work of their own (BEP 55's punches)."""
+        self._nursery.start_soon(fn, *args)
+
+    async def run_incoming(self, stream: trio.abc.Stream, transport: str, *,
+                           punched: bool = False) -> None:
+        """Run a connection the peer opened (or, with ``punched``, a
+        hole-punched one whose SYN was the peer's): handshakes, the torrent
+        by infohash, then the peer's tasks."""
         try:
             addr = _stream_peer(stream)
         except OSError:
@@ -583,7 +594,7 @@ class Session:
                 self.counters[f"accept.{transport}_failed"] += 1
                 await trio.sleep(0.5)
                 continue
-            self._nursery.start_soon(self._incoming, stream, transport)
+            self._nursery.start_soon(self.run_incoming, stream, transport)
 
     async def announce_stopped(self) -> None:
         """``stopped`` to the trackers of every torrent, in parallel, for at
