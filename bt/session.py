@@ -198,7 +198,8 @@ class Session:
     async def add_torrent(self, source: str | os.PathLike[str] | bytes | Metainfo | Magnet, *,
                           save_path: str | os.PathLike[str] | None = None,
                           trackers: Sequence[str | Sequence[str]] = (),
-                          use_trackers: bool = True, gid: str | None = None) -> Torrent:
+                          use_trackers: bool = True, gid: str | None = None,
+                          paused: bool = False) -> Torrent:
         """Add a torrent (a .torrent path, its bytes, or a parsed Metainfo),
         check what is already on disk under ``save_path`` (default: the
         session's download_dir), and start it, announcing to its trackers
@@ -219,7 +220,10 @@ class Session:
         ``gid``: the download's aria2 gid (16 hex digits) -- to restore a
         download under the gid it had (a daemon's session file); ValueError
         if malformed or held by another torrent of the session.  Default: a
-        new random one (:attr:`Torrent.gid`)."""
+        new random one (:attr:`Torrent.gid`).
+
+        ``paused``: add it paused (no connections, no announces, no start
+        event) until :meth:`Torrent.resume` -- a queue's waiting download."""
         gid = self._new_gid() if gid is None else check_gid(gid)
         self._check_gid_free(gid)
         where = os.fspath(save_path) if save_path is not None else self.download_dir
@@ -228,7 +232,7 @@ class Session:
         if isinstance(source, str) and source[:8].lower() == "magnet:?":
             source = parse_magnet(source)
         if isinstance(source, Magnet):
-            return self._add_magnet(source, where, extra_tiers, use_trackers, gid)
+            return self._add_magnet(source, where, extra_tiers, use_trackers, gid, paused)
         if isinstance(source, Metainfo):
             meta = source
         elif isinstance(source, (bytes, bytearray)):
@@ -249,7 +253,7 @@ class Session:
         # in the session while it checks (state "checking", incoming
         # connections refused), so that its gid and status can be asked for
         torrent = Torrent(self, meta, storage, frozenset(), gid=gid, save_path=where,
-                          checking=True)
+                          checking=True, paused=paused)
         self.torrents[meta.info_hash] = torrent
         self._gids[gid] = torrent
         try:
@@ -274,10 +278,11 @@ class Session:
                              f"{self._gids[gid].name!r} in this session")
 
     def _add_magnet(self, magnet: Magnet, where: str, extra_tiers: list[list[str]],
-                    use_trackers: bool, gid: str) -> Torrent:
+                    use_trackers: bool, gid: str, paused: bool = False) -> Torrent:
         if magnet.info_hash in self.torrents:
             raise SessionError(f"torrent {magnet.info_hash.hex()} is already in the session")
-        torrent = Torrent(self, None, None, magnet=magnet, gid=gid, save_path=where)
+        torrent = Torrent(self, None, None, magnet=magnet, gid=gid, save_path=where,
+                          paused=paused)
         self.torrents[magnet.info_hash] = torrent
         self._gids[gid] = torrent
         tiers = [*([t] for t in magnet.trackers), *extra_tiers]

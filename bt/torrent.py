@@ -161,7 +161,7 @@ class Torrent:
     def __init__(self, session: "Session", meta: Metainfo | None,
                  storage: AsyncTorrentStorage | None, have: frozenset[int] = frozenset(), *,
                  gid: str = "", save_path: str = ".", checking: bool = False,
-                 magnet: Magnet | None = None) -> None:
+                 magnet: Magnet | None = None, paused: bool = False) -> None:
         self.session = session
         #: This torrent's own limits, under the session's (bt.limits).
         self.limits = RateLimits(parent=session.limits)
@@ -197,7 +197,7 @@ class Torrent:
         self._up_rate = 0.0
         self.error: str | None = None
         # the flags the state is derived from (_settle)
-        self._paused = False
+        self._paused = paused
         self._checking = checking       # the initial check follows (initial_check)
         self._removed = False
         self._check_done = 0

@@ -694,7 +694,7 @@ async def test_magnet_two_steps_bookkeeping(tmp_path):
         download_dir = str(tmp_path / "dl")
         torrents: dict = {}
 
-        async def add_torrent(self, source, *, save_path, gid):
+        async def add_torrent(self, source, *, save_path, gid, paused=False):
             assert source.startswith("magnet:?") and gid is None
             self.torrent = MagnetTorrent(meta.info_hash)
             self.torrents[meta.info_hash] = self.torrent
@@ -727,3 +727,41 @@ async def test_magnet_two_steps_bookkeeping(tmp_path):
     text, files = render_session(api, str(tmp_path / "s"))
     assert f" gid={real}" in text and uri not in text
     assert list(files.values()) == [b"d4:info" + meta.info_bytes + b"e"]
+
+
+async def test_the_download_queue(tmp_path):
+    """aria2's max-concurrent-downloads: past the limit a download waits
+    (status "waiting", its torrent added paused: no peers, no start
+    event); a slot freed by a pause or a removal starts the next in queue
+    order; unpause puts a download back in the queue; raising the limit
+    starts the waiting ones; a bad limit is aria2's option error."""
+    datas = [_torrent(tmp_path, f"q{n}", (40_000 + n,)) for n in range(3)]
+    async with trio.open_nursery() as nursery:
+        base, _, running = await start_daemon(nursery, tmp_path, "-j", "1")
+        c = Client(base, "http", None)
+        gids = [await c.call("aria2.addTorrent", _b64(d)) for d in datas]
+
+        async def statuses():
+            return [(await c.call("aria2.tellStatus", g, ["status"]))["status"] for g in gids]
+        assert await statuses() == ["active", "waiting", "waiting"]
+        assert [d["gid"] for d in await c.call("aria2.tellWaiting", 0, 10)] == gids[1:]
+        session = running.api.session
+        assert [session.torrent_by_gid(g).status().state for g in gids] == \
+            ["downloading", "paused", "paused"]
+        assert (await c.call("aria2.getGlobalStat"))["numWaiting"] == "2"
+        # a pause frees the slot: the first waiting one starts
+        await c.call("aria2.pause", gids[0])
+        assert await statuses() == ["paused", "active", "waiting"]
+        # unpause queues it behind the one still waiting
+        await c.call("aria2.unpause", gids[0])
+        assert await statuses() == ["waiting", "active", "waiting"]
+        # a removal frees the slot for the next waiting one in queue order
+        # (the order of the downloads, which changePosition changes):
+        # gids[0] before gids[2]
+        await c.call("aria2.remove", gids[1])
+        assert await statuses() == ["active", "removed", "waiting"]
+        with pytest.raises(Failed, match="max-concurrent-downloads"):
+            await c.call("aria2.changeGlobalOption", {"max-concurrent-downloads": "0"})
+        assert await c.call("aria2.changeGlobalOption", {"max-concurrent-downloads": "5"}) == "OK"
+        assert await statuses() == ["active", "removed", "active"]
+        await c.call("aria2.shutdown")

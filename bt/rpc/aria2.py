@@ -48,6 +48,11 @@ NOTIFICATIONS = ("aria2.onDownloadStart", "aria2.onDownloadPause", "aria2.onDown
                  "aria2.onDownloadComplete", "aria2.onDownloadError", "aria2.onBtDownloadComplete")
 #: Stopped downloads remembered for tellStopped (aria2's --max-download-result).
 MAX_DOWNLOAD_RESULT = 1000
+#: Downloads fetching data at once; the rest wait in the queue (aria2's
+#: --max-concurrent-downloads, default 5).  Unlike aria2, a download that
+#: has all its data and seeds holds no slot: aria2 keeps it until
+#: --seed-ratio/--seed-time end the seeding, and utpkit seeds until removed.
+MAX_CONCURRENT = 5
 _VERSION = "1.36.0"
 _RATE_OPTIONS = ("max-overall-download-limit", "max-overall-upload-limit",
                  "max-download-limit", "max-upload-limit")
@@ -108,6 +113,9 @@ class Download:
     final: dict[str, Any] | None = None
     #: When it stopped, for tellStopped's order (0: not stopped yet).
     stop_seq: int = 0
+    #: Waiting in the queue for a slot (aria2's "waiting"): its torrent is
+    #: paused until :meth:`Aria2Api.schedule` starts it.
+    queued: bool = False
 
     @property
     def links(self) -> dict[str, Any]:
@@ -116,6 +124,8 @@ class Download:
     def status(self) -> str:
         if self.final is not None:
             return str(self.final["status"])
+        if self.queued:
+            return "waiting"
         return aria2_status(self.torrent)
 
     def struct(self, keys: list[str] | None = None) -> dict[str, Any]:
@@ -127,8 +137,11 @@ class Download:
         if self.metadata_step:
             name = "[METADATA]" + str(getattr(self.torrent, "name", "") or
                                       self.torrent.info_hash.hex())
-        return torrent_struct(self.torrent, self.gid, self.dir, metadata_name=name,
-                              links=self.links, keys=keys)
+        out = torrent_struct(self.torrent, self.gid, self.dir, metadata_name=name,
+                             links=self.links, keys=keys)
+        if self.queued and "status" in out:
+            out["status"] = "waiting"
+        return out
 
     def freeze(self, status: str) -> None:
         """Keep the struct as it is now, as a stopped download's."""
@@ -162,7 +175,8 @@ class Aria2Api:
         self.options: dict[str, str] = {"dir": session.download_dir,
                                         "max-overall-download-limit": "0",
                                         "max-overall-upload-limit": "0",
-                                        "max-download-result": str(MAX_DOWNLOAD_RESULT)}
+                                        "max-download-result": str(MAX_DOWNLOAD_RESULT),
+                                        "max-concurrent-downloads": str(MAX_CONCURRENT)}
         self.options.update(options or {})
         self.downloads: dict[str, Download] = {}
         self._save_session = save_session
@@ -245,6 +259,8 @@ class Aria2Api:
                 raise RpcError(f"GID {gid} is not unique.")
         magnet = isinstance(source, str)
         step_gid = gid if magnet else None
+        paused = options.get("pause") == "true"
+        queued = not paused and self.occupied() >= self.max_active()
         try:
             what: Any = source
             if not magnet:
@@ -252,7 +268,8 @@ class Aria2Api:
                 if what.info_hash in self.session.torrents:
                     raise RpcError(f"InfoHash {what.info_hash.hex()} is already registered.")
             torrent = await self.session.add_torrent(what, save_path=directory,
-                                                     gid=None if magnet else gid)
+                                                     gid=None if magnet else gid,
+                                                     paused=paused or queued)
         except (MetainfoError, SessionError, StorageError, ValueError, TypeError, OSError) as exc:
             if magnet and isinstance(exc, OSError):
                 # a session without magnet support took the URI for a path
@@ -265,13 +282,35 @@ class Aria2Api:
             magnet = False           # metadata known at once (a saved torrent): one step
         g = (step_gid or new_gid(self._taken())) if magnet else str(torrent.gid)
         _apply_rates(torrent.set_limits, own, "max-download-limit", "max-upload-limit")
-        d = Download(g, torrent, directory, source, dict(options), metadata_step=magnet)
+        d = Download(g, torrent, directory, source, dict(options), metadata_step=magnet,
+                     queued=queued)
         self._insert(d, position)
-        if magnet:      # the notifier starts the torrent only once it has its metadata
+        if magnet and not (paused or queued):
+            # the notifier starts the torrent only once it has its metadata
             self.notify("aria2.onDownloadStart", d.gid)
-        if options.get("pause") == "true":
-            await torrent.pause()
         return d
+
+    # ---- the queue -----------------------------------------------------------------------
+
+    def max_active(self) -> int:
+        return int(self.options.get("max-concurrent-downloads") or MAX_CONCURRENT)
+
+    def occupied(self) -> int:
+        """Downloads holding a slot: running and still fetching data."""
+        return sum(1 for d in self.downloads.values()
+                   if d.final is None and not d.queued and d.status() == "active"
+                   and not getattr(d.torrent, "finished", False))
+
+    async def schedule(self) -> None:
+        """Start waiting downloads, in queue order, while slots are free
+        (after a download finished, was paused or removed, or the limit
+        rose)."""
+        while self.occupied() < self.max_active():
+            nxt = next((d for d in self.downloads.values() if d.final is None and d.queued), None)
+            if nxt is None:
+                return
+            nxt.queued = False
+            await nxt.torrent.resume()
 
     def _taken(self) -> set[str]:
         return set(self.downloads) | {t.gid for t in self.session.torrents.values()}
@@ -324,7 +363,9 @@ class Aria2Api:
             except SessionError as exc:
                 raise RpcError(str(exc)) from None
         d.freeze("complete" if not d.metadata_step and d.torrent.finished else "removed")
+        d.queued = False
         self._stopped(d)
+        await self.schedule()
 
     async def _remove(self, p: Params) -> str:
         d = self.live(p.get(0, str), "remove")
@@ -335,29 +376,41 @@ class Aria2Api:
         d = self.live(p.get(0, str), "pause")
         if d.status() not in ("active", "waiting"):
             raise RpcError(f"GID#{d.gid} cannot be paused now")
-        await d.torrent.pause()
+        await self._pause_one(d)
+        await self.schedule()
         return d.gid
+
+    async def _pause_one(self, d: Download) -> None:
+        if d.queued:
+            d.queued = False            # its torrent waited paused already
+        else:
+            await d.torrent.pause()
 
     async def _unpause(self, p: Params) -> str:
         d = self.live(p.get(0, str), "unpause")
         if d.status() != "paused":
             raise RpcError(f"GID#{d.gid} cannot be unpaused now")
-        await d.torrent.resume()
+        await self._unpause_one(d)
         return d.gid
 
-    async def _every(self, status: str, action: str) -> str:
-        """pauseAll / unpauseAll: ``action`` on every live download in
-        ``status``."""
-        for d in self._select((status,)):
-            if d.final is None:
-                await getattr(d.torrent, action)()
-        return "OK"
+    async def _unpause_one(self, d: Download) -> None:
+        """Back to the queue (aria2: paused -> waiting); it starts at once
+        when a slot is free."""
+        d.queued = True
+        await self.schedule()
 
     async def _pause_all(self, p: Params) -> str:
-        return await self._every("active", "pause")
+        for d in self._select(("active", "waiting")):
+            if d.final is None:
+                await self._pause_one(d)
+        return "OK"
 
     async def _unpause_all(self, p: Params) -> str:
-        return await self._every("paused", "resume")
+        for d in self._select(("paused",)):
+            if d.final is None:
+                d.queued = True
+        await self.schedule()
+        return "OK"
 
     async def _change_position(self, p: Params) -> int:
         d = self.live(p.get(0, str), "move")
@@ -486,9 +539,15 @@ class Aria2Api:
     async def _change_global_option(self, p: Params) -> str:
         opts = p.options(0)
         rates = {k: parse_rate_option(k, v) for k, v in opts.items() if k in _RATE_OPTIONS}
+        if "max-concurrent-downloads" in opts:
+            v = opts["max-concurrent-downloads"].strip()
+            if not v.isdigit() or int(v) < 1:
+                raise RpcError("We encountered a problem while processing the option "
+                               "'--max-concurrent-downloads'.")
         _apply_rates(self.session.set_limits, rates, "max-overall-download-limit",
                      "max-overall-upload-limit")
         self.options.update(opts)
+        await self.schedule()
         return "OK"
 
     async def _global_stat(self, p: Params) -> dict[str, str]:

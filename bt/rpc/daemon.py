@@ -66,6 +66,9 @@ def add_parser(sub: Any) -> None:
                    help="the largest request body or WebSocket message (default: 2 MiB)")
     p.add_argument("--max-ws-clients", type=int, default=64, metavar="N",
                    help="WebSocket clients at once (default: 64)")
+    p.add_argument("-j", "--max-concurrent-downloads", type=_at_least_one, default=5, metavar="N",
+                   help="downloads fetching data at once; more wait in the queue (default: 5, "
+                        "as aria2; a seeding download holds no slot)")
     p.add_argument("--save-session", default=None, metavar="FILE",
                    help="write the live downloads here (aria2 format) on saveSession and on exit")
     p.add_argument("--save-session-interval", type=float, default=0, metavar="S",
@@ -75,12 +78,25 @@ def add_parser(sub: Any) -> None:
     add_hook_options(p)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: expected at least 1")
+    return n
+
+
 def daemon_args(*argv: str) -> argparse.Namespace:
     """``bt daemon ARGV`` parsed, for running :func:`serve_daemon` in a
     program of one's own (tests, the benchmark)."""
     from .._cli import _parser
     return _parser().parse_args(["daemon", *argv])
 
+
+#: Events after which a slot of the queue may be free (bt.events' kinds).
+_SLOT_FREED = frozenset({"bt-complete", "complete", "error", "stop", "pause"})
 
 #: The progress bars while a daemon runs on a terminal (bt.progress.Bars):
 #: lines are then printed above them.
@@ -182,6 +198,7 @@ async def _serve(args: argparse.Namespace, task_status: Any) -> int:
 
         api = Aria2Api(session, save_session=save if args.save_session else None,
                        shutdown=shutdown)
+        api.options["max-concurrent-downloads"] = str(args.max_concurrent_downloads)
         if args.max_download_rate:
             api.options["max-overall-download-limit"] = str(args.max_download_rate)
         if args.max_upload_rate:
@@ -196,6 +213,8 @@ async def _serve(args: argparse.Namespace, task_status: Any) -> int:
             gid = api.event_gid(ev.torrent) or ev.gid
             server.broadcast(ev.method, gid)
             _say(_event_line(gid, ev))
+            if ev.kind in _SLOT_FREED:          # a waiting download may start
+                session.spawn(api.schedule)
         session.add_listener(on_event)
         install_hooks(args, session)
 
