@@ -26,7 +26,7 @@ import time
 
 import pytest
 import trio
-from testsupport import load_natlab, readline_within, unavailable
+from testsupport import load_natlab, unavailable
 
 natlab = load_natlab()
 
@@ -94,7 +94,7 @@ PEER = textwrap.dedent("""
 
 from natlab.matrix import _python_env as _env  # noqa: E402
 
-_readline = readline_within
+from natlab import read_line as _readline  # noqa: E402
 
 
 def _finish(proc: subprocess.Popen, what: str) -> dict:

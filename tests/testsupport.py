@@ -348,19 +348,3 @@ def wait_until(what: str, cond, timeout: float = 30.0, *, log: list[str] | None 
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{tail}")
         time.sleep(0.1)
 
-
-def readline_within(proc, what: str, timeout: float) -> str:
-    """The next line of ``proc``'s (text) stdout, stripped; AssertionError
-    naming ``what`` if none comes within ``timeout`` seconds."""
-    import select
-    import time
-    end = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < end:
-        r, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
-        if r:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            return line.strip()
-    raise AssertionError(f"{what}: no output within {timeout} s (exit code {proc.poll()})")

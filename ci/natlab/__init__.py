@@ -606,6 +606,22 @@ class Lab:
         return host.ip, port
 
 
+def read_line(proc: subprocess.Popen, what: str, timeout: float) -> str:
+    """The next line of a lab process's (text) stdout, stripped; LabError
+    naming ``what`` if none comes within ``timeout`` seconds."""
+    import select
+    end = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < end:
+        r, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
+        if r:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            return line.strip()
+    raise LabError(f"{what}: no output within {timeout} s (exit code {proc.poll()})")
+
+
 def _kill_ns_pids(ns: str) -> None:
     """Kill what still runs in one of the lab's namespaces (only ever
     processes this lab started there)."""

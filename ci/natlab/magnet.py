@@ -77,21 +77,6 @@ _PEER = textwrap.dedent("""
 """)
 
 
-def _line(proc: subprocess.Popen, what: str, timeout: float) -> str:
-    import select
-    import time
-    end = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < end:
-        r, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
-        if r:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            return line.strip()
-    raise RuntimeError(f"{what}: no output within {timeout} s (exit code {proc.poll()})")
-
-
 def run_magnet(size: int = 4 << 20, *, repeat: int = 1, piece_length: int = 256 * 1024,
                progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """``repeat`` runs, each in a fresh lab (as root); per run a dict:
@@ -103,7 +88,7 @@ def run_magnet(size: int = 4 << 20, *, repeat: int = 1, piece_length: int = 256 
     from bt.create import create_torrent
     from bt.metainfo import parse_metainfo_untrusted
 
-    from . import Lab
+    from . import Lab, read_line
     from .matrix import _python_env
 
     env = _python_env()
@@ -128,16 +113,16 @@ def run_magnet(size: int = 4 << 20, *, repeat: int = 1, piece_length: int = 256 
                                     f"{d}/seed", seed.ip, dht_at, str(PEER_PORT)],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, env=env, text=True)
-            if _line(seed_proc, "seed", 30) != "ready":
+            if read_line(seed_proc, "seed", 30) != "ready":
                 raise RuntimeError("the seed did not start")
             leech_proc = leech.popen([sys.executable, "-c", _PEER, "leech", magnet,
                                       f"{d}/leech", leech.ip, dht_at, str(PEER_PORT)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, text=True)
-            got = json.loads(_line(leech_proc, "the leecher's result", 150))
+            got = json.loads(read_line(leech_proc, "the leecher's result", 150))
             assert seed_proc.stdin is not None
             seed_proc.stdin.close()
-            seed_out = json.loads(_line(seed_proc, "the seed's result", 30))
+            seed_out = json.loads(read_line(seed_proc, "the seed's result", 30))
             # both sessions close cleanly: exit status 0, nothing on stderr
             exits = {}
             for role, proc in (("seed", seed_proc), ("leech", leech_proc)):
