@@ -75,7 +75,12 @@ def test_metainfo_read_by_libtorrent():
 # lost in the lab).  Our receiver used to make it worse by dropping copies
 # that did arrive (window ignoring the reorder buffer, then its slot limit:
 # 49 of 68 packets libtorrent sent three times in one run) -- fixed, see
-# tests/test_protocol_libtorrent_sender.py.  So that one failure is an
+# tests/test_protocol_libtorrent_sender.py.  The upload dies the same way,
+# from libtorrent's own packets (its requests): one of them is lost for
+# good when each of its three round trips loses the packet or our ACK
+# (1 - 0.98**2 = 4% each way round, 6e-5 for all three), seen once in
+# about ten CI runs (libtorrent "Connection timed out" mid-upload, our side
+# then hearing nothing).  So that one failure, in either direction, is an
 # expected failure only when our engine dropped nothing (no drop_invalid:
 # every copy that reached us was taken and acknowledged); anything else
 # fails.
@@ -139,11 +144,12 @@ async def _run(torrent, tmp_path, peer, direction, record_property, placement=No
     record_property("interop", result.as_dict())
     print(result.line())
     ours = result.extra.get("endpoint")
-    if (not result.ok and placement is not None and (peer, direction) == ("libtorrent", "download")
+    if (not result.ok and placement is not None and peer == "libtorrent"
             and any(LT_TIMES_US_OUT in e for e in result.extra.get("peer_errors", []))
             and ours is not None and not ours.get("drop_invalid")):
-        pytest.xfail(f"libtorrent's three transmissions of one packet were all lost in the lab "
-                     f"(we dropped nothing: {ours}): {result.line()}")
+        pytest.xfail(f"libtorrent's three transmissions of one of its packets (or our ACKs of "
+                     f"them) were all lost in the lab (we dropped nothing: {ours}): "
+                     f"{result.line()}")
     assert result.ok, f"{result.line()}\n{result.extra}"
     assert result.sha256_equal and result.peer_saw_utp
     return result
