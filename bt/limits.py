@@ -48,14 +48,9 @@ class RateLimits:
         self.up = TokenBucket(upload, now, burst=_burst(upload))
         self.down = TokenBucket(download, now, burst=_burst(download))
         self.parent = parent
-
-    def _chain(self) -> list[RateLimits]:
-        out: list[RateLimits] = []
-        limits: RateLimits | None = self
-        while limits is not None:
-            out.append(limits)
-            limits = limits.parent
-        return out
+        #: this one and its parents: fixed at creation, walked on every
+        #: read and every block sent
+        self._chain: tuple[RateLimits, ...] = (self, *(parent._chain if parent else ()))
 
     def set(self, **limits: float | None) -> None:
         """New limits, ``upload=`` and/or ``download=`` (None: unlimited),
@@ -77,24 +72,23 @@ class RateLimits:
 
     @property
     def upload_limited(self) -> bool:
-        return any(not lim.up.unlimited for lim in self._chain())
+        return any(not lim.up.unlimited for lim in self._chain)
 
     def upload_ready(self, n: int) -> bool:
         """Take ``n`` tokens now if every bucket of the chain allows (then
         send at once); take none otherwise."""
         now = trio.current_time()
-        buckets = [lim.up for lim in self._chain()]
-        if any(b.time_until(now) > 0 for b in buckets):
+        if any(lim.up.time_until(now) > 0 for lim in self._chain):
             return False
-        for b in buckets:
-            b.consume(n, now)
+        for lim in self._chain:
+            lim.up.consume(n, now)
         return True
 
     async def take_upload(self, n: int) -> None:
         """Wait until ``n`` bytes may be sent, and take them."""
         while not self.upload_ready(n):
             now = trio.current_time()
-            await trio.sleep(min(0.1, max(lim.up.time_until(now) for lim in self._chain())))
+            await trio.sleep(min(0.1, max(lim.up.time_until(now) for lim in self._chain)))
 
     # ---- download: around each read ------------------------------------------------------
 
@@ -103,7 +97,7 @@ class RateLimits:
         bucket's burst (at least one block), so the bytes read ahead of the
         tokens stay small."""
         size = default
-        for lim in self._chain():
+        for lim in self._chain:
             if not lim.down.unlimited:
                 size = min(size, max(16384, int(lim.down.burst / 2)))
         return size
@@ -112,7 +106,7 @@ class RateLimits:
         """Wait until every download bucket of the chain is out of debt."""
         while True:
             now = trio.current_time()
-            delay = max(lim.down.time_until(now) for lim in self._chain())
+            delay = max(lim.down.time_until(now) for lim in self._chain)
             if delay <= 0:
                 return
             await trio.sleep(min(0.1, delay))
@@ -122,5 +116,5 @@ class RateLimits:
         (the debt delays the next read)."""
         if n:
             now = trio.current_time()
-            for lim in self._chain():
+            for lim in self._chain:
                 lim.down.consume(n, now)

@@ -26,9 +26,11 @@ def unavailable(reason: str, fix: str = ".ci/run installs what the tests need") 
     """A capability this test needs is missing (a tool, a package, root,
     network namespaces).  Skip with `reason` on a developer machine; under
     CI=true a missing capability is a broken machine, so fail instead."""
+    if not reason.strip():
+        raise ValueError("unavailable() needs the missing capability as its reason")
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: {fix})")
-    pytest.skip(reason)
+    pytest.skip(f"missing capability: {reason} (to run it: {fix})")
 
 
 def require_libtorrent() -> ModuleType:
